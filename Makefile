@@ -1,0 +1,42 @@
+# The two commands: `make run` (build, fetch the default model, serve on 127.0.0.1:50051)
+# and `make test` (every test, including the real-model ones).
+GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
+VENV := .venv
+PY := $(VENV)/bin/python
+LISTEN ?= 127.0.0.1:50051
+
+.PHONY: run test lint unit model python bench clean
+
+run:
+	cargo build --release
+	./target/release/multilora serve --model "$$(bash scripts/fetch-model.sh any)" --listen $(LISTEN)
+
+model: $(GGUF)
+
+$(GGUF):
+	bash scripts/fetch-model.sh gguf
+
+# The Python client example's dependencies, in a project-local virtual environment.
+python: $(VENV)/.installed
+
+$(VENV)/.installed: examples/python/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+	touch $@
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+# Plain `cargo test` skips the real-model tests; this runs them too.
+test: $(GGUF) python lint
+	MULTILORA_PYTHON=$(abspath $(PY)) cargo test --all-targets -- --include-ignored
+
+unit:
+	cargo test
+
+bench: $(GGUF)
+	cargo bench --bench decode_step
+
+clean:
+	cargo clean

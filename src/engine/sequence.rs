@@ -1,0 +1,211 @@
+//! Per-request state inside the engine: tokens, KV block table, sampler, detokenizer,
+//! stop conditions and the channel that streams events to the caller. Invariant: a
+//! sequence sends at most one `Finished` event, and nothing after it.
+use super::sampler::{token_logprob, Sampler, SamplingParams, TokenLogprob};
+use super::stop::{StopMatcher, StopOutcome};
+use crate::model::tokenizer::{IncrementalDetokenizer, TextTokenizer};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What a request asks of generation, already validated.
+#[derive(Clone, Debug)]
+pub struct GenerationParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Top alternatives to report per token; None reports no logprobs at all.
+    pub logprobs: Option<usize>,
+}
+
+/// A validated request handed to the engine.
+#[derive(Clone, Debug)]
+pub struct EngineRequest {
+    pub request_id: String,
+    pub prompt_ids: Vec<u32>,
+    pub params: GenerationParams,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    Stop,
+    Eos,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub queue_time: Duration,
+    pub time_to_first_token: Duration,
+    pub total_time: Duration,
+}
+
+/// One generated token, with the text it completed (possibly empty).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenEvent {
+    pub token_id: u32,
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Events a sequence streams to its caller.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeqEvent {
+    Token(TokenEvent),
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        matched_stop: Option<String>,
+    },
+    /// The engine failed this sequence; nothing follows.
+    Error(String),
+}
+
+pub struct Sequence {
+    pub id: u64,
+    pub request_id: String,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading positions of `tokens` whose K/V are in the cache.
+    pub num_computed: usize,
+    pub block_table: Vec<u32>,
+    params: GenerationParams,
+    sampler: Sampler,
+    detok: IncrementalDetokenizer,
+    stop: StopMatcher,
+    events: mpsc::UnboundedSender<SeqEvent>,
+    arrived: Instant,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    pub fn new(id: u64, req: EngineRequest, events: mpsc::UnboundedSender<SeqEvent>) -> Self {
+        let detok = IncrementalDetokenizer::new(&req.prompt_ids);
+        Self {
+            id,
+            request_id: req.request_id,
+            prompt_len: req.prompt_ids.len(),
+            tokens: req.prompt_ids,
+            num_computed: 0,
+            block_table: Vec::new(),
+            sampler: Sampler::new(req.params.sampling.clone()),
+            stop: StopMatcher::new(req.params.stop.clone()),
+            params: req.params,
+            detok,
+            events,
+            arrived: Instant::now(),
+            first_scheduled: None,
+            first_token: None,
+        }
+    }
+
+    /// Tokens still to run through the model before the next one can be sampled (>= 1).
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    pub fn completion_len(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// The caller went away (its receiver is dropped).
+    pub fn is_disconnected(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    pub fn mark_scheduled(&mut self) {
+        self.first_scheduled.get_or_insert_with(Instant::now);
+    }
+
+    /// Forgets the cached K/V (after preemption): everything will be recomputed.
+    pub fn reset_computed(&mut self) {
+        self.num_computed = 0;
+    }
+
+    /// Samples the next token from `logits`, streams it, and says whether the sequence
+    /// is finished (the `Finished` event is then already sent).
+    pub fn accept_logits(
+        &mut self,
+        tokenizer: &TextTokenizer,
+        logits: &[f32],
+        context_limit: usize,
+    ) -> Option<FinishReason> {
+        let id = self.sampler.sample(logits, &self.tokens);
+        let logprob = self
+            .params
+            .logprobs
+            .map(|k| token_logprob(logits, id, k));
+        self.tokens.push(id);
+        self.first_token.get_or_insert_with(Instant::now);
+        let is_eos = !self.params.ignore_eos && tokenizer.eos_token_ids().contains(&id);
+        let mut text = match self.detok.push(tokenizer, id) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail(format!("detokenizing token {id}: {e:#}"));
+                return Some(FinishReason::Cancelled);
+            }
+        };
+        let length_reached = self.completion_len() >= self.params.max_new_tokens
+            || self.tokens.len() >= context_limit;
+        if is_eos || length_reached {
+            text.push_str(&self.detok.flush(tokenizer).unwrap_or_default());
+        }
+        let (emit, stopped) = match self.stop.push(&text) {
+            StopOutcome::Continue { emit } => (emit, None),
+            StopOutcome::Stopped { emit, matched } => (emit, Some(matched)),
+        };
+        let reason = match (&stopped, is_eos, length_reached) {
+            (Some(_), _, _) => Some(FinishReason::Stop),
+            (None, true, _) => Some(FinishReason::Eos),
+            (None, false, true) => Some(FinishReason::Length),
+            _ => None,
+        };
+        let emit = if reason.is_some() && stopped.is_none() {
+            emit + &self.stop.finish()
+        } else {
+            emit
+        };
+        let _ = self.events.send(SeqEvent::Token(TokenEvent {
+            token_id: id,
+            text: emit,
+            logprob,
+        }));
+        if let Some(r) = reason {
+            self.finish(r, stopped);
+        }
+        reason
+    }
+
+    /// Sends the final event with usage.
+    pub fn finish(&mut self, reason: FinishReason, matched_stop: Option<String>) {
+        let now = Instant::now();
+        let usage = Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.completion_len(),
+            queue_time: self
+                .first_scheduled
+                .unwrap_or(now)
+                .saturating_duration_since(self.arrived),
+            time_to_first_token: self
+                .first_token
+                .unwrap_or(now)
+                .saturating_duration_since(self.arrived),
+            total_time: now.saturating_duration_since(self.arrived),
+        };
+        let _ = self.events.send(SeqEvent::Finished {
+            reason,
+            usage,
+            matched_stop,
+        });
+    }
+
+    /// Sends an error event; the caller turns it into an INTERNAL status.
+    pub fn fail(&mut self, message: String) {
+        let _ = self.events.send(SeqEvent::Error(message));
+    }
+}

@@ -1,0 +1,7 @@
+//! multilora: a gRPC inference server for many fine-tuned adapters on one resident
+//! base model, with continuous batching.
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod proto;
+pub mod server;

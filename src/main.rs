@@ -1,0 +1,132 @@
+//! Command line: `serve` (the server) and `download` (fetch a Hub model); wiring only.
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use multilora::engine::EngineConfig;
+use multilora::model::{weights, Llama};
+use multilora::server::{self, ServerOptions};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The default model that `make run` fetches into `models/`.
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(name = "multilora", version, about = "Many adapters, one resident base model, one batch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the model and serve gRPC.
+    Serve(ServeArgs),
+    /// Download a Hugging Face Hub model into the local cache and print its folder.
+    Download {
+        /// Hub repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
+        repo: String,
+        #[arg(long)]
+        revision: Option<String>,
+    },
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// A local Hugging Face folder, a local .gguf file, or a Hub repo id.
+    #[arg(long, env = "MULTILORA_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "MULTILORA_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Bytes for the paged KV cache.
+    #[arg(long, default_value_t = 1 << 30)]
+    kv_cache_memory: usize,
+    /// Token slots per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Tokens per engine step (decode tokens and prefill chunks together).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 256)]
+    max_running: usize,
+    /// Seconds in-flight streams may run after SIGINT/SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_s: u64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Download { repo, revision } => {
+            let source = weights::download_from_hub(&repo, revision.as_deref())?;
+            if let weights::ModelSource::HfDir(dir) = source {
+                println!("{}", dir.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    if args.block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 {
+        anyhow::bail!("--block-size, --max-batch-tokens and --max-running must be positive");
+    }
+    let device = candle_core::Device::Cpu;
+    let source = weights::resolve(&args.model, args.revision.as_deref())?;
+    tracing::info!(?source, "loading model");
+    let loaded = weights::load(&source, &device)?;
+    let model = Llama::load(loaded.vb, &loaded.config).context("building the model")?;
+    let engine_cfg = EngineConfig {
+        kv_cache_memory: args.kv_cache_memory,
+        block_size: args.block_size,
+        max_batch_tokens: args.max_batch_tokens,
+        max_running: args.max_running,
+        ..Default::default()
+    };
+    let service = server::start_engine(model, loaded.tokenizer, engine_cfg, &loaded.source_dtype)?;
+    let opts = ServerOptions {
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        server::serve(listener, service, opts, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

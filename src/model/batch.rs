@@ -1,0 +1,55 @@
+//! The ragged batch of one engine step: every scheduled token of every sequence, with
+//! the per-sequence chunk boundaries attention needs and the rows whose logits are wanted.
+
+/// One sequence's contiguous run of tokens in the batch.
+#[derive(Clone, Debug)]
+pub struct SeqChunk {
+    /// First row of this chunk in the batch.
+    pub start: usize,
+    /// Number of rows.
+    pub len: usize,
+    /// Positions already in the KV cache before this chunk (its first token's position).
+    pub context_len: usize,
+    /// The sequence's KV block table, covering at least `context_len + len` positions.
+    pub block_table: Vec<u32>,
+}
+
+/// All tokens of one step.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardBatch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub chunks: Vec<SeqChunk>,
+    /// Batch rows whose next-token logits are returned, in this order.
+    pub logit_rows: Vec<usize>,
+}
+
+impl ForwardBatch {
+    /// Appends one sequence's chunk; returns its last row.
+    pub fn push_chunk(&mut self, tokens: &[u32], context_len: usize, block_table: &[u32]) -> usize {
+        let start = self.tokens.len();
+        self.tokens.extend_from_slice(tokens);
+        self.positions
+            .extend((0..tokens.len()).map(|i| context_len + i));
+        self.chunks.push(SeqChunk {
+            start,
+            len: tokens.len(),
+            context_len,
+            block_table: block_table.to_vec(),
+        });
+        start + tokens.len() - 1
+    }
+
+    /// For every row, the index of the chunk it belongs to.
+    pub fn row_chunks(&self) -> Vec<usize> {
+        let mut out = vec![0; self.tokens.len()];
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            out[chunk.start..chunk.start + chunk.len].fill(c);
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}

@@ -1,0 +1,231 @@
+//! Llama-family forward pass over a ragged batch: the linear layers run once over every
+//! scheduled token of every sequence; attention is per sequence over the paged KV cache.
+use super::attention::{paged_attention, HeadShape, Rope};
+use super::batch::ForwardBatch;
+use super::config::ModelConfig;
+use crate::engine::kv_cache::KvCache;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use std::collections::HashMap;
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+fn linear(vb: VarBuilder, inp: usize, out: usize) -> Result<Linear> {
+    let w = vb
+        .get((out, inp), "weight")
+        .with_context(|| format!("loading {}", vb.prefix()))?;
+    Ok(Linear::new(w, None))
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let q_out = cfg.num_heads * cfg.head_dim;
+        let kv_out = cfg.num_kv_heads * cfg.head_dim;
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            input_norm: RmsNorm::load(vb.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+            post_norm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+            q_proj: linear(attn.pp("q_proj"), h, q_out)?,
+            k_proj: linear(attn.pp("k_proj"), h, kv_out)?,
+            v_proj: linear(attn.pp("v_proj"), h, kv_out)?,
+            o_proj: linear(attn.pp("o_proj"), q_out, h)?,
+            gate_proj: linear(mlp.pp("gate_proj"), h, cfg.intermediate_size)?,
+            up_proj: linear(mlp.pp("up_proj"), h, cfg.intermediate_size)?,
+            down_proj: linear(mlp.pp("down_proj"), cfg.intermediate_size, h)?,
+        })
+    }
+}
+
+/// The resident base model.
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from tensors named in the Hugging Face layout.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let device = vb.device().clone();
+        let model = vb.pp("model");
+        let embed = model
+            .get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")
+            .context("loading model.embed_tokens")?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(model.pp(format!("layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings),
+            device,
+        })
+    }
+
+    /// A model with small random weights (seeded), for tests.
+    pub fn random_for_tests(cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        let tensors = random_tensors(cfg, seed)?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        Self::load(vb, cfg)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step; writes every token's K/V into the cache and returns the logits of
+    /// `batch.logit_rows` as `[rows, vocab]` (row-major f32).
+    pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Vec<f32>> {
+        let t = batch.tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(&p) = batch.positions.iter().max() {
+            if p >= self.rope.max_positions() {
+                bail!("position {p} is beyond the context length {}", self.rope.max_positions());
+            }
+        }
+        let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let shape = HeadShape {
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(i, layer, &x, batch, kv, shape)?;
+        }
+        if batch.logit_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
+        let rows = Tensor::from_vec(rows, batch.logit_rows.len(), &self.device)?;
+        let last = x.index_select(&rows, 0)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn layer_forward(
+        &self,
+        index: usize,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+        shape: HeadShape,
+    ) -> Result<Tensor> {
+        let t = batch.tokens.len();
+        let h = layer.input_norm.forward(x)?;
+        let mut q = layer.q_proj.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = layer.k_proj.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = layer.v_proj.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        self.rope.apply(&mut q, &batch.positions, shape.num_heads);
+        self.rope.apply(&mut k, &batch.positions, shape.num_kv_heads);
+        let attn = paged_attention(batch, index, &q, &k, &v, kv, shape);
+        let attn = Tensor::from_vec(attn, (t, shape.num_heads * shape.head_dim), &self.device)?;
+        let x = (x + layer.o_proj.forward(&attn)?)?;
+        let h = layer.post_norm.forward(&x)?;
+        let gate = layer.gate_proj.forward(&h)?.silu()?;
+        let up = layer.up_proj.forward(&h)?;
+        let mlp = layer.down_proj.forward(&(gate * up)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// Seeded random weights in the Hugging Face layout (normal-ish, std 0.02..0.1).
+fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let mut next = move || {
+        // xorshift64*; the sum of four uniforms approximates a normal.
+        let mut u = 0f32;
+        for _ in 0..4 {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            u += (r >> 40) as f32 / (1u64 << 24) as f32;
+        }
+        (u - 2.0) * 1.732
+    };
+    let mut make = |shape: &[usize], std: f32, offset: f32| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| offset + std * next()).collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    };
+    let h = cfg.hidden_size;
+    let q_out = cfg.num_heads * cfg.head_dim;
+    let kv_out = cfg.num_kv_heads * cfg.head_dim;
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), make(&[cfg.vocab_size, h], 0.5, 0.0)?);
+    t.insert("model.norm.weight".into(), make(&[h], 0.05, 1.0)?);
+    if !cfg.tie_word_embeddings {
+        t.insert("lm_head.weight".into(), make(&[cfg.vocab_size, h], 0.1, 0.0)?);
+    }
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let shapes: [(&str, [usize; 2]); 7] = [
+            ("self_attn.q_proj", [q_out, h]),
+            ("self_attn.k_proj", [kv_out, h]),
+            ("self_attn.v_proj", [kv_out, h]),
+            ("self_attn.o_proj", [h, q_out]),
+            ("mlp.gate_proj", [cfg.intermediate_size, h]),
+            ("mlp.up_proj", [cfg.intermediate_size, h]),
+            ("mlp.down_proj", [h, cfg.intermediate_size]),
+        ];
+        for (name, shape) in shapes {
+            let std = 1.0 / (shape[1] as f32).sqrt();
+            t.insert(format!("{p}.{name}.weight"), make(&shape, std, 0.0)?);
+        }
+        t.insert(format!("{p}.input_layernorm.weight"), make(&[h], 0.05, 1.0)?);
+        t.insert(format!("{p}.post_attention_layernorm.weight"), make(&[h], 0.05, 1.0)?);
+    }
+    Ok(t)
+}

@@ -1,0 +1,12 @@
+//! The base model: configuration, weight loading, tokenizer and the ragged forward pass.
+pub mod attention;
+pub mod batch;
+pub mod config;
+pub mod llama;
+pub mod tokenizer;
+pub mod weights;
+
+pub use batch::{ForwardBatch, SeqChunk};
+pub use config::ModelConfig;
+pub use llama::Llama;
+pub use tokenizer::TextTokenizer;

@@ -1,0 +1,960 @@
+//! Text tokenizer (Hugging Face `tokenizers`), chat templates (minijinja) and streaming detokenization.
+//!
+//! A [`TextTokenizer`] can be built from a Hugging Face model folder (`tokenizer.json` and
+//! friends), from GGUF metadata (byte-level BPE, `tokenizer.ggml.model == "gpt2"`, built the
+//! same way Hugging Face transformers builds it), or as a tiny byte-level tokenizer for tests.
+//! [`IncrementalDetokenizer`] turns a stream of generated ids into text deltas that never end
+//! in a broken UTF-8 sequence.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use minijinja::{context, Environment, ErrorKind};
+use serde_json::{json, Value as Json};
+use tokenizers::Tokenizer;
+
+/// Name under which the chat template is registered in its minijinja environment.
+const CHAT_TEMPLATE_NAME: &str = "chat_template";
+
+/// GGUF `tokenizer.ggml.token_type` value of a control (special) token.
+const GGUF_TOKEN_TYPE_CONTROL: i64 = 3;
+/// GGUF `tokenizer.ggml.token_type` value of a user-defined token (matched in text, not special).
+const GGUF_TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// The chat template of SmolLM2-Instruct, also used by [`TextTokenizer::byte_level_for_tests`].
+const SMOLLM2_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// One chat message: `role` ("system", "user", "assistant", ...) and its text.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// Convenience constructor.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The model's chat template, compiled once.
+#[derive(Clone)]
+enum ChatTemplate {
+    /// The model ships no template.
+    Missing,
+    /// A compiled template, ready to render.
+    Ready(Box<Environment<'static>>),
+    /// The model ships a template that minijinja could not compile (the error message).
+    Broken(String),
+}
+
+impl ChatTemplate {
+    fn from_source(source: Option<String>) -> Self {
+        match source {
+            None => Self::Missing,
+            Some(src) => match build_chat_env(src) {
+                Ok(env) => Self::Ready(Box::new(env)),
+                Err(e) => Self::Broken(format!("{e:#}")),
+            },
+        }
+    }
+}
+
+/// A tokenizer plus what generation needs around it: EOS ids, the chat template and the
+/// special tokens used to render it.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    eos_token_ids: Vec<u32>,
+    bos_token: String,
+    eos_token: String,
+    chat_template: ChatTemplate,
+}
+
+impl fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("eos_token_ids", &self.eos_token_ids)
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("has_chat_template", &self.has_chat_template())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TextTokenizer {
+    /// From a Hugging Face model folder: `tokenizer.json` (required), plus if present
+    /// `tokenizer_config.json` (`chat_template`, `bos_token`, `eos_token`), `chat_template.jinja`
+    /// / `chat_template.json`, and the `eos_token_id` of `generation_config.json` and
+    /// `config.json`. The EOS ids are the union of all of these, in that order of preference.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| anyhow!("cannot load {}: {e}", tokenizer_path.display()))?;
+
+        let tokenizer_config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
+        let generation_config = read_json_if_exists(&dir.join("generation_config.json"))?;
+        let model_config = read_json_if_exists(&dir.join("config.json"))?;
+
+        let config_token = |key: &str| -> Option<String> {
+            tokenizer_config
+                .as_ref()
+                .and_then(|c| c.get(key))
+                .and_then(special_token_content)
+        };
+        let bos_token = config_token("bos_token");
+        let eos_token = config_token("eos_token");
+
+        let mut eos_token_ids = Vec::new();
+        for config in [&generation_config, &model_config].into_iter().flatten() {
+            if let Some(v) = config.get("eos_token_id") {
+                for id in json_token_ids(v) {
+                    push_unique(&mut eos_token_ids, id);
+                }
+            }
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            push_unique(&mut eos_token_ids, id);
+        }
+
+        let chat_template = read_hf_chat_template(dir, tokenizer_config.as_ref())?;
+        Ok(Self::assemble(
+            inner,
+            eos_token_ids,
+            bos_token,
+            eos_token,
+            chat_template,
+        ))
+    }
+
+    /// From GGUF metadata. Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported;
+    /// the tokenizer is built exactly like Hugging Face transformers builds it from a GGUF:
+    /// BPE over `tokenizer.ggml.tokens` (index = id) and `tokenizer.ggml.merges`, GPT-2
+    /// byte-level pre-tokenizer and decoder, and every control token (`token_type` 3) as a
+    /// special added token. EOS ids come from `tokenizer.ggml.eos_token_id` (plus
+    /// `eot_token_id` / `eom_token_id` when present), the template from `tokenizer.chat_template`.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let model = md
+            .get("tokenizer.ggml.model")
+            .context("GGUF has no tokenizer.ggml.model: no tokenizer in this file")?
+            .to_string()
+            .map_err(|e| anyhow!("GGUF tokenizer.ggml.model is not a string: {e}"))?;
+        if model != "gpt2" {
+            bail!(
+                "unsupported GGUF tokenizer model {model:?}: only byte-level BPE (\"gpt2\") is supported"
+            );
+        }
+
+        let tokens: Vec<String> = gguf_array(md, "tokenizer.ggml.tokens")?
+            .context("GGUF has no tokenizer.ggml.tokens")?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|e| anyhow!("GGUF tokenizer.ggml.tokens[{i}] is not a string: {e}"))
+            })
+            .collect::<Result<_>>()?;
+        let token_types: Vec<i64> = match gguf_array(md, "tokenizer.ggml.token_type")? {
+            None => Vec::new(),
+            Some(values) => values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    gguf_int(v).with_context(|| {
+                        format!("GGUF tokenizer.ggml.token_type[{i}] is not an integer")
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        if !token_types.is_empty() && token_types.len() != tokens.len() {
+            bail!(
+                "GGUF has {} tokens but {} token types",
+                tokens.len(),
+                token_types.len()
+            );
+        }
+        let merges: Vec<Json> = match gguf_array(md, "tokenizer.ggml.merges")? {
+            None => Vec::new(),
+            Some(values) => values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let s = v.to_string().map_err(|e| {
+                        anyhow!("GGUF tokenizer.ggml.merges[{i}] is not a string: {e}")
+                    })?;
+                    let (a, b) = s.split_once(' ').with_context(|| {
+                        format!("GGUF tokenizer.ggml.merges[{i}] = {s:?} is not \"a b\"")
+                    })?;
+                    Ok(json!([a, b]))
+                })
+                .collect::<Result<_>>()?,
+        };
+
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added_tokens = Vec::new();
+        for (id, token) in tokens.iter().enumerate() {
+            if vocab.insert(token.clone(), json!(id)).is_some() {
+                bail!("GGUF token {token:?} appears twice in tokenizer.ggml.tokens");
+            }
+            let special = match token_types.get(id).copied() {
+                Some(GGUF_TOKEN_TYPE_CONTROL) => true,
+                Some(GGUF_TOKEN_TYPE_USER_DEFINED) => false,
+                _ => continue,
+            };
+            added_tokens.push(json!({
+                "id": id,
+                "content": token,
+                "single_word": false,
+                "lstrip": false,
+                "rstrip": false,
+                "normalized": false,
+                "special": special,
+            }));
+        }
+        let inner = byte_level_bpe(Json::Object(vocab), merges, added_tokens)?;
+
+        let token_of = |key: &str| -> Result<Option<(u32, String)>> {
+            let Some(v) = md.get(key) else {
+                return Ok(None);
+            };
+            let id = gguf_int(v)
+                .and_then(|id| u32::try_from(id).ok())
+                .with_context(|| format!("GGUF {key} is not a token id"))?;
+            let token = tokens
+                .get(id as usize)
+                .with_context(|| format!("GGUF {key} = {id} is out of the vocabulary"))?;
+            Ok(Some((id, token.clone())))
+        };
+        let eos = token_of("tokenizer.ggml.eos_token_id")?;
+        let bos = token_of("tokenizer.ggml.bos_token_id")?;
+        let mut eos_token_ids = Vec::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            if let Some((id, _)) = token_of(key)? {
+                push_unique(&mut eos_token_ids, id);
+            }
+        }
+
+        let chat_template = match md.get("tokenizer.chat_template") {
+            None => None,
+            Some(v) => Some(
+                v.to_string()
+                    .map_err(|e| anyhow!("GGUF tokenizer.chat_template is not a string: {e}"))?
+                    .clone(),
+            ),
+        };
+        Ok(Self::assemble(
+            inner,
+            eos_token_ids,
+            bos.map(|(_, t)| t),
+            eos.map(|(_, t)| t),
+            chat_template,
+        ))
+    }
+
+    /// A tiny byte-level tokenizer for tests with random tiny models: ids 0, 1, 2 are the
+    /// special tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`; id `3 + b` is byte `b`
+    /// (as its GPT-2 byte-level symbol), so the vocabulary has 259 entries. No merges, so every
+    /// byte of the text is one token. EOS is `[2]`; the chat template is SmolLM2's.
+    pub fn byte_level_for_tests() -> Result<Self> {
+        const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+        let mut vocab = serde_json::Map::new();
+        let mut added_tokens = Vec::new();
+        for (id, token) in SPECIALS.iter().enumerate() {
+            vocab.insert((*token).to_owned(), json!(id));
+            added_tokens.push(json!({
+                "id": id,
+                "content": token,
+                "single_word": false,
+                "lstrip": false,
+                "rstrip": false,
+                "normalized": false,
+                "special": true,
+            }));
+        }
+        for (b, symbol) in byte_level_symbols()?.iter().enumerate() {
+            vocab.insert(symbol.to_string(), json!(SPECIALS.len() + b));
+        }
+        let inner = byte_level_bpe(Json::Object(vocab), Vec::new(), added_tokens)?;
+        Ok(Self::assemble(
+            inner,
+            vec![2],
+            Some(SPECIALS[1].to_owned()),
+            Some(SPECIALS[2].to_owned()),
+            Some(SMOLLM2_CHAT_TEMPLATE.to_owned()),
+        ))
+    }
+
+    fn assemble(
+        inner: Tokenizer,
+        eos_token_ids: Vec<u32>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        chat_template: Option<String>,
+    ) -> Self {
+        let eos_token = eos_token
+            .or_else(|| eos_token_ids.first().and_then(|&id| inner.id_to_token(id)))
+            .unwrap_or_default();
+        Self {
+            inner,
+            eos_token_ids,
+            bos_token: bos_token.unwrap_or_default(),
+            eos_token,
+            chat_template: ChatTemplate::from_source(chat_template),
+        }
+    }
+
+    /// Number of ids the tokenizer knows, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Ids that end generation (may be empty when the model declares none).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// Encode without adding special tokens (no BOS); special tokens written in the text, such
+    /// as `<|im_start|>`, are recognised as their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("tokenizer encode failed: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decode ids to text; unknown ids are skipped. Invalid UTF-8 becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("tokenizer decode failed: {e}"))
+    }
+
+    /// Render `messages` with the model's chat template, with `add_generation_prompt = true`
+    /// (so the result ends with the assistant turn's header), `bos_token` and `eos_token`.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let env = match &self.chat_template {
+            ChatTemplate::Ready(env) => env,
+            ChatTemplate::Missing => bail!("this model has no chat template"),
+            ChatTemplate::Broken(e) => bail!("this model's chat template does not compile: {e}"),
+        };
+        let template = env.get_template(CHAT_TEMPLATE_NAME)?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|e| anyhow!("chat template rendering failed: {e:#}"))
+    }
+
+    /// Whether [`Self::apply_chat_template`] can work (the model ships a template that compiles).
+    pub fn has_chat_template(&self) -> bool {
+        matches!(self.chat_template, ChatTemplate::Ready(_))
+    }
+
+    /// The underlying Hugging Face tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Ids of the special added tokens (those `decode(.., true)` skips).
+    pub fn special_token_ids(&self) -> HashSet<u32> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
+
+/// Incremental detokenizer for streaming. Push one generated id at a time and get the newly
+/// completed text. A tail that is not yet complete UTF-8 (it decodes to U+FFFD) is held back
+/// until the ids that complete it arrive. Special tokens are skipped.
+///
+/// It uses the prefix/read offset technique of vLLM and TGI: decode a small window of ids and
+/// diff it against the decode of the window's already-emitted prefix. It starts with no
+/// context, so the concatenation of all deltas (and of [`Self::flush`]) equals
+/// `decode(generated_ids, skip_special_tokens = true)`.
+#[derive(Clone, Debug, Default)]
+pub struct IncrementalDetokenizer {
+    ids: Vec<u32>,
+    /// Start of the decode window: ids before it never influence new text.
+    prefix_offset: usize,
+    /// Ids before this have been emitted as text.
+    read_offset: usize,
+}
+
+impl IncrementalDetokenizer {
+    /// A detokenizer for a completion of `prompt_ids`. The prompt is not used as context (the
+    /// deltas then add up to the decode of the generated ids alone), so this equals
+    /// `IncrementalDetokenizer::default()`.
+    pub fn new(prompt_ids: &[u32]) -> Self {
+        let _ = prompt_ids;
+        Self::default()
+    }
+
+    /// All ids pushed so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Add one generated id; returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let (prefix_text, new_text) = self.window_texts(tok)?;
+        if new_text.len() <= prefix_text.len() || new_text.ends_with(char::REPLACEMENT_CHARACTER) {
+            // Nothing new yet, or an incomplete UTF-8 sequence at the end: wait for more ids.
+            return Ok(String::new());
+        }
+        let delta = text_after(&prefix_text, &new_text);
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(delta)
+    }
+
+    /// End of stream: return whatever is still held back (a genuinely invalid tail is emitted
+    /// as U+FFFD), and leave the detokenizer as if everything had been emitted.
+    pub fn flush(&mut self, tok: &TextTokenizer) -> Result<String> {
+        if self.read_offset == self.ids.len() {
+            return Ok(String::new());
+        }
+        let (prefix_text, new_text) = self.window_texts(tok)?;
+        let delta = text_after(&prefix_text, &new_text);
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(delta)
+    }
+
+    /// Decodes of the window's emitted prefix and of the whole window.
+    fn window_texts(&self, tok: &TextTokenizer) -> Result<(String, String)> {
+        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let new_text = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        Ok((prefix_text, new_text))
+    }
+}
+
+/// The part of `new_text` after what it shares with `prefix_text` (normally all of the prefix).
+fn text_after(prefix_text: &str, new_text: &str) -> String {
+    if let Some(rest) = new_text.strip_prefix(prefix_text) {
+        return rest.to_owned();
+    }
+    let common: usize = prefix_text
+        .chars()
+        .zip(new_text.chars())
+        .take_while(|(a, b)| a == b)
+        .map(|(a, _)| a.len_utf8())
+        .sum();
+    new_text[common..].to_owned()
+}
+
+/// Build a byte-level BPE tokenizer with exactly the configuration Hugging Face transformers
+/// gives a GGUF "gpt2" tokenizer.
+fn byte_level_bpe(vocab: Json, merges: Vec<Json>, added_tokens: Vec<Json>) -> Result<Tokenizer> {
+    let config = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": null,
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": false,
+            "trim_offsets": true,
+            "use_regex": true,
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {},
+        },
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": true,
+            "trim_offsets": true,
+            "use_regex": true,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": null,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": false,
+            "byte_fallback": false,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    });
+    serde_json::from_value(config).context("cannot build the byte-level BPE tokenizer")
+}
+
+/// The GPT-2 byte-level alphabet: the printable symbol standing for each byte value.
+fn byte_level_symbols() -> Result<Vec<char>> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                Ok(char::from(b))
+            } else {
+                let c = char::from_u32(next).context("byte-level symbol out of range")?;
+                next += 1;
+                Ok(c)
+            }
+        })
+        .collect()
+}
+
+/// Compile a chat template the way transformers renders them (Jinja with `trim_blocks` and
+/// `lstrip_blocks`, Python string/dict methods, `raise_exception`).
+fn build_chat_env(source: String) -> Result<Environment<'static>, minijinja::Error> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
+    env.add_template_owned(CHAT_TEMPLATE_NAME, source)?;
+    Ok(env)
+}
+
+/// The chat template of a Hugging Face folder: `chat_template.jinja`, else
+/// `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates of which
+/// "default" is used), else `chat_template.json`.
+fn read_hf_chat_template(dir: &Path, tokenizer_config: Option<&Json>) -> Result<Option<String>> {
+    let jinja_path = dir.join("chat_template.jinja");
+    if jinja_path.is_file() {
+        let source = std::fs::read_to_string(&jinja_path)
+            .with_context(|| format!("cannot read {}", jinja_path.display()))?;
+        return Ok(Some(source));
+    }
+    if let Some(t) = tokenizer_config
+        .and_then(|c| c.get("chat_template"))
+        .and_then(json_chat_template)
+    {
+        return Ok(Some(t));
+    }
+    Ok(read_json_if_exists(&dir.join("chat_template.json"))?
+        .as_ref()
+        .and_then(|c| c.get("chat_template"))
+        .and_then(json_chat_template))
+}
+
+fn json_chat_template(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(named) => {
+            let template_named = |name: &str| {
+                named.iter().find_map(|t| {
+                    (t.get("name")?.as_str()? == name)
+                        .then(|| t.get("template")?.as_str().map(str::to_owned))
+                        .flatten()
+                })
+            };
+            template_named("default").or_else(|| {
+                named
+                    .first()
+                    .and_then(|t| t.get("template")?.as_str().map(str::to_owned))
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+fn special_token_content(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Token ids from an `eos_token_id` field: an integer or a list of integers.
+fn json_token_ids(v: &Json) -> Vec<u32> {
+    let one = |v: &Json| v.as_u64().and_then(|id| u32::try_from(id).ok());
+    match v {
+        Json::Array(items) => items.iter().filter_map(one).collect(),
+        other => one(other).into_iter().collect(),
+    }
+}
+
+fn read_json_if_exists(path: &Path) -> Result<Option<Json>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(Some(value))
+}
+
+fn push_unique(ids: &mut Vec<u32>, id: u32) {
+    if !ids.contains(&id) {
+        ids.push(id);
+    }
+}
+
+/// An array-valued GGUF metadata entry, if present.
+fn gguf_array<'a>(
+    md: &'a std::collections::HashMap<String, gguf_file::Value>,
+    key: &str,
+) -> Result<Option<&'a Vec<gguf_file::Value>>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .to_vec()
+            .map(Some)
+            .map_err(|e| anyhow!("GGUF {key} is not an array: {e}")),
+    }
+}
+
+/// Any integer-valued GGUF metadata value as an i64.
+fn gguf_int(v: &gguf_file::Value) -> Option<i64> {
+    use gguf_file::Value as V;
+    match v {
+        V::U8(x) => Some(i64::from(*x)),
+        V::I8(x) => Some(i64::from(*x)),
+        V::U16(x) => Some(i64::from(*x)),
+        V::I16(x) => Some(i64::from(*x)),
+        V::U32(x) => Some(i64::from(*x)),
+        V::I32(x) => Some(i64::from(*x)),
+        V::U64(x) => i64::try_from(*x).ok(),
+        V::I64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn tok() -> TextTokenizer {
+        TextTokenizer::byte_level_for_tests().unwrap()
+    }
+
+    const SAMPLES: &[&str] = &[
+        "",
+        " ",
+        "Hello, world!",
+        "  leading and trailing spaces  ",
+        "Tabs\tand\nnewlines\r\n\n\nend\0nul",
+        "Unicode: café naïve 日本語 中文 한국어 Ελληνικά русский",
+        "Emoji: 🚀🔥👍🏽 and ZWJ 👨\u{200d}👩\u{200d}👧 flags 🇫🇷",
+        "combining: e\u{301} a\u{308}\u{323}, \u{a0}nbsp, \u{feff}bom, \u{fffd} literal",
+        "𝕄𝕒𝕥𝕙 \u{10ffff} \u{7f}\u{80}",
+    ];
+
+    #[test]
+    fn byte_level_shape() {
+        let t = tok();
+        assert_eq!(t.vocab_size(), 259);
+        assert_eq!(t.eos_token_ids(), &[2]);
+        assert!(t.has_chat_template());
+        assert_eq!(t.encode("a").unwrap(), vec![3 + u32::from(b'a')]);
+        assert_eq!(t.encode("\u{0}").unwrap(), vec![3]);
+        assert_eq!(t.encode("\u{ff}").unwrap(), vec![3 + 0xC3, 3 + 0xBF]);
+        let specials = t.special_token_ids();
+        assert_eq!(specials, HashSet::from([0, 1, 2]));
+    }
+
+    #[test]
+    fn byte_level_round_trips_utf8() {
+        let t = tok();
+        for text in SAMPLES {
+            let ids = t.encode(text).unwrap();
+            assert_eq!(ids.len(), text.len(), "one id per byte for {text:?}");
+            assert!(ids.iter().all(|&id| (3..259).contains(&id)));
+            assert_eq!(t.decode(&ids, false).unwrap(), *text);
+            assert_eq!(t.decode(&ids, true).unwrap(), *text);
+        }
+    }
+
+    #[test]
+    fn special_tokens_in_text_are_recognised() {
+        let t = tok();
+        let ids = t.encode("<|im_start|>user\nHi<|im_end|>").unwrap();
+        let mut expected = vec![1];
+        expected.extend("user\nHi".bytes().map(|b| 3 + u32::from(b)));
+        expected.push(2);
+        assert_eq!(ids, expected);
+        assert_eq!(
+            t.decode(&ids, false).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>"
+        );
+        assert_eq!(t.decode(&ids, true).unwrap(), "user\nHi");
+    }
+
+    fn stream(t: &TextTokenizer, ids: &[u32]) -> Vec<String> {
+        let mut detok = IncrementalDetokenizer::new(&[1, 3 + u32::from(b'x')]);
+        let mut deltas: Vec<String> = ids.iter().map(|&id| detok.push(t, id).unwrap()).collect();
+        deltas.push(detok.flush(t).unwrap());
+        assert_eq!(detok.ids(), ids);
+        deltas
+    }
+
+    #[test]
+    fn incremental_matches_full_decode_without_broken_chars() {
+        let t = tok();
+        for text in SAMPLES {
+            let ids = t.encode(text).unwrap();
+            let deltas = stream(&t, &ids);
+            let joined: String = deltas.concat();
+            assert_eq!(joined, t.decode(&ids, true).unwrap());
+            assert_eq!(joined, *text);
+            // Only a literal U+FFFD in the text may show up, never a broken sequence.
+            let fffd_in_text = text.matches('\u{fffd}').count();
+            let fffd_in_deltas: usize = deltas.iter().map(|d| d.matches('\u{fffd}').count()).sum();
+            assert_eq!(fffd_in_deltas, fffd_in_text, "{text:?}: {deltas:?}");
+            assert_eq!(deltas.last().map(String::as_str), Some(""));
+        }
+    }
+
+    #[test]
+    fn incremental_emits_each_char_when_complete() {
+        let t = tok();
+        let ids = t.encode("aé🚀").unwrap();
+        let deltas = stream(&t, &ids);
+        assert_eq!(deltas, ["a", "", "é", "", "", "", "🚀", ""]);
+    }
+
+    #[test]
+    fn incremental_skips_special_tokens() {
+        let t = tok();
+        let ids = t.encode("<|im_start|>a<|endoftext|>é<|im_end|>").unwrap();
+        let deltas = stream(&t, &ids);
+        assert_eq!(deltas.concat(), "aé");
+        assert_eq!(deltas.concat(), t.decode(&ids, true).unwrap());
+        // The special token between the two bytes of "é" does not break it.
+        let e = "é".as_bytes();
+        let ids = [3 + u32::from(e[0]), 0, 3 + u32::from(e[1])];
+        let deltas = stream(&t, &ids);
+        assert_eq!(deltas, ["", "", "é", ""]);
+    }
+
+    #[test]
+    fn incremental_flushes_invalid_tail_and_passes_invalid_middle() {
+        let t = tok();
+        // A lone leading byte at the end: held back, then flushed as U+FFFD.
+        let ids = [3 + u32::from(b'o'), 3 + u32::from(b'k'), 3 + 0xF0];
+        let deltas = stream(&t, &ids);
+        assert_eq!(deltas, ["o", "k", "", "\u{fffd}"]);
+        assert_eq!(deltas.concat(), t.decode(&ids, true).unwrap());
+        // An invalid byte in the middle: released as soon as something valid follows.
+        let ids = [3 + 0xFF, 3 + u32::from(b'a'), 3 + u32::from(b'b')];
+        let deltas = stream(&t, &ids);
+        assert_eq!(deltas, ["", "\u{fffd}a", "b", ""]);
+        assert_eq!(deltas.concat(), t.decode(&ids, true).unwrap());
+        // Flush twice is harmless; an empty stream yields nothing.
+        let mut detok = IncrementalDetokenizer::new(&[]);
+        assert_eq!(detok.flush(&t).unwrap(), "");
+        assert_eq!(detok.push(&t, 3 + 0xE6).unwrap(), "");
+        assert_eq!(detok.flush(&t).unwrap(), "\u{fffd}");
+        assert_eq!(detok.flush(&t).unwrap(), "");
+    }
+
+    #[test]
+    fn chat_template_renders() {
+        let t = tok();
+        let out = t
+            .apply_chat_template(&[ChatMessage::new("user", "Hi there")])
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+             <|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let out = t
+            .apply_chat_template(&[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi"),
+                ChatMessage::new("assistant", "Hello!"),
+                ChatMessage::new("user", "Bye"),
+            ])
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        // The rendered prompt tokenizes with its special tokens recognised.
+        let ids = t.encode(&out).unwrap();
+        assert_eq!(ids.first(), Some(&1));
+        assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 4);
+    }
+
+    #[test]
+    fn chat_template_python_methods_and_errors() {
+        let t = tok();
+        let mut t2 = t.clone();
+        t2.chat_template = ChatTemplate::from_source(Some(
+            "{{ bos_token }}{% for m in messages %}{{ m['role'].upper() }}: {{ m.content.strip() }}\n{% endfor %}\
+             {% if messages|length > 1 %}{{ raise_exception('only one message') }}{% endif %}{{ eos_token }}"
+                .to_owned(),
+        ));
+        assert!(t2.has_chat_template());
+        assert_eq!(
+            t2.apply_chat_template(&[ChatMessage::new("user", "  hi  ")])
+                .unwrap(),
+            "<|im_start|>USER: hi\n<|im_end|>"
+        );
+        let err = t2
+            .apply_chat_template(&[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("only one message"), "{err:#}");
+
+        t2.chat_template = ChatTemplate::from_source(None);
+        assert!(!t2.has_chat_template());
+        assert!(t2.apply_chat_template(&[]).is_err());
+        t2.chat_template = ChatTemplate::from_source(Some("{% for %}".to_owned()));
+        assert!(!t2.has_chat_template());
+        let err = t2.apply_chat_template(&[]).unwrap_err();
+        assert!(format!("{err}").contains("does not compile"), "{err}");
+    }
+
+    #[test]
+    fn from_hf_dir_reads_configs() {
+        let t = tok();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            t.inner().to_string(false).unwrap(),
+        )
+        .unwrap();
+        // No configs: no EOS, no template.
+        let bare = TextTokenizer::from_hf_dir(dir.path()).unwrap();
+        assert_eq!(bare.vocab_size(), 259);
+        assert!(bare.eos_token_ids().is_empty());
+        assert!(!bare.has_chat_template());
+        assert_eq!(bare.encode("hé").unwrap(), t.encode("hé").unwrap());
+
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            serde_json::to_string(&json!({
+                "bos_token": {"content": "<|im_start|>", "special": true},
+                "eos_token": "<|im_end|>",
+                "chat_template": "{{ bos_token }}|{{ messages[0].content }}|{{ eos_token }}",
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [0, 2]}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"eos_token_id": 1}"#).unwrap();
+        let full = TextTokenizer::from_hf_dir(dir.path()).unwrap();
+        assert_eq!(full.eos_token_ids(), &[0, 2, 1]);
+        assert_eq!(
+            full.apply_chat_template(&[ChatMessage::new("user", "x")])
+                .unwrap(),
+            "<|im_start|>|x|<|im_end|>"
+        );
+
+        // chat_template.jinja wins over tokenizer_config.json.
+        std::fs::write(dir.path().join("chat_template.jinja"), "J{{ eos_token }}").unwrap();
+        let jinja = TextTokenizer::from_hf_dir(dir.path()).unwrap();
+        assert_eq!(jinja.apply_chat_template(&[]).unwrap(), "J<|im_end|>");
+
+        assert!(TextTokenizer::from_hf_dir(&dir.path().join("missing")).is_err());
+    }
+
+    /// A GGUF with a byte-level vocabulary (the 3 specials + 256 byte symbols) and a few merges.
+    fn synthetic_gguf(model: &str) -> gguf_file::Content {
+        use gguf_file::Value as V;
+        let symbols = byte_level_symbols().unwrap();
+        let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        tokens.extend(symbols.iter().map(|c| c.to_string()));
+        let merges = ["Ġ t", "h e", "Ġt he"];
+        tokens.extend(["Ġt", "he", "Ġthe"].map(str::to_owned));
+        let mut types = vec![V::I32(3); 3];
+        types.extend(std::iter::repeat_n(V::I32(1), tokens.len() - 3));
+        let metadata: Vec<(&str, V)> = vec![
+            ("tokenizer.ggml.model", V::String(model.to_owned())),
+            (
+                "tokenizer.ggml.tokens",
+                V::Array(tokens.into_iter().map(V::String).collect()),
+            ),
+            ("tokenizer.ggml.token_type", V::Array(types)),
+            (
+                "tokenizer.ggml.merges",
+                V::Array(merges.iter().map(|m| V::String(m.to_string())).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id", V::U32(1)),
+            ("tokenizer.ggml.eos_token_id", V::U32(2)),
+            ("tokenizer.ggml.eot_token_id", V::U32(0)),
+            (
+                "tokenizer.chat_template",
+                V::String(SMOLLM2_CHAT_TEMPLATE.to_owned()),
+            ),
+        ];
+        let refs: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let mut buf = Cursor::new(Vec::new());
+        gguf_file::write(&mut buf, &refs, &[]).unwrap();
+        buf.set_position(0);
+        gguf_file::Content::read(&mut buf).unwrap()
+    }
+
+    #[test]
+    fn from_gguf_synthetic() {
+        let t = TextTokenizer::from_gguf(&synthetic_gguf("gpt2")).unwrap();
+        assert_eq!(t.vocab_size(), 262);
+        assert_eq!(t.eos_token_ids(), &[2, 0]);
+        assert_eq!(t.special_token_ids(), HashSet::from([0, 1, 2]));
+        let ids = t.encode("<|im_start|>the the").unwrap();
+        assert_eq!(ids, vec![1, 3 + u32::from(b't'), 260, 261]);
+        assert_eq!(t.decode(&ids, false).unwrap(), "<|im_start|>the the");
+        assert_eq!(t.decode(&ids, true).unwrap(), "the the");
+        assert!(t
+            .apply_chat_template(&[ChatMessage::new("user", "Hi there")])
+            .unwrap()
+            .ends_with("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn from_gguf_rejects_other_models() {
+        let err = TextTokenizer::from_gguf(&synthetic_gguf("llama")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("\"llama\"") && msg.contains("gpt2"), "{msg}");
+    }
+
+    #[test]
+    fn is_send_sync() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<TextTokenizer>();
+        assert_send_sync::<IncrementalDetokenizer>();
+    }
+}

@@ -1,0 +1,261 @@
+//! Finds and loads base-model weights: a local Hugging Face folder (safetensors, sharded
+//! or not), a local GGUF file (dequantized to f32, Q/K rows un-permuted to the Hugging
+//! Face layout), or a Hub repo id fetched and cached with hf-hub.
+use super::config::ModelConfig;
+use super::tokenizer::TextTokenizer;
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Where the model comes from, after resolution.
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    /// A folder with config.json, tokenizer.json and safetensors.
+    HfDir(PathBuf),
+    /// A single GGUF file.
+    Gguf(PathBuf),
+}
+
+/// A model ready to build: its shape, its tokenizer and a builder over its tensors
+/// (named in the Hugging Face layout).
+pub struct LoadedWeights {
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub vb: VarBuilder<'static>,
+    /// The dtype the checkpoint was stored in (informational).
+    pub source_dtype: String,
+}
+
+/// Resolves `--model`: an existing local path, else a Hub repo id (downloaded into the
+/// hf-hub cache at `revision`).
+pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelSource> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Ok(ModelSource::HfDir(path.to_path_buf()));
+    }
+    if path.is_file() {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return Ok(ModelSource::Gguf(path.to_path_buf()));
+        }
+        bail!("--model {model}: a file must be a .gguf; a Hugging Face model is a folder");
+    }
+    if model.split('/').count() != 2 || model.starts_with('.') || model.starts_with('/') {
+        bail!("--model {model}: no such file or folder, and not a Hub repo id (owner/name)");
+    }
+    download_from_hub(model, revision)
+}
+
+/// Downloads a Hub repo's config, tokenizer and safetensors into the hf-hub cache.
+pub fn download_from_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelSource> {
+    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
+    let api = ApiBuilder::new()
+        .with_progress(false)
+        .build()
+        .context("creating the Hub client")?;
+    let repo = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    ));
+    let fetch = |file: &str| {
+        repo.get(file)
+            .with_context(|| format!("fetching {file} from Hub repo {repo_id}"))
+    };
+    let config = fetch("config.json")?;
+    fetch("tokenizer.json")?;
+    for optional in ["tokenizer_config.json", "generation_config.json"] {
+        let _ = repo.get(optional);
+    }
+    match repo.get("model.safetensors.index.json") {
+        Ok(index) => {
+            for shard in shard_files(&index)? {
+                fetch(&shard)?;
+            }
+        }
+        Err(_) => {
+            fetch("model.safetensors")?;
+        }
+    }
+    let dir = config
+        .parent()
+        .context("hf-hub returned a file without a folder")?
+        .to_path_buf();
+    Ok(ModelSource::HfDir(dir))
+}
+
+fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("reading {}", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", index.display()))?;
+    let map = json["weight_map"]
+        .as_object()
+        .with_context(|| format!("{}: no weight_map", index.display()))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Loads weights, config and tokenizer from a resolved source, as f32 on `device`.
+pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedWeights> {
+    match source {
+        ModelSource::HfDir(dir) => load_hf_dir(dir, device),
+        ModelSource::Gguf(path) => load_gguf(path, device),
+    }
+}
+
+fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let config = ModelConfig::from_hf_config(&dir.join("config.json"), &name)?;
+    let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.is_file() {
+        shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    for f in &files {
+        if !f.is_file() {
+            bail!("missing weights file {}", f.display());
+        }
+    }
+    // SAFETY: the files are memory-mapped read-only and must not change while loaded,
+    // which is the contract of every safetensors loader.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
+        .with_context(|| format!("loading safetensors from {}", dir.display()))?;
+    Ok(LoadedWeights {
+        config,
+        tokenizer,
+        vb,
+        source_dtype: "safetensors".into(),
+    })
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file)
+        .with_context(|| format!("reading GGUF header of {}", path.display()))?;
+    let name = path
+        .file_stem()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let config = ModelConfig::from_gguf(&content, &name)?;
+    let tokenizer = TextTokenizer::from_gguf(&content)?;
+    let mut tensors = HashMap::new();
+    let mut dtypes = Vec::new();
+    for (gguf_name, info) in content.tensor_infos.iter() {
+        let Some(hf_name) = hf_tensor_name(gguf_name) else {
+            tracing::debug!(tensor = %gguf_name, "ignoring GGUF tensor");
+            continue;
+        };
+        dtypes.push(format!("{:?}", info.ggml_dtype));
+        let qt = content
+            .tensor(&mut file, gguf_name, &Device::Cpu)
+            .with_context(|| format!("reading GGUF tensor {gguf_name}"))?;
+        let mut t = qt
+            .dequantize(&Device::Cpu)
+            .with_context(|| format!("dequantizing {gguf_name}"))?
+            .to_dtype(DType::F32)?;
+        if gguf_name.ends_with("attn_q.weight") {
+            t = unpermute_qk(&t, config.num_heads)?;
+        } else if gguf_name.ends_with("attn_k.weight") {
+            t = unpermute_qk(&t, config.num_kv_heads)?;
+        }
+        tensors.insert(hf_name, t.to_device(device)?);
+    }
+    dtypes.sort();
+    dtypes.dedup();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    Ok(LoadedWeights {
+        config,
+        tokenizer,
+        vb,
+        source_dtype: format!("gguf {} dequantized to f32", dtypes.join("/")),
+    })
+}
+
+/// Maps llama.cpp tensor names to the Hugging Face layout.
+fn hf_tensor_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's converter permutation of Q/K rows
+/// (`w.reshape(h, 2, d/2, in).swapaxes(1, 2)`), restoring the rotate-half layout.
+pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let head_dim = out / n_heads;
+    Ok(w.reshape((n_heads, head_dim / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+/// The inverse of [`unpermute_qk`]: what llama.cpp's converter does.
+pub fn permute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let head_dim = out / n_heads;
+    Ok(w.reshape((n_heads, 2, head_dim / 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips() {
+        let w = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 3))
+            .unwrap();
+        let p = permute_qk(&w, 2).unwrap();
+        let back = unpermute_qk(&p, 2).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        // Head 0 rows 0..4: permuted order interleaves the two halves.
+        let rows: Vec<f32> = p.to_vec2::<f32>().unwrap().iter().map(|r| r[0] / 3.0).collect();
+        assert_eq!(rows, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn gguf_names_map_to_hf() {
+        assert_eq!(
+            hf_tensor_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(hf_tensor_name("rope_freqs.weight"), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! The `multilora.v1.Generation` service: thin glue from gRPC to the engine handle.
+use super::validate::validate;
+use crate::engine::sampler::TokenLogprob;
+use crate::engine::sequence::{FinishReason, SeqEvent, TokenEvent, Usage};
+use crate::engine::{EngineHandle, EngineStats};
+use crate::error::RequestError;
+use crate::model::TextTokenizer;
+use crate::proto::v1 as pb;
+use futures::Stream;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+/// Shared state of the generation service.
+#[derive(Clone)]
+pub struct GenerationService {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub info: pb::ModelInfo,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+impl GenerationService {
+    /// Validates (tokenizing on a blocking thread) and submits to the engine.
+    async fn start(
+        &self,
+        req: pb::GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, RequestError> {
+        let tokenizer = self.tokenizer.clone();
+        let limits = self.engine.limits();
+        let valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
+            .await
+            .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
+        Ok(self.engine.submit(valid).await?)
+    }
+}
+
+fn logprob_to_pb(l: TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token_id: l.token_id,
+        logprob: l.logprob,
+        top: l
+            .top
+            .into_iter()
+            .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+            .collect(),
+    }
+}
+
+fn reason_to_pb(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+fn usage_to_pb(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: u.prompt_tokens as u32,
+        completion_tokens: u.completion_tokens as u32,
+        queue_time_s: u.queue_time.as_secs_f64(),
+        time_to_first_token_s: u.time_to_first_token.as_secs_f64(),
+        total_time_s: u.total_time.as_secs_f64(),
+    }
+}
+
+fn delta_to_pb(t: TokenEvent) -> pb::TokenDelta {
+    pb::TokenDelta {
+        text: t.text,
+        token_ids: vec![t.token_id],
+        logprobs: t.logprob.map(logprob_to_pb).into_iter().collect(),
+    }
+}
+
+fn engine_vanished() -> Status {
+    Status::internal("the engine stopped before the sequence finished")
+}
+
+/// Maps engine events to responses; ends after the final message or an error.
+fn event_stream(request_id: String, rx: mpsc::UnboundedReceiver<SeqEvent>) -> EventStream {
+    let stream = futures::stream::unfold(Some(rx), move |state| {
+        let request_id = request_id.clone();
+        async move {
+            let mut rx = state?;
+            let item = match rx.recv().await {
+                Some(SeqEvent::Token(t)) => Ok(pb::GenerateResponse {
+                    request_id,
+                    event: Some(pb::generate_response::Event::Delta(delta_to_pb(t))),
+                }),
+                Some(SeqEvent::Finished {
+                    reason,
+                    usage,
+                    matched_stop,
+                }) => {
+                    let msg = pb::GenerateResponse {
+                        request_id,
+                        event: Some(pb::generate_response::Event::Final(pb::GenerateFinal {
+                            finish_reason: reason_to_pb(reason) as i32,
+                            usage: Some(usage_to_pb(&usage)),
+                            matched_stop: matched_stop.unwrap_or_default(),
+                        })),
+                    };
+                    return Some((Ok(msg), None));
+                }
+                Some(SeqEvent::Error(e)) => return Some((Err(Status::internal(e)), None)),
+                None => return Some((Err(engine_vanished()), None)),
+            };
+            Some((item, Some(rx)))
+        }
+    });
+    Box::pin(stream)
+}
+
+fn stats_to_pb(s: EngineStats) -> pb::EngineStats {
+    pb::EngineStats {
+        steps: s.steps,
+        running_sequences: s.running_sequences as u32,
+        waiting_sequences: s.waiting_sequences as u32,
+        kv_blocks_total: s.kv_blocks_total as u32,
+        kv_blocks_free: s.kv_blocks_free as u32,
+        kv_block_size: s.kv_block_size as u32,
+        preemptions: s.preemptions,
+        aborted_sequences: s.aborted_sequences,
+        finished_sequences: s.finished_sequences,
+        generated_tokens: s.generated_tokens,
+        prompt_tokens: s.prompt_tokens,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::generation_server::Generation for GenerationService {
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        let request_id = req.request_id.clone();
+        let rx = self.start(req).await?;
+        Ok(Response::new(event_stream(request_id, rx)))
+    }
+
+    async fn generate_unary(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResult>, Status> {
+        let req = request.into_inner();
+        let mut out = pb::GenerateResult {
+            request_id: req.request_id.clone(),
+            ..Default::default()
+        };
+        let mut rx = self.start(req).await?;
+        loop {
+            match rx.recv().await {
+                Some(SeqEvent::Token(t)) => {
+                    out.text.push_str(&t.text);
+                    out.token_ids.push(t.token_id);
+                    out.logprobs.extend(t.logprob.map(logprob_to_pb));
+                }
+                Some(SeqEvent::Finished {
+                    reason,
+                    usage,
+                    matched_stop,
+                }) => {
+                    out.finish_reason = reason_to_pb(reason) as i32;
+                    out.usage = Some(usage_to_pb(&usage));
+                    out.matched_stop = matched_stop.unwrap_or_default();
+                    return Ok(Response::new(out));
+                }
+                Some(SeqEvent::Error(e)) => return Err(Status::internal(e)),
+                None => return Err(engine_vanished()),
+            }
+        }
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let text = request.into_inner().text;
+        let tokenizer = self.tokenizer.clone();
+        let ids = tokio::task::spawn_blocking(move || tokenizer.encode(&text))
+            .await
+            .map_err(|e| Status::internal(format!("tokenize task: {e}")))?
+            .map_err(|e| Status::internal(format!("tokenizer: {e:#}")))?;
+        Ok(Response::new(pb::TokenizeResponse { token_ids: ids }))
+    }
+
+    async fn get_model_info(
+        &self,
+        _request: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+
+    async fn get_engine_stats(
+        &self,
+        _request: Request<pb::GetEngineStatsRequest>,
+    ) -> Result<Response<pb::EngineStats>, Status> {
+        let stats = self.engine.stats().await.map_err(RequestError::from)?;
+        Ok(Response::new(stats_to_pb(stats)))
+    }
+}

@@ -1,0 +1,214 @@
+//! gRPC server assembly: the generation service, `grpc.health.v1`, reflection, and
+//! graceful shutdown (stop accepting, drain in-flight streams up to a deadline, then
+//! cancel them).
+pub mod generation;
+pub mod validate;
+
+use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
+use crate::engine::{self, sampler::SamplingParams, EngineConfig, EngineHandle};
+use crate::model::{Llama, TextTokenizer};
+use crate::proto::v1 as pb;
+use anyhow::{bail, Context, Result};
+use generation::GenerationService;
+use pb::generation_server::GenerationServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic_health::server::HealthReporter;
+
+/// How the server behaves at shutdown.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// How long in-flight streams may run after a shutdown signal before they are cancelled.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Starts the engine thread for a loaded model and builds the service over it.
+pub fn start_engine(
+    model: Llama,
+    tokenizer: TextTokenizer,
+    engine_cfg: EngineConfig,
+    dtype_note: &str,
+) -> Result<GenerationService> {
+    let cfg = model.config().clone();
+    let device = if model.device().is_cpu() { "cpu" } else { "gpu" };
+    let tokenizer = Arc::new(tokenizer);
+    let engine = engine::spawn(model, tokenizer.clone(), engine_cfg)?;
+    let info = pb::ModelInfo {
+        model_name: cfg.name.clone(),
+        architecture: "llama".into(),
+        context_length: cfg.max_position_embeddings as u32,
+        vocab_size: cfg.vocab_size as u32,
+        dtype: format!("f32 ({dtype_note})"),
+        device: device.into(),
+        num_layers: cfg.num_layers as u32,
+        hidden_size: cfg.hidden_size as u32,
+    };
+    Ok(GenerationService {
+        engine,
+        tokenizer,
+        info,
+    })
+}
+
+/// Runs one short greedy generation so the first real request does not pay for
+/// first-touch costs; fails if the engine cannot generate.
+pub async fn warm_up(engine: &EngineHandle) -> Result<()> {
+    let req = EngineRequest {
+        request_id: "warm-up".into(),
+        prompt_ids: vec![0, 1, 2, 3],
+        params: GenerationParams {
+            max_new_tokens: 2,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: vec![],
+            ignore_eos: true,
+            logprobs: None,
+        },
+    };
+    let mut rx = engine.submit(req).await?;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            SeqEvent::Token(_) => {}
+            SeqEvent::Finished { .. } => return Ok(()),
+            SeqEvent::Error(e) => bail!("warm-up failed: {e}"),
+        }
+    }
+    bail!("warm-up: the engine stopped")
+}
+
+/// Marks the service NOT_SERVING as soon as the engine thread dies.
+fn watch_engine(engine: EngineHandle, reporter: HealthReporter) {
+    tokio::spawn(async move {
+        while engine.is_alive() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tracing::error!("engine thread is gone; health NOT_SERVING");
+        reporter
+            .set_not_serving::<GenerationServer<GenerationService>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    });
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    service: GenerationService,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_not_serving::<GenerationServer<GenerationService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let engine = service.engine.clone();
+    let addr = listener.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+
+    let (fired_tx, fired_rx) = oneshot::channel::<()>();
+    let drain_reporter = reporter.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: no new connections; draining in-flight streams");
+        drain_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        drain_reporter
+            .set_not_serving::<GenerationServer<GenerationService>>()
+            .await;
+        let _ = fired_tx.send(());
+    };
+    let drain_engine = engine.clone();
+    let drain = opts.drain_timeout;
+    tokio::spawn(async move {
+        if fired_rx.await.is_ok() {
+            tokio::time::sleep(drain).await;
+            tracing::warn!("drain deadline reached; cancelling remaining sequences");
+            let _ = drain_engine.cancel_all().await;
+        }
+    });
+
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(GenerationServer::new(service))
+        .serve_with_incoming_shutdown(incoming, signal);
+    let server = tokio::spawn(server);
+
+    warm_up(&engine).await.context("warming up the model")?;
+    reporter
+        .set_serving::<GenerationServer<GenerationService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    watch_engine(engine, reporter);
+    tracing::info!(%addr, "serving");
+    server.await.context("server task")?.context("gRPC server")?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// A server running in the background of this process (tests, benchmarks, examples).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub engine: EngineHandle,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningServer {
+    /// Binds 127.0.0.1 on an ephemeral port and serves `service` there; returns once
+    /// the port accepts connections (warm-up may still be running).
+    pub async fn start(service: GenerationService, opts: ServerOptions) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let engine = service.engine.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, service, opts, async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            addr,
+            engine,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Signals shutdown and waits for the drain to finish.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.context("server task")?
+    }
+}

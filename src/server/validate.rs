@@ -1,0 +1,260 @@
+//! Turns a raw `GenerateRequest` into a validated [`EngineRequest`]: exactly one input,
+//! sampling parameters in range, lengths within the context and the KV cache. Every
+//! error names the offending field.
+use crate::engine::sampler::SamplingParams;
+use crate::engine::sequence::{EngineRequest, GenerationParams};
+use crate::engine::EngineLimits;
+use crate::error::RequestError;
+use crate::model::tokenizer::{ChatMessage, TextTokenizer};
+use crate::proto::v1 as pb;
+
+pub const MAX_LOGPROBS: u32 = 20;
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_CHARS: usize = 256;
+pub const MAX_REQUEST_ID_CHARS: usize = 256;
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+
+/// The prompt in one of its accepted forms.
+enum Input {
+    Text(String),
+    Ids(Vec<u32>),
+    Chat(Vec<ChatMessage>),
+}
+
+/// Checks everything that does not need the tokenizer.
+fn check_input(req: &pb::GenerateRequest) -> Result<Input, RequestError> {
+    let given = [
+        req.prompt.is_some(),
+        !req.prompt_token_ids.is_empty(),
+        !req.messages.is_empty(),
+    ];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
+            return Err(RequestError::invalid(
+                "input",
+                "one of prompt, prompt_token_ids or messages is required",
+            ))
+        }
+        1 => {}
+        n => {
+            return Err(RequestError::invalid(
+                "input",
+                format!("exactly one of prompt, prompt_token_ids or messages may be set, got {n}"),
+            ))
+        }
+    }
+    if let Some(p) = &req.prompt {
+        if p.is_empty() {
+            return Err(RequestError::invalid("prompt", "is empty"));
+        }
+        return Ok(Input::Text(p.clone()));
+    }
+    if !req.prompt_token_ids.is_empty() {
+        return Ok(Input::Ids(req.prompt_token_ids.clone()));
+    }
+    let mut msgs = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        if m.role.is_empty() {
+            return Err(RequestError::invalid(format!("messages[{i}].role"), "is empty"));
+        }
+        msgs.push(ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        });
+    }
+    Ok(Input::Chat(msgs))
+}
+
+fn finite_or(field: &str, v: Option<f32>, default: f32) -> Result<f32, RequestError> {
+    let v = v.unwrap_or(default);
+    if !v.is_finite() {
+        return Err(RequestError::invalid(field, format!("must be a finite number, got {v}")));
+    }
+    Ok(v)
+}
+
+/// Validates the sampling block.
+pub fn sampling_params(s: Option<&pb::SamplingParams>) -> Result<SamplingParams, RequestError> {
+    let d = pb::SamplingParams::default();
+    let s = s.unwrap_or(&d);
+    let temperature = finite_or("sampling.temperature", s.temperature, 1.0)?;
+    if temperature < 0.0 {
+        return Err(RequestError::invalid(
+            "sampling.temperature",
+            format!("must be >= 0, got {temperature}"),
+        ));
+    }
+    let top_p = finite_or("sampling.top_p", s.top_p, 1.0)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(RequestError::invalid(
+            "sampling.top_p",
+            format!("must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let repetition_penalty = finite_or("sampling.repetition_penalty", s.repetition_penalty, 1.0)?;
+    if repetition_penalty <= 0.0 {
+        return Err(RequestError::invalid(
+            "sampling.repetition_penalty",
+            format!("must be > 0, got {repetition_penalty}"),
+        ));
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_k: s.top_k.unwrap_or(0) as usize,
+        top_p,
+        seed: s.seed,
+        repetition_penalty,
+    })
+}
+
+fn check_options(req: &pb::GenerateRequest) -> Result<(), RequestError> {
+    if req.request_id.chars().count() > MAX_REQUEST_ID_CHARS {
+        return Err(RequestError::invalid(
+            "request_id",
+            format!("longer than {MAX_REQUEST_ID_CHARS} characters"),
+        ));
+    }
+    if let Some(k) = req.logprobs {
+        if k > MAX_LOGPROBS {
+            return Err(RequestError::invalid(
+                "logprobs",
+                format!("must be between 0 and {MAX_LOGPROBS}, got {k}"),
+            ));
+        }
+    }
+    if req.stop.len() > MAX_STOP_STRINGS {
+        return Err(RequestError::invalid(
+            "stop",
+            format!("at most {MAX_STOP_STRINGS} stop strings, got {}", req.stop.len()),
+        ));
+    }
+    for (i, s) in req.stop.iter().enumerate() {
+        if s.is_empty() || s.chars().count() > MAX_STOP_CHARS {
+            return Err(RequestError::invalid(
+                format!("stop[{i}]"),
+                format!("must be 1 to {MAX_STOP_CHARS} characters"),
+            ));
+        }
+    }
+    if req.max_new_tokens == Some(0) {
+        return Err(RequestError::invalid("max_new_tokens", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Full validation, including tokenization (call off the async threads).
+pub fn validate(
+    req: &pb::GenerateRequest,
+    tokenizer: &TextTokenizer,
+    limits: &EngineLimits,
+) -> Result<EngineRequest, RequestError> {
+    if !req.adapter.is_empty() {
+        return Err(RequestError::NotFound(format!(
+            "adapter: {:?} is not loaded (this server serves the base model only)",
+            req.adapter
+        )));
+    }
+    let input = check_input(req)?;
+    check_options(req)?;
+    let sampling = sampling_params(req.sampling.as_ref())?;
+    let prompt_ids = tokenize_input(input, tokenizer, limits)?;
+    let max_new_tokens = max_new_tokens(req.max_new_tokens, prompt_ids.len(), limits)?;
+    Ok(EngineRequest {
+        request_id: req.request_id.clone(),
+        prompt_ids,
+        params: GenerationParams {
+            max_new_tokens,
+            sampling,
+            stop: req.stop.clone(),
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs.map(|k| k as usize),
+        },
+    })
+}
+
+fn tokenize_input(
+    input: Input,
+    tokenizer: &TextTokenizer,
+    limits: &EngineLimits,
+) -> Result<Vec<u32>, RequestError> {
+    let internal = |e: anyhow::Error| RequestError::Internal(format!("tokenizer: {e:#}"));
+    let (field, ids) = match input {
+        Input::Text(t) => ("prompt", tokenizer.encode(&t).map_err(internal)?),
+        Input::Ids(ids) => {
+            if let Some((i, id)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id as usize >= limits.vocab_size)
+            {
+                return Err(RequestError::invalid(
+                    format!("prompt_token_ids[{i}]"),
+                    format!("{id} is not below the vocabulary size {}", limits.vocab_size),
+                ));
+            }
+            ("prompt_token_ids", ids)
+        }
+        Input::Chat(msgs) => {
+            if !tokenizer.has_chat_template() {
+                return Err(RequestError::FailedPrecondition(
+                    "messages: this model has no chat template; send a prompt instead".into(),
+                ));
+            }
+            let text = tokenizer.apply_chat_template(&msgs).map_err(|e| {
+                RequestError::invalid("messages", format!("chat template failed: {e:#}"))
+            })?;
+            ("messages", tokenizer.encode(&text).map_err(internal)?)
+        }
+    };
+    if ids.is_empty() {
+        return Err(RequestError::invalid(field, "encodes to no tokens"));
+    }
+    if ids.len() >= limits.context_length {
+        return Err(RequestError::invalid(
+            field,
+            format!(
+                "{} tokens leave no room in the context length {}",
+                ids.len(),
+                limits.context_length
+            ),
+        ));
+    }
+    Ok(ids)
+}
+
+fn max_new_tokens(
+    requested: Option<u32>,
+    prompt_len: usize,
+    limits: &EngineLimits,
+) -> Result<usize, RequestError> {
+    let room = limits.context_length.min(limits.kv_capacity_tokens);
+    let available = room.saturating_sub(prompt_len);
+    let Some(n) = requested else {
+        if available == 0 {
+            return Err(RequestError::invalid(
+                "prompt",
+                format!("{prompt_len} tokens do not fit in the KV cache ({room} tokens)"),
+            ));
+        }
+        return Ok(DEFAULT_MAX_NEW_TOKENS.min(available));
+    };
+    let n = n as usize;
+    if prompt_len + n > limits.context_length {
+        return Err(RequestError::invalid(
+            "max_new_tokens",
+            format!(
+                "prompt ({prompt_len} tokens) + max_new_tokens ({n}) exceeds the context length {}",
+                limits.context_length
+            ),
+        ));
+    }
+    if prompt_len + n > limits.kv_capacity_tokens {
+        return Err(RequestError::invalid(
+            "max_new_tokens",
+            format!(
+                "prompt ({prompt_len} tokens) + max_new_tokens ({n}) exceeds the KV cache capacity of {} tokens",
+                limits.kv_capacity_tokens
+            ),
+        ));
+    }
+    Ok(n)
+}

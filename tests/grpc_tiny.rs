@@ -95,7 +95,7 @@ async fn dropped_stream_frees_its_kv_blocks() {
     let (server, mut client) = start(tiny_service(small_engine())).await;
     let total = stats(&mut client).await.kv_blocks_total;
     let mut stream = client
-        .generate(prompt_req(&"a long prompt ".repeat(20), 400))
+        .generate(prompt_req(&"a long prompt ".repeat(5), 400))
         .await
         .unwrap()
         .into_inner();
@@ -156,9 +156,9 @@ async fn seeded_sampling_is_reproducible_in_any_batch() {
     let seeded = |seed: u64| {
         let mut r = prompt_req("once upon a time", 40);
         r.sampling = Some(pb::SamplingParams {
-            temperature: Some(1.0),
+            temperature: Some(3.0),
             top_k: Some(50),
-            top_p: Some(0.9),
+            top_p: Some(0.95),
             seed: Some(seed),
             repetition_penalty: Some(1.1),
         });
@@ -255,7 +255,7 @@ async fn shutdown_drains_then_cancels_in_flight_streams() {
         .await
         .unwrap();
     let mut stream = client
-        .generate(prompt_req(&"long ".repeat(50), 450))
+        .generate(prompt_req(&"long ".repeat(10), 450))
         .await
         .unwrap()
         .into_inner();

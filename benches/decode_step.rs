@@ -1,1 +1,146 @@
-fn main() {}
+//! One decode step of the real default model at batch sizes 1, 8, 32 and 64: tokens/s
+//! and the fraction of the binding roofline, with the GEMM rate and the read bandwidth
+//! measured in the same run. `cargo bench --bench decode_step` (needs `make model`).
+//! Under `cargo test` it runs one quick pass as a smoke test.
+use multilora::engine::kv_cache::{KvCache, KvCacheShape};
+use multilora::model::{weights, ForwardBatch, Llama, ModelConfig};
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const CONTEXT: usize = 128;
+
+fn median_time(iters: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    let mut times: Vec<Duration> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// f32 GEMM rate (FLOP/s) of candle's matmul on a large square-ish problem.
+fn gemm_rate(iters: usize) -> f64 {
+    use candle_core::{Device, Tensor};
+    let (m, k, n) = (512, 1024, 1024);
+    let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::ones((n, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let t = median_time(iters, || {
+        let _ = a.matmul(&b.t().unwrap()).unwrap();
+    });
+    2.0 * (m * k * n) as f64 / t.as_secs_f64()
+}
+
+/// Read bandwidth (bytes/s): a parallel sum over 512 MiB of f32.
+fn read_bandwidth(iters: usize) -> f64 {
+    let data = vec![1.0f32; 128 << 20];
+    let t = median_time(iters, || {
+        let s: f32 = data
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for block in c.chunks_exact(16) {
+                    for i in 0..16 {
+                        acc[i] += block[i];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+    });
+    (data.len() * 4) as f64 / t.as_secs_f64()
+}
+
+/// Parameters of the linear layers and the LM head.
+fn linear_params(c: &ModelConfig) -> f64 {
+    let h = c.hidden_size;
+    let q = c.num_heads * c.head_dim;
+    let kv = c.num_kv_heads * c.head_dim;
+    let per_layer = h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size;
+    (c.num_layers * per_layer + c.vocab_size * h) as f64
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
+    if !path.is_file() {
+        eprintln!(
+            "decode_step: {} missing (run `make model`); skipping",
+            path.display()
+        );
+        return;
+    }
+    let source = weights::resolve(path.to_str().unwrap_or(MODEL), None).unwrap();
+    let loaded = weights::load(&source, &candle_core::Device::Cpu).unwrap();
+    let model = Llama::load(loaded.vb, &loaded.config).unwrap();
+    let cfg = model.config().clone();
+    let iters = if quick { 1 } else { 20 };
+    let gemm = gemm_rate(if quick { 1 } else { 10 });
+    let bw = read_bandwidth(if quick { 1 } else { 10 });
+    println!(
+        "threads {}  measured f32 GEMM {:.1} GFLOP/s  read bandwidth {:.1} GB/s",
+        rayon::current_num_threads(),
+        gemm / 1e9,
+        bw / 1e9
+    );
+    println!("batch  step_ms  tokens/s  GFLOP/s  compute_roof  memory_roof  binding  fraction");
+    let batches: &[usize] = if quick { &[1] } else { &[1, 8, 32, 64] };
+    for &b in batches {
+        let shape = KvCacheShape::from_budget(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            16,
+            b * (CONTEXT + 16) * cfg.kv_bytes_per_token(),
+        )
+        .unwrap();
+        let mut kv = KvCache::new(shape);
+        // Prefill each sequence's context once.
+        let mut tables = Vec::new();
+        for s in 0..b {
+            let mut table = Vec::new();
+            assert!(kv.ensure_capacity(&mut table, CONTEXT + 1));
+            let tokens: Vec<u32> = (0..CONTEXT)
+                .map(|i| ((s * 31 + i * 7) % 1000) as u32)
+                .collect();
+            let mut batch = ForwardBatch::default();
+            batch.push_chunk(&tokens, 0, &table);
+            model.forward(&batch, &mut kv).unwrap();
+            tables.push(table);
+        }
+        let mut step = ForwardBatch::default();
+        for (s, table) in tables.iter().enumerate() {
+            let last = step.push_chunk(&[(s % 1000) as u32], CONTEXT, table);
+            step.logit_rows.push(last);
+        }
+        let t = median_time(iters, || {
+            model.forward(&step, &mut kv).unwrap();
+        });
+        let secs = t.as_secs_f64();
+        let attn_flops =
+            4.0 * (b * (CONTEXT + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers) as f64;
+        let flops = 2.0 * b as f64 * linear_params(&cfg) + attn_flops;
+        let bytes = 4.0 * linear_params(&cfg);
+        let compute_roof = flops / gemm;
+        let memory_roof = bytes / bw;
+        let (binding, roof) = if compute_roof > memory_roof {
+            ("compute", compute_roof)
+        } else {
+            ("memory", memory_roof)
+        };
+        println!(
+            "{b:>5}  {:>7.2}  {:>8.1}  {:>7.1}  {:>10.2}ms  {:>9.2}ms  {binding:>7}  {:>7.0}%",
+            secs * 1e3,
+            b as f64 / secs,
+            flops / secs / 1e9,
+            compute_roof * 1e3,
+            memory_roof * 1e3,
+            100.0 * roof / secs
+        );
+    }
+}

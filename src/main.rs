@@ -11,7 +11,11 @@ use std::time::Duration;
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
-#[command(name = "multilora", version, about = "Many adapters, one resident base model, one batch")]
+#[command(
+    name = "multilora",
+    version,
+    about = "Many adapters, one resident base model, one batch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,8 +65,7 @@ struct ServeArgs {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {

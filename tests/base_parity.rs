@@ -41,13 +41,20 @@ async fn greedy_completions_and_logprobs_match_reference() {
         req.logprobs = Some(5);
         let got = generate(&mut client, req).await.unwrap();
         let expected = ids(&run["completion_ids"]);
-        assert_eq!(got.token_ids, expected, "completion of {prompt:?}: {:?}", got.text);
+        assert_eq!(
+            got.token_ids, expected,
+            "completion of {prompt:?}: {:?}",
+            got.text
+        );
         for (i, step) in run["steps"].as_array().unwrap().iter().enumerate() {
             let reference = step["logprob"].as_f64().unwrap() as f32;
             let ours = got.logprobs[i].logprob;
             let d = (ours - reference).abs();
             worst = worst.max(d);
-            assert!(d < 2e-3, "{prompt:?} step {i}: logprob {ours} vs {reference}");
+            assert!(
+                d < 2e-3,
+                "{prompt:?} step {i}: logprob {ours} vs {reference}"
+            );
         }
         let eos_last = expected.last() == Some(&2);
         let want = if eos_last {

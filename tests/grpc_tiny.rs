@@ -37,7 +37,9 @@ async fn bad_input_is_refused_by_field_and_others_keep_streaming() {
     let mut bg_client = client.clone();
     let background =
         tokio::spawn(async move { generate(&mut bg_client, prompt_req("background", 300)).await });
-    let reference = generate(&mut client, prompt_req("hello", 12)).await.unwrap();
+    let reference = generate(&mut client, prompt_req("hello", 12))
+        .await
+        .unwrap();
 
     let base = || prompt_req("hello", 12);
     let nan = f32::NAN;
@@ -49,31 +51,148 @@ async fn bad_input_is_refused_by_field_and_others_keep_streaming() {
         r
     };
     let cases: Vec<(&str, pb::GenerateRequest, Code, &str)> = vec![
-        ("no input", pb::GenerateRequest { prompt: None, ..base() }, Code::InvalidArgument, "input"),
-        ("empty prompt", pb::GenerateRequest { prompt: Some(String::new()), ..base() }, Code::InvalidArgument, "prompt"),
-        ("two inputs", pb::GenerateRequest { prompt_token_ids: vec![5, 6], ..base() }, Code::InvalidArgument, "input"),
-        ("max_new_tokens 0", pb::GenerateRequest { max_new_tokens: Some(0), ..base() }, Code::InvalidArgument, "max_new_tokens"),
-        ("beyond context", pb::GenerateRequest { max_new_tokens: Some(100_000), ..base() }, Code::InvalidArgument, "max_new_tokens"),
-        ("top_p 0", sampling(&|s| s.top_p = Some(0.0)), Code::InvalidArgument, "sampling.top_p"),
-        ("top_p 1.5", sampling(&|s| s.top_p = Some(1.5)), Code::InvalidArgument, "sampling.top_p"),
-        ("negative temperature", sampling(&|s| s.temperature = Some(-0.5)), Code::InvalidArgument, "sampling.temperature"),
-        ("NaN temperature", sampling(&|s| s.temperature = Some(nan)), Code::InvalidArgument, "sampling.temperature"),
-        ("NaN top_p", sampling(&|s| s.top_p = Some(nan)), Code::InvalidArgument, "sampling.top_p"),
-        ("NaN repetition penalty", sampling(&|s| s.repetition_penalty = Some(nan)), Code::InvalidArgument, "sampling.repetition_penalty"),
-        ("unknown adapter", pb::GenerateRequest { adapter: "nope".into(), ..base() }, Code::NotFound, "adapter"),
-        ("prompt longer than context", pb::GenerateRequest { prompt: Some("x".repeat(600)), ..base() }, Code::InvalidArgument, "prompt"),
-        ("token id beyond vocab", pb::GenerateRequest { prompt: None, prompt_token_ids: vec![1, 100_000], ..base() }, Code::InvalidArgument, "prompt_token_ids[1]"),
-        ("too many logprobs", pb::GenerateRequest { logprobs: Some(21), ..base() }, Code::InvalidArgument, "logprobs"),
-        ("empty stop string", pb::GenerateRequest { stop: vec![String::new()], ..base() }, Code::InvalidArgument, "stop[0]"),
+        (
+            "no input",
+            pb::GenerateRequest {
+                prompt: None,
+                ..base()
+            },
+            Code::InvalidArgument,
+            "input",
+        ),
+        (
+            "empty prompt",
+            pb::GenerateRequest {
+                prompt: Some(String::new()),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "prompt",
+        ),
+        (
+            "two inputs",
+            pb::GenerateRequest {
+                prompt_token_ids: vec![5, 6],
+                ..base()
+            },
+            Code::InvalidArgument,
+            "input",
+        ),
+        (
+            "max_new_tokens 0",
+            pb::GenerateRequest {
+                max_new_tokens: Some(0),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "max_new_tokens",
+        ),
+        (
+            "beyond context",
+            pb::GenerateRequest {
+                max_new_tokens: Some(100_000),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "max_new_tokens",
+        ),
+        (
+            "top_p 0",
+            sampling(&|s| s.top_p = Some(0.0)),
+            Code::InvalidArgument,
+            "sampling.top_p",
+        ),
+        (
+            "top_p 1.5",
+            sampling(&|s| s.top_p = Some(1.5)),
+            Code::InvalidArgument,
+            "sampling.top_p",
+        ),
+        (
+            "negative temperature",
+            sampling(&|s| s.temperature = Some(-0.5)),
+            Code::InvalidArgument,
+            "sampling.temperature",
+        ),
+        (
+            "NaN temperature",
+            sampling(&|s| s.temperature = Some(nan)),
+            Code::InvalidArgument,
+            "sampling.temperature",
+        ),
+        (
+            "NaN top_p",
+            sampling(&|s| s.top_p = Some(nan)),
+            Code::InvalidArgument,
+            "sampling.top_p",
+        ),
+        (
+            "NaN repetition penalty",
+            sampling(&|s| s.repetition_penalty = Some(nan)),
+            Code::InvalidArgument,
+            "sampling.repetition_penalty",
+        ),
+        (
+            "unknown adapter",
+            pb::GenerateRequest {
+                adapter: "nope".into(),
+                ..base()
+            },
+            Code::NotFound,
+            "adapter",
+        ),
+        (
+            "prompt longer than context",
+            pb::GenerateRequest {
+                prompt: Some("x".repeat(600)),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "prompt",
+        ),
+        (
+            "token id beyond vocab",
+            pb::GenerateRequest {
+                prompt: None,
+                prompt_token_ids: vec![1, 100_000],
+                ..base()
+            },
+            Code::InvalidArgument,
+            "prompt_token_ids[1]",
+        ),
+        (
+            "too many logprobs",
+            pb::GenerateRequest {
+                logprobs: Some(21),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "logprobs",
+        ),
+        (
+            "empty stop string",
+            pb::GenerateRequest {
+                stop: vec![String::new()],
+                ..base()
+            },
+            Code::InvalidArgument,
+            "stop[0]",
+        ),
     ];
     for (name, req, code, field) in cases {
         let err = generate(&mut client, req.clone()).await.expect_err(name);
         assert_eq!(err.code(), code, "{name}: {err:?}");
-        assert!(err.message().contains(field), "{name}: message {:?} should name {field}", err.message());
+        assert!(
+            err.message().contains(field),
+            "{name}: message {:?} should name {field}",
+            err.message()
+        );
         let unary = client.generate_unary(req).await.expect_err(name);
         assert_eq!(unary.code(), code, "{name} (unary)");
         // The server keeps serving, with the same answer as before.
-        let ok = generate(&mut client, prompt_req("hello", 12)).await.unwrap();
+        let ok = generate(&mut client, prompt_req("hello", 12))
+            .await
+            .unwrap();
         assert_eq!(ok.token_ids, reference.token_ids, "after {name}");
     }
     let bg = background.await.unwrap().unwrap();
@@ -82,7 +201,9 @@ async fn bad_input_is_refused_by_field_and_others_keep_streaming() {
     server.stop().await.unwrap();
 }
 
-async fn stats(client: &mut pb::generation_client::GenerationClient<tonic::transport::Channel>) -> pb::EngineStats {
+async fn stats(
+    client: &mut pb::generation_client::GenerationClient<tonic::transport::Channel>,
+) -> pb::EngineStats {
     client
         .get_engine_stats(pb::GetEngineStatsRequest {})
         .await
@@ -103,7 +224,10 @@ async fn dropped_stream_frees_its_kv_blocks() {
         stream.message().await.unwrap().unwrap();
     }
     let during = stats(&mut client).await;
-    assert!(during.kv_blocks_free < total, "the stream holds blocks: {during:?}");
+    assert!(
+        during.kv_blocks_free < total,
+        "the stream holds blocks: {during:?}"
+    );
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -127,7 +251,9 @@ async fn preemption_under_kv_pressure_keeps_outputs_identical() {
         ..Default::default()
     };
     let (server, mut client) = start(tiny_service(engine)).await;
-    let prompts: Vec<String> = (0..8).map(|i| format!("sequence number {i} says")).collect();
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("sequence number {i} says"))
+        .collect();
     let mut alone = Vec::new();
     for p in &prompts {
         alone.push(generate(&mut client, prompt_req(p, 80)).await.unwrap());
@@ -142,10 +268,17 @@ async fn preemption_under_kv_pressure_keeps_outputs_identical() {
         })
         .collect();
     for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(h.await.unwrap().token_ids, alone[i].token_ids, "sequence {i}");
+        assert_eq!(
+            h.await.unwrap().token_ids,
+            alone[i].token_ids,
+            "sequence {i}"
+        );
     }
     let after = stats(&mut client).await;
-    assert!(after.preemptions > before, "expected preemptions: {after:?}");
+    assert!(
+        after.preemptions > before,
+        "expected preemptions: {after:?}"
+    );
     assert_eq!(after.kv_blocks_free, after.kv_blocks_total);
     server.stop().await.unwrap();
 }
@@ -168,7 +301,11 @@ async fn seeded_sampling_is_reproducible_in_any_batch() {
     let handles: Vec<_> = (0..12)
         .map(|i| {
             let mut c = client.clone();
-            let r = if i % 3 == 0 { seeded(7) } else { seeded(100 + i) };
+            let r = if i % 3 == 0 {
+                seeded(7)
+            } else {
+                seeded(100 + i)
+            };
             tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
         })
         .collect();
@@ -188,7 +325,9 @@ async fn seeded_sampling_is_reproducible_in_any_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_cut_the_stream_and_unary_agrees() {
     let (server, mut client) = start(tiny_service(small_engine())).await;
-    let full = generate(&mut client, prompt_req("stop here", 60)).await.unwrap();
+    let full = generate(&mut client, prompt_req("stop here", 60))
+        .await
+        .unwrap();
     let chars: Vec<char> = full.text.chars().collect();
     assert!(chars.len() > 12, "need some text: {:?}", full.text);
     let stop: String = chars[8..11].iter().collect();

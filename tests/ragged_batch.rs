@@ -24,7 +24,10 @@ fn cache(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> KvCache {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 33) as usize) % n
     }
 }
@@ -57,7 +60,10 @@ fn alone_token_by_token(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 struct SeqState {
@@ -111,10 +117,18 @@ fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
                     continue; // not scheduled this step
                 }
                 // Mostly decode-sized steps, sometimes a large prefill chunk.
-                let len = if rng.next(2) == 0 { 1 } else { 1 + rng.next(remaining) };
+                let len = if rng.next(2) == 0 {
+                    1
+                } else {
+                    1 + rng.next(remaining)
+                };
                 assert!(kv.ensure_capacity(&mut s.table, s.computed + len));
                 let start = batch.tokens.len();
-                batch.push_chunk(&s.tokens[s.computed..s.computed + len], s.computed, &s.table);
+                batch.push_chunk(
+                    &s.tokens[s.computed..s.computed + len],
+                    s.computed,
+                    &s.table,
+                );
                 for i in 0..len {
                     batch.logit_rows.push(start + i);
                     expected.push(s.reference[s.computed + i].clone());

@@ -141,7 +141,11 @@ impl Drop for AliveGuard {
 }
 
 /// Starts the engine thread. It stops when every handle is dropped.
-pub fn spawn(model: Llama, tokenizer: Arc<TextTokenizer>, cfg: EngineConfig) -> Result<EngineHandle> {
+pub fn spawn(
+    model: Llama,
+    tokenizer: Arc<TextTokenizer>,
+    cfg: EngineConfig,
+) -> Result<EngineHandle> {
     let mc = model.config().clone();
     let shape = KvCacheShape::from_budget(
         mc.num_layers,
@@ -302,7 +306,12 @@ impl Engine {
     }
 
     fn step(&mut self) {
-        let plan = schedule(&self.sched, &mut self.running, &mut self.waiting, &mut self.kv);
+        let plan = schedule(
+            &self.sched,
+            &mut self.running,
+            &mut self.waiting,
+            &mut self.kv,
+        );
         self.stats.preemptions += plan.preempted as u64;
         if plan.scheduled.is_empty() {
             return;

@@ -112,7 +112,11 @@ fn admit(
             break;
         };
         let need = kv.blocks_for(seq.tokens.len());
-        let watermark = if running.is_empty() { 0 } else { cfg.watermark_blocks };
+        let watermark = if running.is_empty() {
+            0
+        } else {
+            cfg.watermark_blocks
+        };
         if need + watermark > kv.num_free_blocks() {
             break;
         }

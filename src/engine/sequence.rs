@@ -136,10 +136,7 @@ impl Sequence {
         context_limit: usize,
     ) -> Option<FinishReason> {
         let id = self.sampler.sample(logits, &self.tokens);
-        let logprob = self
-            .params
-            .logprobs
-            .map(|k| token_logprob(logits, id, k));
+        let logprob = self.params.logprobs.map(|k| token_logprob(logits, id, k));
         self.tokens.push(id);
         self.first_token.get_or_insert_with(Instant::now);
         let is_eos = !self.params.ignore_eos && tokenizer.eos_token_ids().contains(&id);

@@ -115,56 +115,105 @@ fn attend_one(
     layer: usize,
     shape: HeadShape,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features this copy was compiled for.
+            unsafe { attend_one_avx2(q, out, pos, table, kv, layer, shape) };
+            return;
+        }
+    }
+    attend_one_generic(q, out, pos, table, kv, layer, shape);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_one_avx2(
+    q: &[f32],
+    out: &mut [f32],
+    pos: usize,
+    table: &[u32],
+    kv: &KvCache,
+    layer: usize,
+    shape: HeadShape,
+) {
+    attend_one_generic(q, out, pos, table, kv, layer, shape)
+}
+
+/// Heads sharing a KV head are processed together, so each cached key and value row is
+/// read once per group.
+#[inline(always)]
+fn attend_one_generic(
+    q: &[f32],
+    out: &mut [f32],
+    pos: usize,
+    table: &[u32],
+    kv: &KvCache,
+    layer: usize,
+    shape: HeadShape,
+) {
     let hd = shape.head_dim;
     let group = shape.num_heads / shape.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let lkv = kv.layer(layer);
     let n = pos + 1;
     let offsets: Vec<usize> = (0..n).map(|j| kv.slot_offset(table, j)).collect();
-    let mut scores = vec![0f32; n];
-    for h in 0..shape.num_heads {
-        let kvh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (s, &off) in scores.iter_mut().zip(&offsets) {
-            let base = off + kvh * hd;
-            *s = dot(qh, &lkv.k[base..base + hd]) * scale;
-            max = max.max(*s);
+    let mut scores = vec![0f32; n * group];
+    for kvh in 0..shape.num_kv_heads {
+        let heads = kvh * group..(kvh + 1) * group;
+        for (j, &off) in offsets.iter().enumerate() {
+            let k = &lkv.k[off + kvh * hd..off + (kvh + 1) * hd];
+            for (g, h) in heads.clone().enumerate() {
+                scores[g * n + j] = dot(&q[h * hd..(h + 1) * hd], k) * scale;
+            }
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        for g in 0..group {
+            softmax_in_place(&mut scores[g * n..(g + 1) * n]);
         }
-        let inv = 1.0 / sum;
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        oh.fill(0.0);
-        for (s, &off) in scores.iter().zip(&offsets) {
-            let w = s * inv;
-            let base = off + kvh * hd;
-            axpy(oh, w, &lkv.v[base..base + hd]);
+        out[kvh * group * hd..(kvh + 1) * group * hd].fill(0.0);
+        for (j, &off) in offsets.iter().enumerate() {
+            let v = &lkv.v[off + kvh * hd..off + (kvh + 1) * hd];
+            for (g, h) in heads.clone().enumerate() {
+                axpy(&mut out[h * hd..(h + 1) * hd], scores[g * n + j], v);
+            }
         }
     }
 }
 
-#[inline]
+#[inline(always)]
+fn softmax_in_place(s: &mut [f32]) {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in s.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in s.iter_mut() {
+        *x *= inv;
+    }
+}
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators so the compiler vectorises the loop.
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += x[l] * y[l];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
     }
     s
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;

@@ -53,7 +53,10 @@ impl ModelConfig {
             bail!("model_type {model_type:?} is not supported (only llama)");
         }
         if !json["rope_scaling"].is_null() {
-            bail!("rope_scaling is not supported yet: {}", json["rope_scaling"]);
+            bail!(
+                "rope_scaling is not supported yet: {}",
+                json["rope_scaling"]
+            );
         }
         let cfg: candle_transformers::models::llama::LlamaConfig =
             serde_json::from_value(json.clone())
@@ -65,7 +68,11 @@ impl ModelConfig {
             .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
         let eos_token_ids = match &json["eos_token_id"] {
             serde_json::Value::Number(n) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         };
         let out = Self {
@@ -91,7 +98,8 @@ impl ModelConfig {
     pub fn from_gguf(content: &gguf_file::Content, name: &str) -> Result<Self> {
         let md = &content.metadata;
         let get = |key: &str| -> Result<&gguf_file::Value> {
-            md.get(key).with_context(|| format!("GGUF metadata lacks {key}"))
+            md.get(key)
+                .with_context(|| format!("GGUF metadata lacks {key}"))
         };
         let arch = get("general.architecture")?.to_string()?.clone();
         if arch != "llama" {
@@ -144,7 +152,10 @@ impl ModelConfig {
             );
         }
         if self.head_dim % 2 != 0 {
-            bail!("head_dim {} must be even for rotary embeddings", self.head_dim);
+            bail!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            );
         }
         Ok(())
     }

@@ -5,8 +5,8 @@ use super::batch::ForwardBatch;
 use super::config::ModelConfig;
 use crate::engine::kv_cache::KvCache;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use std::collections::HashMap;
 
 struct RmsNorm {
@@ -27,23 +27,55 @@ impl RmsNorm {
     }
 }
 
-fn linear(vb: VarBuilder, inp: usize, out: usize) -> Result<Linear> {
+fn weight(vb: &VarBuilder, name: &str, inp: usize, out: usize) -> Result<Tensor> {
     let w = vb
+        .pp(name)
         .get((out, inp), "weight")
-        .with_context(|| format!("loading {}", vb.prefix()))?;
-    Ok(Linear::new(w, None))
+        .with_context(|| format!("loading {}.{name}", vb.prefix()))?;
+    Ok(w)
+}
+
+/// Several projections of the same input stacked into one `[sum(out), in]` weight, so
+/// one GEMM computes them all. Computed as `W @ x^T` (`[out, T]`), which the CPU GEMM
+/// runs faster than `x @ W^T` for the small token counts of decode steps.
+struct StackedLinear {
+    weight: Tensor,
+    /// Output rows of each part, in order.
+    parts: Vec<usize>,
+}
+
+impl StackedLinear {
+    fn load(vb: &VarBuilder, names: &[(&str, usize)], inp: usize) -> Result<Self> {
+        let ws = names
+            .iter()
+            .map(|(n, out)| weight(vb, n, inp, *out))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            weight: Tensor::cat(&ws, 0)?.contiguous()?,
+            parts: names.iter().map(|(_, o)| *o).collect(),
+        })
+    }
+
+    /// `x: [T, in]` -> `[sum(out), T]`.
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.weight.matmul(&x.t()?)?)
+    }
+
+    /// `x_t: [in, T]` (already transposed) -> `[sum(out), T]`.
+    fn forward_tt(&self, x_t: &Tensor) -> Result<Tensor> {
+        Ok(self.weight.matmul(x_t)?)
+    }
 }
 
 struct DecoderLayer {
     input_norm: RmsNorm,
     post_norm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    /// q, k, v.
+    qkv: StackedLinear,
+    o_proj: StackedLinear,
+    /// gate, up.
+    gate_up: StackedLinear,
+    down_proj: StackedLinear,
 }
 
 impl DecoderLayer {
@@ -51,20 +83,40 @@ impl DecoderLayer {
         let h = cfg.hidden_size;
         let q_out = cfg.num_heads * cfg.head_dim;
         let kv_out = cfg.num_kv_heads * cfg.head_dim;
+        let i = cfg.intermediate_size;
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
         Ok(Self {
             input_norm: RmsNorm::load(vb.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
             post_norm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
-            q_proj: linear(attn.pp("q_proj"), h, q_out)?,
-            k_proj: linear(attn.pp("k_proj"), h, kv_out)?,
-            v_proj: linear(attn.pp("v_proj"), h, kv_out)?,
-            o_proj: linear(attn.pp("o_proj"), q_out, h)?,
-            gate_proj: linear(mlp.pp("gate_proj"), h, cfg.intermediate_size)?,
-            up_proj: linear(mlp.pp("up_proj"), h, cfg.intermediate_size)?,
-            down_proj: linear(mlp.pp("down_proj"), cfg.intermediate_size, h)?,
+            qkv: StackedLinear::load(
+                &attn,
+                &[("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)],
+                h,
+            )?,
+            o_proj: StackedLinear::load(&attn, &[("o_proj", h)], q_out)?,
+            gate_up: StackedLinear::load(&mlp, &[("gate_proj", i), ("up_proj", i)], h)?,
+            down_proj: StackedLinear::load(&mlp, &[("down_proj", h)], i)?,
         })
     }
+}
+
+/// Splits a `[rows, T]` row-major buffer into per-part `[T, part]` row-major buffers.
+fn split_transposed(buf: &[f32], t: usize, parts: &[usize]) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(parts.len());
+    let mut row0 = 0;
+    for &p in parts {
+        let mut v = vec![0f32; t * p];
+        for r in 0..p {
+            let src = &buf[(row0 + r) * t..(row0 + r + 1) * t];
+            for (ti, x) in src.iter().enumerate() {
+                v[ti * p + r] = *x;
+            }
+        }
+        out.push(v);
+        row0 += p;
+    }
+    out
 }
 
 /// The resident base model.
@@ -73,7 +125,8 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    /// `[vocab, hidden]`; the embedding matrix itself when tied.
+    lm_head: Tensor,
     rope: Rope,
     device: Device,
 }
@@ -91,9 +144,9 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed.clone(), None)
+            embed.clone()
         } else {
-            linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
+            weight(&vb, "lm_head", cfg.hidden_size, cfg.vocab_size)?
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -130,7 +183,10 @@ impl Llama {
         }
         if let Some(&p) = batch.positions.iter().max() {
             if p >= self.rope.max_positions() {
-                bail!("position {p} is beyond the context length {}", self.rope.max_positions());
+                bail!(
+                    "position {p} is beyond the context length {}",
+                    self.rope.max_positions()
+                );
             }
         }
         let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
@@ -149,7 +205,8 @@ impl Llama {
         let rows: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
         let rows = Tensor::from_vec(rows, batch.logit_rows.len(), &self.device)?;
         let last = x.index_select(&rows, 0)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        let normed = self.norm.forward(&last)?;
+        let logits = self.lm_head.matmul(&normed.t()?)?.t()?.contiguous()?;
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
@@ -164,19 +221,23 @@ impl Llama {
     ) -> Result<Tensor> {
         let t = batch.tokens.len();
         let h = layer.input_norm.forward(x)?;
-        let mut q = layer.q_proj.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = layer.k_proj.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-        let v = layer.v_proj.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let qkv_t = layer.qkv.forward_t(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut parts = split_transposed(&qkv_t, t, &layer.qkv.parts).into_iter();
+        let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("qkv projection lost a part");
+        };
         self.rope.apply(&mut q, &batch.positions, shape.num_heads);
-        self.rope.apply(&mut k, &batch.positions, shape.num_kv_heads);
+        self.rope
+            .apply(&mut k, &batch.positions, shape.num_kv_heads);
         let attn = paged_attention(batch, index, &q, &k, &v, kv, shape);
         let attn = Tensor::from_vec(attn, (t, shape.num_heads * shape.head_dim), &self.device)?;
-        let x = (x + layer.o_proj.forward(&attn)?)?;
+        let x = (x + layer.o_proj.forward_t(&attn)?.t()?)?;
         let h = layer.post_norm.forward(&x)?;
-        let gate = layer.gate_proj.forward(&h)?.silu()?;
-        let up = layer.up_proj.forward(&h)?;
-        let mlp = layer.down_proj.forward(&(gate * up)?)?;
-        Ok((x + mlp)?)
+        let gu = layer.gate_up.forward_t(&h)?;
+        let i = layer.gate_up.parts[0];
+        let act = (gu.narrow(0, 0, i)?.silu()? * gu.narrow(0, i, i)?)?;
+        let mlp = layer.down_proj.forward_tt(&act)?;
+        Ok((x + mlp.t()?)?)
     }
 }
 
@@ -204,10 +265,16 @@ fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor
     let q_out = cfg.num_heads * cfg.head_dim;
     let kv_out = cfg.num_kv_heads * cfg.head_dim;
     let mut t = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), make(&[cfg.vocab_size, h], 0.5, 0.0)?);
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        make(&[cfg.vocab_size, h], 0.5, 0.0)?,
+    );
     t.insert("model.norm.weight".into(), make(&[h], 0.05, 1.0)?);
     if !cfg.tie_word_embeddings {
-        t.insert("lm_head.weight".into(), make(&[cfg.vocab_size, h], 0.1, 0.0)?);
+        t.insert(
+            "lm_head.weight".into(),
+            make(&[cfg.vocab_size, h], 0.1, 0.0)?,
+        );
     }
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
@@ -224,8 +291,14 @@ fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor
             let std = 1.0 / (shape[1] as f32).sqrt();
             t.insert(format!("{p}.{name}.weight"), make(&shape, std, 0.0)?);
         }
-        t.insert(format!("{p}.input_layernorm.weight"), make(&[h], 0.05, 1.0)?);
-        t.insert(format!("{p}.post_attention_layernorm.weight"), make(&[h], 0.05, 1.0)?);
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            make(&[h], 0.05, 1.0)?,
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            make(&[h], 0.05, 1.0)?,
+        );
     }
     Ok(t)
 }

@@ -87,10 +87,10 @@ pub fn download_from_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelS
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index)
-        .with_context(|| format!("reading {}", index.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", index.display()))?;
+    let text =
+        std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
     let map = json["weight_map"]
         .as_object()
         .with_context(|| format!("{}: no weight_map", index.display()))?;
@@ -120,7 +120,10 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
     let tokenizer = TextTokenizer::from_hf_dir(dir)?;
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.is_file() {
-        shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect()
+        shard_files(&index)?
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect()
     } else {
         vec![dir.join("model.safetensors")]
     };
@@ -246,7 +249,12 @@ mod tests {
         let back = unpermute_qk(&p, 2).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         // Head 0 rows 0..4: permuted order interleaves the two halves.
-        let rows: Vec<f32> = p.to_vec2::<f32>().unwrap().iter().map(|r| r[0] / 3.0).collect();
+        let rows: Vec<f32> = p
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| r[0] / 3.0)
+            .collect();
         assert_eq!(rows, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
     }
 

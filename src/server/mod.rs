@@ -42,7 +42,11 @@ pub fn start_engine(
     dtype_note: &str,
 ) -> Result<GenerationService> {
     let cfg = model.config().clone();
-    let device = if model.device().is_cpu() { "cpu" } else { "gpu" };
+    let device = if model.device().is_cpu() {
+        "cpu"
+    } else {
+        "gpu"
+    };
     let tokenizer = Arc::new(tokenizer);
     let engine = engine::spawn(model, tokenizer.clone(), engine_cfg)?;
     let info = pb::ModelInfo {
@@ -168,7 +172,10 @@ pub async fn serve(
         .await;
     watch_engine(engine, reporter);
     tracing::info!(%addr, "serving");
-    server.await.context("server task")?.context("gRPC server")?;
+    server
+        .await
+        .context("server task")?
+        .context("gRPC server")?;
     tracing::info!("server stopped");
     Ok(())
 }

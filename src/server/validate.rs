@@ -55,7 +55,10 @@ fn check_input(req: &pb::GenerateRequest) -> Result<Input, RequestError> {
     let mut msgs = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
         if m.role.is_empty() {
-            return Err(RequestError::invalid(format!("messages[{i}].role"), "is empty"));
+            return Err(RequestError::invalid(
+                format!("messages[{i}].role"),
+                "is empty",
+            ));
         }
         msgs.push(ChatMessage {
             role: m.role.clone(),
@@ -68,7 +71,10 @@ fn check_input(req: &pb::GenerateRequest) -> Result<Input, RequestError> {
 fn finite_or(field: &str, v: Option<f32>, default: f32) -> Result<f32, RequestError> {
     let v = v.unwrap_or(default);
     if !v.is_finite() {
-        return Err(RequestError::invalid(field, format!("must be a finite number, got {v}")));
+        return Err(RequestError::invalid(
+            field,
+            format!("must be a finite number, got {v}"),
+        ));
     }
     Ok(v)
 }
@@ -125,7 +131,10 @@ fn check_options(req: &pb::GenerateRequest) -> Result<(), RequestError> {
     if req.stop.len() > MAX_STOP_STRINGS {
         return Err(RequestError::invalid(
             "stop",
-            format!("at most {MAX_STOP_STRINGS} stop strings, got {}", req.stop.len()),
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                req.stop.len()
+            ),
         ));
     }
     for (i, s) in req.stop.iter().enumerate() {
@@ -137,7 +146,10 @@ fn check_options(req: &pb::GenerateRequest) -> Result<(), RequestError> {
         }
     }
     if req.max_new_tokens == Some(0) {
-        return Err(RequestError::invalid("max_new_tokens", "must be at least 1"));
+        return Err(RequestError::invalid(
+            "max_new_tokens",
+            "must be at least 1",
+        ));
     }
     Ok(())
 }
@@ -188,7 +200,10 @@ fn tokenize_input(
             {
                 return Err(RequestError::invalid(
                     format!("prompt_token_ids[{i}]"),
-                    format!("{id} is not below the vocabulary size {}", limits.vocab_size),
+                    format!(
+                        "{id} is not below the vocabulary size {}",
+                        limits.vocab_size
+                    ),
                 ));
             }
             ("prompt_token_ids", ids)

@@ -28,7 +28,11 @@ pub fn tiny_service(engine_cfg: EngineConfig) -> GenerationService {
 /// The real default model (GGUF), as `make test` fetches it.
 pub fn real_service(engine_cfg: EngineConfig) -> GenerationService {
     let path = repo_path(REAL_MODEL);
-    assert!(path.is_file(), "{} is missing: run `make model`", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make model`",
+        path.display()
+    );
     let source = weights::resolve(path.to_str().unwrap(), None).unwrap();
     let loaded = weights::load(&source, &candle_core::Device::Cpu).unwrap();
     let model = Llama::load(loaded.vb, &loaded.config).unwrap();

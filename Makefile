@@ -37,6 +37,7 @@ unit:
 
 bench: $(GGUF)
 	cargo bench --bench decode_step
+	cargo bench --bench grpc_throughput
 
 clean:
 	cargo clean

@@ -45,7 +45,7 @@ async fn bad_input_is_refused_by_field_and_others_keep_streaming() {
     let nan = f32::NAN;
     let sampling = |f: &dyn Fn(&mut pb::SamplingParams)| {
         let mut r = base();
-        let mut s = r.sampling.clone().unwrap();
+        let mut s = r.sampling.unwrap();
         f(&mut s);
         r.sampling = Some(s);
         r

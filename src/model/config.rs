@@ -143,7 +143,9 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             bail!(
                 "num_heads {} must be a positive multiple of num_kv_heads {}",
@@ -151,7 +153,7 @@ impl ModelConfig {
                 self.num_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim

@@ -1,0 +1,57 @@
+//! The README's Python (grpcio) client runs against a live server on the real model, so
+//! the example cannot rot.
+mod common;
+
+use common::*;
+use multilora::engine::EngineConfig;
+use multilora::server::{RunningServer, ServerOptions};
+
+fn python() -> std::path::PathBuf {
+    match std::env::var_os("MULTILORA_PYTHON") {
+        Some(p) => p.into(),
+        None => repo_path(".venv/bin/python"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real model and the Python venv: make test"]
+async fn python_example_client_streams_a_completion() {
+    let py = python();
+    assert!(
+        py.exists(),
+        "{} is missing: run `make python`",
+        py.display()
+    );
+    let server = RunningServer::start(
+        real_service(EngineConfig::default()),
+        ServerOptions::default(),
+    )
+    .await
+    .unwrap();
+    let addr = server.addr.to_string();
+    let script = repo_path("examples/python/client.py");
+    let out = tokio::process::Command::new(&py)
+        .arg(&script)
+        .args([
+            "--addr",
+            &addr,
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "client failed:\n{stdout}\n{stderr}");
+    // The reference completion of this prompt starts with " Paris." (fixtures/base.json).
+    assert!(
+        stdout.starts_with(" Paris."),
+        "unexpected output:\n{stdout}"
+    );
+    assert!(stdout.contains("finish=FINISH_REASON_LENGTH"), "{stdout}");
+    assert!(stdout.contains("completion_tokens=8"), "{stdout}");
+    server.stop().await.unwrap();
+}

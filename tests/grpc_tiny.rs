@@ -413,3 +413,41 @@ async fn shutdown_drains_then_cancels_in_flight_streams() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_messages_use_the_template_and_logprobs_are_reported() {
+    let (server, mut client) = start(tiny_service(small_engine())).await;
+    let req = pb::GenerateRequest {
+        prompt: None,
+        messages: vec![pb::ChatMessage {
+            role: "user".into(),
+            content: "Hi there".into(),
+        }],
+        logprobs: Some(3),
+        ..prompt_req("", 5)
+    };
+    let got = generate(&mut client, req).await.unwrap();
+    let tok = multilora::model::TextTokenizer::byte_level_for_tests().unwrap();
+    let rendered = tok
+        .apply_chat_template(&[multilora::model::tokenizer::ChatMessage {
+            role: "user".into(),
+            content: "Hi there".into(),
+        }])
+        .unwrap();
+    assert!(
+        rendered.ends_with("<|im_start|>assistant\n"),
+        "{rendered:?}"
+    );
+    let expected_prompt = tok.encode(&rendered).unwrap().len();
+    assert_eq!(got.usage.prompt_tokens as usize, expected_prompt);
+    assert_eq!(got.token_ids.len(), 5);
+    assert_eq!(got.logprobs.len(), 5);
+    for (id, lp) in got.token_ids.iter().zip(&got.logprobs) {
+        assert_eq!(lp.token_id, *id);
+        assert_eq!(lp.top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(lp.top[0].token_id, *id);
+        assert!(lp.logprob <= 0.0 && (lp.top[0].logprob - lp.logprob).abs() < 1e-6);
+    }
+    server.stop().await.unwrap();
+}

@@ -3,7 +3,7 @@
 //! measured in the same run. `cargo bench --bench decode_step` (needs `make model`).
 //! Under `cargo test` it runs one quick pass as a smoke test.
 use multilora::engine::kv_cache::{KvCache, KvCacheShape};
-use multilora::model::{weights, ForwardBatch, Llama, ModelConfig};
+use multilora::model::{weights, ForwardBatch, ModelConfig};
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -75,9 +75,13 @@ fn main() {
         );
         return;
     }
-    let source = weights::resolve(path.to_str().unwrap_or(MODEL), None).unwrap();
-    let loaded = weights::load(&source, &candle_core::Device::Cpu).unwrap();
-    let model = Llama::load(loaded.vb, &loaded.config).unwrap();
+    let loaded = weights::load_model(
+        path.to_str().unwrap_or(MODEL),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let model = loaded.model;
     let cfg = model.config().clone();
     let iters = if quick { 1 } else { 20 };
     let gemm = gemm_rate(if quick { 1 } else { 10 });

@@ -3,7 +3,7 @@
 //! ratio shows what batching buys. `cargo bench --bench grpc_throughput`.
 //! Under `cargo test` it runs one short pass as a smoke test.
 use multilora::engine::EngineConfig;
-use multilora::model::{weights, Llama};
+use multilora::model::weights;
 use multilora::proto::v1 as pb;
 use multilora::server::{start_engine, RunningServer, ServerOptions};
 use pb::generation_client::GenerationClient;
@@ -67,9 +67,13 @@ fn main() {
         );
         return;
     }
-    let source = weights::resolve(path.to_str().unwrap_or(MODEL), None).unwrap();
-    let loaded = weights::load(&source, &candle_core::Device::Cpu).unwrap();
-    let model = Llama::load(loaded.vb, &loaded.config).unwrap();
+    let loaded = weights::load_model(
+        path.to_str().unwrap_or(MODEL),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let model = loaded.model;
     let service = start_engine(
         model,
         loaded.tokenizer,

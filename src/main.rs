@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use multilora::engine::EngineConfig;
-use multilora::model::{weights, Llama};
+use multilora::model::weights;
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -85,10 +85,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         anyhow::bail!("--block-size, --max-batch-tokens and --max-running must be positive");
     }
     let device = candle_core::Device::Cpu;
-    let source = weights::resolve(&args.model, args.revision.as_deref())?;
-    tracing::info!(?source, "loading model");
-    let loaded = weights::load(&source, &device)?;
-    let model = Llama::load(loaded.vb, &loaded.config).context("building the model")?;
+    let loaded = weights::load_model(&args.model, args.revision.as_deref(), &device)?;
     let engine_cfg = EngineConfig {
         kv_cache_memory: args.kv_cache_memory,
         block_size: args.block_size,
@@ -96,7 +93,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_running: args.max_running,
         ..Default::default()
     };
-    let service = server::start_engine(model, loaded.tokenizer, engine_cfg, &loaded.source_dtype)?;
+    let service = server::start_engine(
+        loaded.model,
+        loaded.tokenizer,
+        engine_cfg,
+        &loaded.source_dtype,
+    )?;
     let opts = ServerOptions {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
     };

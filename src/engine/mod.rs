@@ -284,7 +284,7 @@ impl Engine {
     fn reap_disconnected(&mut self) {
         let kv = &mut self.kv;
         let mut aborted = 0;
-        self.running.retain_mut(|seq| {
+        let mut keep = |seq: &mut Sequence| {
             if seq.is_disconnected() {
                 kv.release(&mut seq.block_table);
                 aborted += 1;
@@ -292,16 +292,9 @@ impl Engine {
             } else {
                 true
             }
-        });
-        self.waiting.retain_mut(|seq| {
-            if seq.is_disconnected() {
-                kv.release(&mut seq.block_table);
-                aborted += 1;
-                false
-            } else {
-                true
-            }
-        });
+        };
+        self.running.retain_mut(&mut keep);
+        self.waiting.retain_mut(&mut keep);
         self.stats.aborted_sequences += aborted;
     }
 

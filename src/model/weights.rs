@@ -29,6 +29,28 @@ pub struct LoadedWeights {
     pub source_dtype: String,
 }
 
+/// A built model with its tokenizer: what the server needs from `--model`.
+pub struct LoadedModel {
+    pub model: crate::model::Llama,
+    pub tokenizer: TextTokenizer,
+    /// How the weights were stored, for `GetModelInfo`.
+    pub source_dtype: String,
+}
+
+/// Resolves, loads and builds the model named by `--model` (see [`resolve`]).
+pub fn load_model(model: &str, revision: Option<&str>, device: &Device) -> Result<LoadedModel> {
+    let source = resolve(model, revision)?;
+    tracing::info!(?source, "loading model");
+    let loaded = load(&source, device)?;
+    let built = crate::model::Llama::load(loaded.vb, &loaded.config)
+        .with_context(|| format!("building the model from {model}"))?;
+    Ok(LoadedModel {
+        model: built,
+        tokenizer: loaded.tokenizer,
+        source_dtype: loaded.source_dtype,
+    })
+}
+
 /// Resolves `--model`: an existing local path, else a Hub repo id (downloaded into the
 /// hf-hub cache at `revision`).
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelSource> {

@@ -94,6 +94,17 @@ pub async fn warm_up(engine: &EngineHandle) -> Result<()> {
     bail!("warm-up: the engine stopped")
 }
 
+/// Sets the health of the generation service and of the server as a whole ("").
+async fn set_health(reporter: &HealthReporter, status: tonic_health::ServingStatus) {
+    reporter
+        .set_service_status(
+            <GenerationServer<GenerationService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter.set_service_status("", status).await;
+}
+
 /// Marks the service NOT_SERVING as soon as the engine thread dies.
 fn watch_engine(engine: EngineHandle, reporter: HealthReporter) {
     tokio::spawn(async move {
@@ -101,12 +112,7 @@ fn watch_engine(engine: EngineHandle, reporter: HealthReporter) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         tracing::error!("engine thread is gone; health NOT_SERVING");
-        reporter
-            .set_not_serving::<GenerationServer<GenerationService>>()
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
     });
 }
 
@@ -118,12 +124,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_not_serving::<GenerationServer<GenerationService>>()
-        .await;
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -138,12 +139,7 @@ pub async fn serve(
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: no new connections; draining in-flight streams");
-        drain_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        drain_reporter
-            .set_not_serving::<GenerationServer<GenerationService>>()
-            .await;
+        set_health(&drain_reporter, tonic_health::ServingStatus::NotServing).await;
         let _ = fired_tx.send(());
     };
     let drain_engine = engine.clone();
@@ -164,12 +160,7 @@ pub async fn serve(
     let server = tokio::spawn(server);
 
     warm_up(&engine).await.context("warming up the model")?;
-    reporter
-        .set_serving::<GenerationServer<GenerationService>>()
-        .await;
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    set_health(&reporter, tonic_health::ServingStatus::Serving).await;
     watch_engine(engine, reporter);
     tracing::info!(%addr, "serving");
     server

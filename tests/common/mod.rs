@@ -33,10 +33,15 @@ pub fn real_service(engine_cfg: EngineConfig) -> GenerationService {
         "{} is missing: run `make model`",
         path.display()
     );
-    let source = weights::resolve(path.to_str().unwrap(), None).unwrap();
-    let loaded = weights::load(&source, &candle_core::Device::Cpu).unwrap();
-    let model = Llama::load(loaded.vb, &loaded.config).unwrap();
-    start_engine(model, loaded.tokenizer, engine_cfg, &loaded.source_dtype).unwrap()
+    let loaded =
+        weights::load_model(path.to_str().unwrap(), None, &candle_core::Device::Cpu).unwrap();
+    start_engine(
+        loaded.model,
+        loaded.tokenizer,
+        engine_cfg,
+        &loaded.source_dtype,
+    )
+    .unwrap()
 }
 
 pub async fn start(service: GenerationService) -> (RunningServer, GenerationClient<Channel>) {

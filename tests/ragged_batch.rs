@@ -1,5 +1,7 @@
 //! The ragged batched forward equals each sequence run alone, across mixes of prefill
 //! chunks and decode tokens, KV block boundaries and preemption (tiny random model).
+//! On the CPU it is bit-identical: every per-token computation (packed linear layers,
+//! norms, per-sequence attention) is independent of what else is in the batch.
 use multilora::engine::kv_cache::{KvCache, KvCacheShape};
 use multilora::model::{ForwardBatch, Llama, ModelConfig};
 
@@ -81,6 +83,7 @@ fn one_token_at_a_time_equals_full_prefill() {
     let b = alone_token_by_token(&model, &cfg, &tokens);
     for (p, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(max_diff(x, y) < 1e-4, "position {p}: {}", max_diff(x, y));
+        assert_eq!(x, y, "position {p}: not bit-identical");
     }
 }
 
@@ -142,6 +145,11 @@ fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
             for (row, exp) in logits.chunks(VOCAB).zip(&expected) {
                 let d = max_diff(row, exp);
                 assert!(d < 1e-4, "round {round} step {steps}: max abs diff {d}");
+                assert_eq!(
+                    row,
+                    &exp[..],
+                    "round {round} step {steps}: not bit-identical"
+                );
             }
             // Preempt a random partly computed sequence: free its blocks, recompute later.
             if rng.next(5) == 0 {

@@ -3,6 +3,7 @@
 use super::attention::{paged_attention, HeadShape, Rope};
 use super::batch::ForwardBatch;
 use super::config::ModelConfig;
+use super::packed_linear::PackedWeight;
 use crate::engine::kv_cache::KvCache;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -35,12 +36,49 @@ fn weight(vb: &VarBuilder, name: &str, inp: usize, out: usize) -> Result<Tensor>
     Ok(w)
 }
 
+/// A weight as the device wants it: pre-packed panels on the CPU, a dense tensor elsewhere.
+enum LinearWeight {
+    Packed(PackedWeight),
+    Dense(Tensor),
+}
+
+impl LinearWeight {
+    fn new(w: Tensor) -> Result<Self> {
+        if w.device().is_cpu() {
+            let (out, inp) = w.dims2()?;
+            let data = w.flatten_all()?.to_vec1::<f32>()?;
+            Ok(Self::Packed(PackedWeight::pack(&data, out, inp)))
+        } else {
+            Ok(Self::Dense(w))
+        }
+    }
+
+    /// `x: [T, in]` -> `[T, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Packed(p) => {
+                let t = x.dim(0)?;
+                let y = p.matmul(&x.flatten_all()?.to_vec1::<f32>()?, t);
+                Ok(Tensor::from_vec(y, (t, p.out_features()), x.device())?)
+            }
+            Self::Dense(w) => Ok(x.matmul(&w.t()?)?),
+        }
+    }
+
+    /// Like [`Self::forward`], as a row-major host buffer.
+    fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
+        match self {
+            Self::Packed(p) => Ok(p.matmul(&x.flatten_all()?.to_vec1::<f32>()?, x.dim(0)?)),
+            Self::Dense(_) => Ok(self.forward(x)?.flatten_all()?.to_vec1::<f32>()?),
+        }
+    }
+}
+
 /// Several projections of the same input stacked into one `[sum(out), in]` weight, so
-/// one GEMM computes them all. Computed as `W @ x^T` (`[out, T]`), which the CPU GEMM
-/// runs faster than `x @ W^T` for the small token counts of decode steps.
+/// one pass over the input computes them all.
 struct StackedLinear {
-    weight: Tensor,
-    /// Output rows of each part, in order.
+    weight: LinearWeight,
+    /// Output columns of each part, in order.
     parts: Vec<usize>,
 }
 
@@ -51,19 +89,13 @@ impl StackedLinear {
             .map(|(n, out)| weight(vb, n, inp, *out))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            weight: Tensor::cat(&ws, 0)?.contiguous()?,
+            weight: LinearWeight::new(Tensor::cat(&ws, 0)?.contiguous()?)?,
             parts: names.iter().map(|(_, o)| *o).collect(),
         })
     }
 
-    /// `x: [T, in]` -> `[sum(out), T]`.
-    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.weight.matmul(&x.t()?)?)
-    }
-
-    /// `x_t: [in, T]` (already transposed) -> `[sum(out), T]`.
-    fn forward_tt(&self, x_t: &Tensor) -> Result<Tensor> {
-        Ok(self.weight.matmul(x_t)?)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.weight.forward(x)
     }
 }
 
@@ -101,20 +133,16 @@ impl DecoderLayer {
     }
 }
 
-/// Splits a `[rows, T]` row-major buffer into per-part `[T, part]` row-major buffers.
-fn split_transposed(buf: &[f32], t: usize, parts: &[usize]) -> Vec<Vec<f32>> {
-    let mut out = Vec::with_capacity(parts.len());
-    let mut row0 = 0;
-    for &p in parts {
-        let mut v = vec![0f32; t * p];
-        for r in 0..p {
-            let src = &buf[(row0 + r) * t..(row0 + r + 1) * t];
-            for (ti, x) in src.iter().enumerate() {
-                v[ti * p + r] = *x;
-            }
+/// Splits a `[T, sum(parts)]` row-major buffer into per-part `[T, part]` buffers.
+fn split_columns(buf: &[f32], t: usize, parts: &[usize]) -> Vec<Vec<f32>> {
+    let width: usize = parts.iter().sum();
+    let mut out: Vec<Vec<f32>> = parts.iter().map(|p| Vec::with_capacity(t * p)).collect();
+    for row in buf.chunks_exact(width).take(t) {
+        let mut c = 0;
+        for (o, &p) in out.iter_mut().zip(parts) {
+            o.extend_from_slice(&row[c..c + p]);
+            c += p;
         }
-        out.push(v);
-        row0 += p;
     }
     out
 }
@@ -125,8 +153,8 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `[vocab, hidden]`; the embedding matrix itself when tied.
-    lm_head: Tensor,
+    /// `[vocab, hidden]`; a copy of the embedding matrix when tied.
+    lm_head: LinearWeight,
     rope: Rope,
     device: Device,
 }
@@ -143,11 +171,11 @@ impl Llama {
             .map(|i| DecoderLayer::load(model.pp(format!("layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = LinearWeight::new(if cfg.tie_word_embeddings {
             embed.clone()
         } else {
             weight(&vb, "lm_head", cfg.hidden_size, cfg.vocab_size)?
-        };
+        })?;
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -205,9 +233,7 @@ impl Llama {
         let rows: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
         let rows = Tensor::from_vec(rows, batch.logit_rows.len(), &self.device)?;
         let last = x.index_select(&rows, 0)?;
-        let normed = self.norm.forward(&last)?;
-        let logits = self.lm_head.matmul(&normed.t()?)?.t()?.contiguous()?;
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        self.lm_head.forward_vec(&self.norm.forward(&last)?)
     }
 
     fn layer_forward(
@@ -221,8 +247,8 @@ impl Llama {
     ) -> Result<Tensor> {
         let t = batch.tokens.len();
         let h = layer.input_norm.forward(x)?;
-        let qkv_t = layer.qkv.forward_t(&h)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut parts = split_transposed(&qkv_t, t, &layer.qkv.parts).into_iter();
+        let qkv = layer.qkv.weight.forward_vec(&h)?;
+        let mut parts = split_columns(&qkv, t, &layer.qkv.parts).into_iter();
         let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
         };
@@ -231,13 +257,13 @@ impl Llama {
             .apply(&mut k, &batch.positions, shape.num_kv_heads);
         let attn = paged_attention(batch, index, &q, &k, &v, kv, shape);
         let attn = Tensor::from_vec(attn, (t, shape.num_heads * shape.head_dim), &self.device)?;
-        let x = (x + layer.o_proj.forward_t(&attn)?.t()?)?;
+        let x = (x + layer.o_proj.forward(&attn)?)?;
         let h = layer.post_norm.forward(&x)?;
-        let gu = layer.gate_up.forward_t(&h)?;
+        let gu = layer.gate_up.forward(&h)?;
         let i = layer.gate_up.parts[0];
-        let act = (gu.narrow(0, 0, i)?.silu()? * gu.narrow(0, i, i)?)?;
-        let mlp = layer.down_proj.forward_tt(&act)?;
-        Ok((x + mlp.t()?)?)
+        let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
+        let mlp = layer.down_proj.forward(&act)?;
+        Ok((x + mlp)?)
     }
 }
 

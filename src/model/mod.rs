@@ -3,6 +3,7 @@ pub mod attention;
 pub mod batch;
 pub mod config;
 pub mod llama;
+pub mod packed_linear;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,7 +1,8 @@
 //! One decode step of the real default model at batch sizes 1, 8, 32 and 64: tokens/s
 //! and the fraction of the binding roofline, with the GEMM rate and the read bandwidth
 //! measured in the same run. `cargo bench --bench decode_step` (needs `make model`).
-//! Under `cargo test` it runs one quick pass as a smoke test.
+//! Under `cargo test` it runs one quick pass as a smoke test. `DECODE_STEP_BATCHES=32`
+//! selects batch sizes.
 use multilora::engine::kv_cache::{KvCache, KvCacheShape};
 use multilora::model::{weights, ForwardBatch, ModelConfig};
 use rayon::prelude::*;
@@ -93,8 +94,16 @@ fn main() {
         bw / 1e9
     );
     println!("batch  step_ms  tokens/s  GFLOP/s  compute_roof  memory_roof  binding  fraction");
-    let batches: &[usize] = if quick { &[1] } else { &[1, 8, 32, 64] };
-    for &b in batches {
+    // DECODE_STEP_BATCHES=32 (comma-separated) limits the run, e.g. for profiling.
+    let batches: Vec<usize> = match std::env::var("DECODE_STEP_BATCHES") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|b| b.trim().parse().ok())
+            .collect(),
+        Err(_) if quick => vec![1],
+        Err(_) => vec![1, 8, 32, 64],
+    };
+    for &b in &batches {
         let shape = KvCacheShape::from_budget(
             cfg.num_layers,
             cfg.num_kv_heads,

@@ -1,8 +1,11 @@
-//! Llama-family forward pass over a ragged batch: the linear layers run once over every
-//! scheduled token of every sequence; attention is per sequence over the paged KV cache.
+//! Llama-family forward pass over a ragged batch on the CPU: the linear layers run once
+//! over every scheduled token of every sequence (pre-packed weights); attention is per
+//! sequence over the paged KV cache. Every per-token result is independent of the rest
+//! of the batch. Weights are loaded through candle's `VarBuilder` (Hugging Face names).
 use super::attention::{paged_attention, HeadShape, Rope};
 use super::batch::ForwardBatch;
 use super::config::ModelConfig;
+use super::cpu_ops::{add_in_place, rms_norm, silu_mul};
 use super::packed_linear::PackedWeight;
 use crate::engine::kv_cache::KvCache;
 use anyhow::{bail, Context, Result};
@@ -10,21 +13,25 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 
+fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 struct RmsNorm {
-    weight: Tensor,
+    weight: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(size, "weight")?,
+            weight: host_vec(&vb.get(size, "weight")?)?,
             eps: eps as f32,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -36,48 +43,15 @@ fn weight(vb: &VarBuilder, name: &str, inp: usize, out: usize) -> Result<Tensor>
     Ok(w)
 }
 
-/// A weight as the device wants it: pre-packed panels on the CPU, a dense tensor elsewhere.
-enum LinearWeight {
-    Packed(PackedWeight),
-    Dense(Tensor),
-}
-
-impl LinearWeight {
-    fn new(w: Tensor) -> Result<Self> {
-        if w.device().is_cpu() {
-            let (out, inp) = w.dims2()?;
-            let data = w.flatten_all()?.to_vec1::<f32>()?;
-            Ok(Self::Packed(PackedWeight::pack(&data, out, inp)))
-        } else {
-            Ok(Self::Dense(w))
-        }
-    }
-
-    /// `x: [T, in]` -> `[T, out]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Packed(p) => {
-                let t = x.dim(0)?;
-                let y = p.matmul(&x.flatten_all()?.to_vec1::<f32>()?, t);
-                Ok(Tensor::from_vec(y, (t, p.out_features()), x.device())?)
-            }
-            Self::Dense(w) => Ok(x.matmul(&w.t()?)?),
-        }
-    }
-
-    /// Like [`Self::forward`], as a row-major host buffer.
-    fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
-        match self {
-            Self::Packed(p) => Ok(p.matmul(&x.flatten_all()?.to_vec1::<f32>()?, x.dim(0)?)),
-            Self::Dense(_) => Ok(self.forward(x)?.flatten_all()?.to_vec1::<f32>()?),
-        }
-    }
+fn pack(w: &Tensor) -> Result<PackedWeight> {
+    let (out, inp) = w.dims2()?;
+    Ok(PackedWeight::pack(&host_vec(w)?, out, inp))
 }
 
 /// Several projections of the same input stacked into one `[sum(out), in]` weight, so
 /// one pass over the input computes them all.
 struct StackedLinear {
-    weight: LinearWeight,
+    weight: PackedWeight,
     /// Output columns of each part, in order.
     parts: Vec<usize>,
 }
@@ -89,13 +63,14 @@ impl StackedLinear {
             .map(|(n, out)| weight(vb, n, inp, *out))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            weight: LinearWeight::new(Tensor::cat(&ws, 0)?.contiguous()?)?,
+            weight: pack(&Tensor::cat(&ws, 0)?)?,
             parts: names.iter().map(|(_, o)| *o).collect(),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.weight.forward(x)
+    /// `x: [t, in]` -> `[t, sum(out)]`.
+    fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        self.weight.matmul(x, t)
     }
 }
 
@@ -150,19 +125,21 @@ fn split_columns(buf: &[f32], t: usize, parts: &[usize]) -> Vec<Vec<f32>> {
 /// The resident base model.
 pub struct Llama {
     cfg: ModelConfig,
-    embed: Tensor,
+    /// `[vocab, hidden]`, row-major.
+    embed: Vec<f32>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `[vocab, hidden]`; a copy of the embedding matrix when tied.
-    lm_head: LinearWeight,
+    /// `[vocab, hidden]`; a packed copy of the embedding matrix when tied.
+    lm_head: PackedWeight,
     rope: Rope,
-    device: Device,
 }
 
 impl Llama {
-    /// Builds the model from tensors named in the Hugging Face layout.
+    /// Builds the model from tensors named in the Hugging Face layout (CPU only for now).
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let device = vb.device().clone();
+        if !vb.device().is_cpu() {
+            bail!("only the CPU is supported by this build");
+        }
         let model = vb.pp("model");
         let embed = model
             .get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")
@@ -171,19 +148,18 @@ impl Llama {
             .map(|i| DecoderLayer::load(model.pp(format!("layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = LinearWeight::new(if cfg.tie_word_embeddings {
-            embed.clone()
+        let lm_head = if cfg.tie_word_embeddings {
+            pack(&embed)?
         } else {
-            weight(&vb, "lm_head", cfg.hidden_size, cfg.vocab_size)?
-        })?;
+            pack(&weight(&vb, "lm_head", cfg.hidden_size, cfg.vocab_size)?)?
+        };
         Ok(Self {
             cfg: cfg.clone(),
-            embed,
+            embed: host_vec(&embed)?,
             layers,
             norm,
             lm_head,
             rope: Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings),
-            device,
         })
     }
 
@@ -198,8 +174,9 @@ impl Llama {
         &self.cfg
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        Device::Cpu
     }
 
     /// Runs one step; writes every token's K/V into the cache and returns the logits of
@@ -217,37 +194,43 @@ impl Llama {
                 );
             }
         }
-        let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let h = self.cfg.hidden_size;
+        let mut x = Vec::with_capacity(t * h);
+        for &id in &batch.tokens {
+            let id = id as usize;
+            if id >= self.cfg.vocab_size {
+                bail!("token id {id} is outside the vocabulary");
+            }
+            x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
+        }
         let shape = HeadShape {
             num_heads: self.cfg.num_heads,
             num_kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, batch, kv, shape)?;
+            self.layer_forward(i, layer, &mut x, batch, kv, shape)?;
         }
-        if batch.logit_rows.is_empty() {
-            return Ok(Vec::new());
+        let mut last = Vec::with_capacity(batch.logit_rows.len() * h);
+        for &r in &batch.logit_rows {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
-        let rows: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
-        let rows = Tensor::from_vec(rows, batch.logit_rows.len(), &self.device)?;
-        let last = x.index_select(&rows, 0)?;
-        self.lm_head.forward_vec(&self.norm.forward(&last)?)
+        Ok(self
+            .lm_head
+            .matmul(&self.norm.forward(&last), batch.logit_rows.len()))
     }
 
     fn layer_forward(
         &self,
         index: usize,
         layer: &DecoderLayer,
-        x: &Tensor,
+        x: &mut [f32],
         batch: &ForwardBatch,
         kv: &mut KvCache,
         shape: HeadShape,
-    ) -> Result<Tensor> {
+    ) -> Result<()> {
         let t = batch.tokens.len();
-        let h = layer.input_norm.forward(x)?;
-        let qkv = layer.qkv.weight.forward_vec(&h)?;
+        let qkv = layer.qkv.forward(&layer.input_norm.forward(x), t);
         let mut parts = split_columns(&qkv, t, &layer.qkv.parts).into_iter();
         let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
@@ -256,14 +239,11 @@ impl Llama {
         self.rope
             .apply(&mut k, &batch.positions, shape.num_kv_heads);
         let attn = paged_attention(batch, index, &q, &k, &v, kv, shape);
-        let attn = Tensor::from_vec(attn, (t, shape.num_heads * shape.head_dim), &self.device)?;
-        let x = (x + layer.o_proj.forward(&attn)?)?;
-        let h = layer.post_norm.forward(&x)?;
-        let gu = layer.gate_up.forward(&h)?;
-        let i = layer.gate_up.parts[0];
-        let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
-        let mlp = layer.down_proj.forward(&act)?;
-        Ok((x + mlp)?)
+        add_in_place(x, &layer.o_proj.forward(&attn, t));
+        let gate_up = layer.gate_up.forward(&layer.post_norm.forward(x), t);
+        let act = silu_mul(&gate_up, layer.gate_up.parts[0]);
+        add_in_place(x, &layer.down_proj.forward(&act, t));
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+pub mod cpu_ops;
 pub mod llama;
 pub mod packed_linear;
 pub mod tokenizer;

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 /// Output columns per panel (two 8-lane vectors).
 const NR: usize = 16;
 /// Tokens per register tile.
-const MR: usize = 6;
+const MR: usize = 4;
 
 /// A weight matrix `[out, in]` in panel order.
 pub struct PackedWeight {
@@ -43,6 +43,7 @@ impl PackedWeight {
         assert_eq!(w.len(), out * inp, "weight is not [out, in]");
         let n_panels = out.div_ceil(NR);
         let mut panels = vec![0f32; n_panels * inp * NR];
+        advise_huge_pages(&mut panels);
         for (p, panel) in panels.chunks_exact_mut(inp * NR).enumerate() {
             for c in 0..NR {
                 let o = p * NR + c;
@@ -84,6 +85,13 @@ impl PackedWeight {
             .for_each(|p| {
                 let panel = &self.panels[p * self.inp * NR..(p + 1) * self.inp * NR];
                 let cols = NR.min(self.out - p * NR);
+                // Spread the prefetch of the next panel over this panel's tiles, so the
+                // memory traffic is even instead of a burst at each panel's first tile.
+                let next = self
+                    .panels
+                    .get((p + 1) * self.inp * NR..(p + 2) * self.inp * NR);
+                let n_tiles = t.div_ceil(MR);
+                let lines_per_tile = self.inp.div_ceil(n_tiles);
                 let mut t0 = 0;
                 while t0 < t {
                     let m = MR.min(t - t0);
@@ -96,6 +104,11 @@ impl PackedWeight {
                         y: unsafe { y_ptr.add(t0 * self.out + p * NR) },
                         y_stride: self.out,
                         cols,
+                        prefetch: next.map(|n| {
+                            let first = (t0 / MR * lines_per_tile).min(self.inp);
+                            let last = (first + lines_per_tile).min(self.inp);
+                            &n[first * NR..last * NR]
+                        }),
                     };
                     tile.run(m, avx2);
                     t0 += m;
@@ -103,6 +116,27 @@ impl PackedWeight {
             });
         y
     }
+}
+
+/// Asks the kernel to back a large buffer with transparent huge pages (fewer TLB misses
+/// while streaming weights). Best effort: call it before the buffer is first written.
+pub fn advise_huge_pages(buf: &mut [f32]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let aligned = start.next_multiple_of(HUGE);
+        if end > aligned + HUGE {
+            let len = (end - aligned) / HUGE * HUGE;
+            // SAFETY: the range lies inside `buf`; MADV_HUGEPAGE changes no contents.
+            unsafe {
+                libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 fn has_avx2_fma() -> bool {
@@ -124,6 +158,8 @@ struct Tile<'a> {
     y: OutPtr,
     y_stride: usize,
     cols: usize,
+    /// A panel to pull into cache while this tile runs (one cache line per step).
+    prefetch: Option<&'a [f32]>,
 }
 
 impl Tile<'_> {
@@ -137,9 +173,7 @@ impl Tile<'_> {
                     1 => tile_avx2::<1>(self, &mut acc),
                     2 => tile_avx2::<2>(self, &mut acc),
                     3 => tile_avx2::<3>(self, &mut acc),
-                    4 => tile_avx2::<4>(self, &mut acc),
-                    5 => tile_avx2::<5>(self, &mut acc),
-                    _ => tile_avx2::<6>(self, &mut acc),
+                    _ => tile_avx2::<4>(self, &mut acc),
                 }
             }
             self.store(m, &acc);
@@ -181,13 +215,34 @@ unsafe fn tile_avx2<const M: usize>(tile: &Tile, out: &mut [[f32; NR]; MR]) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
     let w = tile.panel.as_ptr();
     let x = tile.x.as_ptr();
-    for i in 0..tile.inp {
-        let w0 = _mm256_loadu_ps(w.add(i * NR));
-        let w1 = _mm256_loadu_ps(w.add(i * NR + 8));
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xv = _mm256_broadcast_ss(&*x.add(r * tile.inp + i));
-            a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
-            a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+    // One prefetch of the next panel every `stride` steps, spread evenly: a burst would
+    // exhaust the line fill buffers. Each panel row is NR floats = one 64-byte line.
+    let (next, lines) = match tile.prefetch {
+        Some(n) => (n.as_ptr(), n.len() / NR),
+        None => (w, 0),
+    };
+    let stride = if lines == 0 {
+        tile.inp
+    } else {
+        (tile.inp / lines).max(1)
+    };
+    let mut i = 0;
+    let mut line = 0;
+    while i < tile.inp {
+        if line < lines {
+            _mm_prefetch::<_MM_HINT_T0>(next.add(line * NR) as *const i8);
+            line += 1;
+        }
+        let stop = (i + stride).min(tile.inp);
+        while i < stop {
+            let w0 = _mm256_loadu_ps(w.add(i * NR));
+            let w1 = _mm256_loadu_ps(w.add(i * NR + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*x.add(r * tile.inp + i));
+                a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+            }
+            i += 1;
         }
     }
     for (r, a) in acc.iter().enumerate() {
@@ -279,6 +334,7 @@ mod tests {
                 y: OutPtr(y.as_mut_ptr()),
                 y_stride: out,
                 cols: out,
+                prefetch: Some(&p.panels[..inp * NR]),
             };
             tile.run(m, avx2 && has_avx2_fma());
         }

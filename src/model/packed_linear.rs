@@ -221,11 +221,7 @@ unsafe fn tile_avx2<const M: usize>(tile: &Tile, out: &mut [[f32; NR]; MR]) {
         Some(n) => (n.as_ptr(), n.len() / NR),
         None => (w, 0),
     };
-    let stride = if lines == 0 {
-        tile.inp
-    } else {
-        (tile.inp / lines).max(1)
-    };
+    let stride = tile.inp.checked_div(lines).unwrap_or(tile.inp).max(1);
     let mut i = 0;
     let mut line = 0;
     while i < tile.inp {

@@ -141,8 +141,8 @@ unsafe fn attend_one_avx2(
     attend_one_generic(q, out, pos, table, kv, layer, shape)
 }
 
-/// Heads sharing a KV head are processed together, so each cached key and value row is
-/// read once per group.
+/// One pass over the cached positions for all heads at once: each position's K (then V)
+/// row of every KV head is contiguous, so the cache is read sequentially, once.
 #[inline(always)]
 fn attend_one_generic(
     q: &[f32],
@@ -154,29 +154,34 @@ fn attend_one_generic(
     shape: HeadShape,
 ) {
     let hd = shape.head_dim;
-    let group = shape.num_heads / shape.num_kv_heads;
+    let heads = shape.num_heads;
+    let group = heads / shape.num_kv_heads;
+    let kv_row = shape.num_kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let lkv = kv.layer(layer);
     let n = pos + 1;
     let offsets: Vec<usize> = (0..n).map(|j| kv.slot_offset(table, j)).collect();
-    let mut scores = vec![0f32; n * group];
-    for kvh in 0..shape.num_kv_heads {
-        let heads = kvh * group..(kvh + 1) * group;
-        for (j, &off) in offsets.iter().enumerate() {
-            let k = &lkv.k[off + kvh * hd..off + (kvh + 1) * hd];
-            for (g, h) in heads.clone().enumerate() {
-                scores[g * n + j] = dot(&q[h * hd..(h + 1) * hd], k) * scale;
-            }
+    let mut scores = vec![0f32; n * heads];
+    for (j, &off) in offsets.iter().enumerate() {
+        let k = &lkv.k[off..off + kv_row];
+        for h in 0..heads {
+            let kvh = h / group;
+            scores[h * n + j] = dot(&q[h * hd..(h + 1) * hd], &k[kvh * hd..(kvh + 1) * hd]) * scale;
         }
-        for g in 0..group {
-            softmax_in_place(&mut scores[g * n..(g + 1) * n]);
-        }
-        out[kvh * group * hd..(kvh + 1) * group * hd].fill(0.0);
-        for (j, &off) in offsets.iter().enumerate() {
-            let v = &lkv.v[off + kvh * hd..off + (kvh + 1) * hd];
-            for (g, h) in heads.clone().enumerate() {
-                axpy(&mut out[h * hd..(h + 1) * hd], scores[g * n + j], v);
-            }
+    }
+    for h in 0..heads {
+        softmax_in_place(&mut scores[h * n..(h + 1) * n]);
+    }
+    out.fill(0.0);
+    for (j, &off) in offsets.iter().enumerate() {
+        let v = &lkv.v[off..off + kv_row];
+        for h in 0..heads {
+            let kvh = h / group;
+            axpy(
+                &mut out[h * hd..(h + 1) * hd],
+                scores[h * n + j],
+                &v[kvh * hd..(kvh + 1) * hd],
+            );
         }
     }
 }

@@ -137,3 +137,125 @@ fn admit(
         running.push(seq);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::kv_cache::KvCacheShape;
+    use crate::engine::sampler::SamplingParams;
+    use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
+    use tokio::sync::mpsc;
+
+    fn seq(id: u64, prompt_len: usize) -> (Sequence, mpsc::UnboundedReceiver<SeqEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let req = EngineRequest {
+            request_id: format!("r{id}"),
+            prompt_ids: vec![1; prompt_len],
+            params: GenerationParams {
+                max_new_tokens: 100,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+                ignore_eos: true,
+                logprobs: None,
+            },
+        };
+        (Sequence::new(id, req, tx), rx)
+    }
+
+    fn cache(blocks: usize) -> KvCache {
+        KvCache::new(KvCacheShape {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 2,
+            block_size: 4,
+            num_blocks: blocks,
+        })
+    }
+
+    fn cfg(max_batch_tokens: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_batch_tokens,
+            max_running: 8,
+            watermark_blocks: 0,
+        }
+    }
+
+    /// Makes `s` a decoding sequence: all but its last token computed, blocks held.
+    fn decoding(s: &mut Sequence, kv: &mut KvCache) {
+        s.num_computed = s.tokens.len() - 1;
+        assert!(kv.ensure_capacity(&mut s.block_table, s.num_computed));
+    }
+
+    #[test]
+    fn decode_tokens_come_first_and_prefill_is_chunked_to_the_budget() {
+        let mut kv = cache(64);
+        let (mut a, _ra) = seq(1, 6);
+        decoding(&mut a, &mut kv);
+        let (b, _rb) = seq(2, 100);
+        let mut running = vec![a];
+        let mut waiting = VecDeque::from(vec![b]);
+        let plan = schedule(&cfg(16), &mut running, &mut waiting, &mut kv);
+        assert_eq!(
+            plan.scheduled,
+            vec![
+                Scheduled { index: 0, len: 1 },
+                Scheduled { index: 1, len: 15 }
+            ]
+        );
+        // The long prompt reserved blocks for all its tokens at admission.
+        assert_eq!(running[1].block_table.len(), 25);
+        // Next step: the rest of the prompt continues in chunks after the decode.
+        running[0].num_computed += 1;
+        running[0].tokens.push(7);
+        running[1].num_computed += 15;
+        let plan = schedule(&cfg(16), &mut running, &mut waiting, &mut kv);
+        assert_eq!(
+            plan.scheduled,
+            vec![
+                Scheduled { index: 0, len: 1 },
+                Scheduled { index: 1, len: 15 }
+            ]
+        );
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_newest_sequence_for_recompute() {
+        // Two sequences each exactly filling two blocks; the pool has four.
+        let mut kv = cache(4);
+        let (mut a, _ra) = seq(1, 9);
+        let (mut b, _rb) = seq(2, 9);
+        decoding(&mut a, &mut kv);
+        decoding(&mut b, &mut kv);
+        assert_eq!(kv.num_free_blocks(), 0);
+        let mut running = vec![a, b];
+        let mut waiting = VecDeque::new();
+        let plan = schedule(&cfg(16), &mut running, &mut waiting, &mut kv);
+        // The older sequence decodes; the newer one went back to the queue's front.
+        assert_eq!(plan.scheduled, vec![Scheduled { index: 0, len: 1 }]);
+        assert_eq!(plan.preempted, 1);
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].id, 1);
+        let b = waiting.front().expect("preempted sequence waits");
+        assert_eq!((b.id, b.num_computed, b.block_table.len()), (2, 0, 0));
+        assert_eq!(running[0].block_table.len(), 3);
+    }
+
+    #[test]
+    fn admission_is_first_come_first_served_within_free_blocks() {
+        let mut kv = cache(6);
+        let (big, _r1) = seq(1, 20);
+        let (small, _r2) = seq(2, 2);
+        let mut running = Vec::new();
+        let mut waiting = VecDeque::from(vec![big, small]);
+        let plan = schedule(&cfg(64), &mut running, &mut waiting, &mut kv);
+        // The first (5 blocks) fits; the second (1 block) fits in what is left.
+        assert_eq!(plan.scheduled.len(), 2);
+        assert_eq!(kv.num_free_blocks(), 0);
+        let (late, _r3) = seq(3, 2);
+        waiting.push_back(late);
+        let plan = schedule(&cfg(64), &mut running, &mut waiting, &mut kv);
+        // No blocks: the newcomer waits; running sequences continue their prefill.
+        assert_eq!(waiting.len(), 1);
+        assert!(plan.scheduled.iter().all(|s| s.index < 2));
+    }
+}

@@ -125,11 +125,18 @@ pub async fn serve(
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: current grpcurl speaks v1, older tools v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")?;
     let engine = service.engine.clone();
     let addr = listener.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -155,6 +162,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(GenerationServer::new(service))
         .serve_with_incoming_shutdown(incoming, signal);
     let server = tokio::spawn(server);

@@ -165,7 +165,7 @@ impl Llama {
 
     /// A model with small random weights (seeded), for tests.
     pub fn random_for_tests(cfg: &ModelConfig, seed: u64) -> Result<Self> {
-        let tensors = random_tensors(cfg, seed)?;
+        let tensors = random_weights_for_tests(cfg, seed)?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         Self::load(vb, cfg)
     }
@@ -247,8 +247,8 @@ impl Llama {
     }
 }
 
-/// Seeded random weights in the Hugging Face layout (normal-ish, std 0.02..0.1).
-fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+/// Seeded random weights in the Hugging Face layout (normal-ish), for tests.
+pub fn random_weights_for_tests(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
     let mut next = move || {
         // xorshift64*; the sum of four uniforms approximates a normal.

@@ -7,9 +7,15 @@ LISTEN ?= 127.0.0.1:50051
 
 .PHONY: run test lint unit model python bench clean
 
+# Demo adapters: two synthetic LoRA adapters (demo-0 rank 8, demo-1 rank 16).
+DEMO := models/demo-adapters
+
 run:
 	cargo build --release
-	./target/release/multilora serve --model "$$(bash scripts/fetch-model.sh any)" --listen $(LISTEN)
+	model="$$(bash scripts/fetch-model.sh any)" && \
+	  { [ -d $(DEMO) ] || ./target/release/multilora adapters synth --model "$$model" \
+	      --out $(DEMO) --count 2 --prefix demo --ranks 8,16; } && \
+	  exec ./target/release/multilora serve --model "$$model" --adapter-dir $(DEMO) --listen $(LISTEN)
 
 model: $(GGUF)
 
@@ -38,6 +44,8 @@ unit:
 bench: $(GGUF)
 	cargo bench --bench decode_step
 	cargo bench --bench grpc_throughput
+	cargo bench --bench adapter_throughput
+	cargo bench --bench lora_kernels
 
 clean:
 	cargo clean

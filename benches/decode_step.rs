@@ -3,59 +3,15 @@
 //! measured in the same run. `cargo bench --bench decode_step` (needs `make model`).
 //! Under `cargo test` it runs one quick pass as a smoke test. `DECODE_STEP_BATCHES=32`
 //! selects batch sizes.
+#[path = "support/roofline.rs"]
+mod roofline;
+
 use multilora::engine::kv_cache::{KvCache, KvCacheShape};
 use multilora::model::{weights, ForwardBatch, ModelConfig};
-use rayon::prelude::*;
-use std::time::{Duration, Instant};
+use roofline::{gemm_rate, median_time, read_bandwidth};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const CONTEXT: usize = 128;
-
-fn median_time(iters: usize, mut f: impl FnMut()) -> Duration {
-    f();
-    let mut times: Vec<Duration> = (0..iters)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[times.len() / 2]
-}
-
-/// f32 GEMM rate (FLOP/s) of candle's matmul on a large square-ish problem.
-fn gemm_rate(iters: usize) -> f64 {
-    use candle_core::{Device, Tensor};
-    let (m, k, n) = (512, 1024, 1024);
-    let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let b = Tensor::ones((n, k), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let t = median_time(iters, || {
-        let _ = a.matmul(&b.t().unwrap()).unwrap();
-    });
-    2.0 * (m * k * n) as f64 / t.as_secs_f64()
-}
-
-/// Read bandwidth (bytes/s): a parallel sum over 512 MiB of f32.
-fn read_bandwidth(iters: usize) -> f64 {
-    let data = vec![1.0f32; 128 << 20];
-    let t = median_time(iters, || {
-        let s: f32 = data
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 16];
-                for block in c.chunks_exact(16) {
-                    for i in 0..16 {
-                        acc[i] += block[i];
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(s);
-    });
-    (data.len() * 4) as f64 / t.as_secs_f64()
-}
 
 /// Parameters of the linear layers and the LM head.
 fn linear_params(c: &ModelConfig) -> f64 {

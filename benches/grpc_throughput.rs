@@ -3,6 +3,7 @@
 //! ratio shows what batching buys. `cargo bench --bench grpc_throughput`.
 //! Under `cargo test` it runs one short pass as a smoke test.
 use multilora::engine::EngineConfig;
+use multilora::lora::registry::AdapterRegistry;
 use multilora::model::weights;
 use multilora::proto::v1 as pb;
 use multilora::server::{start_engine, RunningServer, ServerOptions};
@@ -77,6 +78,7 @@ fn main() {
     let service = start_engine(
         model,
         loaded.tokenizer,
+        AdapterRegistry::default(),
         EngineConfig::default(),
         &loaded.source_dtype,
     )

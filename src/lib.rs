@@ -2,6 +2,7 @@
 //! base model, with continuous batching.
 pub mod engine;
 pub mod error;
+pub mod lora;
 pub mod model;
 pub mod proto;
 pub mod server;

@@ -2,6 +2,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use multilora::engine::EngineConfig;
+use multilora::lora::registry;
 use multilora::model::weights;
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
@@ -25,12 +26,40 @@ struct Cli {
 enum Command {
     /// Load the model and serve gRPC.
     Serve(ServeArgs),
+    /// Adapter tools.
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
     /// Download a Hugging Face Hub model into the local cache and print its folder.
     Download {
         /// Hub repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
         repo: String,
         #[arg(long)]
         revision: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdaptersCommand {
+    /// Write synthetic PEFT LoRA adapters (seeded random weights) for a base model.
+    Synth {
+        /// The base model (as for `serve --model`) whose shapes the adapters fit.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Folder to write into; adapter i goes to OUT/PREFIX-i.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value = "synth")]
+        prefix: String,
+        /// Ranks, used in turn (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "16")]
+        ranks: Vec<usize>,
+        /// Target modules (comma-separated, from q,k,v,o,gate,up,down).
+        #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -57,6 +86,14 @@ struct ServeArgs {
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 256)]
     max_running: usize,
+    /// An adapter to serve, as NAME=PATH (a local PEFT folder) or NAME=OWNER/REPO[@REVISION]
+    /// (Hub); repeatable.
+    #[arg(long = "adapter", value_name = "NAME=SOURCE")]
+    adapters: Vec<String>,
+    /// A folder whose sub-folders are PEFT adapters, each served under its folder name;
+    /// repeatable.
+    #[arg(long = "adapter-dir", value_name = "DIR")]
+    adapter_dirs: Vec<std::path::PathBuf>,
     /// Seconds in-flight streams may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -70,6 +107,15 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Adapters(AdaptersCommand::Synth {
+            model,
+            out,
+            count,
+            prefix,
+            ranks,
+            targets,
+            seed,
+        }) => synth_adapters(&model, &out, count, &prefix, &ranks, &targets, seed),
         Command::Download { repo, revision } => {
             let source = weights::download_from_hub(&repo, revision.as_deref())?;
             if let weights::ModelSource::HfDir(dir) = source {
@@ -80,12 +126,53 @@ fn main() -> Result<()> {
     }
 }
 
+fn synth_adapters(
+    model: &str,
+    out: &std::path::Path,
+    count: usize,
+    prefix: &str,
+    ranks: &[usize],
+    targets: &[String],
+    seed: u64,
+) -> Result<()> {
+    use multilora::lora::peft::LoraSite;
+    use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
+    let base = weights::read_config(&weights::resolve(model, None)?)?.base_shape();
+    let sites = targets
+        .iter()
+        .map(|t| {
+            LoraSite::ALL
+                .into_iter()
+                .find(|s| s.module_name() == format!("{t}_proj") || s.module_name() == t)
+                .with_context(|| format!("--targets: unknown module {t:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ranks.is_empty() || ranks.contains(&0) {
+        anyhow::bail!("--ranks: give one or more positive ranks");
+    }
+    for i in 0..count {
+        let rank = ranks[i % ranks.len()];
+        let dir = out.join(format!("{prefix}-{i}"));
+        let spec = SynthSpec {
+            rank,
+            alpha: 2.0 * rank as f32,
+            sites: sites.clone(),
+            seed: seed.wrapping_add(i as u64),
+        };
+        let bytes = write_synthetic_adapter(&dir, &base, &spec)?;
+        println!("{} rank {rank} {bytes} bytes", dir.display());
+    }
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     if args.block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 {
         anyhow::bail!("--block-size, --max-batch-tokens and --max-running must be positive");
     }
     let device = candle_core::Device::Cpu;
     let loaded = weights::load_model(&args.model, args.revision.as_deref(), &device)?;
+    let specs = registry::collect_specs(&args.adapters, &args.adapter_dirs)?;
+    let adapters = registry::AdapterRegistry::load(&specs, &loaded.model.base_shape())?;
     let engine_cfg = EngineConfig {
         kv_cache_memory: args.kv_cache_memory,
         block_size: args.block_size,
@@ -96,6 +183,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let service = server::start_engine(
         loaded.model,
         loaded.tokenizer,
+        adapters,
         engine_cfg,
         &loaded.source_dtype,
     )?;

@@ -7,6 +7,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod stop;
 
+use crate::lora::peft::AdapterWeights;
 use crate::model::{ForwardBatch, Llama, TextTokenizer};
 use anyhow::{Context, Result};
 use kv_cache::{KvCache, KvCacheShape};
@@ -140,10 +141,12 @@ impl Drop for AliveGuard {
     }
 }
 
-/// Starts the engine thread. It stops when every handle is dropped.
+/// Starts the engine thread over `model` and the adapters of `adapters` (slot `i` is
+/// `adapters[i]`). It stops when every handle is dropped.
 pub fn spawn(
     model: Llama,
     tokenizer: Arc<TextTokenizer>,
+    adapters: Vec<Arc<AdapterWeights>>,
     cfg: EngineConfig,
 ) -> Result<EngineHandle> {
     let mc = model.config().clone();
@@ -178,6 +181,7 @@ pub fn spawn(
         .spawn(move || {
             let _guard = guard;
             let mut engine = Engine::new(model, tokenizer, KvCache::new(shape), sched, rx);
+            engine.adapters = adapters;
             engine.run();
             tracing::info!("engine stopped");
         })
@@ -187,6 +191,8 @@ pub fn spawn(
 
 struct Engine {
     model: Llama,
+    /// Adapter weights by slot.
+    adapters: Vec<Arc<AdapterWeights>>,
     tokenizer: Arc<TextTokenizer>,
     kv: KvCache,
     sched: SchedulerConfig,
@@ -213,6 +219,7 @@ impl Engine {
         };
         Self {
             model,
+            adapters: Vec::new(),
             tokenizer,
             kv,
             sched,
@@ -311,7 +318,10 @@ impl Engine {
         }
         self.stats.steps += 1;
         let (batch, sampled) = self.build_batch(&plan);
-        match self.model.forward(&batch, &mut self.kv) {
+        match self
+            .model
+            .forward_with_adapters(&batch, &mut self.kv, &self.adapters)
+        {
             Ok(logits) => self.finish_step(&plan, &sampled, &logits),
             Err(e) => self.fail_step(&plan, &format!("{e:#}")),
         }
@@ -324,7 +334,12 @@ impl Engine {
         for s in &plan.scheduled {
             let seq = &self.running[s.index];
             let from = seq.num_computed;
-            let last = batch.push_chunk(&seq.tokens[from..from + s.len], from, &seq.block_table);
+            let last = batch.push_adapter_chunk(
+                &seq.tokens[from..from + s.len],
+                from,
+                &seq.block_table,
+                seq.adapter_slot,
+            );
             let samples = from + s.len == seq.tokens.len();
             if samples {
                 batch.logit_rows.push(last);

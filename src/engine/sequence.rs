@@ -22,6 +22,8 @@ pub struct GenerationParams {
 #[derive(Clone, Debug)]
 pub struct EngineRequest {
     pub request_id: String,
+    /// Slot of the adapter in the engine's adapter table; None for the base model.
+    pub adapter_slot: Option<usize>,
     pub prompt_ids: Vec<u32>,
     pub params: GenerationParams,
 }
@@ -73,6 +75,8 @@ pub struct Sequence {
     /// Leading positions of `tokens` whose K/V are in the cache.
     pub num_computed: usize,
     pub block_table: Vec<u32>,
+    /// Adapter slot of every token of this sequence (-1: the base model).
+    pub adapter_slot: i32,
     params: GenerationParams,
     sampler: Sampler,
     detok: IncrementalDetokenizer,
@@ -93,6 +97,7 @@ impl Sequence {
             tokens: req.prompt_ids,
             num_computed: 0,
             block_table: Vec::new(),
+            adapter_slot: req.adapter_slot.map_or(-1, |s| s as i32),
             sampler: Sampler::new(req.params.sampling.clone()),
             stop: StopMatcher::new(req.params.stop.clone()),
             params: req.params,

@@ -20,14 +20,29 @@ pub struct ForwardBatch {
     pub tokens: Vec<u32>,
     pub positions: Vec<usize>,
     pub chunks: Vec<SeqChunk>,
+    /// Adapter slot of every token (-1: the base model alone).
+    pub slots: Vec<i32>,
     /// Batch rows whose next-token logits are returned, in this order.
     pub logit_rows: Vec<usize>,
 }
 
 impl ForwardBatch {
-    /// Appends one sequence's chunk; returns its last row.
+    /// Appends one base-model sequence's chunk; returns its last row.
     pub fn push_chunk(&mut self, tokens: &[u32], context_len: usize, block_table: &[u32]) -> usize {
+        self.push_adapter_chunk(tokens, context_len, block_table, -1)
+    }
+
+    /// Appends one sequence's chunk whose tokens use adapter `slot` (-1: none); returns
+    /// its last row.
+    pub fn push_adapter_chunk(
+        &mut self,
+        tokens: &[u32],
+        context_len: usize,
+        block_table: &[u32],
+        slot: i32,
+    ) -> usize {
         let start = self.tokens.len();
+        self.slots.extend(std::iter::repeat_n(slot, tokens.len()));
         self.tokens.extend_from_slice(tokens);
         self.positions
             .extend((0..tokens.len()).map(|i| context_len + i));

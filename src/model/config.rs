@@ -162,6 +162,17 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The dimensions adapters are validated against.
+    pub fn base_shape(&self) -> crate::lora::peft::BaseShape {
+        crate::lora::peft::BaseShape {
+            num_layers: self.num_layers,
+            hidden_size: self.hidden_size,
+            q_out: self.num_heads * self.head_dim,
+            kv_out: self.num_kv_heads * self.head_dim,
+            intermediate_size: self.intermediate_size,
+        }
+    }
+
     /// Bytes of K and V for one token across all layers (f32).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()

@@ -8,10 +8,14 @@ use super::config::ModelConfig;
 use super::cpu_ops::{add_in_place, rms_norm, silu_mul};
 use super::packed_linear::PackedWeight;
 use crate::engine::kv_cache::KvCache;
+use crate::lora::batch::LoraBatch;
+use crate::lora::kernels::{lora_apply, SiteShape, SlotWeights};
+use crate::lora::peft::{AdapterWeights, BaseShape, LoraSite};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
@@ -179,9 +183,25 @@ impl Llama {
         Device::Cpu
     }
 
-    /// Runs one step; writes every token's K/V into the cache and returns the logits of
-    /// `batch.logit_rows` as `[rows, vocab]` (row-major f32).
+    /// Dimensions adapters are validated against.
+    pub fn base_shape(&self) -> BaseShape {
+        self.cfg.base_shape()
+    }
+
+    /// Runs one base-model step (no adapters); see [`Self::forward_with_adapters`].
     pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_with_adapters(batch, kv, &[])
+    }
+
+    /// Runs one step; writes every token's K/V into the cache and returns the logits of
+    /// `batch.logit_rows` as `[rows, vocab]` (row-major f32). A token whose slot is `s`
+    /// gets `adapters[s]`'s low-rank delta at every site that adapter targets.
+    pub fn forward_with_adapters(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+        adapters: &[Arc<AdapterWeights>],
+    ) -> Result<Vec<f32>> {
         let t = batch.tokens.len();
         if t == 0 {
             return Ok(Vec::new());
@@ -203,13 +223,19 @@ impl Llama {
             }
             x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
         }
-        let shape = HeadShape {
-            num_heads: self.cfg.num_heads,
-            num_kv_heads: self.cfg.num_kv_heads,
-            head_dim: self.cfg.head_dim,
+        if let Some(bad) = batch.slots.iter().find(|s| **s >= adapters.len() as i32) {
+            bail!(
+                "adapter slot {bad} is not loaded ({} slots)",
+                adapters.len()
+            );
+        }
+        let lora = Deltas {
+            batch: LoraBatch::new(&batch.slots),
+            adapters,
+            base: self.base_shape(),
         };
-        for (i, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(i, layer, &mut x, batch, kv, shape)?;
+        for i in 0..self.layers.len() {
+            self.layer_forward(i, &mut x, batch, kv, &lora)?;
         }
         let mut last = Vec::with_capacity(batch.logit_rows.len() * h);
         for &r in &batch.logit_rows {
@@ -220,17 +246,33 @@ impl Llama {
             .matmul(&self.norm.forward(&last), batch.logit_rows.len()))
     }
 
+    fn head_shape(&self) -> HeadShape {
+        HeadShape {
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
     fn layer_forward(
         &self,
         index: usize,
-        layer: &DecoderLayer,
         x: &mut [f32],
         batch: &ForwardBatch,
         kv: &mut KvCache,
-        shape: HeadShape,
+        lora: &Deltas,
     ) -> Result<()> {
+        let layer = &self.layers[index];
+        let shape = self.head_shape();
         let t = batch.tokens.len();
-        let qkv = layer.qkv.forward(&layer.input_norm.forward(x), t);
+        let h = layer.input_norm.forward(x);
+        let mut qkv = layer.qkv.forward(&h, t);
+        lora.apply(
+            index,
+            &[LoraSite::Q, LoraSite::K, LoraSite::V],
+            &h,
+            &mut qkv,
+        )?;
         let mut parts = split_columns(&qkv, t, &layer.qkv.parts).into_iter();
         let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
@@ -239,10 +281,62 @@ impl Llama {
         self.rope
             .apply(&mut k, &batch.positions, shape.num_kv_heads);
         let attn = paged_attention(batch, index, &q, &k, &v, kv, shape);
-        add_in_place(x, &layer.o_proj.forward(&attn, t));
-        let gate_up = layer.gate_up.forward(&layer.post_norm.forward(x), t);
+        let mut o = layer.o_proj.forward(&attn, t);
+        lora.apply(index, &[LoraSite::O], &attn, &mut o)?;
+        add_in_place(x, &o);
+        let h = layer.post_norm.forward(x);
+        let mut gate_up = layer.gate_up.forward(&h, t);
+        lora.apply(index, &[LoraSite::Gate, LoraSite::Up], &h, &mut gate_up)?;
         let act = silu_mul(&gate_up, layer.gate_up.parts[0]);
-        add_in_place(x, &layer.down_proj.forward(&act, t));
+        let mut down = layer.down_proj.forward(&act, t);
+        lora.apply(index, &[LoraSite::Down], &act, &mut down)?;
+        add_in_place(x, &down);
+        Ok(())
+    }
+}
+
+/// The adapters of one step: the token-to-slot metadata (built once, shared by every
+/// layer and site) and each slot's weights.
+struct Deltas<'a> {
+    batch: LoraBatch,
+    adapters: &'a [Arc<AdapterWeights>],
+    base: BaseShape,
+}
+
+impl Deltas<'_> {
+    /// Adds the deltas of `sites` (stacked in this order in `y`'s columns) for input `x`.
+    fn apply(&self, layer: usize, sites: &[LoraSite], x: &[f32], y: &mut [f32]) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let y_stride: usize = sites.iter().map(|s| self.base.dims(*s).1).sum();
+        let mut y_offset = 0;
+        for &site in sites {
+            let (in_features, out_features) = self.base.dims(site);
+            let slots: Vec<Option<SlotWeights>> = self
+                .adapters
+                .iter()
+                .map(|a| {
+                    a.layers[layer][site.index()].as_ref().map(|p| SlotWeights {
+                        rank: p.rank,
+                        scale: p.scale,
+                        a: &p.a,
+                        b: &p.b,
+                    })
+                })
+                .collect();
+            if slots.iter().any(Option::is_some) {
+                let shape = SiteShape {
+                    in_features,
+                    out_features,
+                    y_stride,
+                    y_offset,
+                };
+                lora_apply(&self.batch, x, y, shape, &slots)
+                    .with_context(|| format!("LoRA at layer {layer} {}", site.module_name()))?;
+            }
+            y_offset += out_features;
+        }
         Ok(())
     }
 }

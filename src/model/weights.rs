@@ -125,6 +125,20 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
+/// Reads only the model's shape (no weights).
+pub fn read_config(source: &ModelSource) -> Result<ModelConfig> {
+    match source {
+        ModelSource::HfDir(dir) => ModelConfig::from_hf_config(&dir.join("config.json"), "model"),
+        ModelSource::Gguf(path) => {
+            let mut file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let content = gguf_file::Content::read(&mut file)
+                .with_context(|| format!("reading GGUF header of {}", path.display()))?;
+            ModelConfig::from_gguf(&content, "model")
+        }
+    }
+}
+
 /// Loads weights, config and tokenizer from a resolved source, as f32 on `device`.
 pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedWeights> {
     match source {

@@ -4,6 +4,7 @@ use crate::engine::sampler::TokenLogprob;
 use crate::engine::sequence::{FinishReason, SeqEvent, TokenEvent, Usage};
 use crate::engine::{EngineHandle, EngineStats};
 use crate::error::RequestError;
+use crate::lora::registry::AdapterRegistry;
 use crate::model::TextTokenizer;
 use crate::proto::v1 as pb;
 use futures::Stream;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 pub struct GenerationService {
     pub engine: EngineHandle,
     pub tokenizer: Arc<TextTokenizer>,
+    pub adapters: Arc<AdapterRegistry>,
     pub info: pb::ModelInfo,
 }
 
@@ -29,10 +31,12 @@ impl GenerationService {
         req: pb::GenerateRequest,
     ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, RequestError> {
         let tokenizer = self.tokenizer.clone();
+        let adapters = self.adapters.clone();
         let limits = self.engine.limits();
-        let valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
-            .await
-            .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
+        let valid =
+            tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits, &adapters))
+                .await
+                .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
         Ok(self.engine.submit(valid).await?)
     }
 }

@@ -6,6 +6,7 @@ pub mod validate;
 
 use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
 use crate::engine::{self, sampler::SamplingParams, EngineConfig, EngineHandle};
+use crate::lora::registry::AdapterRegistry;
 use crate::model::{Llama, TextTokenizer};
 use crate::proto::v1 as pb;
 use anyhow::{bail, Context, Result};
@@ -34,10 +35,12 @@ impl Default for ServerOptions {
     }
 }
 
-/// Starts the engine thread for a loaded model and builds the service over it.
+/// Starts the engine thread for a loaded model and its adapters, and builds the
+/// service over it.
 pub fn start_engine(
     model: Llama,
     tokenizer: TextTokenizer,
+    adapters: AdapterRegistry,
     engine_cfg: EngineConfig,
     dtype_note: &str,
 ) -> Result<GenerationService> {
@@ -48,7 +51,12 @@ pub fn start_engine(
         "gpu"
     };
     let tokenizer = Arc::new(tokenizer);
-    let engine = engine::spawn(model, tokenizer.clone(), engine_cfg)?;
+    let engine = engine::spawn(
+        model,
+        tokenizer.clone(),
+        adapters.slot_weights(),
+        engine_cfg,
+    )?;
     let info = pb::ModelInfo {
         model_name: cfg.name.clone(),
         architecture: "llama".into(),
@@ -62,6 +70,7 @@ pub fn start_engine(
     Ok(GenerationService {
         engine,
         tokenizer,
+        adapters: Arc::new(adapters),
         info,
     })
 }
@@ -71,6 +80,7 @@ pub fn start_engine(
 pub async fn warm_up(engine: &EngineHandle) -> Result<()> {
     let req = EngineRequest {
         request_id: "warm-up".into(),
+        adapter_slot: None,
         prompt_ids: vec![0, 1, 2, 3],
         params: GenerationParams {
             max_new_tokens: 2,

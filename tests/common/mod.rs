@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use multilora::engine::EngineConfig;
+use multilora::lora::registry::AdapterRegistry;
 use multilora::model::{weights, Llama, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
 use multilora::server::generation::GenerationService;
@@ -22,7 +23,14 @@ pub fn tiny_service(engine_cfg: EngineConfig) -> GenerationService {
     let tokenizer = TextTokenizer::byte_level_for_tests().unwrap();
     let cfg = ModelConfig::tiny_for_tests(tokenizer.vocab_size());
     let model = Llama::random_for_tests(&cfg, 11).unwrap();
-    start_engine(model, tokenizer, engine_cfg, "random").unwrap()
+    start_engine(
+        model,
+        tokenizer,
+        AdapterRegistry::default(),
+        engine_cfg,
+        "random",
+    )
+    .unwrap()
 }
 
 /// The real default model (GGUF), as `make test` fetches it.
@@ -38,6 +46,7 @@ pub fn real_service(engine_cfg: EngineConfig) -> GenerationService {
     start_engine(
         loaded.model,
         loaded.tokenizer,
+        AdapterRegistry::default(),
         engine_cfg,
         &loaded.source_dtype,
     )

@@ -1,0 +1,162 @@
+//! End-to-end output tokens/s through gRPC on the real default model for 32 concurrent
+//! streams: (a) all on the base model, (b) all on one adapter, (c) each on its own
+//! adapter (synthetic, r16 on q, k, v, o). Reports (b)/(a) and (c)/(a) next to the
+//! ratio the rooflines predict from the bytes and FLOPs the adapters add to a step.
+//! `cargo bench --bench adapter_throughput`; under `cargo test` one short pass.
+#[path = "support/roofline.rs"]
+mod roofline;
+
+use multilora::engine::EngineConfig;
+use multilora::lora::peft::LoraSite;
+use multilora::lora::registry::AdapterRegistry;
+use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
+use multilora::model::weights;
+use multilora::proto::v1 as pb;
+use multilora::server::{start_engine, RunningServer, ServerOptions};
+use pb::generation_client::GenerationClient;
+use std::time::Instant;
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn request(i: usize, adapter: String, max_new: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: format!("bench-{i}"),
+        adapter,
+        prompt: Some(format!(
+            "Write a long story about the city number {i}, its people and"
+        )),
+        max_new_tokens: Some(max_new),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Runs one request per entry of `adapters` concurrently; returns output tokens/s.
+async fn run(endpoint: &str, adapters: &[String], max_new: u32) -> f64 {
+    let client = GenerationClient::connect(endpoint.to_string())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let tasks: Vec<_> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut c = client.clone();
+            let r = request(i, a.clone(), max_new);
+            tokio::spawn(async move {
+                c.generate_unary(r)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .token_ids
+                    .len()
+            })
+        })
+        .collect();
+    let mut tokens = 0;
+    for t in tasks {
+        tokens += t.await.unwrap();
+    }
+    tokens as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
+    if !path.is_file() {
+        eprintln!(
+            "adapter_throughput: {} missing (run `make model`); skipping",
+            path.display()
+        );
+        return;
+    }
+    let streams = if quick { 2 } else { 32 };
+    let max_new = if quick { 4 } else { 96 };
+    let loaded = weights::load_model(
+        path.to_str().unwrap_or(MODEL),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let base = loaded.model.base_shape();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = |seed| SynthSpec {
+        rank: 16,
+        alpha: 32.0,
+        sites: vec![LoraSite::Q, LoraSite::K, LoraSite::V, LoraSite::O],
+        seed,
+    };
+    let mut specs = Vec::new();
+    let mut adapter_bytes = 0;
+    for i in 0..streams {
+        let p = dir.path().join(format!("synth-{i}"));
+        adapter_bytes = write_synthetic_adapter(&p, &base, &spec(i as u64)).unwrap();
+        specs.push((format!("synth-{i}"), p.to_string_lossy().to_string()));
+    }
+    let registry = AdapterRegistry::load(&specs, &base).unwrap();
+    let cfg = loaded.model.config().clone();
+    let service = start_engine(
+        loaded.model,
+        loaded.tokenizer,
+        registry,
+        EngineConfig::default(),
+        &loaded.source_dtype,
+    )
+    .unwrap();
+    let bandwidth = roofline::read_bandwidth(if quick { 1 } else { 5 });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let server = RunningServer::start(service, ServerOptions::default())
+            .await
+            .unwrap();
+        let ep = server.endpoint();
+        let base_only: Vec<String> = vec![String::new(); streams];
+        let one: Vec<String> = vec!["synth-0".into(); streams];
+        let distinct: Vec<String> = (0..streams).map(|i| format!("synth-{i}")).collect();
+        let _ = run(&ep, &base_only[..1], 2).await; // warm
+        let a = run(&ep, &base_only, max_new).await;
+        let b = run(&ep, &one, max_new).await;
+        let c = run(&ep, &distinct, max_new).await;
+        // Roofline prediction from the measured base step: the adapters add FLOPs
+        // (2 * params per token, against the base's 2 * params per token) and bytes
+        // (each distinct adapter's A and B read once per step, at the measured bandwidth).
+        let linear_params = {
+            let h = cfg.hidden_size;
+            let q = cfg.num_heads * cfg.head_dim;
+            let kv = cfg.num_kv_heads * cfg.head_dim;
+            (cfg.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size)
+                + cfg.vocab_size * h) as f64
+        };
+        let step = streams as f64 / a;
+        let flops_share = (adapter_bytes as f64 / 4.0) / linear_params;
+        let predict = |distinct: usize| {
+            let extra = step * flops_share + (distinct * adapter_bytes) as f64 / bandwidth;
+            step / (step + extra)
+        };
+        let (predict_one, predict_distinct) = (predict(1), predict(streams));
+        println!(
+            "{streams} streams x {max_new} tokens, adapters r16 on q,k,v,o ({:.1} MB each)",
+            adapter_bytes as f64 / 1e6
+        );
+        println!("case                   tokens/s  ratio_to_base  roofline_prediction");
+        println!(
+            "(a) base only          {a:>8.1}  {:>13.2}  {:>19.2}",
+            1.0, 1.0
+        );
+        println!(
+            "(b) one adapter        {b:>8.1}  {:>13.2}  {:>19.2}",
+            b / a,
+            predict_one
+        );
+        println!(
+            "(c) distinct adapters  {c:>8.1}  {:>13.2}  {:>19.2}",
+            c / a,
+            predict_distinct
+        );
+        server.stop().await.unwrap();
+    });
+}

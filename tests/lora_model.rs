@@ -1,0 +1,183 @@
+//! LoRA through the model on the tiny random Llama: a token with an adapter gets the
+//! same logits as a model whose weights have the adapter merged in (W + scale * B A),
+//! a token without one is bit-identical to the base model, whatever the batch mixes.
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use multilora::engine::kv_cache::{KvCache, KvCacheShape};
+use multilora::lora::registry::AdapterRegistry;
+use multilora::model::llama::random_weights_for_tests;
+use multilora::model::{ForwardBatch, Llama, ModelConfig};
+use std::collections::HashMap;
+use std::path::Path;
+
+const VOCAB: usize = 97;
+
+/// Writes a PEFT folder with rank `r` on `sites` of every layer; returns its A/B tensors.
+fn write_adapter(
+    dir: &Path,
+    cfg: &ModelConfig,
+    r: usize,
+    alpha: f32,
+    sites: &[&str],
+    seed: u64,
+) -> HashMap<String, Tensor> {
+    let mut tensors = HashMap::new();
+    let mut state = seed;
+    let mut rand = |n: usize, std: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
+            })
+            .collect()
+    };
+    let q = cfg.num_heads * cfg.head_dim;
+    let kv = cfg.num_kv_heads * cfg.head_dim;
+    for l in 0..cfg.num_layers {
+        for site in sites {
+            let (parent, inp, out) = match *site {
+                "q_proj" => ("self_attn", cfg.hidden_size, q),
+                "k_proj" | "v_proj" => ("self_attn", cfg.hidden_size, kv),
+                "o_proj" => ("self_attn", q, cfg.hidden_size),
+                "gate_proj" | "up_proj" => ("mlp", cfg.hidden_size, cfg.intermediate_size),
+                _ => ("mlp", cfg.intermediate_size, cfg.hidden_size),
+            };
+            let prefix = format!("base_model.model.model.layers.{l}.{parent}.{site}");
+            let a = Tensor::from_vec(rand(r * inp, 0.3), (r, inp), &Device::Cpu).unwrap();
+            let b = Tensor::from_vec(rand(out * r, 0.3), (out, r), &Device::Cpu).unwrap();
+            tensors.insert(format!("{prefix}.lora_A.weight"), a);
+            tensors.insert(format!("{prefix}.lora_B.weight"), b);
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sites,
+        "bias": "none", "use_dora": false, "use_rslora": false, "task_type": "CAUSAL_LM",
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    tensors
+}
+
+/// The base weights with `scale * B @ A` added at every adapted site.
+fn merged(cfg: &ModelConfig, adapter: &HashMap<String, Tensor>, scale: f64) -> Llama {
+    let mut w = random_weights_for_tests(cfg, 3).unwrap();
+    for (key, a) in adapter {
+        let Some(prefix) = key.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let b = &adapter[&format!("{prefix}.lora_B.weight")];
+        let name = format!("{}.weight", prefix.trim_start_matches("base_model.model."));
+        let delta = (b.matmul(a).unwrap() * scale).unwrap();
+        let merged = (&w[&name] + delta).unwrap();
+        w.insert(name, merged);
+    }
+    Llama::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), cfg).unwrap()
+}
+
+fn run(model: &Llama, adapters: &AdapterRegistry, seqs: &[(Vec<u32>, i32)]) -> Vec<Vec<f32>> {
+    let c = model.config();
+    let mut kv = KvCache::new(KvCacheShape {
+        num_layers: c.num_layers,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        block_size: 4,
+        num_blocks: 64,
+    });
+    let mut batch = ForwardBatch::default();
+    let mut tables = Vec::new();
+    for (tokens, slot) in seqs {
+        let mut table = Vec::new();
+        assert!(kv.ensure_capacity(&mut table, tokens.len()));
+        let start = batch.tokens.len();
+        batch.push_adapter_chunk(tokens, 0, &table, *slot);
+        batch.logit_rows.extend(start..start + tokens.len());
+        tables.push(table);
+    }
+    let logits = model
+        .forward_with_adapters(&batch, &mut kv, &adapters.slot_weights())
+        .unwrap();
+    logits.chunks(VOCAB).map(|r| r.to_vec()).collect()
+}
+
+#[test]
+fn adapter_tokens_match_merged_weights_and_base_tokens_are_untouched() {
+    let cfg = ModelConfig::tiny_for_tests(VOCAB);
+    let base = Llama::random_for_tests(&cfg, 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let a = write_adapter(&dir.path().join("a"), &cfg, 4, 8.0, &all, 1);
+    let b = write_adapter(
+        &dir.path().join("b"),
+        &cfg,
+        2,
+        8.0,
+        &["q_proj", "v_proj"],
+        2,
+    );
+    let specs = vec![
+        (
+            "a".to_string(),
+            dir.path().join("a").to_string_lossy().to_string(),
+        ),
+        (
+            "b".to_string(),
+            dir.path().join("b").to_string_lossy().to_string(),
+        ),
+    ];
+    let registry = AdapterRegistry::load(&specs, &base.base_shape()).unwrap();
+    let none = AdapterRegistry::default();
+    let merged_a = merged(&cfg, &a, 2.0);
+    let merged_b = merged(&cfg, &b, 4.0);
+
+    let s1: Vec<u32> = (0..9).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let s2: Vec<u32> = (0..5).map(|i| (i * 11 % VOCAB) as u32).collect();
+    let s3: Vec<u32> = (0..6).map(|i| (i * 5 % VOCAB) as u32).collect();
+    let mixed = run(
+        &base,
+        &registry,
+        &[(s1.clone(), 0), (s2.clone(), -1), (s3.clone(), 1)],
+    );
+    let want_a = run(&merged_a, &none, &[(s1.clone(), -1)]);
+    let want_base = run(&base, &none, &[(s2.clone(), -1)]);
+    let want_b = run(&merged_b, &none, &[(s3.clone(), -1)]);
+    let close = |x: &[f32], y: &[f32], what: &str| {
+        let m = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = x.iter().zip(y).fold(0f32, |d, (p, q)| d.max((p - q).abs()));
+        assert!(d <= 1e-4 * (1.0 + m), "{what}: max diff {d} (scale {m})");
+    };
+    for (i, row) in want_a.iter().enumerate() {
+        close(&mixed[i], row, &format!("adapter a, position {i}"));
+    }
+    for (i, row) in want_base.iter().enumerate() {
+        assert_eq!(
+            &mixed[s1.len() + i],
+            row,
+            "base token {i} must be bit-identical"
+        );
+    }
+    for (i, row) in want_b.iter().enumerate() {
+        close(
+            &mixed[s1.len() + s2.len() + i],
+            row,
+            &format!("adapter b, position {i}"),
+        );
+    }
+    // The adapters change the output at all (the test would be vacuous otherwise).
+    let plain = run(&base, &none, &[(s1.clone(), -1)]);
+    let moved = plain[0]
+        .iter()
+        .zip(&mixed[0])
+        .fold(0f32, |d, (p, q)| d.max((p - q).abs()));
+    assert!(moved > 1e-2, "adapter a barely changes logits: {moved}");
+}

@@ -1,20 +1,21 @@
 //! The batched LoRA kernels vs the reference (`lora_apply_reference`), side by side in one
 //! run: decode (T=32, 32 distinct adapters) and prefill (T=1024, 4 adapters x 256 tokens),
 //! ranks 8/16/64, hidden 576 and 4096 (in = out = hidden). Reports the median time of
-//! each, the speedup, and ours against the memory roofline: bytes of A, B, x and y touched
-//! over the read bandwidth measured in the same run (512 MiB parallel read). `hot` reuses
-//! one adapter set (cache-resident after the first run); `cold` cycles through copies of
-//! the weights larger than the last-level cache, as a model's 30 layers x 7 sites do.
-//! `cargo bench --bench lora_kernels`; under `cargo test` one tiny pass only.
+//! each (`hot`: one adapter set, reused, so cache-resident), the speedup, and ours with
+//! `cold` weights (a fresh adapter set each run, from an arena larger than the last-level
+//! cache, as a model's 30 layers x 7 sites are) against the memory roofline: bytes of A,
+//! B, x and y touched over the read bandwidth measured in the same run (512 MiB parallel
+//! read). `cargo bench --bench lora_kernels` (`LORA_BENCH=decode/4096` selects rows);
+//! under `cargo test` one tiny pass only.
 #[path = "support/roofline.rs"]
 mod roofline;
 
 use multilora::lora::batch::LoraBatch;
 use multilora::lora::kernels::{lora_apply, lora_apply_reference, SiteShape, SlotWeights};
-use roofline::{median_time, read_bandwidth};
+use roofline::read_bandwidth;
 use std::time::{Duration, Instant};
 
-/// Weight bytes the `cold` rotation spans at least (more than a 480 MiB L3).
+/// Size of the arena `cold` weights rotate through (more than a 480 MiB L3).
 const COLD_BYTES: usize = 768 << 20;
 
 struct Config {
@@ -25,39 +26,48 @@ struct Config {
     hidden: usize,
 }
 
-/// One set of adapter weights, `[rank, hidden]` and `[hidden, rank]` each.
-struct WeightSet {
-    a: Vec<Vec<f32>>,
-    b: Vec<Vec<f32>>,
-}
-
-impl WeightSet {
-    fn new(c: &Config, seed: usize) -> Self {
-        let n = c.rank * c.hidden;
-        let v = |k: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * 31 + k * 17 + seed) % 97) as f32 / 970.0 - 0.05)
-                .collect()
-        };
-        WeightSet {
-            a: (0..c.adapters).map(|k| v(2 * k)).collect(),
-            b: (0..c.adapters).map(|k| v(2 * k + 1)).collect(),
-        }
+impl Config {
+    /// f32 values of one adapter set: A and B per adapter.
+    fn set_len(&self) -> usize {
+        2 * self.adapters * self.rank * self.hidden
     }
 
-    fn slots(&self, rank: usize) -> Vec<Option<SlotWeights<'_>>> {
-        self.a
-            .iter()
-            .zip(&self.b)
-            .map(|(a, b)| {
+    /// The slot table over one adapter set laid out in `w` (`set_len` values).
+    fn slots<'a>(&self, w: &'a [f32]) -> Vec<Option<SlotWeights<'a>>> {
+        w.chunks_exact(2 * self.rank * self.hidden)
+            .map(|ab| {
+                let (a, b) = ab.split_at(self.rank * self.hidden);
                 Some(SlotWeights {
-                    rank,
+                    rank: self.rank,
                     scale: 2.0,
                     a,
                     b,
                 })
             })
             .collect()
+    }
+}
+
+fn pattern(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 31 + seed) % 97) as f32 / 970.0 - 0.05)
+        .collect()
+}
+
+/// Weights for `cold` runs, allocated once for the whole run; a cursor hands out the
+/// least recently used region next.
+struct Arena {
+    data: Vec<f32>,
+    cursor: usize,
+}
+
+impl Arena {
+    fn next(&mut self, len: usize) -> &[f32] {
+        if self.cursor + len > self.data.len() {
+            self.cursor = 0;
+        }
+        self.cursor += len;
+        &self.data[self.cursor - len..self.cursor]
     }
 }
 
@@ -68,66 +78,70 @@ struct Row {
     bytes: f64,
 }
 
-/// Medians of `a` and `b` timed alternately, after one warm-up run of each.
-fn paired_medians(iters: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (Duration, Duration) {
-    a();
-    b();
-    let (mut ta, mut tb) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
-    for _ in 0..iters {
-        let t = Instant::now();
-        a();
-        ta.push(t.elapsed());
-        let t = Instant::now();
-        b();
-        tb.push(t.elapsed());
+/// Medians of `f(false)` and `f(true)`, timed in alternating blocks of `BLOCK` runs (each
+/// block after one untimed warm-up run), so a noisy neighbour slows both sides alike.
+fn paired_medians(iters: usize, mut f: impl FnMut(bool)) -> (Duration, Duration) {
+    const BLOCK: usize = 5;
+    let mut times = [Vec::with_capacity(iters), Vec::with_capacity(iters)];
+    while times[1].len() < iters {
+        let n = BLOCK.min(iters - times[1].len());
+        for (side, out) in times.iter_mut().enumerate() {
+            f(side == 1);
+            for _ in 0..n {
+                let t = Instant::now();
+                f(side == 1);
+                out.push(t.elapsed());
+            }
+        }
     }
-    ta.sort();
-    tb.sort();
-    (ta[iters / 2], tb[iters / 2])
+    let [mut a, mut b] = times;
+    a.sort();
+    b.sort();
+    (a[iters / 2], b[iters / 2])
 }
 
-fn measure(c: &Config, iters: usize, cold: bool) -> Row {
+fn measure(c: &Config, iters: usize, arena: Option<&mut Arena>) -> Row {
     let h = c.hidden;
     // Sequences are contiguous: adapter k owns tokens [k*T/n, (k+1)*T/n).
     let per = c.tokens / c.adapters;
     let slots: Vec<i32> = (0..c.tokens).map(|t| (t / per) as i32).collect();
     let batch = LoraBatch::new(&slots);
-    let x: Vec<f32> = (0..c.tokens * h)
-        .map(|i| (i % 101) as f32 / 101.0 - 0.5)
-        .collect();
+    let x = pattern(c.tokens * h, 1);
     let mut y = vec![0f32; c.tokens * h];
-    let mut y2 = y.clone();
     let shape = SiteShape {
         in_features: h,
         out_features: h,
         y_stride: h,
         y_offset: 0,
     };
-    let hot = WeightSet::new(c, 0);
-    let hot_slots = hot.slots(c.rank);
-    // Interleaved, so a noisy neighbour slows both sides alike.
-    let (ref_t, hot_t) = paired_medians(
-        iters,
-        || lora_apply_reference(&batch, &x, &mut y, shape, &hot_slots).unwrap(),
-        || lora_apply(&batch, &x, &mut y2, shape, &hot_slots).unwrap(),
-    );
-    let weight_bytes = 2 * c.adapters * c.rank * h * 4;
-    let cold_t = if cold {
-        let copies = COLD_BYTES.div_ceil(weight_bytes).max(iters + 1);
-        let sets: Vec<WeightSet> = (0..copies).map(|s| WeightSet::new(c, s + 1)).collect();
-        // The oldest copies were evicted by the later ones: use them in that order.
-        let mut next = 0;
-        median_time(iters, || {
-            let slots = sets[next % copies].slots(c.rank);
-            next += 1;
-            lora_apply(&batch, &x, &mut y, shape, &slots).unwrap()
-        })
-    } else {
-        hot_t
+    let hot = pattern(c.set_len(), 2);
+    let hot_slots = c.slots(&hot);
+    // Both add into the same y, so both see the same caches.
+    let (ref_t, hot_t) = paired_medians(iters, |ours| {
+        if ours {
+            lora_apply(&batch, &x, &mut y, shape, &hot_slots).unwrap()
+        } else {
+            lora_apply_reference(&batch, &x, &mut y, shape, &hot_slots).unwrap()
+        }
+    });
+    let cold_t = match arena {
+        Some(arena) => {
+            let mut times: Vec<Duration> = (0..iters)
+                .map(|_| {
+                    let slots = c.slots(arena.next(c.set_len()));
+                    let t = Instant::now();
+                    lora_apply(&batch, &x, &mut y, shape, &slots).unwrap();
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            times[iters / 2]
+        }
+        None => hot_t,
     };
-    std::hint::black_box((&y, &y2));
+    std::hint::black_box(&y);
     // A and B once each, x read, y read and written.
-    let bytes = (weight_bytes + c.tokens * h * 4 * 3) as f64;
+    let bytes = ((c.set_len() + c.tokens * h * 3) * 4) as f64;
     Row {
         ref_ms: ref_t.as_secs_f64() * 1e3,
         hot_ms: hot_t.as_secs_f64() * 1e3,
@@ -136,28 +150,7 @@ fn measure(c: &Config, iters: usize, cold: bool) -> Row {
     }
 }
 
-fn main() {
-    let quick = !std::env::args().any(|a| a == "--bench");
-    let iters = if quick { 1 } else { 31 };
-    let bw = read_bandwidth(if quick { 1 } else { 10 });
-    println!(
-        "threads {}  read bandwidth {:.1} GB/s  (median of {iters} runs)",
-        rayon::current_num_threads(),
-        bw / 1e9
-    );
-    println!(
-        "{:<8} {:>6} {:>4} {:>6} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8}",
-        "shape",
-        "hidden",
-        "rank",
-        "MB",
-        "ref_ms",
-        "hot_ms",
-        "speedup",
-        "cold_ms",
-        "cold_GB/s",
-        "fraction"
-    );
+fn configs(quick: bool) -> Vec<Config> {
     let mut configs = Vec::new();
     for hidden in [576, 4096] {
         for rank in [8, 16, 64] {
@@ -172,6 +165,10 @@ fn main() {
             }
         }
     }
+    // LORA_BENCH=decode/576 (a substring of "shape/hidden/rank/") limits the run.
+    if let Ok(filter) = std::env::var("LORA_BENCH") {
+        configs.retain(|c| format!("{}/{}/{}/", c.name, c.hidden, c.rank).contains(&filter));
+    }
     if quick {
         configs.retain(|c| c.hidden == 576 && c.rank == 8);
         for c in &mut configs {
@@ -179,8 +176,43 @@ fn main() {
             c.adapters = c.adapters.min(c.tokens);
         }
     }
+    configs
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let iters = if quick { 1 } else { 31 };
+    let configs = configs(quick);
+    let bw = read_bandwidth(if quick { 1 } else { 10 });
+    let mut arena = (!quick).then(|| Arena {
+        data: pattern(COLD_BYTES / 4, 3),
+        cursor: 0,
+    });
+    // One untimed pass first, so the allocator is in its steady state for the reference's
+    // temporaries (as in a long-running server) before anything is timed.
     for c in &configs {
-        let row = measure(c, iters, !quick);
+        measure(c, 1, None);
+    }
+    println!(
+        "threads {}  read bandwidth {:.1} GB/s  (median of {iters} runs)",
+        rayon::current_num_threads(),
+        bw / 1e9
+    );
+    println!(
+        "{:<8} {:>6} {:>4} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8}",
+        "shape",
+        "hidden",
+        "rank",
+        "MB",
+        "ref_ms",
+        "hot_ms",
+        "speedup",
+        "cold_ms",
+        "cold_GB/s",
+        "fraction"
+    );
+    for c in &configs {
+        let row = measure(c, iters, arena.as_mut());
         let cold_bw = row.bytes / (row.cold_ms / 1e3);
         println!(
             "{:<8} {:>6} {:>4} {:>6.1} {:>9.3} {:>9.3} {:>7.1}x {:>9.3} {:>9.1} {:>8.2}",

@@ -194,8 +194,8 @@ fn random_case(rng: &mut Rng, budget: usize) -> Case {
 #[test]
 fn random_cases_match_the_reference() {
     let mut rng = Rng(1);
-    for i in 0..300 {
-        let case = random_case(&mut rng, 40_000_000);
+    for i in 0..400 {
+        let case = random_case(&mut rng, 60_000_000);
         let desc = format!(
             "case {i}: T={} {:?} slots {}",
             case.batch.num_tokens(),

@@ -6,82 +6,23 @@
 #[path = "support/roofline.rs"]
 mod roofline;
 
+#[path = "support/streams.rs"]
+mod streams;
+
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::LoraSite;
 use multilora::lora::registry::AdapterRegistry;
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
-use multilora::model::weights;
-use multilora::proto::v1 as pb;
 use multilora::server::{start_engine, RunningServer, ServerOptions};
-use pb::generation_client::GenerationClient;
-use std::time::Instant;
-
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn request(i: usize, adapter: String, max_new: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        request_id: format!("bench-{i}"),
-        adapter,
-        prompt: Some(format!(
-            "Write a long story about the city number {i}, its people and"
-        )),
-        max_new_tokens: Some(max_new),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
-/// Runs one request per entry of `adapters` concurrently; returns output tokens/s.
-async fn run(endpoint: &str, adapters: &[String], max_new: u32) -> f64 {
-    let client = GenerationClient::connect(endpoint.to_string())
-        .await
-        .unwrap();
-    let start = Instant::now();
-    let tasks: Vec<_> = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let mut c = client.clone();
-            let r = request(i, a.clone(), max_new);
-            tokio::spawn(async move {
-                c.generate_unary(r)
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .token_ids
-                    .len()
-            })
-        })
-        .collect();
-    let mut tokens = 0;
-    for t in tasks {
-        tokens += t.await.unwrap();
-    }
-    tokens as f64 / start.elapsed().as_secs_f64()
-}
+use streams::{full_run, load_default_model, run_streams};
 
 fn main() {
-    let quick = !std::env::args().any(|a| a == "--bench");
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
-    if !path.is_file() {
-        eprintln!(
-            "adapter_throughput: {} missing (run `make model`); skipping",
-            path.display()
-        );
+    let quick = !full_run();
+    let Some(loaded) = load_default_model("adapter_throughput") else {
         return;
-    }
+    };
     let streams = if quick { 2 } else { 32 };
     let max_new = if quick { 4 } else { 96 };
-    let loaded = weights::load_model(
-        path.to_str().unwrap_or(MODEL),
-        None,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
     let base = loaded.model.base_shape();
     let dir = tempfile::tempdir().unwrap();
     let spec = |seed| SynthSpec {
@@ -117,10 +58,14 @@ fn main() {
         let base_only: Vec<String> = vec![String::new(); streams];
         let one: Vec<String> = vec!["synth-0".into(); streams];
         let distinct: Vec<String> = (0..streams).map(|i| format!("synth-{i}")).collect();
-        let _ = run(&ep, &base_only[..1], 2).await; // warm
-        let a = run(&ep, &base_only, max_new).await;
-        let b = run(&ep, &one, max_new).await;
-        let c = run(&ep, &distinct, max_new).await;
+        let _ = run_streams(&ep, &base_only[..1], 2).await; // warm
+        let a = run_streams(&ep, &base_only, max_new)
+            .await
+            .tokens_per_second();
+        let b = run_streams(&ep, &one, max_new).await.tokens_per_second();
+        let c = run_streams(&ep, &distinct, max_new)
+            .await
+            .tokens_per_second();
         // Roofline prediction from the measured base step: the adapters add FLOPs
         // (2 * params per token, against the base's 2 * params per token) and bytes
         // (each distinct adapter's A and B read once per step, at the measured bandwidth).

@@ -14,8 +14,8 @@
 //! entry in `sorted_tokens` (in the segment of each of its slots), `sorted_weights` carries
 //! each entry's weight (the kernels multiply it into the adapter's scale), and
 //! [`LoraBatch::max_entries_per_token`] becomes > 1, which tells the kernels that two
-//! segments may write the same output row (the CPU kernel then runs its expand step
-//! without splitting across segments). `slots()` keeps returning the first entry's slot.
+//! segments may write the same output row (the CPU kernel then adds on one thread).
+//! `slots()` keeps returning the first entry's slot.
 
 /// A run of `len` entries of `sorted_tokens`, from `start`, that share adapter `slot`: the
 /// unit of SGMV (segmented gather matrix-vector) work.

@@ -1,6 +1,10 @@
 //! Fast CPU LoRA kernels: shrink `h = (scale * w) * x A^T` into an f32 scratch (each entry
-//! its own rank, no padding), then expand `y += h B^T`, each phase split into rectangles of
-//! one segment's work run on rayon's pool, with AVX2/FMA tiles and a portable fallback.
+//! its own rank, no padding), then expand `y += h B^T`, with AVX2/FMA tiles and a portable
+//! fallback. Work is cut into rectangles of one segment (runs of its tokens, and of its
+//! rank rows or output columns) run on rayon's pool: one parallel region where runs of
+//! tokens balance the threads (each rectangle shrinks, then expands, its own tokens), two
+//! (all shrinks, then all expands, split finer) where they do not; small calls stay on
+//! the calling thread.
 //!
 //! SGMV vs BGMV: a rectangle of at least `SGMV_MIN_TOKENS` tokens expands against `B^T`
 //! packed once per 16 columns (a GEMM-like register tile of 6 tokens x 16 columns); a

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/multilora/v1/generation.proto"];
+    let protos = [
+        "proto/multilora/v1/generation.proto",
+        "proto/multilora/v1/adapters.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

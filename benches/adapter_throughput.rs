@@ -11,7 +11,7 @@ mod streams;
 
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::LoraSite;
-use multilora::lora::registry::AdapterRegistry;
+use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
 use multilora::server::{start_engine, RunningServer, ServerOptions};
 use streams::{full_run, load_default_model, run_streams};
@@ -38,7 +38,7 @@ fn main() {
         adapter_bytes = write_synthetic_adapter(&p, &base, &spec(i as u64)).unwrap();
         specs.push((format!("synth-{i}"), p.to_string_lossy().to_string()));
     }
-    let registry = AdapterRegistry::load(&specs, &base).unwrap();
+    let registry = AdapterRegistry::with_adapters(RegistryConfig::new(base), &specs).unwrap();
     let cfg = loaded.model.config().clone();
     let service = start_engine(
         loaded.model,

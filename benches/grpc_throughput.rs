@@ -6,7 +6,7 @@
 mod streams;
 
 use multilora::engine::EngineConfig;
-use multilora::lora::registry::AdapterRegistry;
+use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
 use multilora::server::{start_engine, RunningServer, ServerOptions};
 use streams::{full_run, load_default_model, run_streams};
 
@@ -15,10 +15,11 @@ fn main() {
     let Some(loaded) = load_default_model("grpc_throughput") else {
         return;
     };
+    let registry = AdapterRegistry::new(RegistryConfig::new(loaded.model.base_shape()));
     let service = start_engine(
         loaded.model,
         loaded.tokenizer,
-        AdapterRegistry::default(),
+        registry,
         EngineConfig::default(),
         &loaded.source_dtype,
     )

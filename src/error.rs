@@ -1,4 +1,5 @@
 //! Request errors and their one mapping to gRPC status codes. Messages name the field.
+use crate::lora::registry::RegistryError;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -12,6 +13,12 @@ pub enum RequestError {
     /// The request is well-formed but this server cannot do it (e.g. no chat template).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A compare-and-set or concurrent-operation conflict; retry.
+    #[error("{0}")]
+    Aborted(String),
+    /// Over a memory budget with nothing to evict.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The engine is not running.
     #[error("{0}")]
     Unavailable(String),
@@ -32,6 +39,8 @@ impl RequestError {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Aborted(_) => Code::Aborted,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
@@ -41,6 +50,21 @@ impl RequestError {
 impl From<RequestError> for Status {
     fn from(e: RequestError) -> Self {
         Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<RegistryError> for RequestError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound(m) => Self::NotFound(m),
+            RegistryError::Invalid(m) => Self::InvalidArgument {
+                field: "adapter".into(),
+                message: m,
+            },
+            RegistryError::Conflict(m) => Self::Aborted(m),
+            RegistryError::Exhausted(m) => Self::ResourceExhausted(m),
+            RegistryError::Internal(m) => Self::Internal(m),
+        }
     }
 }
 

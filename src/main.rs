@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use multilora::engine::EngineConfig;
-use multilora::lora::registry;
+use multilora::lora::registry::{self, RegistryConfig};
 use multilora::model::weights;
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
@@ -74,9 +74,17 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "MULTILORA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Bytes for the paged KV cache.
+    /// Bytes for the paged KV cache; active adapters draw on the same pool.
     #[arg(long, default_value_t = 1 << 30)]
     kv_cache_memory: usize,
+    /// Most of the KV pool that active adapters (those a step may read) may hold;
+    /// at most half the pool.
+    #[arg(long, default_value_t = 256 << 20)]
+    adapter_memory: usize,
+    /// Bytes of adapter weights kept in host memory; least recently used adapters with
+    /// no request in flight are evicted (back to registered) to make room.
+    #[arg(long, default_value_t = 4 << 30)]
+    adapter_host_memory: usize,
     /// Token slots per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -86,12 +94,13 @@ struct ServeArgs {
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 256)]
     max_running: usize,
-    /// An adapter to serve, as NAME=PATH (a local PEFT folder) or NAME=OWNER/REPO[@REVISION]
-    /// (Hub); repeatable.
+    /// An adapter to load at start-up, as NAME=PATH (a local PEFT folder) or
+    /// NAME=OWNER/REPO[@REVISION] (Hub); repeatable. One that fails is logged and
+    /// answers NOT_FOUND with the reason.
     #[arg(long = "adapter", value_name = "NAME=SOURCE")]
     adapters: Vec<String>,
-    /// A folder whose sub-folders are PEFT adapters, each served under its folder name;
-    /// repeatable.
+    /// A folder whose sub-folders are PEFT adapters, each registered under its folder
+    /// name and loaded on first use; repeatable.
     #[arg(long = "adapter-dir", value_name = "DIR")]
     adapter_dirs: Vec<std::path::PathBuf>,
     /// Seconds in-flight streams may run after SIGINT/SIGTERM before they are cancelled.
@@ -171,10 +180,19 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let device = candle_core::Device::Cpu;
     let loaded = weights::load_model(&args.model, args.revision.as_deref(), &device)?;
-    let specs = registry::collect_specs(&args.adapters, &args.adapter_dirs)?;
-    let adapters = registry::AdapterRegistry::load(&specs, &loaded.model.base_shape())?;
+    let eager = registry::collect_specs(&args.adapters, &[])?;
+    let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
+    let adapters = registry::AdapterRegistry::new(RegistryConfig {
+        host_memory: args.adapter_host_memory,
+        ..RegistryConfig::new(loaded.model.base_shape())
+    });
+    for (name, source) in eager.iter().chain(&lazy) {
+        adapters.register(name, source)?;
+    }
+    tracing::info!(count = lazy.len(), "adapters registered from --adapter-dir");
     let engine_cfg = EngineConfig {
         kv_cache_memory: args.kv_cache_memory,
+        adapter_memory: args.adapter_memory,
         block_size: args.block_size,
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.max_running,
@@ -183,10 +201,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     let service = server::start_engine(
         loaded.model,
         loaded.tokenizer,
-        adapters,
+        adapters.clone(),
         engine_cfg,
         &loaded.source_dtype,
     )?;
+    for (name, _) in &eager {
+        // A failure is logged and answered NOT_FOUND with its reason; the rest serve.
+        let _ = adapters.load_now(name);
+    }
     let opts = ServerOptions {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
     };

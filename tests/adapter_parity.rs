@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use multilora::engine::EngineConfig;
-use multilora::lora::registry::AdapterRegistry;
+use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
 use multilora::model::weights;
 use multilora::proto::v1 as pb;
 use multilora::server::start_engine;
@@ -31,7 +31,9 @@ fn service_with_fixture_adapters() -> multilora::server::generation::GenerationS
             )
         })
         .collect();
-    let registry = AdapterRegistry::load(&specs, &loaded.model.base_shape()).unwrap();
+    let registry =
+        AdapterRegistry::with_adapters(RegistryConfig::new(loaded.model.base_shape()), &specs)
+            .unwrap();
     start_engine(
         loaded.model,
         loaded.tokenizer,

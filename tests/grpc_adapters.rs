@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::LoraSite;
-use multilora::lora::registry::AdapterRegistry;
+use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
 use multilora::model::{Llama, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
@@ -56,7 +56,7 @@ fn service(dir: &std::path::Path) -> multilora::server::generation::GenerationSe
     )
     .unwrap();
     specs.push(("bad".into(), bad.to_string_lossy().to_string()));
-    let registry = AdapterRegistry::load(&specs, &base).unwrap();
+    let registry = AdapterRegistry::with_adapters(RegistryConfig::new(base), &specs).unwrap();
     let engine = EngineConfig {
         kv_cache_memory: 8 << 20,
         ..Default::default()

@@ -4,11 +4,12 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use multilora::engine::kv_cache::{KvCache, KvCacheShape};
-use multilora::lora::registry::AdapterRegistry;
+use multilora::lora::peft::{load_peft_adapter, AdapterLimits, AdapterWeights};
 use multilora::model::llama::random_weights_for_tests;
 use multilora::model::{ForwardBatch, Llama, ModelConfig};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 const VOCAB: usize = 97;
 
@@ -77,7 +78,7 @@ fn merged(cfg: &ModelConfig, adapter: &HashMap<String, Tensor>, scale: f64) -> L
     Llama::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), cfg).unwrap()
 }
 
-fn run(model: &Llama, adapters: &AdapterRegistry, seqs: &[(Vec<u32>, i32)]) -> Vec<Vec<f32>> {
+fn run(model: &Llama, adapters: &[Arc<AdapterWeights>], seqs: &[(Vec<u32>, i32)]) -> Vec<Vec<f32>> {
     let c = model.config();
     let mut kv = KvCache::new(KvCacheShape {
         num_layers: c.num_layers,
@@ -97,7 +98,7 @@ fn run(model: &Llama, adapters: &AdapterRegistry, seqs: &[(Vec<u32>, i32)]) -> V
         tables.push(table);
     }
     let logits = model
-        .forward_with_adapters(&batch, &mut kv, &adapters.slot_weights())
+        .forward_with_adapters(&batch, &mut kv, adapters)
         .unwrap();
     logits.chunks(VOCAB).map(|r| r.to_vec()).collect()
 }
@@ -135,8 +136,14 @@ fn adapter_tokens_match_merged_weights_and_base_tokens_are_untouched() {
             dir.path().join("b").to_string_lossy().to_string(),
         ),
     ];
-    let registry = AdapterRegistry::load(&specs, &base.base_shape()).unwrap();
-    let none = AdapterRegistry::default();
+    let registry: Vec<Arc<AdapterWeights>> = specs
+        .iter()
+        .map(|(_, p)| {
+            let w = load_peft_adapter(Path::new(p), &base.base_shape(), &AdapterLimits::default());
+            Arc::new(w.unwrap())
+        })
+        .collect();
+    let none: Vec<Arc<AdapterWeights>> = Vec::new();
     let merged_a = merged(&cfg, &a, 2.0);
     let merged_b = merged(&cfg, &b, 4.0);
 

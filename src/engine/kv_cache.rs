@@ -108,6 +108,20 @@ impl KvCache {
         true
     }
 
+    /// Takes `n` blocks off the free list for another use (an active adapter's share of
+    /// the pool); None (and no change) if fewer are free.
+    pub fn take_blocks(&mut self, n: usize) -> Option<Vec<u32>> {
+        if n > self.free.len() {
+            return None;
+        }
+        Some(self.free.split_off(self.free.len() - n))
+    }
+
+    /// Bytes one block stands for (K and V of every layer).
+    pub fn block_bytes(&self) -> usize {
+        self.shape.bytes() / self.shape.num_blocks.max(1)
+    }
+
     /// Returns every block of `table` to the pool and empties it.
     pub fn release(&mut self, table: &mut Vec<u32>) {
         self.free.append(table);

@@ -1,6 +1,7 @@
 //! The engine: one thread that owns the model, the KV cache and every sequence, and
 //! runs the continuous-batching step loop. Everything else talks to it through an
 //! [`EngineHandle`] over a bounded command channel.
+pub mod adapter_pool;
 pub mod kv_cache;
 pub mod sampler;
 pub mod scheduler;
@@ -9,11 +10,12 @@ pub mod stop;
 
 use crate::lora::peft::AdapterWeights;
 use crate::model::{ForwardBatch, Llama, TextTokenizer};
+use adapter_pool::{ActivePool, ActiveStats};
 use anyhow::{Context, Result};
 use kv_cache::{KvCache, KvCacheShape};
 use scheduler::{schedule, Plan, SchedulerConfig};
 use sequence::{EngineRequest, FinishReason, SeqEvent, Sequence};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -21,8 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 /// Engine sizing, validated at start-up.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Bytes for the paged KV cache.
+    /// Bytes for the paged KV cache, which active adapters share.
     pub kv_cache_memory: usize,
+    /// Most of that pool active adapters may hold (capped at half of it).
+    pub adapter_memory: usize,
     /// Token slots per KV block.
     pub block_size: usize,
     /// Tokens per step (decode and prefill chunks together).
@@ -37,6 +41,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             kv_cache_memory: 1 << 30,
+            adapter_memory: 256 << 20,
             block_size: 16,
             max_batch_tokens: 512,
             max_running: 256,
@@ -59,6 +64,10 @@ pub struct EngineStats {
     pub finished_sequences: u64,
     pub generated_tokens: u64,
     pub prompt_tokens: u64,
+    /// The active adapter tier.
+    pub adapters: ActiveStats,
+    /// Sequences in the queue per adapter name.
+    pub waiting_by_adapter: BTreeMap<String, usize>,
 }
 
 /// Limits a request must respect, known without asking the engine thread.
@@ -69,12 +78,16 @@ pub struct EngineLimits {
     /// Tokens one sequence can hold in the KV cache when it runs alone.
     pub kv_capacity_tokens: usize,
     pub vocab_size: usize,
+    /// The largest adapter the active pool can hold.
+    pub max_adapter_bytes: usize,
 }
 
 enum Command {
     Add(Box<EngineRequest>, mpsc::UnboundedSender<SeqEvent>),
     Stats(oneshot::Sender<EngineStats>),
     CancelAll,
+    /// Finishes the sequences holding adapter version `.0`; replies how many.
+    CancelAdapter(u64, oneshot::Sender<usize>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +136,17 @@ impl EngineHandle {
             .map_err(|_| EngineError::Stopped)
     }
 
+    /// Finishes every sequence using adapter version `version` now with reason
+    /// `Cancelled` (an unload's drain deadline); returns how many there were.
+    pub async fn cancel_adapter(&self, version: u64) -> Result<usize, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::CancelAdapter(version, tx))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
     }
@@ -141,12 +165,11 @@ impl Drop for AliveGuard {
     }
 }
 
-/// Starts the engine thread over `model` and the adapters of `adapters` (slot `i` is
-/// `adapters[i]`). It stops when every handle is dropped.
+/// Starts the engine thread over `model`. Requests bring their adapter versions (as
+/// leases). It stops when every handle is dropped.
 pub fn spawn(
     model: Llama,
     tokenizer: Arc<TextTokenizer>,
-    adapters: Vec<Arc<AdapterWeights>>,
     cfg: EngineConfig,
 ) -> Result<EngineHandle> {
     let mc = model.config().clone();
@@ -157,10 +180,15 @@ pub fn spawn(
         cfg.block_size,
         cfg.kv_cache_memory,
     )?;
+    // Active adapters may hold at most half the pool, so a sequence that fits the
+    // other half can always run.
+    let block_bytes = shape.bytes() / shape.num_blocks;
+    let adapter_blocks = (cfg.adapter_memory / block_bytes).min(shape.num_blocks / 2);
     let limits = EngineLimits {
         context_length: mc.max_position_embeddings,
-        kv_capacity_tokens: shape.num_blocks * shape.block_size,
+        kv_capacity_tokens: (shape.num_blocks - adapter_blocks) * shape.block_size,
         vocab_size: mc.vocab_size,
+        max_adapter_bytes: adapter_blocks * block_bytes,
     };
     let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
     let alive = Arc::new(AtomicBool::new(true));
@@ -181,7 +209,7 @@ pub fn spawn(
         .spawn(move || {
             let _guard = guard;
             let mut engine = Engine::new(model, tokenizer, KvCache::new(shape), sched, rx);
-            engine.adapters = adapters;
+            engine.pool = ActivePool::new(adapter_blocks, block_bytes);
             engine.run();
             tracing::info!("engine stopped");
         })
@@ -191,8 +219,8 @@ pub fn spawn(
 
 struct Engine {
     model: Llama,
-    /// Adapter weights by slot.
-    adapters: Vec<Arc<AdapterWeights>>,
+    /// The adapter versions steps may read (shares the KV pool).
+    pool: ActivePool,
     tokenizer: Arc<TextTokenizer>,
     kv: KvCache,
     sched: SchedulerConfig,
@@ -219,7 +247,7 @@ impl Engine {
         };
         Self {
             model,
-            adapters: Vec::new(),
+            pool: ActivePool::new(0, 1),
             tokenizer,
             kv,
             sched,
@@ -259,6 +287,18 @@ impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Add(req, events) => {
+                if let Some(lease) = &req.adapter {
+                    if !self.pool.fits(lease.version()) {
+                        let _ = events.send(SeqEvent::Error(format!(
+                            "adapter {:?} ({} bytes) is larger than the active adapter pool \
+                             ({} bytes; see --adapter-memory)",
+                            lease.version().name,
+                            lease.version().bytes(),
+                            self.pool.stats().budget_bytes
+                        )));
+                        return;
+                    }
+                }
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 self.stats.prompt_tokens += req.prompt_ids.len() as u64;
                 self.waiting.push_back(Sequence::new(id, *req, events));
@@ -267,15 +307,38 @@ impl Engine {
                 let _ = reply.send(self.snapshot());
             }
             Command::CancelAll => {
-                let mut all: Vec<Sequence> = self.running.drain(..).collect();
-                all.extend(self.waiting.drain(..));
-                for mut seq in all {
-                    seq.finish(FinishReason::Cancelled, None);
-                    self.kv.release(&mut seq.block_table);
-                    self.stats.aborted_sequences += 1;
-                }
+                self.cancel_where(|_| true);
+            }
+            Command::CancelAdapter(version, reply) => {
+                let n =
+                    self.cancel_where(|s| s.adapter.as_ref().is_some_and(|a| a.key() == version));
+                let _ = reply.send(n);
             }
         }
+    }
+
+    /// Finishes (reason `Cancelled`) and drops every sequence matching `pred`.
+    fn cancel_where(&mut self, pred: impl Fn(&Sequence) -> bool) -> usize {
+        let mut cancelled = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            if pred(&self.running[i]) {
+                cancelled.push(self.running.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let (gone, kept): (Vec<Sequence>, Vec<Sequence>) =
+            self.waiting.drain(..).partition(|s| pred(s));
+        self.waiting = kept.into();
+        cancelled.extend(gone);
+        let n = cancelled.len();
+        for mut seq in cancelled {
+            seq.finish(FinishReason::Cancelled, None);
+            self.kv.release(&mut seq.block_table);
+            self.stats.aborted_sequences += 1;
+        }
+        n
     }
 
     fn snapshot(&self) -> EngineStats {
@@ -283,8 +346,20 @@ impl Engine {
             running_sequences: self.running.len(),
             waiting_sequences: self.waiting.len(),
             kv_blocks_free: self.kv.num_free_blocks(),
+            adapters: self.pool.stats(),
+            waiting_by_adapter: self.waiting_by_adapter(),
             ..self.stats.clone()
         }
+    }
+
+    fn waiting_by_adapter(&self) -> BTreeMap<String, usize> {
+        let mut by = BTreeMap::new();
+        for seq in &self.waiting {
+            if let Some(a) = &seq.adapter {
+                *by.entry(a.version().name.clone()).or_insert(0) += 1;
+            }
+        }
+        by
     }
 
     /// Aborts sequences whose caller has gone, freeing their blocks.
@@ -306,39 +381,78 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        let now = self.stats.steps + 1;
+        let mut pinned: HashSet<u64> = self
+            .running
+            .iter()
+            .filter_map(|s| s.adapter.as_ref().map(|a| a.key()))
+            .collect();
+        self.pool.purge(&pinned, &mut self.kv);
+        // KV before idle adapters: decodes that need a new block get it from idle
+        // adapters' share before anything is preempted.
+        let decode_blocks = self
+            .running
+            .iter()
+            .filter(|s| {
+                s.pending() == 1 && self.kv.blocks_for(s.num_computed + 1) > s.block_table.len()
+            })
+            .count();
+        self.pool.evict_for_kv(decode_blocks, &pinned, &mut self.kv);
+        let pool = &mut self.pool;
+        let mut gate = |seq: &Sequence, kv: &mut KvCache| match &seq.adapter {
+            None => true,
+            Some(lease) => {
+                let ok = pool.activate(lease.version(), &pinned, kv, now);
+                if ok {
+                    pinned.insert(lease.key());
+                }
+                ok
+            }
+        };
         let plan = schedule(
             &self.sched,
             &mut self.running,
             &mut self.waiting,
             &mut self.kv,
+            &mut gate,
         );
         self.stats.preemptions += plan.preempted as u64;
         if plan.scheduled.is_empty() {
             return;
         }
         self.stats.steps += 1;
-        let (batch, sampled) = self.build_batch(&plan);
+        let (batch, sampled, adapters) = self.build_batch(&plan);
         match self
             .model
-            .forward_with_adapters(&batch, &mut self.kv, &self.adapters)
+            .forward_with_adapters(&batch, &mut self.kv, &adapters)
         {
             Ok(logits) => self.finish_step(&plan, &sampled, &logits),
             Err(e) => self.fail_step(&plan, &format!("{e:#}")),
         }
     }
 
-    /// The ragged batch of a plan, and for each scheduled entry whether it samples.
-    fn build_batch(&self, plan: &Plan) -> (ForwardBatch, Vec<bool>) {
+    /// The ragged batch of a plan, for each scheduled entry whether it samples, and the
+    /// step's adapter table (slot `i` is `adapters[i]`, one per version in the batch).
+    fn build_batch(&self, plan: &Plan) -> (ForwardBatch, Vec<bool>, Vec<Arc<AdapterWeights>>) {
         let mut batch = ForwardBatch::default();
         let mut sampled = Vec::with_capacity(plan.scheduled.len());
+        let mut slots: HashMap<u64, i32> = HashMap::new();
+        let mut adapters = Vec::new();
         for s in &plan.scheduled {
             let seq = &self.running[s.index];
             let from = seq.num_computed;
+            let slot = match &seq.adapter {
+                None => -1,
+                Some(lease) => *slots.entry(lease.key()).or_insert_with(|| {
+                    adapters.push(lease.weights().clone());
+                    adapters.len() as i32 - 1
+                }),
+            };
             let last = batch.push_adapter_chunk(
                 &seq.tokens[from..from + s.len],
                 from,
                 &seq.block_table,
-                seq.adapter_slot,
+                slot,
             );
             let samples = from + s.len == seq.tokens.len();
             if samples {
@@ -346,7 +460,7 @@ impl Engine {
             }
             sampled.push(samples);
         }
-        (batch, sampled)
+        (batch, sampled, adapters)
     }
 
     fn finish_step(&mut self, plan: &Plan, sampled: &[bool], logits: &[f32]) {

@@ -29,12 +29,22 @@ pub struct Plan {
     pub preempted: usize,
 }
 
+/// Decides whether a waiting sequence may start now (its adapter must be made active
+/// first, which may take KV blocks); false keeps it, and everyone behind it, waiting.
+pub type AdmissionGate<'a> = dyn FnMut(&Sequence, &mut KvCache) -> bool + 'a;
+
+/// Admits everyone (no adapters to activate).
+pub fn admit_all(_: &Sequence, _: &mut KvCache) -> bool {
+    true
+}
+
 /// Plans one step, moving sequences between `waiting` and `running` as needed.
 pub fn schedule(
     cfg: &SchedulerConfig,
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
     kv: &mut KvCache,
+    gate: &mut AdmissionGate<'_>,
 ) -> Plan {
     let mut plan = Plan::default();
     let mut budget = cfg.max_batch_tokens;
@@ -49,7 +59,7 @@ pub fn schedule(
             budget -= len;
         }
     }
-    admit(cfg, running, waiting, kv, &mut plan, &mut budget);
+    admit(cfg, running, waiting, kv, gate, &mut plan, &mut budget);
     plan
 }
 
@@ -104,6 +114,7 @@ fn admit(
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
     kv: &mut KvCache,
+    gate: &mut AdmissionGate<'_>,
     plan: &mut Plan,
     budget: &mut usize,
 ) {
@@ -111,6 +122,9 @@ fn admit(
         let Some(seq) = waiting.front_mut() else {
             break;
         };
+        if !gate(seq, kv) {
+            break;
+        }
         let need = kv.blocks_for(seq.tokens.len());
         let watermark = if running.is_empty() {
             0
@@ -150,7 +164,7 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let req = EngineRequest {
             request_id: format!("r{id}"),
-            adapter_slot: None,
+            adapter: None,
             prompt_ids: vec![1; prompt_len],
             params: GenerationParams {
                 max_new_tokens: 100,
@@ -195,7 +209,13 @@ mod tests {
         let (b, _rb) = seq(2, 100);
         let mut running = vec![a];
         let mut waiting = VecDeque::from(vec![b]);
-        let plan = schedule(&cfg(16), &mut running, &mut waiting, &mut kv);
+        let plan = schedule(
+            &cfg(16),
+            &mut running,
+            &mut waiting,
+            &mut kv,
+            &mut admit_all,
+        );
         assert_eq!(
             plan.scheduled,
             vec![
@@ -209,7 +229,13 @@ mod tests {
         running[0].num_computed += 1;
         running[0].tokens.push(7);
         running[1].num_computed += 15;
-        let plan = schedule(&cfg(16), &mut running, &mut waiting, &mut kv);
+        let plan = schedule(
+            &cfg(16),
+            &mut running,
+            &mut waiting,
+            &mut kv,
+            &mut admit_all,
+        );
         assert_eq!(
             plan.scheduled,
             vec![
@@ -230,7 +256,13 @@ mod tests {
         assert_eq!(kv.num_free_blocks(), 0);
         let mut running = vec![a, b];
         let mut waiting = VecDeque::new();
-        let plan = schedule(&cfg(16), &mut running, &mut waiting, &mut kv);
+        let plan = schedule(
+            &cfg(16),
+            &mut running,
+            &mut waiting,
+            &mut kv,
+            &mut admit_all,
+        );
         // The older sequence decodes; the newer one went back to the queue's front.
         assert_eq!(plan.scheduled, vec![Scheduled { index: 0, len: 1 }]);
         assert_eq!(plan.preempted, 1);
@@ -248,13 +280,25 @@ mod tests {
         let (small, _r2) = seq(2, 2);
         let mut running = Vec::new();
         let mut waiting = VecDeque::from(vec![big, small]);
-        let plan = schedule(&cfg(64), &mut running, &mut waiting, &mut kv);
+        let plan = schedule(
+            &cfg(64),
+            &mut running,
+            &mut waiting,
+            &mut kv,
+            &mut admit_all,
+        );
         // The first (5 blocks) fits; the second (1 block) fits in what is left.
         assert_eq!(plan.scheduled.len(), 2);
         assert_eq!(kv.num_free_blocks(), 0);
         let (late, _r3) = seq(3, 2);
         waiting.push_back(late);
-        let plan = schedule(&cfg(64), &mut running, &mut waiting, &mut kv);
+        let plan = schedule(
+            &cfg(64),
+            &mut running,
+            &mut waiting,
+            &mut kv,
+            &mut admit_all,
+        );
         // No blocks: the newcomer waits; running sequences continue their prefill.
         assert_eq!(waiting.len(), 1);
         assert!(plan.scheduled.iter().all(|s| s.index < 2));

@@ -3,6 +3,7 @@
 //! sequence sends at most one `Finished` event, and nothing after it.
 use super::sampler::{token_logprob, Sampler, SamplingParams, TokenLogprob};
 use super::stop::{StopMatcher, StopOutcome};
+use crate::lora::registry::AdapterLease;
 use crate::model::tokenizer::{IncrementalDetokenizer, TextTokenizer};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -22,8 +23,9 @@ pub struct GenerationParams {
 #[derive(Clone, Debug)]
 pub struct EngineRequest {
     pub request_id: String,
-    /// Slot of the adapter in the engine's adapter table; None for the base model.
-    pub adapter_slot: Option<usize>,
+    /// The adapter version this request runs with, held until it ends; None for the
+    /// base model.
+    pub adapter: Option<AdapterLease>,
     pub prompt_ids: Vec<u32>,
     pub params: GenerationParams,
 }
@@ -75,8 +77,9 @@ pub struct Sequence {
     /// Leading positions of `tokens` whose K/V are in the cache.
     pub num_computed: usize,
     pub block_table: Vec<u32>,
-    /// Adapter slot of every token of this sequence (-1: the base model).
-    pub adapter_slot: i32,
+    /// The adapter version of every token of this sequence (None: the base model). The
+    /// lease is released when the sequence is dropped, however it ends.
+    pub adapter: Option<AdapterLease>,
     params: GenerationParams,
     sampler: Sampler,
     detok: IncrementalDetokenizer,
@@ -97,7 +100,7 @@ impl Sequence {
             tokens: req.prompt_ids,
             num_computed: 0,
             block_table: Vec::new(),
-            adapter_slot: req.adapter_slot.map_or(-1, |s| s as i32),
+            adapter: req.adapter,
             sampler: Sampler::new(req.params.sampling.clone()),
             stop: StopMatcher::new(req.params.stop.clone()),
             params: req.params,

@@ -4,7 +4,7 @@ use crate::engine::sampler::TokenLogprob;
 use crate::engine::sequence::{FinishReason, SeqEvent, TokenEvent, Usage};
 use crate::engine::{EngineHandle, EngineStats};
 use crate::error::RequestError;
-use crate::lora::registry::AdapterRegistry;
+use crate::lora::registry::{AdapterRegistry, RegistryStats};
 use crate::model::TextTokenizer;
 use crate::proto::v1 as pb;
 use futures::Stream;
@@ -18,25 +18,28 @@ use tonic::{Request, Response, Status};
 pub struct GenerationService {
     pub engine: EngineHandle,
     pub tokenizer: Arc<TextTokenizer>,
-    pub adapters: Arc<AdapterRegistry>,
+    pub adapters: AdapterRegistry,
     pub info: pb::ModelInfo,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl GenerationService {
-    /// Validates (tokenizing on a blocking thread) and submits to the engine.
+    /// Validates (tokenizing on a blocking thread), takes a lease on the adapter
+    /// (waiting for it to load if it is cold) and submits to the engine.
     async fn start(
         &self,
         req: pb::GenerateRequest,
     ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, RequestError> {
         let tokenizer = self.tokenizer.clone();
-        let adapters = self.adapters.clone();
         let limits = self.engine.limits();
-        let valid =
-            tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits, &adapters))
-                .await
-                .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
+        let adapter = req.adapter.clone();
+        let mut valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
+            .await
+            .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
+        if !adapter.is_empty() {
+            valid.adapter = Some(self.adapters.acquire(&adapter).await?);
+        }
         Ok(self.engine.submit(valid).await?)
     }
 }
@@ -119,8 +122,41 @@ fn event_stream(request_id: String, rx: mpsc::UnboundedReceiver<SeqEvent>) -> Ev
     Box::pin(stream)
 }
 
-fn stats_to_pb(s: EngineStats) -> pb::EngineStats {
+fn adapter_stats_to_pb(e: &EngineStats, r: &RegistryStats) -> pb::AdapterStats {
+    let a = &e.adapters;
+    pb::AdapterStats {
+        registered: r.registered as u32,
+        host_resident: r.host_resident as u32,
+        host_bytes: r.host_bytes as u64,
+        host_budget_bytes: r.host_budget_bytes as u64,
+        resident_bytes: r.resident_bytes as u64,
+        draining_versions: r.draining_versions as u32,
+        active: a.active as u32,
+        active_bytes: a.active_bytes as u64,
+        active_budget_bytes: a.budget_bytes as u64,
+        active_kv_blocks: a.kv_blocks as u32,
+        loads: r.loads,
+        load_failures: r.load_failures,
+        load_time_total_s: r.load_time_total.as_secs_f64(),
+        load_time_max_s: r.load_time_max.as_secs_f64(),
+        host_hits: r.host_hits,
+        host_misses: r.host_misses,
+        host_evictions: r.host_evictions,
+        active_hits: a.hits,
+        active_misses: a.misses,
+        active_evictions: a.evictions,
+        waiting_for_load: r.waiting_for_load as u32,
+        waiting_by_adapter: e
+            .waiting_by_adapter
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as u32))
+            .collect(),
+    }
+}
+
+fn stats_to_pb(s: EngineStats, r: &RegistryStats) -> pb::EngineStats {
     pb::EngineStats {
+        adapters: Some(adapter_stats_to_pb(&s, r)),
         steps: s.steps,
         running_sequences: s.running_sequences as u32,
         waiting_sequences: s.waiting_sequences as u32,
@@ -207,6 +243,6 @@ impl pb::generation_server::Generation for GenerationService {
         _request: Request<pb::GetEngineStatsRequest>,
     ) -> Result<Response<pb::EngineStats>, Status> {
         let stats = self.engine.stats().await.map_err(RequestError::from)?;
-        Ok(Response::new(stats_to_pb(stats)))
+        Ok(Response::new(stats_to_pb(stats, &self.adapters.stats())))
     }
 }

@@ -1,6 +1,7 @@
 //! gRPC server assembly: the generation service, `grpc.health.v1`, reflection, and
 //! graceful shutdown (stop accepting, drain in-flight streams up to a deadline, then
 //! cancel them).
+pub mod adapters;
 pub mod generation;
 pub mod validate;
 
@@ -11,6 +12,7 @@ use crate::model::{Llama, TextTokenizer};
 use crate::proto::v1 as pb;
 use anyhow::{bail, Context, Result};
 use generation::GenerationService;
+use pb::adapters_server::AdaptersServer;
 use pb::generation_server::GenerationServer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,8 +37,8 @@ impl Default for ServerOptions {
     }
 }
 
-/// Starts the engine thread for a loaded model and its adapters, and builds the
-/// service over it.
+/// Starts the engine thread for a loaded model, tells the adapter registry how large an
+/// adapter the active pool can hold, and builds the service over both.
 pub fn start_engine(
     model: Llama,
     tokenizer: TextTokenizer,
@@ -51,12 +53,8 @@ pub fn start_engine(
         "gpu"
     };
     let tokenizer = Arc::new(tokenizer);
-    let engine = engine::spawn(
-        model,
-        tokenizer.clone(),
-        adapters.slot_weights(),
-        engine_cfg,
-    )?;
+    let engine = engine::spawn(model, tokenizer.clone(), engine_cfg)?;
+    adapters.set_max_adapter_bytes(engine.limits().max_adapter_bytes);
     let info = pb::ModelInfo {
         model_name: cfg.name.clone(),
         architecture: "llama".into(),
@@ -70,7 +68,7 @@ pub fn start_engine(
     Ok(GenerationService {
         engine,
         tokenizer,
-        adapters: Arc::new(adapters),
+        adapters,
         info,
     })
 }
@@ -80,7 +78,7 @@ pub fn start_engine(
 pub async fn warm_up(engine: &EngineHandle) -> Result<()> {
     let req = EngineRequest {
         request_id: "warm-up".into(),
-        adapter_slot: None,
+        adapter: None,
         prompt_ids: vec![0, 1, 2, 3],
         params: GenerationParams {
             max_new_tokens: 2,
@@ -148,6 +146,10 @@ pub async fn serve(
         .build_v1alpha()
         .context("building the v1alpha reflection service")?;
     let engine = service.engine.clone();
+    let adapters_service = adapters::AdaptersService {
+        registry: service.adapters.clone(),
+        engine: engine.clone(),
+    };
     let addr = listener.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
 
@@ -174,6 +176,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(GenerationServer::new(service))
+        .add_service(AdaptersServer::new(adapters_service))
         .serve_with_incoming_shutdown(incoming, signal);
     let server = tokio::spawn(server);
 

@@ -5,7 +5,6 @@ use crate::engine::sampler::SamplingParams;
 use crate::engine::sequence::{EngineRequest, GenerationParams};
 use crate::engine::EngineLimits;
 use crate::error::RequestError;
-use crate::lora::registry::AdapterRegistry;
 use crate::model::tokenizer::{ChatMessage, TextTokenizer};
 use crate::proto::v1 as pb;
 
@@ -155,23 +154,13 @@ fn check_options(req: &pb::GenerateRequest) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// Full validation, including tokenization (call off the async threads).
+/// Full validation, including tokenization (call off the async threads). The adapter is
+/// resolved afterwards, by taking a lease on it.
 pub fn validate(
     req: &pb::GenerateRequest,
     tokenizer: &TextTokenizer,
     limits: &EngineLimits,
-    adapters: &AdapterRegistry,
 ) -> Result<EngineRequest, RequestError> {
-    let adapter_slot = if req.adapter.is_empty() {
-        None
-    } else {
-        Some(adapters.slot(&req.adapter).ok_or_else(|| {
-            RequestError::NotFound(match adapters.failure(&req.adapter) {
-                Some(why) => format!("adapter: {:?} failed to load: {why}", req.adapter),
-                None => format!("adapter: {:?} is not loaded", req.adapter),
-            })
-        })?)
-    };
     let input = check_input(req)?;
     check_options(req)?;
     let sampling = sampling_params(req.sampling.as_ref())?;
@@ -179,7 +168,7 @@ pub fn validate(
     let max_new_tokens = max_new_tokens(req.max_new_tokens, prompt_ids.len(), limits)?;
     Ok(EngineRequest {
         request_id: req.request_id.clone(),
-        adapter_slot,
+        adapter: None,
         prompt_ids,
         params: GenerationParams {
             max_new_tokens,

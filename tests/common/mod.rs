@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use multilora::engine::EngineConfig;
-use multilora::lora::registry::AdapterRegistry;
+use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
 use multilora::model::{weights, Llama, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
 use multilora::server::generation::GenerationService;
@@ -23,14 +23,8 @@ pub fn tiny_service(engine_cfg: EngineConfig) -> GenerationService {
     let tokenizer = TextTokenizer::byte_level_for_tests().unwrap();
     let cfg = ModelConfig::tiny_for_tests(tokenizer.vocab_size());
     let model = Llama::random_for_tests(&cfg, 11).unwrap();
-    start_engine(
-        model,
-        tokenizer,
-        AdapterRegistry::default(),
-        engine_cfg,
-        "random",
-    )
-    .unwrap()
+    let registry = AdapterRegistry::new(RegistryConfig::new(model.base_shape()));
+    start_engine(model, tokenizer, registry, engine_cfg, "random").unwrap()
 }
 
 /// The real default model (GGUF), as `make test` fetches it.
@@ -43,10 +37,11 @@ pub fn real_service(engine_cfg: EngineConfig) -> GenerationService {
     );
     let loaded =
         weights::load_model(path.to_str().unwrap(), None, &candle_core::Device::Cpu).unwrap();
+    let registry = AdapterRegistry::new(RegistryConfig::new(loaded.model.base_shape()));
     start_engine(
         loaded.model,
         loaded.tokenizer,
-        AdapterRegistry::default(),
+        registry,
         engine_cfg,
         &loaded.source_dtype,
     )

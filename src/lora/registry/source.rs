@@ -1,29 +1,8 @@
-//! The adapters this server holds: names, their slots in the step's adapter table and
-//! their immutable weights. Built once at start-up from `--adapter NAME=SOURCE` and
-//! `--adapter-dir DIR`; a source is a local PEFT folder or a Hub repo id
-//! (`owner/name`, optionally `@revision`). Invariant: slot `i` is `adapters()[i]`.
-use super::peft::{load_peft_adapter, AdapterLimits, AdapterWeights, BaseShape};
+//! Where adapters come from: a source is a local PEFT folder or a Hub repo id
+//! (`owner/name`, optionally `@revision`); `NAME=SOURCE` pairs from `--adapter` and the
+//! sub-folders of `--adapter-dir` (listed, not read: registration is lazy); name rules.
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-/// One loaded adapter.
-#[derive(Debug)]
-pub struct LoadedAdapter {
-    pub name: String,
-    pub source: String,
-    pub weights: Arc<AdapterWeights>,
-}
-
-/// Name -> slot, and the weights of every slot.
-#[derive(Debug, Default)]
-pub struct AdapterRegistry {
-    by_name: HashMap<String, usize>,
-    adapters: Vec<LoadedAdapter>,
-    /// Adapters that were asked for but failed to load, with the reason.
-    failed: HashMap<String, String>,
-}
 
 /// Where an adapter's files come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,73 +62,6 @@ impl AdapterSource {
             }
         }
     }
-}
-
-impl AdapterRegistry {
-    /// Loads and validates every adapter. A bad name or a duplicate is an error; an
-    /// adapter whose files are bad fails alone: it is logged, remembered with its
-    /// reason (see [`Self::failure`]) and not served, and the others load.
-    pub fn load(specs: &[(String, String)], base: &BaseShape) -> Result<Self> {
-        let mut reg = Self::default();
-        for (name, spec) in specs {
-            validate_name(name)?;
-            if reg.by_name.contains_key(name) || reg.failed.contains_key(name) {
-                bail!("adapter {name:?} is given twice");
-            }
-            let weights = match load_one(spec, base) {
-                Ok(w) => w,
-                Err(e) => {
-                    let reason = format!("{e:#}");
-                    tracing::error!(adapter = %name, error = %reason, "adapter failed to load");
-                    reg.failed.insert(name.clone(), reason);
-                    continue;
-                }
-            };
-            tracing::info!(
-                adapter = %name,
-                rank = weights.rank_max,
-                bytes = weights.bytes,
-                targets = ?weights.target_modules,
-                "adapter loaded"
-            );
-            reg.by_name.insert(name.clone(), reg.adapters.len());
-            reg.adapters.push(LoadedAdapter {
-                name: name.clone(),
-                source: spec.clone(),
-                weights: Arc::new(weights),
-            });
-        }
-        Ok(reg)
-    }
-
-    /// Why a named adapter failed to load, if it did.
-    pub fn failure(&self, name: &str) -> Option<&str> {
-        self.failed.get(name).map(String::as_str)
-    }
-
-    /// The slot of a named adapter.
-    pub fn slot(&self, name: &str) -> Option<usize> {
-        self.by_name.get(name).copied()
-    }
-
-    pub fn adapters(&self) -> &[LoadedAdapter] {
-        &self.adapters
-    }
-
-    /// The weights of every slot, in slot order (what the engine's steps read).
-    pub fn slot_weights(&self) -> Vec<Arc<AdapterWeights>> {
-        self.adapters.iter().map(|a| a.weights.clone()).collect()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.adapters.is_empty()
-    }
-}
-
-fn load_one(spec: &str, base: &BaseShape) -> Result<AdapterWeights> {
-    let dir = AdapterSource::parse(spec)?.materialize()?;
-    load_peft_adapter(&dir, base, &AdapterLimits::default())
-        .with_context(|| format!("from {}", dir.display()))
 }
 
 /// `NAME=SOURCE` pairs from `--adapter` values and the sub-folders of `--adapter-dir`s.

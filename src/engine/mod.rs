@@ -80,6 +80,15 @@ pub struct EngineLimits {
     pub vocab_size: usize,
     /// The largest adapter the active pool can hold.
     pub max_adapter_bytes: usize,
+    pub block_size: usize,
+    pub kv_block_bytes: usize,
+}
+
+impl EngineLimits {
+    /// KV token slots an active adapter of `bytes` takes from the shared pool.
+    pub fn adapter_tokens(&self, bytes: usize) -> usize {
+        bytes.div_ceil(self.kv_block_bytes.max(1)).max(1) * self.block_size
+    }
 }
 
 enum Command {
@@ -180,15 +189,17 @@ pub fn spawn(
         cfg.block_size,
         cfg.kv_cache_memory,
     )?;
-    // Active adapters may hold at most half the pool, so a sequence that fits the
-    // other half can always run.
+    // Active adapters may hold at most half the pool. A request's length is checked
+    // against the pool less its own adapter's share, so it can always run alone.
     let block_bytes = shape.bytes() / shape.num_blocks;
     let adapter_blocks = (cfg.adapter_memory / block_bytes).min(shape.num_blocks / 2);
     let limits = EngineLimits {
         context_length: mc.max_position_embeddings,
-        kv_capacity_tokens: (shape.num_blocks - adapter_blocks) * shape.block_size,
+        kv_capacity_tokens: shape.num_blocks * shape.block_size,
         vocab_size: mc.vocab_size,
         max_adapter_bytes: adapter_blocks * block_bytes,
+        block_size: shape.block_size,
+        kv_block_bytes: block_bytes,
     };
     let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
     let alive = Arc::new(AtomicBool::new(true));
@@ -304,6 +315,8 @@ impl Engine {
                 self.waiting.push_back(Sequence::new(id, *req, events));
             }
             Command::Stats(reply) => {
+                let pinned = self.pinned();
+                self.pool.purge(&pinned, &mut self.kv);
                 let _ = reply.send(self.snapshot());
             }
             Command::CancelAll => {
@@ -352,6 +365,14 @@ impl Engine {
         }
     }
 
+    /// Adapter versions of running sequences: never evicted from the active pool.
+    fn pinned(&self) -> HashSet<u64> {
+        self.running
+            .iter()
+            .filter_map(|s| s.adapter.as_ref().map(|a| a.key()))
+            .collect()
+    }
+
     fn waiting_by_adapter(&self) -> BTreeMap<String, usize> {
         let mut by = BTreeMap::new();
         for seq in &self.waiting {
@@ -382,11 +403,7 @@ impl Engine {
 
     fn step(&mut self) {
         let now = self.stats.steps + 1;
-        let mut pinned: HashSet<u64> = self
-            .running
-            .iter()
-            .filter_map(|s| s.adapter.as_ref().map(|a| a.key()))
-            .collect();
+        let mut pinned = self.pinned();
         self.pool.purge(&pinned, &mut self.kv);
         // KV before idle adapters: decodes that need a new block get it from idle
         // adapters' share before anything is preempted.

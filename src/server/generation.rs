@@ -25,22 +25,30 @@ pub struct GenerationService {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl GenerationService {
-    /// Validates (tokenizing on a blocking thread), takes a lease on the adapter
-    /// (waiting for it to load if it is cold) and submits to the engine.
+    /// Takes a lease on the adapter (waiting for it to load if it is cold), validates
+    /// (tokenizing on a blocking thread) and submits to the engine.
+    /// Returns the event receiver and the adapter version taken (0: none).
     async fn start(
         &self,
         req: pb::GenerateRequest,
-    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, RequestError> {
+    ) -> Result<(mpsc::UnboundedReceiver<SeqEvent>, u64), RequestError> {
         let tokenizer = self.tokenizer.clone();
-        let limits = self.engine.limits();
-        let adapter = req.adapter.clone();
+        let mut limits = self.engine.limits();
+        let lease = match req.adapter.as_str() {
+            "" => None,
+            name => Some(self.adapters.acquire(name).await?),
+        };
+        let version = lease.as_ref().map_or(0, |l| l.key());
+        if let Some(l) = &lease {
+            // The adapter's share of the KV pool is not available to the sequence.
+            let reserved = limits.adapter_tokens(l.version().bytes());
+            limits.kv_capacity_tokens = limits.kv_capacity_tokens.saturating_sub(reserved);
+        }
         let mut valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
             .await
             .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
-        if !adapter.is_empty() {
-            valid.adapter = Some(self.adapters.acquire(&adapter).await?);
-        }
-        Ok(self.engine.submit(valid).await?)
+        valid.adapter = lease;
+        Ok((self.engine.submit(valid).await?, version))
     }
 }
 
@@ -88,7 +96,11 @@ fn engine_vanished() -> Status {
 }
 
 /// Maps engine events to responses; ends after the final message or an error.
-fn event_stream(request_id: String, rx: mpsc::UnboundedReceiver<SeqEvent>) -> EventStream {
+fn event_stream(
+    request_id: String,
+    adapter_version: u64,
+    rx: mpsc::UnboundedReceiver<SeqEvent>,
+) -> EventStream {
     let stream = futures::stream::unfold(Some(rx), move |state| {
         let request_id = request_id.clone();
         async move {
@@ -109,6 +121,7 @@ fn event_stream(request_id: String, rx: mpsc::UnboundedReceiver<SeqEvent>) -> Ev
                             finish_reason: reason_to_pb(reason) as i32,
                             usage: Some(usage_to_pb(&usage)),
                             matched_stop: matched_stop.unwrap_or_default(),
+                            adapter_version,
                         })),
                     };
                     return Some((Ok(msg), None));
@@ -181,8 +194,8 @@ impl pb::generation_server::Generation for GenerationService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = request.into_inner();
         let request_id = req.request_id.clone();
-        let rx = self.start(req).await?;
-        Ok(Response::new(event_stream(request_id, rx)))
+        let (rx, version) = self.start(req).await?;
+        Ok(Response::new(event_stream(request_id, version, rx)))
     }
 
     async fn generate_unary(
@@ -194,7 +207,8 @@ impl pb::generation_server::Generation for GenerationService {
             request_id: req.request_id.clone(),
             ..Default::default()
         };
-        let mut rx = self.start(req).await?;
+        let (mut rx, version) = self.start(req).await?;
+        out.adapter_version = version;
         loop {
             match rx.recv().await {
                 Some(SeqEvent::Token(t)) => {

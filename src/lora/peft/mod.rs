@@ -152,6 +152,49 @@ use AdapterError::{Invalid, Unsupported};
 const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
+/// The f32 bytes the adapter in `dir` will take once loaded, from its safetensors
+/// header alone (an upper bound: tensors the loader skips are counted too). Lets a
+/// caller reserve memory before reading the weights.
+pub fn estimate_adapter_bytes(dir: &Path, limits: &AdapterLimits) -> Result<usize, AdapterError> {
+    use std::io::Read;
+    let path = dir.join(WEIGHTS_FILE);
+    let io = |e: std::io::Error| AdapterError::Io(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::open(&path).map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    if len > limits.max_header_bytes {
+        return Err(Invalid(format!(
+            "{WEIGHTS_FILE}: header of {len} bytes exceeds {}",
+            limits.max_header_bytes
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Invalid(format!("{WEIGHTS_FILE}: header is not JSON: {e}")))?;
+    let tensors = json
+        .as_object()
+        .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: header is not an object")))?;
+    let mut floats = 0usize;
+    for (name, info) in tensors {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape = info["shape"]
+            .as_array()
+            .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: {name} has no shape")))?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |n, d| {
+                d.as_u64().and_then(|d| n.checked_mul(d as usize))
+            })
+            .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: {name} has a bad shape")))?;
+        floats = floats.saturating_add(numel);
+    }
+    Ok(floats.saturating_mul(4))
+}
+
 /// Loads and validates the PEFT LoRA folder `dir` against `base`.
 pub fn load_peft_adapter(
     dir: &Path,

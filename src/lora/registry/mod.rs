@@ -18,8 +18,11 @@ mod version;
 pub use source::{collect_specs, validate_name, AdapterSource};
 pub use version::{AdapterEvent, AdapterLease, AdapterVersion, EventKind};
 
-use super::peft::{load_peft_adapter, AdapterLimits, AdapterWeights, BaseShape};
+use super::peft::{
+    estimate_adapter_bytes, load_peft_adapter, AdapterLimits, AdapterWeights, BaseShape,
+};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -150,6 +153,8 @@ struct Entry {
 struct State {
     entries: HashMap<String, Entry>,
     tick: u64,
+    /// Host bytes held for loads in progress.
+    reserved: usize,
     stats: RegistryStats,
 }
 
@@ -315,7 +320,7 @@ impl AdapterRegistry {
             self.inner.acc.clone(),
         );
         let mut st = self.lock();
-        if !self.make_room(&mut st, name, 0) {
+        if !self.make_room(&mut st, name, 0, 0) {
             drop(st);
             let e = RegistryError::Exhausted(format!(
                 "adapter {name:?} needs {} bytes; --adapter-host-memory {} is full",
@@ -512,16 +517,32 @@ impl AdapterRegistry {
 
     async fn run_load(self, name: String, epoch: u64, source: String) {
         let t0 = Instant::now();
-        let cfg = self.inner.cfg.clone();
-        let max = self.max_adapter_bytes();
-        let src = source.clone();
-        let loaded = tokio::task::spawn_blocking(move || read_adapter(&src, &cfg, max))
+        let (cfg, src) = (self.inner.cfg.clone(), source.clone());
+        let located = tokio::task::spawn_blocking(move || locate(&src, &cfg))
             .await
             .unwrap_or_else(|e| Err(RegistryError::Internal(format!("adapter load task: {e}"))));
-        let load_time = t0.elapsed();
+        let (dir, estimate) = match located {
+            Ok(found) => found,
+            Err(e) => return self.fail_load(&name, epoch, e),
+        };
+        let max = self.max_adapter_bytes();
+        if estimate > max {
+            let e = too_large(&source, estimate, max);
+            return self.fail_load(&name, epoch, e);
+        }
+        if !self.reserve(&name, epoch, estimate).await {
+            return;
+        }
+        let cfg = self.inner.cfg.clone();
+        let loaded = tokio::task::spawn_blocking(move || read_weights(&dir, &cfg, max))
+            .await
+            .unwrap_or_else(|e| Err(RegistryError::Internal(format!("adapter load task: {e}"))));
         let weights = match loaded {
             Ok(w) => w,
-            Err(e) => return self.fail_load(&name, epoch, e),
+            Err(e) => {
+                self.lock().reserved -= estimate;
+                return self.fail_load(&name, epoch, e);
+            }
         };
         let version = self.inner.next_version.fetch_add(1, Ordering::SeqCst);
         let v = AdapterVersion::new(
@@ -529,15 +550,32 @@ impl AdapterRegistry {
             version,
             &source,
             weights,
-            load_time,
+            t0.elapsed(),
             self.inner.acc.clone(),
         );
-        self.install_when_room(&name, epoch, v).await;
+        let mut st = self.lock();
+        st.reserved -= estimate;
+        let Some(entry) = st.entries.get(&name).filter(|e| e.epoch == epoch) else {
+            return; // unloaded meanwhile: its waiters were answered; `v` drops
+        };
+        let credit = entry
+            .current
+            .as_ref()
+            .filter(|c| c.leases() == 0)
+            .map_or(0, |c| c.bytes());
+        // The reservation covered the load; this only matters if the header estimate
+        // was low, and then the budget is exceeded by at most that difference.
+        if !self.make_room(&mut st, &name, 0, credit) {
+            tracing::warn!(adapter = %name, "adapter larger than its reservation; host budget exceeded");
+        }
+        self.install(&mut st, &name, v);
     }
 
-    /// Makes host room for `v` (evicting, or waiting for leases to end while requests
-    /// wait for it) and makes it `name`'s current version.
-    async fn install_when_room(&self, name: &str, epoch: u64, v: Arc<AdapterVersion>) {
+    /// Waits until `need` more bytes fit the host budget (evicting unleased versions),
+    /// and reserves them for the load of `name`. While nothing can be evicted the load
+    /// waits (holding no memory) if requests wait for it, and fails RESOURCE_EXHAUSTED
+    /// otherwise. False when the load ended here (answered, or abandoned by everyone).
+    async fn reserve(&self, name: &str, epoch: u64, need: usize) -> bool {
         loop {
             let notified = self.inner.acc.changed.notified();
             tokio::pin!(notified);
@@ -545,7 +583,7 @@ impl AdapterRegistry {
             {
                 let mut st = self.lock();
                 let Some(entry) = st.entries.get_mut(name).filter(|e| e.epoch == epoch) else {
-                    return; // unloaded meanwhile: its waiters were answered; `v` drops
+                    return false; // unloaded meanwhile: its waiters were answered
                 };
                 // The version this one replaces is freed at once if nobody holds it.
                 let credit = entry
@@ -553,24 +591,28 @@ impl AdapterRegistry {
                     .as_ref()
                     .filter(|c| c.leases() == 0)
                     .map_or(0, |c| c.bytes());
-                let requests_wait = entry.loading.as_mut().is_some_and(|job| {
-                    job.waiters.retain(|w| !w.tx.is_closed());
-                    job.waiters.iter().any(|w| !w.admin)
-                });
-                if self.make_room(&mut st, name, credit) {
-                    self.install(&mut st, name, v);
-                    return;
+                let Some(job) = entry.loading.as_mut() else {
+                    return false;
+                };
+                job.waiters.retain(|w| !w.tx.is_closed());
+                if job.waiters.is_empty() {
+                    entry.loading = None; // everyone left: no reason to load
+                    return false;
+                }
+                let requests_wait = job.waiters.iter().any(|w| !w.admin);
+                if self.make_room(&mut st, name, need, credit) {
+                    st.reserved += need;
+                    return true;
                 }
                 if !requests_wait {
                     drop(st);
-                    let need = v.bytes();
-                    drop(v);
                     let budget = self.inner.cfg.host_memory;
                     let e = RegistryError::Exhausted(format!(
                         "adapter {name:?} needs {need} bytes of host memory; the budget \
                          (--adapter-host-memory {budget}) is held by adapters in use"
                     ));
-                    return self.fail_load(name, epoch, e);
+                    self.fail_load(name, epoch, e);
+                    return false;
                 }
             }
             let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
@@ -578,12 +620,13 @@ impl AdapterRegistry {
     }
 
     /// Evicts the least recently requested unleased versions (never `keep`'s) until the
-    /// live bytes, less `credit`, fit the host budget. False if that is impossible.
-    fn make_room(&self, st: &mut State, keep: &str, credit: usize) -> bool {
-        let budget = self.inner.cfg.host_memory;
+    /// live and reserved bytes plus `extra`, less `credit`, fit the host budget. False
+    /// if that is impossible.
+    fn make_room(&self, st: &mut State, keep: &str, extra: usize, credit: usize) -> bool {
+        let budget = self.inner.cfg.host_memory + credit;
         loop {
             let resident = self.inner.acc.resident_bytes.load(Ordering::SeqCst);
-            if resident.saturating_sub(credit) <= budget {
+            if resident + st.reserved + extra <= budget {
                 return true;
             }
             let victim = st
@@ -737,23 +780,44 @@ fn not_loaded(name: &str) -> RegistryError {
     RegistryError::NotFound(format!("adapter {name:?} is not loaded"))
 }
 
+fn too_large(source: &str, bytes: usize, max: usize) -> RegistryError {
+    RegistryError::Exhausted(format!(
+        "adapter from {source} needs {bytes} bytes; the adapter memory budgets \
+         (--adapter-memory, --adapter-host-memory) allow {max}"
+    ))
+}
+
+/// The local folder of `source` (downloaded for a Hub source) and the bytes its
+/// weights will take (blocking).
+fn locate(source: &str, cfg: &RegistryConfig) -> Result<(PathBuf, usize), RegistryError> {
+    let dir = AdapterSource::parse(source)
+        .and_then(|s| s.materialize())
+        .map_err(|e| RegistryError::Invalid(format!("{e:#}")))?;
+    let bytes = estimate_adapter_bytes(&dir, &cfg.limits)
+        .map_err(|e| RegistryError::Invalid(format!("{e} (from {})", dir.display())))?;
+    Ok((dir, bytes))
+}
+
+/// Reads and validates the adapter in `dir` (blocking).
+fn read_weights(
+    dir: &Path,
+    cfg: &RegistryConfig,
+    max: usize,
+) -> Result<AdapterWeights, RegistryError> {
+    let w = load_peft_adapter(dir, &cfg.base, &cfg.limits)
+        .map_err(|e| RegistryError::Invalid(format!("{e} (from {})", dir.display())))?;
+    if w.bytes > max {
+        return Err(too_large(&dir.display().to_string(), w.bytes, max));
+    }
+    Ok(w)
+}
+
 /// Reads and validates an adapter's files (blocking).
 fn read_adapter(
     source: &str,
     cfg: &RegistryConfig,
     max: usize,
 ) -> Result<AdapterWeights, RegistryError> {
-    let invalid = |e: anyhow::Error| RegistryError::Invalid(format!("{e:#}"));
-    let dir = AdapterSource::parse(source)
-        .and_then(|s| s.materialize())
-        .map_err(invalid)?;
-    let w = load_peft_adapter(&dir, &cfg.base, &cfg.limits)
-        .map_err(|e| RegistryError::Invalid(format!("{e} (from {})", dir.display())))?;
-    if w.bytes > max {
-        return Err(RegistryError::Exhausted(format!(
-            "adapter from {source} needs {} bytes; the adapter memory budgets allow {max}",
-            w.bytes
-        )));
-    }
-    Ok(w)
+    let (dir, _) = locate(source, cfg)?;
+    read_weights(&dir, cfg, max)
 }

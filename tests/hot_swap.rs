@@ -1,0 +1,685 @@
+//! Adapter hot-swap over gRPC on small random models: unload and replace under load,
+//! concurrent loads, a working set larger than the active pool, a cold load beside
+//! running streams, corrupt adapters, drain deadlines and bad admin input.
+mod common;
+
+use common::*;
+use multilora::engine::EngineConfig;
+use multilora::lora::peft::{BaseShape, LoraSite};
+use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
+use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
+use multilora::model::{Llama, ModelConfig, TextTokenizer};
+use multilora::proto::v1 as pb;
+use multilora::server::generation::GenerationService;
+use multilora::server::start_engine;
+use pb::adapters_client::AdaptersClient;
+use pb::generation_client::GenerationClient;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// A random Llama big enough that a 32-stream generation takes a while on the CPU.
+fn small_config(vocab: usize) -> ModelConfig {
+    ModelConfig {
+        name: "small-random-llama".into(),
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 4,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        ..ModelConfig::tiny_for_tests(vocab)
+    }
+}
+
+struct Setup {
+    service: GenerationService,
+    base: BaseShape,
+}
+
+fn setup(cfg: ModelConfig, engine: EngineConfig, host_memory: usize) -> Setup {
+    let tokenizer = TextTokenizer::byte_level_for_tests().unwrap();
+    let model = Llama::random_for_tests(&cfg, 5).unwrap();
+    let base = model.base_shape();
+    let registry = AdapterRegistry::new(RegistryConfig {
+        host_memory,
+        ..RegistryConfig::new(base.clone())
+    });
+    let service = start_engine(model, tokenizer, registry, engine, "random").unwrap();
+    Setup { service, base }
+}
+
+fn small(engine: EngineConfig) -> Setup {
+    setup(small_config(259), engine, 1 << 30)
+}
+
+fn synth(
+    dir: &Path,
+    name: &str,
+    base: &BaseShape,
+    rank: usize,
+    sites: &[LoraSite],
+    seed: u64,
+) -> String {
+    let p = dir.join(name);
+    let spec = SynthSpec {
+        rank,
+        alpha: 2.0 * rank as f32,
+        sites: sites.to_vec(),
+        seed,
+    };
+    write_synthetic_adapter(&p, base, &spec).unwrap();
+    p.to_string_lossy().to_string()
+}
+
+async fn clients(
+    service: GenerationService,
+) -> (
+    multilora::server::RunningServer,
+    GenerationClient<Channel>,
+    AdaptersClient<Channel>,
+) {
+    let (server, gen) = start(service).await;
+    let adm = AdaptersClient::connect(server.endpoint()).await.unwrap();
+    (server, gen, adm)
+}
+
+fn load_req(name: &str, source: &str, expected: Option<u64>) -> pb::LoadAdapterRequest {
+    pb::LoadAdapterRequest {
+        name: name.into(),
+        source: source.into(),
+        revision: None,
+        expected_version: expected,
+    }
+}
+
+/// Seeded sampling at a high temperature: random models have very peaked logits and
+/// repeat one token under greedy decoding, while a seeded sample of flattened logits
+/// depends on every logit, so it shows which weights produced it (and is reproducible
+/// in any batch).
+fn request(adapter: &str, prompt: u32, max_new: u32) -> pb::GenerateRequest {
+    let mut r = greedy((0..6).map(|i| 10 + prompt * 7 + i).collect(), max_new);
+    r.sampling = Some(pb::SamplingParams {
+        temperature: Some(4.0),
+        seed: Some(1000 + prompt as u64),
+        ..Default::default()
+    });
+    r.adapter = adapter.into();
+    r.ignore_eos = true;
+    r
+}
+
+/// A generation that reports when its first token arrived and the version it ran on.
+struct Run {
+    tokens: Vec<u32>,
+    finish: pb::FinishReason,
+    version: u64,
+    arrivals: Vec<Instant>,
+}
+
+async fn run_stream(
+    mut c: GenerationClient<Channel>,
+    req: pb::GenerateRequest,
+    started: Option<tokio::sync::mpsc::Sender<()>>,
+) -> Result<Run, tonic::Status> {
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut run = Run {
+        tokens: vec![],
+        finish: pb::FinishReason::Unspecified,
+        version: 0,
+        arrivals: vec![],
+    };
+    let mut started = started;
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(pb::generate_response::Event::Delta(d)) => {
+                run.arrivals.push(Instant::now());
+                run.tokens.extend(d.token_ids);
+                if let Some(tx) = started.take() {
+                    tx.send(()).await.unwrap();
+                }
+            }
+            Some(pb::generate_response::Event::Final(f)) => {
+                run.finish = f.finish_reason();
+                run.version = f.adapter_version;
+                return Ok(run);
+            }
+            None => panic!("empty message"),
+        }
+    }
+    panic!("stream ended without a final message")
+}
+
+async fn adapter_stats(gen: &mut GenerationClient<Channel>) -> pb::AdapterStats {
+    let s = gen
+        .get_engine_stats(pb::GetEngineStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    s.adapters.unwrap()
+}
+
+/// Waits (bounded) until no adapter bytes are resident.
+async fn wait_all_freed(gen: &mut GenerationClient<Channel>) -> pb::AdapterStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = adapter_stats(gen).await;
+        if s.resident_bytes == 0 && s.draining_versions == 0 || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts `n` streams and returns once each has its first token.
+async fn start_streams(
+    gen: &GenerationClient<Channel>,
+    reqs: Vec<pb::GenerateRequest>,
+) -> Vec<tokio::task::JoinHandle<Result<Run, tonic::Status>>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(reqs.len());
+    let n = reqs.len();
+    let handles = reqs
+        .into_iter()
+        .map(|r| tokio::spawn(run_stream(gen.clone(), r, Some(tx.clone()))))
+        .collect();
+    for _ in 0..n {
+        rx.recv().await.unwrap();
+    }
+    handles
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_while_32_streams_use_it_drains_them_on_the_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = small(EngineConfig::default());
+    let src = synth(dir.path(), "a", &s.base, 8, &LoraSite::ALL, 1);
+    let (server, mut gen, mut adm) = clients(s.service).await;
+    let info = adm
+        .load_adapter(load_req("a", &src, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.state(), pb::AdapterState::Host);
+    let max_new = 200;
+    let mut alone = Vec::new();
+    for p in 0..4 {
+        alone.push(
+            run_stream(gen.clone(), request("a", p, max_new), None)
+                .await
+                .unwrap()
+                .tokens,
+        );
+    }
+    let base = run_stream(gen.clone(), request("", 0, max_new), None)
+        .await
+        .unwrap();
+    assert_ne!(base.tokens, alone[0], "the adapter changes nothing");
+
+    let reqs = (0..32).map(|i| request("a", i % 4, max_new)).collect();
+    let handles = start_streams(&gen, reqs).await;
+    let unloaded = adm
+        .unload_adapter(pb::UnloadAdapterRequest {
+            name: "a".into(),
+            drain_timeout_s: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unloaded.version, info.version);
+    assert_eq!(
+        unloaded.state(),
+        pb::AdapterState::Draining,
+        "streams were in flight"
+    );
+    let err = run_stream(gen.clone(), request("a", 0, 4), None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = adm
+        .get_adapter(pb::GetAdapterRequest { name: "a".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    for (i, h) in handles.into_iter().enumerate() {
+        let run = h.await.unwrap().unwrap();
+        assert_eq!(run.finish, pb::FinishReason::Length, "stream {i}");
+        assert_eq!(run.version, info.version, "stream {i}");
+        assert_eq!(run.tokens, alone[i % 4], "stream {i}");
+    }
+    let stats = wait_all_freed(&mut gen).await;
+    assert_eq!(
+        (stats.resident_bytes, stats.draining_versions),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert_eq!((stats.active, stats.active_kv_blocks), (0, 0), "{stats:?}");
+    server.stop().await.unwrap();
+}
+
+/// Replaces `name` (v1 from `v1`) by `v2` while streams run; every response must match
+/// the version it reports, and both versions must have served.
+async fn replace_under_load(
+    gen: &mut GenerationClient<Channel>,
+    adm: &mut AdaptersClient<Channel>,
+    v1: &str,
+    v2: &str,
+    max_new: u32,
+) {
+    let first = adm
+        .load_adapter(load_req("tenant", v1, Some(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    adm.load_adapter(load_req("reference-v2", v2, None))
+        .await
+        .unwrap();
+    let mut want1 = Vec::new();
+    let mut want2 = Vec::new();
+    for p in 0..2 {
+        want1.push(
+            run_stream(gen.clone(), request("tenant", p, max_new), None)
+                .await
+                .unwrap()
+                .tokens,
+        );
+        want2.push(
+            run_stream(gen.clone(), request("reference-v2", p, max_new), None)
+                .await
+                .unwrap()
+                .tokens,
+        );
+        assert_ne!(want1[p as usize], want2[p as usize], "v1 and v2 agree");
+    }
+    let before = start_streams(
+        gen,
+        (0..16).map(|i| request("tenant", i % 2, max_new)).collect(),
+    )
+    .await;
+    // Keep requests arriving while the replacement happens.
+    let during: Vec<_> = (0..16)
+        .map(|i| {
+            let g = gen.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(3 * i)).await;
+                run_stream(g, request("tenant", (i % 2) as u32, max_new), None).await
+            })
+        })
+        .collect();
+    let second = adm
+        .load_adapter(load_req("tenant", v2, Some(first.version)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(second.version > first.version);
+    let stale = adm
+        .load_adapter(load_req("tenant", v1, Some(first.version)))
+        .await;
+    assert_eq!(stale.unwrap_err().code(), Code::Aborted);
+    let after = start_streams(
+        gen,
+        (0..16).map(|i| request("tenant", i % 2, max_new)).collect(),
+    )
+    .await;
+    let mut seen = [0, 0];
+    for (i, h) in before.into_iter().chain(during).chain(after).enumerate() {
+        let run = h.await.unwrap().unwrap();
+        let p = i % 2;
+        if run.version == first.version {
+            assert_eq!(run.tokens, want1[p], "request {i} on v1");
+            seen[0] += 1;
+        } else {
+            assert_eq!(run.version, second.version, "request {i}");
+            assert_eq!(run.tokens, want2[p], "request {i} on v2");
+            seen[1] += 1;
+        }
+    }
+    assert!(seen[0] >= 16 && seen[1] >= 16, "{seen:?}");
+    // v1 drains and is freed; v2 and the reference stay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while adapter_stats(gen).await.draining_versions > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(adapter_stats(gen).await.draining_versions, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_under_load_keeps_each_request_on_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = small(EngineConfig::default());
+    let v1 = synth(dir.path(), "v1", &s.base, 8, &[LoraSite::Q, LoraSite::V], 1);
+    let v2 = synth(dir.path(), "v2", &s.base, 16, &LoraSite::ALL, 2);
+    let (server, mut gen, mut adm) = clients(s.service).await;
+    replace_under_load(&mut gen, &mut adm, &v1, &v2, 48).await;
+    server.stop().await.unwrap();
+}
+
+/// The same with the two real PEFT fixture adapters as version 1 and version 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real model and ../shared/fixtures: make test"]
+async fn replace_under_load_with_fixture_adapters_on_the_real_model() {
+    let fixtures = repo_path("../shared/fixtures/adapters");
+    let (v1, v2) = (fixtures.join("alpha"), fixtures.join("beta"));
+    let (server, mut gen, mut adm) = clients(real_service(EngineConfig::default())).await;
+    replace_under_load(
+        &mut gen,
+        &mut adm,
+        v1.to_str().unwrap(),
+        v2.to_str().unwrap(),
+        16,
+    )
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_loads_of_one_name_load_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = small(EngineConfig::default());
+    let src = synth(dir.path(), "a", &s.base, 16, &LoraSite::ALL, 3);
+    let (server, mut gen, adm) = clients(s.service).await;
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let (mut adm, src) = (adm.clone(), src.clone());
+            tokio::spawn(async move { adm.load_adapter(load_req("one", &src, None)).await })
+        })
+        .collect();
+    let mut infos = Vec::new();
+    for c in calls {
+        infos.push(c.await.unwrap().unwrap().into_inner());
+    }
+    assert!(infos.iter().all(|i| i.version == infos[0].version));
+    let stats = adapter_stats(&mut gen).await;
+    assert_eq!(stats.loads, 1, "{stats:?}");
+    assert_eq!(stats.resident_bytes, infos[0].bytes, "one copy in memory");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_set_larger_than_the_active_pool_serves_correctly_with_evictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::tiny_for_tests(259);
+    // Adapters of rank 4 on q and v take one KV block each: room for 16 active.
+    let block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 16 * 4;
+    let engine = EngineConfig {
+        kv_cache_memory: 8 << 20,
+        adapter_memory: 16 * block_bytes,
+        ..Default::default()
+    };
+    let one = {
+        let probe = dir.path().join("probe");
+        let spec = SynthSpec {
+            rank: 4,
+            alpha: 8.0,
+            sites: vec![LoraSite::Q, LoraSite::V],
+            seed: 0,
+        };
+        write_synthetic_adapter(&probe, &cfg.base_shape(), &spec).unwrap()
+    };
+    assert!(one <= block_bytes);
+    // Host memory for 48 of the 200.
+    let s = setup(cfg, engine, 48 * one);
+    for i in 0..200 {
+        let src = synth(
+            dir.path(),
+            &format!("t{i}"),
+            &s.base,
+            4,
+            &[LoraSite::Q, LoraSite::V],
+            i,
+        );
+        s.service.adapters.register(&format!("t{i}"), &src).unwrap();
+    }
+    let (server, mut gen, _adm) = clients(s.service).await;
+    let mut alone = Vec::new();
+    for i in 0..200 {
+        let r = run_stream(gen.clone(), request(&format!("t{i}"), i % 3, 8), None);
+        let r = match tokio::time::timeout(Duration::from_secs(20), r).await {
+            Ok(r) => r,
+            Err(_) => panic!("alone {i} hangs; {:?}", adapter_stats(&mut gen).await),
+        };
+        alone.push(r.unwrap().tokens);
+    }
+    // Round-robin, 32 at a time.
+    let mut handles = Vec::new();
+    for round in 0..2 {
+        for i in 0..200u32 {
+            let g = gen.clone();
+            handles.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(((round * 200 + i) / 32) as u64 * 2))
+                    .await;
+                run_stream(g, request(&format!("t{i}"), i % 3, 8), None).await
+            }));
+        }
+    }
+    for (k, h) in handles.into_iter().enumerate() {
+        let run = match tokio::time::timeout(Duration::from_secs(20), h).await {
+            Ok(r) => r.unwrap().unwrap(),
+            Err(_) => panic!("request {k} hangs; {:?}", adapter_stats(&mut gen).await),
+        };
+        assert_eq!(run.tokens, alone[k % 200], "request {k}");
+    }
+    let stats = adapter_stats(&mut gen).await;
+    assert!(
+        stats.active <= 16 && stats.active_kv_blocks <= 16,
+        "{stats:?}"
+    );
+    assert!(
+        stats.active_evictions > 0 && stats.host_evictions > 0,
+        "{stats:?}"
+    );
+    assert!(stats.resident_bytes <= 48 * one as u64, "{stats:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_load_does_not_stall_the_other_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = small(EngineConfig {
+        kv_cache_memory: 512 << 20,
+        adapter_memory: 256 << 20,
+        ..Default::default()
+    });
+    // A large adapter, so its load takes far longer than one decode step.
+    let cold = synth(dir.path(), "cold", &s.base, 512, &LoraSite::ALL, 4);
+    s.service.adapters.register("cold", &cold).unwrap();
+    let (server, mut gen, mut adm) = clients(s.service).await;
+    let background = start_streams(&gen, (0..4).map(|i| request("", i, 300)).collect()).await;
+    let sent = Instant::now();
+    let cold_run = run_stream(gen.clone(), request("cold", 0, 4), None)
+        .await
+        .unwrap();
+    let cold_first = cold_run.arrivals[0];
+    let info = adm
+        .get_adapter(pb::GetAdapterRequest {
+            name: "cold".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let load = Duration::from_secs_f64(info.load_time_s);
+    let mut max_gap = Duration::ZERO;
+    let mut in_window = 0;
+    for h in background {
+        let run = h.await.unwrap().unwrap();
+        for w in run.arrivals.windows(2) {
+            if w[1] > sent && w[0] < cold_first {
+                max_gap = max_gap.max(w[1] - w[0]);
+                in_window += 1;
+            }
+        }
+    }
+    assert!(in_window > 0, "no background token during the load");
+    assert!(
+        max_gap < load,
+        "a background stream waited {max_gap:?} while the load took {load:?}"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_adapter_is_refused_without_disturbing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = small(EngineConfig::default());
+    let good = synth(dir.path(), "good", &s.base, 8, &LoraSite::ALL, 1);
+    let bad = synth(dir.path(), "bad", &s.base, 8, &LoraSite::ALL, 2);
+    let st = Path::new(&bad).join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&st, bytes).unwrap();
+    let (server, mut gen, mut adm) = clients(s.service).await;
+    let v = adm
+        .load_adapter(load_req("good", &good, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let alone = run_stream(gen.clone(), request("good", 1, 120), None)
+        .await
+        .unwrap()
+        .tokens;
+    let handles = start_streams(&gen, (0..8).map(|_| request("good", 1, 120)).collect()).await;
+    let err = adm
+        .load_adapter(load_req("broken", &bad, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("safetensors"), "{}", err.message());
+    let err = adm
+        .get_adapter(pb::GetAdapterRequest {
+            name: "broken".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "half-registered");
+    // A corrupt replacement leaves the good version serving.
+    let err = adm
+        .load_adapter(load_req("good", &bad, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let list = adm
+        .list_adapters(pb::ListAdaptersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = list
+        .adapters
+        .iter()
+        .map(|a| (a.name.as_str(), a.version))
+        .collect();
+    assert_eq!(names, vec![("good", v.version)]);
+    for h in handles {
+        let run = h.await.unwrap().unwrap();
+        assert_eq!((run.tokens, run.version), (alone.clone(), v.version));
+    }
+    let err = run_stream(gen.clone(), request("broken", 0, 4), None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_deadline_cancels_what_is_left_and_frees_the_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = small(EngineConfig::default());
+    let src = synth(dir.path(), "a", &s.base, 8, &LoraSite::ALL, 1);
+    let (server, mut gen, mut adm) = clients(s.service).await;
+    let info = adm
+        .load_adapter(load_req("a", &src, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let handles = start_streams(&gen, (0..8).map(|i| request("a", i, 400)).collect()).await;
+    let base = tokio::spawn(run_stream(gen.clone(), request("", 0, 40), None));
+    let r = adm
+        .unload_adapter(pb::UnloadAdapterRequest {
+            name: "a".into(),
+            drain_timeout_s: Some(0.02),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state(), pb::AdapterState::Unloaded, "{r:?}");
+    assert_eq!(r.bytes_freed, info.bytes);
+    assert!(r.cancelled_requests > 0, "{r:?}");
+    let mut cancelled = 0;
+    for h in handles {
+        let run = h.await.unwrap().unwrap();
+        if run.finish == pb::FinishReason::Cancelled {
+            cancelled += 1;
+        }
+    }
+    assert_eq!(cancelled, r.cancelled_requests);
+    let base = base.await.unwrap().unwrap();
+    assert_eq!(
+        base.finish,
+        pb::FinishReason::Length,
+        "the base stream is untouched"
+    );
+    assert_eq!(adapter_stats(&mut gen).await.resident_bytes, 0);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_admin_input_gets_precise_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = small(EngineConfig::default());
+    let src = synth(dir.path(), "a", &s.base, 4, &[LoraSite::Q], 1);
+    let (server, _gen, mut adm) = clients(s.service).await;
+    let code = |r: Result<tonic::Response<pb::AdapterInfo>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(adm.load_adapter(load_req("", &src, None)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(adm.load_adapter(load_req("a b", &src, None)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(adm.load_adapter(load_req("a", "", None)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            adm.load_adapter(load_req("a", "/no/such/folder", None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(adm.load_adapter(load_req("a", &src, Some(7))).await),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(
+            adm.get_adapter(pb::GetAdapterRequest { name: "zzz".into() })
+                .await
+        ),
+        Code::NotFound
+    );
+    let unload = |name: &str, t: Option<f64>| pb::UnloadAdapterRequest {
+        name: name.into(),
+        drain_timeout_s: t,
+    };
+    assert_eq!(
+        adm.unload_adapter(unload("zzz", None))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    adm.load_adapter(load_req("a", &src, None)).await.unwrap();
+    let bad = adm
+        .unload_adapter(unload("a", Some(f64::NAN)))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    // The refused unload left the adapter in place.
+    adm.get_adapter(pb::GetAdapterRequest { name: "a".into() })
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+}

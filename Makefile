@@ -46,6 +46,7 @@ bench: $(GGUF)
 	cargo bench --bench grpc_throughput
 	cargo bench --bench adapter_throughput
 	cargo bench --bench lora_kernels
+	cargo bench --bench adapter_scale
 
 clean:
 	cargo clean

@@ -116,7 +116,7 @@ fn main() {
     };
     let bytes = write_synthetic_adapter(&r16, &base, &spec).unwrap();
     let loads = if quick { 5 } else { 100 };
-    let registry = AdapterRegistry::new(RegistryConfig::new(base.clone()));
+    let registry = AdapterRegistry::new(RegistryConfig::new(base));
     let src = r16.to_string_lossy().to_string();
     let mut times = rt.block_on(async {
         let mut times = Vec::new();
@@ -153,7 +153,7 @@ fn main() {
         };
         write_synthetic_adapter(&dir.path().join(format!("f{f}")), &base, &spec).unwrap();
     }
-    let registry = AdapterRegistry::new(RegistryConfig::new(base.clone()));
+    let registry = AdapterRegistry::new(RegistryConfig::new(base));
     for (prefix, n) in [("few", 8), ("many", many)] {
         for i in 0..n {
             let folder = dir.path().join(format!("f{}", i % FOLDERS.min(many)));

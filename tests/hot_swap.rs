@@ -44,7 +44,7 @@ fn setup(cfg: ModelConfig, engine: EngineConfig, host_memory: usize) -> Setup {
     let base = model.base_shape();
     let registry = AdapterRegistry::new(RegistryConfig {
         host_memory,
-        ..RegistryConfig::new(base.clone())
+        ..RegistryConfig::new(base)
     });
     let service = start_engine(model, tokenizer, registry, engine, "random").unwrap();
     Setup { service, base }
@@ -360,7 +360,10 @@ async fn replace_under_load_keeps_each_request_on_its_version() {
 #[ignore = "needs the real model and ../shared/fixtures: make test"]
 async fn replace_under_load_with_fixture_adapters_on_the_real_model() {
     let fixtures = repo_path("../shared/fixtures/adapters");
-    let (v1, v2) = (fixtures.join("alpha"), fixtures.join("beta"));
+    let (v1, v2) = (
+        fixtures.join("alpha-lora-r8-qv"),
+        fixtures.join("beta-lora-r16-all"),
+    );
     let (server, mut gen, mut adm) = clients(real_service(EngineConfig::default())).await;
     replace_under_load(
         &mut gen,
@@ -484,7 +487,7 @@ async fn a_cold_load_does_not_stall_the_other_streams() {
     // A large adapter, so its load takes far longer than one decode step.
     let cold = synth(dir.path(), "cold", &s.base, 512, &LoraSite::ALL, 4);
     s.service.adapters.register("cold", &cold).unwrap();
-    let (server, mut gen, mut adm) = clients(s.service).await;
+    let (server, gen, mut adm) = clients(s.service).await;
     let background = start_streams(&gen, (0..4).map(|i| request("", i, 300)).collect()).await;
     let sent = Instant::now();
     let cold_run = run_stream(gen.clone(), request("cold", 0, 4), None)
@@ -528,7 +531,7 @@ async fn a_corrupt_adapter_is_refused_without_disturbing_anything() {
     let mut bytes = std::fs::read(&st).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&st, bytes).unwrap();
-    let (server, mut gen, mut adm) = clients(s.service).await;
+    let (server, gen, mut adm) = clients(s.service).await;
     let v = adm
         .load_adapter(load_req("good", &good, None))
         .await

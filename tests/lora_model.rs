@@ -126,20 +126,14 @@ fn adapter_tokens_match_merged_weights_and_base_tokens_are_untouched() {
         &["q_proj", "v_proj"],
         2,
     );
-    let specs = vec![
-        (
-            "a".to_string(),
-            dir.path().join("a").to_string_lossy().to_string(),
-        ),
-        (
-            "b".to_string(),
-            dir.path().join("b").to_string_lossy().to_string(),
-        ),
-    ];
-    let registry: Vec<Arc<AdapterWeights>> = specs
+    let registry: Vec<Arc<AdapterWeights>> = ["a", "b"]
         .iter()
-        .map(|(_, p)| {
-            let w = load_peft_adapter(Path::new(p), &base.base_shape(), &AdapterLimits::default());
+        .map(|n| {
+            let w = load_peft_adapter(
+                &dir.path().join(n),
+                &base.base_shape(),
+                &AdapterLimits::default(),
+            );
             Arc::new(w.unwrap())
         })
         .collect();

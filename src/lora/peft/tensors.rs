@@ -59,20 +59,16 @@ impl SafeTensors {
                 len - 8
             )));
         }
-        let mut header = Vec::new();
-        (&mut file)
-            .take(header_len)
-            .read_to_end(&mut header)
-            .map_err(io)?;
-        let mut data = Vec::new();
-        file.take(len - 8 - header_len)
-            .read_to_end(&mut data)
-            .map_err(io)?;
-        if (header.len() as u64) < header_len || (data.len() as u64) < len - 8 - header_len {
-            return Err(Invalid(format!(
+        // Exact sizes, read once: no growth and re-copying of a large buffer.
+        let truncated = |_| {
+            Invalid(format!(
                 "{shown}: truncated safetensors file (changed while read)"
-            )));
-        }
+            ))
+        };
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(truncated)?;
+        let mut data = vec![0u8; (len - 8 - header_len) as usize];
+        file.read_exact(&mut data).map_err(truncated)?;
         let entries: serde_json::Map<String, Value> =
             serde_json::from_slice(&header).map_err(|e| {
                 Invalid(format!(

@@ -4,6 +4,24 @@
 use super::*;
 
 impl AdapterRegistry {
+    fn new_version(
+        &self,
+        name: &str,
+        source: &str,
+        weights: AdapterWeights,
+        load_time: Duration,
+    ) -> Arc<AdapterVersion> {
+        let version = self.inner.next_version.fetch_add(1, Ordering::SeqCst);
+        AdapterVersion::new(
+            name,
+            version,
+            source,
+            weights,
+            load_time,
+            self.inner.acc.clone(),
+        )
+    }
+
     /// Loads a registered `name` now, blocking this thread (start-up `--adapter`s); a
     /// failure is remembered and answered to its requests.
     pub fn load_now(&self, name: &str) -> Result<(), RegistryError> {
@@ -20,15 +38,7 @@ impl AdapterRegistry {
                 return Err(e);
             }
         };
-        let version = self.inner.next_version.fetch_add(1, Ordering::SeqCst);
-        let v = AdapterVersion::new(
-            name,
-            version,
-            &source,
-            weights,
-            t0.elapsed(),
-            self.inner.acc.clone(),
-        );
+        let v = self.new_version(name, &source, weights, t0.elapsed());
         let mut st = self.lock();
         if !self.make_room(&mut st, name, 0, 0) {
             drop(st);
@@ -90,15 +100,7 @@ impl AdapterRegistry {
                 return self.fail_load(&name, epoch, e);
             }
         };
-        let version = self.inner.next_version.fetch_add(1, Ordering::SeqCst);
-        let v = AdapterVersion::new(
-            &name,
-            version,
-            &source,
-            weights,
-            t0.elapsed(),
-            self.inner.acc.clone(),
-        );
+        let v = self.new_version(&name, &source, weights, t0.elapsed());
         let mut st = self.lock();
         st.reserved -= estimate;
         let Some(entry) = st.entries.get(&name).filter(|e| e.epoch == epoch) else {

@@ -686,3 +686,44 @@ async fn bad_admin_input_gets_precise_codes() {
         .unwrap();
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_active_adapters_give_their_kv_blocks_back_to_a_long_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::tiny_for_tests(259);
+    let block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 16 * 4;
+    // 40 blocks of 16 tokens; adapters may hold up to half of them.
+    let s = setup(
+        cfg,
+        EngineConfig {
+            kv_cache_memory: 40 * block_bytes,
+            adapter_memory: 20 * block_bytes,
+            ..Default::default()
+        },
+        1 << 30,
+    );
+    let (server, mut gen, mut adm) = clients(s.service).await;
+    for i in 0..20 {
+        let src = synth(dir.path(), &format!("a{i}"), &s.base, 4, &[LoraSite::Q], i);
+        adm.load_adapter(load_req(&format!("a{i}"), &src, None))
+            .await
+            .unwrap();
+        run_stream(gen.clone(), request(&format!("a{i}"), 0, 2), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(adapter_stats(&mut gen).await.active_kv_blocks, 20);
+    // A 480-token prompt needs 30 blocks to start; only 20 are free until idle
+    // adapters step aside.
+    let mut req = request("", 0, 10);
+    req.prompt_token_ids = (0..480).map(|i| 3 + i % 250).collect();
+    let long = run_stream(gen.clone(), req, None);
+    let run = tokio::time::timeout(Duration::from_secs(30), long)
+        .await
+        .expect("the long request never ran")
+        .unwrap();
+    assert_eq!(run.tokens.len(), 10);
+    let stats = adapter_stats(&mut gen).await;
+    assert!(stats.active_evictions >= 10, "{stats:?}");
+    server.stop().await.unwrap();
+}

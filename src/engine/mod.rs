@@ -416,15 +416,16 @@ impl Engine {
             .count();
         self.pool.evict_for_kv(decode_blocks, &pinned, &mut self.kv);
         let pool = &mut self.pool;
-        let mut gate = |seq: &Sequence, kv: &mut KvCache| match &seq.adapter {
-            None => true,
-            Some(lease) => {
-                let ok = pool.activate(lease.version(), &pinned, kv, now);
-                if ok {
-                    pinned.insert(lease.key());
+        let mut gate = |seq: &Sequence, kv: &mut KvCache, free_blocks: usize| {
+            if let Some(lease) = &seq.adapter {
+                if !pool.activate(lease.version(), &pinned, kv, now) {
+                    return false;
                 }
-                ok
+                pinned.insert(lease.key());
             }
+            // Idle adapters give their blocks back before a sequence has to wait.
+            pool.evict_for_kv(free_blocks, &pinned, kv);
+            true
         };
         let plan = schedule(
             &self.sched,

@@ -29,12 +29,13 @@ pub struct Plan {
     pub preempted: usize,
 }
 
-/// Decides whether a waiting sequence may start now (its adapter must be made active
-/// first, which may take KV blocks); false keeps it, and everyone behind it, waiting.
-pub type AdmissionGate<'a> = dyn FnMut(&Sequence, &mut KvCache) -> bool + 'a;
+/// Prepares a waiting sequence to start: makes its adapter active (which may take KV
+/// blocks) and tries to have the given number of KV blocks free (by evicting idle
+/// adapters). False keeps it, and everyone behind it, waiting.
+pub type AdmissionGate<'a> = dyn FnMut(&Sequence, &mut KvCache, usize) -> bool + 'a;
 
 /// Admits everyone (no adapters to activate).
-pub fn admit_all(_: &Sequence, _: &mut KvCache) -> bool {
+pub fn admit_all(_: &Sequence, _: &mut KvCache, _: usize) -> bool {
     true
 }
 
@@ -122,16 +123,13 @@ fn admit(
         let Some(seq) = waiting.front_mut() else {
             break;
         };
-        if !gate(seq, kv) {
-            break;
-        }
         let need = kv.blocks_for(seq.tokens.len());
         let watermark = if running.is_empty() {
             0
         } else {
             cfg.watermark_blocks
         };
-        if need + watermark > kv.num_free_blocks() {
+        if !gate(seq, kv, need + watermark) || need + watermark > kv.num_free_blocks() {
             break;
         }
         let len = seq.tokens.len();

@@ -53,5 +53,21 @@ async fn python_example_client_streams_a_completion() {
     );
     assert!(stdout.contains("finish=FINISH_REASON_LENGTH"), "{stdout}");
     assert!(stdout.contains("completion_tokens=8"), "{stdout}");
+
+    // Load a fixture adapter at runtime, then generate through it.
+    let alpha = repo_path("../shared/fixtures/adapters/alpha-lora-r8-qv");
+    let out = tokio::process::Command::new(&py)
+        .arg(&script)
+        .args(["--addr", &addr, "--max-new-tokens", "4", "--adapter", "alpha"])
+        .args(["--load", alpha.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "client failed:\n{stdout}\n{stderr}");
+    assert!(stdout.starts_with("loaded alpha version="), "{stdout}");
+    assert!(stdout.contains("completion_tokens=4"), "{stdout}");
+    assert!(!stdout.contains("adapter_version=0"), "{stdout}");
     server.stop().await.unwrap();
 }

@@ -58,7 +58,14 @@ async fn python_example_client_streams_a_completion() {
     let alpha = repo_path("../shared/fixtures/adapters/alpha-lora-r8-qv");
     let out = tokio::process::Command::new(&py)
         .arg(&script)
-        .args(["--addr", &addr, "--max-new-tokens", "4", "--adapter", "alpha"])
+        .args([
+            "--addr",
+            &addr,
+            "--max-new-tokens",
+            "4",
+            "--adapter",
+            "alpha",
+        ])
         .args(["--load", alpha.to_str().unwrap()])
         .output()
         .await

@@ -96,7 +96,7 @@ impl ActivePool {
         kv: &mut KvCache,
         now: u64,
     ) -> bool {
-        if let Some(slot) = self.slots.get_mut(&v.version) {
+        if let Some(slot) = self.slots.get_mut(&v.id) {
             slot.last_used = now;
             self.stats.hits += 1;
             return true;
@@ -116,7 +116,7 @@ impl ActivePool {
         self.stats.misses += 1;
         self.used_blocks += need;
         self.slots.insert(
-            v.version,
+            v.id,
             Slot {
                 version: Arc::downgrade(v),
                 bytes: v.bytes(),

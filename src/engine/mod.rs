@@ -95,7 +95,7 @@ enum Command {
     Add(Box<EngineRequest>, mpsc::UnboundedSender<SeqEvent>),
     Stats(oneshot::Sender<EngineStats>),
     CancelAll,
-    /// Finishes the sequences holding adapter version `.0`; replies how many.
+    /// Finishes the sequences holding adapter version id `.0`; replies how many.
     CancelAdapter(u64, oneshot::Sender<usize>),
 }
 
@@ -145,7 +145,7 @@ impl EngineHandle {
             .map_err(|_| EngineError::Stopped)
     }
 
-    /// Finishes every sequence using adapter version `version` now with reason
+    /// Finishes every sequence using adapter version id `version` now with reason
     /// `Cancelled` (an unload's drain deadline); returns how many there were.
     pub async fn cancel_adapter(&self, version: u64) -> Result<usize, EngineError> {
         let (tx, rx) = oneshot::channel();

@@ -105,7 +105,7 @@ impl AdaptersService {
         {
             return Ok((true, 0));
         }
-        let cancelled = self.engine.cancel_adapter(unloaded.version).await?;
+        let cancelled = self.engine.cancel_adapter(unloaded.id).await?;
         let freed = reg
             .wait_freed(&unloaded.remaining, Instant::now() + AFTER_CANCEL_WAIT)
             .await;

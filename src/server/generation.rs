@@ -38,7 +38,7 @@ impl GenerationService {
             "" => None,
             name => Some(self.adapters.acquire(name).await?),
         };
-        let version = lease.as_ref().map_or(0, |l| l.key());
+        let version = lease.as_ref().map_or(0, |l| l.version().version);
         if let Some(l) = &lease {
             // The adapter's share of the KV pool is not available to the sequence.
             let reserved = limits.adapter_tokens(l.version().bytes());

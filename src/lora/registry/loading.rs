@@ -4,16 +4,22 @@
 use super::*;
 
 impl AdapterRegistry {
+    /// The loaded weights of `entry` from `source`. A reload of the source it held
+    /// before an eviction keeps that version number; any other load gets a new one.
     fn new_version(
         &self,
+        entry: &Entry,
         name: &str,
         source: &str,
         weights: AdapterWeights,
         load_time: Duration,
     ) -> Arc<AdapterVersion> {
-        let version = self.inner.next_version.fetch_add(1, Ordering::SeqCst);
+        let id = self.inner.next_version.fetch_add(1, Ordering::SeqCst);
+        let reload = entry.current.is_none() && entry.version != 0 && entry.source == source;
+        let version = if reload { entry.version } else { id };
         AdapterVersion::new(
             name,
+            id,
             version,
             source,
             weights,
@@ -38,8 +44,11 @@ impl AdapterRegistry {
                 return Err(e);
             }
         };
-        let v = self.new_version(name, &source, weights, t0.elapsed());
         let mut st = self.lock();
+        let Some(entry) = st.entries.get(name).filter(|e| e.epoch == epoch) else {
+            return Err(not_loaded(name));
+        };
+        let v = self.new_version(entry, name, &source, weights, t0.elapsed());
         if !self.make_room(&mut st, name, 0, 0) {
             drop(st);
             let e = RegistryError::Exhausted(format!(
@@ -100,12 +109,12 @@ impl AdapterRegistry {
                 return self.fail_load(&name, epoch, e);
             }
         };
-        let v = self.new_version(&name, &source, weights, t0.elapsed());
         let mut st = self.lock();
         st.reserved -= estimate;
         let Some(entry) = st.entries.get(&name).filter(|e| e.epoch == epoch) else {
-            return; // unloaded meanwhile: its waiters were answered; `v` drops
+            return; // unloaded meanwhile: its waiters were answered
         };
+        let v = self.new_version(entry, &name, &source, weights, t0.elapsed());
         let credit = entry
             .current
             .as_ref()
@@ -211,6 +220,7 @@ impl AdapterRegistry {
         };
         let job = entry.loading.take();
         entry.source = v.source.clone();
+        entry.version = v.version;
         entry.failure = None;
         entry.provisional = false;
         let old = entry.current.replace(v.clone());

@@ -121,6 +121,8 @@ pub struct RegistryStats {
 #[derive(Debug)]
 pub struct Unloaded {
     pub version: u64,
+    /// The engine's key for that version.
+    pub id: u64,
     pub bytes: usize,
     pub remaining: Weak<AdapterVersion>,
 }
@@ -146,6 +148,9 @@ struct Entry {
     failure: Option<String>,
     /// Created by a `LoadAdapter` of a new name: removed again if that load fails.
     provisional: bool,
+    /// The version number of `source`'s weights (0: never loaded); kept while they are
+    /// evicted, so reloading them does not look like a replacement.
+    version: u64,
     /// Registry tick of the last request, for LRU eviction.
     last_used: u64,
 }
@@ -309,11 +314,8 @@ impl AdapterRegistry {
             let mut st = self.lock();
             st.tick += 1;
             let tick = st.tick;
-            let current = st
-                .entries
-                .get(name)
-                .and_then(|e| e.current.as_ref().map(|v| v.version))
-                .unwrap_or(0);
+            // An evicted version still counts: reloading it is not a replacement.
+            let current = st.entries.get(name).map_or(0, |e| e.version);
             if let Some(expected) = expected_version {
                 if expected != current {
                     return Err(RegistryError::Conflict(format!(
@@ -382,6 +384,7 @@ impl AdapterRegistry {
         let Some(v) = entry.current else {
             return Ok(Unloaded {
                 version: 0,
+                id: 0,
                 bytes: 0,
                 remaining: Weak::new(),
             });
@@ -395,6 +398,7 @@ impl AdapterRegistry {
         );
         Ok(Unloaded {
             version: v.version,
+            id: v.id,
             bytes: v.bytes(),
             remaining: Arc::downgrade(&v),
         })
@@ -469,6 +473,7 @@ impl Entry {
             loading: None,
             failure: None,
             provisional,
+            version: 0,
             last_used: 0,
         }
     }
@@ -488,7 +493,7 @@ impl Entry {
         let mut info = AdapterInfo {
             name: name.to_string(),
             source: self.source.clone(),
-            version: 0,
+            version: self.version,
             state,
             rank: 0,
             target_modules: vec![],

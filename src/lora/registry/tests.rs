@@ -98,8 +98,8 @@ async fn replacement_keeps_old_leases_on_the_old_version_until_they_end() {
     let v2 = reg.load("x", &v2_src, Some(v1.version)).await.unwrap();
     assert!(v2.version > v1.version);
     let new = reg.acquire("x").await.unwrap();
-    assert_eq!(old.key(), v1.version);
-    assert_eq!(new.key(), v2.version);
+    assert_eq!(old.version().version, v1.version);
+    assert_eq!(new.version().version, v2.version);
     assert_eq!(old.weights().rank_max, 4);
     assert_eq!(new.weights().rank_max, 8);
     drop((v1, v2));
@@ -111,7 +111,7 @@ async fn replacement_keeps_old_leases_on_the_old_version_until_they_end() {
     // Idempotent: the same name and source again is the current version.
     assert_eq!(
         reg.load("x", &v2_src, None).await.unwrap().version,
-        new.key()
+        new.version().version
     );
     assert_eq!(reg.stats().loads, 2);
 }
@@ -194,6 +194,8 @@ async fn host_budget_evicts_least_recently_used_unleased_versions() {
     drop(reg.acquire("a2").await.unwrap()); // evicts a1 (a0 is leased)
     assert_eq!(reg.get("a1").unwrap().state, AdapterState::Registered);
     assert_eq!(reg.get("a0").unwrap().state, AdapterState::Host);
+    // Evicted weights keep their version number, so reloading them is no replacement.
+    let a1_version = reg.get("a1").unwrap().version;
     assert_eq!(reg.stats().host_evictions, 1);
     assert!(reg.stats().resident_bytes <= 2 * bytes);
     // Everything held: an admin load is refused, a request waits for a lease to end.
@@ -209,6 +211,8 @@ async fn host_budget_evicts_least_recently_used_unleased_versions() {
     assert_eq!(reg.stats().waiting_for_load, 1);
     drop(held);
     assert!(waiter.await.unwrap().is_ok());
+    assert_eq!(reg.get("a1").unwrap().version, a1_version);
+    assert_ne!(a1_version, 0);
     assert_eq!(reg.get("a0").unwrap().state, AdapterState::Registered);
     drop(held2);
 }

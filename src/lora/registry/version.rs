@@ -79,7 +79,10 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 #[derive(Debug)]
 pub struct AdapterVersion {
     pub name: String,
-    /// Unique for the server's lifetime, increasing; also the engine's key.
+    /// Unique for the server's lifetime: the engine's key.
+    pub id: u64,
+    /// What clients see: increasing, new for every replacement, kept when evicted
+    /// weights are reloaded from the same source.
     pub version: u64,
     pub source: String,
     pub weights: Arc<AdapterWeights>,
@@ -97,6 +100,7 @@ pub struct AdapterVersion {
 impl AdapterVersion {
     pub fn new(
         name: &str,
+        id: u64,
         version: u64,
         source: &str,
         weights: AdapterWeights,
@@ -108,6 +112,7 @@ impl AdapterVersion {
         acc.live_versions.fetch_add(1, Ordering::SeqCst);
         Arc::new(Self {
             name: name.to_string(),
+            id,
             version,
             source: source.to_string(),
             weights: Arc::new(weights),
@@ -206,7 +211,7 @@ impl AdapterLease {
 
     /// The engine's key for this version.
     pub fn key(&self) -> u64 {
-        self.version.version
+        self.version.id
     }
 }
 

@@ -1,8 +1,10 @@
 //! multilora: a gRPC inference server for many fine-tuned adapters on one resident
 //! base model, with continuous batching.
+pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod lora;
 pub mod model;
 pub mod proto;
+pub mod rng;
 pub mod server;

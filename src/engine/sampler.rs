@@ -2,6 +2,7 @@
 //! logits -> next-token choice (repetition penalty, greedy, temperature, top-k, top-p)
 //! and log-softmax log-probabilities for the API.
 
+use crate::rng::{splitmix64, Xoshiro256};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,55 +32,6 @@ impl Default for SamplingParams {
             seed: None,
             repetition_penalty: 1.0,
         }
-    }
-}
-
-/// SplitMix64 step: used to expand a 64-bit seed into the xoshiro state and to mix
-/// the fallback seed.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// xoshiro256** (Blackman & Vigna), seeded through SplitMix64. Implemented here so
-/// that a seeded sequence is reproducible independently of any crate's version.
-#[derive(Clone, Debug)]
-struct Xoshiro256 {
-    s: [u64; 4],
-}
-
-impl Xoshiro256 {
-    fn from_seed(seed: u64) -> Self {
-        let mut sm = seed;
-        let s = [
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-        ];
-        // SplitMix64 outputs are a bijection of distinct counters, so the all-zero
-        // state (the only invalid one) cannot occur.
-        Self { s }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in `[0, 1)` with 53 random bits.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
 

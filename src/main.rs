@@ -1,4 +1,5 @@
-//! Command line: `serve` (the server) and `download` (fetch a Hub model); wiring only.
+//! Command line: `serve` (the server), `bench` (the load harness), `adapters synth` and
+//! `download` (fetch a Hub model); wiring only.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use multilora::engine::EngineConfig;
@@ -29,6 +30,8 @@ enum Command {
     /// Adapter tools.
     #[command(subcommand)]
     Adapters(AdaptersCommand),
+    /// Load-test a running server with multi-tenant, multi-adapter traffic.
+    Bench(multilora::bench::cli::BenchArgs),
     /// Download a Hugging Face Hub model into the local cache and print its folder.
     Download {
         /// Hub repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
@@ -116,6 +119,11 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(multilora::bench::cli::run_cli(&args)),
         Command::Adapters(AdaptersCommand::Synth {
             model,
             out,

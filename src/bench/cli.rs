@@ -1,0 +1,137 @@
+//! `multilora bench`: its flags, validated into a [`BenchConfig`], and the run that
+//! prints the table and writes the JSON report.
+use super::metrics::Slo;
+use super::report::render;
+use super::runner::{run, BenchConfig, LoadMode, BUILTIN_CORPUS};
+use super::workload::{Arrivals, Length, Popularity};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub endpoint: String,
+    /// Adapter names to draw from (comma-separated), in popularity order.
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
+    /// Or: this many adapters named PREFIX-0 .. PREFIX-(N-1) (as `adapters synth` writes).
+    #[arg(long, default_value_t = 0)]
+    pub num_adapters: usize,
+    #[arg(long, default_value = "synth")]
+    pub adapter_prefix: String,
+    /// uniform, powerlaw:ALPHA, zipf:S, distinct or identical.
+    #[arg(long, default_value = "uniform")]
+    pub popularity: String,
+    /// Share of requests for the base model (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub base_share: f64,
+    /// Tenants; adapter i belongs to tenant i mod TENANTS.
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
+    /// Open loop at this many requests per second; without it, a closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Coefficient of variation of inter-arrival times (1: Poisson; above 1: bursty).
+    #[arg(long, default_value_t = 1.0)]
+    pub cv: f64,
+    /// Closed loop: streams; open loop: the most requests in flight (0: no cap).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Prompt length in tokens: N, LO-HI or lognormal:MEAN,SIGMA.
+    #[arg(long, default_value = "64")]
+    pub input_len: String,
+    /// Output length in tokens, the same forms.
+    #[arg(long, default_value = "64")]
+    pub output_len: String,
+    /// Generate exactly the output length (ignore end-of-sequence).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// A text file prompts are cut from (default: a built-in corpus).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub requests: usize,
+    /// Stop sending new requests after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Leading requests left out of the figures.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Latency targets for goodput, e.g. ttft=500ms,tpot=50ms.
+    #[arg(long)]
+    pub slo: Option<String>,
+    /// Run each distinct request alone first and check every response under load
+    /// equals it (greedy decoding).
+    #[arg(long)]
+    pub verify: bool,
+    /// Write the report with per-request records here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl BenchArgs {
+    pub fn config(&self) -> Result<BenchConfig> {
+        let mut adapters = self.adapters.clone();
+        adapters.extend((0..self.num_adapters).map(|i| format!("{}-{i}", self.adapter_prefix)));
+        if !(0.0..=1.0).contains(&self.base_share) {
+            bail!("--base-share must be between 0 and 1");
+        }
+        let mode = match self.rate {
+            Some(rate) => LoadMode::Open {
+                arrivals: Arrivals::new(rate, self.cv)?,
+                max_concurrency: (self.concurrency > 0).then_some(self.concurrency),
+            },
+            None if self.concurrency == 0 => bail!("--concurrency must be positive without --rate"),
+            None => LoadMode::Closed {
+                concurrency: self.concurrency,
+            },
+        };
+        let corpus = match &self.prompts {
+            Some(p) => {
+                std::fs::read_to_string(p).with_context(|| format!("--prompts {}", p.display()))?
+            }
+            None => BUILTIN_CORPUS.to_string(),
+        };
+        Ok(BenchConfig {
+            endpoint: self.endpoint.clone(),
+            adapters,
+            popularity: Popularity::parse(&self.popularity)?,
+            base_share: self.base_share,
+            tenants: self.tenants.max(1),
+            mode,
+            input_len: Length::parse(&self.input_len)?,
+            output_len: Length::parse(&self.output_len)?,
+            ignore_eos: self.ignore_eos,
+            corpus,
+            requests: self.requests,
+            duration: self.duration,
+            warmup: self.warmup.min(self.requests),
+            seed: self.seed,
+            slo: self.slo.as_deref().map(Slo::parse).transpose()?,
+            verify: self.verify,
+            progress: !self.quiet,
+        })
+    }
+}
+
+/// Runs the benchmark, prints the table, writes `--json`; fails if `--verify` found a
+/// mismatch.
+pub async fn run_cli(args: &BenchArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let report = run(&cfg).await?;
+    print!("{}", render(&report));
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.verify_mismatches.unwrap_or(0) > 0 {
+        bail!("--verify: responses under load differ from their solo runs");
+    }
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! Drives a live server with a planned, seeded workload and records every request as
+//! the client saw it (streamed token times, final message or gRPC error). Open loop
+//! (arrivals at a rate, optionally capped in concurrency) or closed loop (a fixed
+//! number of streams); `verify` first runs every distinct request alone and then checks
+//! that each response under load is identical (greedy decoding), so a cross-adapter
+//! mix-up under load is caught by the harness itself.
+use super::metrics::{fairness_gap, summarize, summarize_by, RequestRecord, Slo, Summary};
+use super::workload::{Arrivals, Length, Popularity};
+use crate::proto::v1 as pb;
+use crate::rng::Xoshiro256;
+use anyhow::{bail, Context, Result};
+use pb::generation_client::GenerationClient;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+/// Text the prompts are cut from when no `--prompts` file is given.
+pub const BUILTIN_CORPUS: &str = "The harbour town woke before the sun. Fishing boats \
+came in one by one, their decks loaded with nets, and the market filled with voices \
+bargaining over the morning catch. A baker on the corner pulled the first loaves from \
+the oven while a schoolteacher reviewed her lesson on the history of the lighthouse, \
+built two hundred years ago after a storm wrecked three ships on the rocks. Travellers \
+asked for directions to the museum, the old fort and the cliff path that runs north \
+along the coast to a village known for its cheese, its wool and its autumn festival. \
+In the afternoon the wind turned, clouds gathered over the bay, and the ferry to the \
+islands left early so that it would be back before the weather closed in. Explain, \
+summarise, translate, classify, answer questions and write stories about all of it.";
+
+/// How requests are issued.
+#[derive(Clone, Copy, Debug)]
+pub enum LoadMode {
+    /// At the times the arrival process gives, at most `max_concurrency` in flight.
+    Open {
+        arrivals: Arrivals,
+        max_concurrency: Option<usize>,
+    },
+    /// `concurrency` streams, each sending its next request when the last one ends.
+    Closed { concurrency: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub endpoint: String,
+    /// Adapter names requests pick from (by `popularity`); empty: base model only.
+    pub adapters: Vec<String>,
+    pub popularity: Popularity,
+    /// Share of requests (0..=1) that name no adapter.
+    pub base_share: f64,
+    /// Tenants; adapter i belongs to tenant i mod `tenants`, base requests to "base".
+    pub tenants: usize,
+    pub mode: LoadMode,
+    pub input_len: Length,
+    pub output_len: Length,
+    pub ignore_eos: bool,
+    /// Text prompts are cut from (tokenized by the server).
+    pub corpus: String,
+    pub requests: usize,
+    /// Stop sending new requests after this many seconds.
+    pub duration: Option<f64>,
+    /// Leading requests left out of the figures.
+    pub warmup: usize,
+    pub seed: u64,
+    pub slo: Option<Slo>,
+    pub verify: bool,
+    pub progress: bool,
+}
+
+/// One planned request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Planned {
+    pub index: usize,
+    /// Seconds after the start (open loop).
+    pub at: f64,
+    pub adapter: String,
+    pub tenant: String,
+    pub prompt_ids: Vec<u32>,
+    pub max_new: u32,
+}
+
+/// What a run produced.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub summary: Summary,
+    pub by_adapter: BTreeMap<String, Summary>,
+    pub by_tenant: BTreeMap<String, Summary>,
+    pub fairness_gap_tokens: Option<usize>,
+    /// Requests whose output under load differed from their solo run (`verify`).
+    pub verify_mismatches: Option<usize>,
+    /// Measured requests (warm-up excluded), in plan order.
+    pub records: Vec<RequestRecord>,
+}
+
+/// The requests of a run: arrival times, adapters, tenants and prompt windows.
+pub fn plan(cfg: &BenchConfig, corpus_ids: &[u32]) -> Result<Vec<Planned>> {
+    if corpus_ids.is_empty() {
+        bail!("the prompt corpus tokenizes to nothing");
+    }
+    let mut rng = Xoshiro256::from_seed(cfg.seed);
+    let mut picker = cfg.popularity.sampler(cfg.adapters.len());
+    let mut at = 0.0;
+    let mut out = Vec::with_capacity(cfg.requests);
+    for index in 0..cfg.requests {
+        if let LoadMode::Open { arrivals, .. } = cfg.mode {
+            at += arrivals.next_gap(&mut rng);
+        }
+        let base = cfg.adapters.is_empty() || rng.next_f64() < cfg.base_share;
+        let (adapter, tenant) = if base {
+            (String::new(), "base".to_string())
+        } else {
+            let i = picker.pick(&mut rng);
+            (
+                cfg.adapters[i].clone(),
+                format!("tenant-{}", i % cfg.tenants.max(1)),
+            )
+        };
+        let n = cfg.input_len.sample(&mut rng);
+        let from = (rng.next_f64() * corpus_ids.len() as f64) as usize;
+        let prompt_ids = (0..n)
+            .map(|k| corpus_ids[(from + k) % corpus_ids.len()])
+            .collect();
+        let max_new = cfg.output_len.sample(&mut rng).min(u32::MAX as usize) as u32;
+        out.push(Planned {
+            index,
+            at,
+            adapter,
+            tenant,
+            prompt_ids,
+            max_new,
+        });
+    }
+    Ok(out)
+}
+
+/// The gRPC code name (`NOT_FOUND`) of a status.
+pub fn code_name(code: tonic::Code) -> String {
+    let debug = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn request_of(p: &Planned, ignore_eos: bool) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: format!("bench-{}", p.index),
+        adapter: p.adapter.clone(),
+        prompt_token_ids: p.prompt_ids.clone(),
+        max_new_tokens: Some(p.max_new),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ignore_eos,
+        ..Default::default()
+    }
+}
+
+/// Sends one request and records it; also returns the token ids it produced.
+async fn send(
+    mut client: GenerationClient<Channel>,
+    p: &Planned,
+    ignore_eos: bool,
+    t0: Instant,
+) -> (RequestRecord, Vec<u32>) {
+    let now = || t0.elapsed().as_secs_f64();
+    let mut rec = RequestRecord {
+        adapter: p.adapter.clone(),
+        tenant: p.tenant.clone(),
+        start: now(),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    let outcome: Result<(), tonic::Status> = async {
+        let mut stream = client
+            .generate(request_of(p, ignore_eos))
+            .await?
+            .into_inner();
+        while let Some(msg) = stream.message().await? {
+            match msg.event {
+                Some(pb::generate_response::Event::Delta(d)) => {
+                    let t = now();
+                    rec.token_times.extend(d.token_ids.iter().map(|_| t));
+                    ids.extend(d.token_ids);
+                }
+                Some(pb::generate_response::Event::Final(_)) => return Ok(()),
+                None => {}
+            }
+        }
+        Err(tonic::Status::unknown(
+            "stream ended without a final message",
+        ))
+    }
+    .await;
+    rec.end = now();
+    if let Err(s) = outcome {
+        rec.error = Some(code_name(s.code()));
+    }
+    (rec, ids)
+}
+
+/// Tokenizes the corpus on the server.
+async fn corpus_ids(client: &mut GenerationClient<Channel>, text: &str) -> Result<Vec<u32>> {
+    let r = client
+        .tokenize(pb::TokenizeRequest { text: text.into() })
+        .await
+        .context("tokenizing the prompt corpus")?;
+    Ok(r.into_inner().token_ids)
+}
+
+type Key = (String, Vec<u32>, u32);
+
+/// Every distinct request alone, one after another (the `verify` reference).
+async fn solo_runs(
+    client: &GenerationClient<Channel>,
+    plan: &[Planned],
+    ignore_eos: bool,
+) -> HashMap<Key, Vec<u32>> {
+    let mut solo = HashMap::new();
+    let t0 = Instant::now();
+    for p in plan {
+        let key = (p.adapter.clone(), p.prompt_ids.clone(), p.max_new);
+        if let std::collections::hash_map::Entry::Vacant(slot) = solo.entry(key) {
+            let (rec, ids) = send(client.clone(), p, ignore_eos, t0).await;
+            if rec.error.is_none() {
+                slot.insert(ids);
+            }
+        }
+    }
+    solo
+}
+
+/// Prints progress to stderr about once a second until `total` requests are done.
+fn spawn_progress(
+    done: Arc<AtomicUsize>,
+    total: usize,
+    t0: Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let d = done.load(Ordering::Relaxed);
+            let width = 30;
+            let filled = width * d / total.max(1);
+            eprint!(
+                "\r[{}{}] {d}/{total} requests, {:.0} s",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                t0.elapsed().as_secs_f64()
+            );
+            if d >= total {
+                eprintln!();
+                return;
+            }
+        }
+    })
+}
+
+/// Issues the plan and returns (record, output ids) per planned request, in order.
+async fn issue(
+    cfg: &BenchConfig,
+    client: &GenerationClient<Channel>,
+    plan: Arc<Vec<Planned>>,
+    t0: Instant,
+) -> Result<Vec<(RequestRecord, Vec<u32>)>> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let progress = cfg
+        .progress
+        .then(|| spawn_progress(done.clone(), plan.len(), t0));
+    let deadline = cfg.duration.map(|d| t0 + Duration::from_secs_f64(d));
+    let ignore_eos = cfg.ignore_eos;
+    let mut handles = Vec::with_capacity(plan.len());
+    match cfg.mode {
+        LoadMode::Open {
+            max_concurrency, ..
+        } => {
+            let cap = Arc::new(Semaphore::new(
+                max_concurrency.unwrap_or(Semaphore::MAX_PERMITS),
+            ));
+            for i in 0..plan.len() {
+                let at = t0 + Duration::from_secs_f64(plan[i].at);
+                if deadline.is_some_and(|d| at > d) {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let permit = cap
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .context("concurrency cap")?;
+                let (c, plan, done) = (client.clone(), plan.clone(), done.clone());
+                handles.push(tokio::spawn(async move {
+                    let r = send(c, &plan[i], ignore_eos, t0).await;
+                    drop(permit);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    vec![(i, r)]
+                }));
+            }
+        }
+        LoadMode::Closed { concurrency } => {
+            let next = Arc::new(AtomicUsize::new(0));
+            for _ in 0..concurrency.max(1) {
+                let (c, plan, done, next) =
+                    (client.clone(), plan.clone(), done.clone(), next.clone());
+                handles.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= plan.len() || deadline.is_some_and(|d| Instant::now() > d) {
+                            return out;
+                        }
+                        out.push((i, send(c.clone(), &plan[i], ignore_eos, t0).await));
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }));
+            }
+        }
+    }
+    let mut results: Vec<Option<(RequestRecord, Vec<u32>)>> = vec![None; plan.len()];
+    for h in handles {
+        for (i, r) in h.await.context("a request task panicked")? {
+            results[i] = Some(r);
+        }
+    }
+    done.store(plan.len(), Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    Ok(results.into_iter().flatten().collect())
+}
+
+/// Runs the whole benchmark against `cfg.endpoint`.
+pub async fn run(cfg: &BenchConfig) -> Result<Report> {
+    let mut client = GenerationClient::connect(cfg.endpoint.clone())
+        .await
+        .with_context(|| format!("connecting to {}", cfg.endpoint))?;
+    let ids = corpus_ids(&mut client, &cfg.corpus).await?;
+    let plan = Arc::new(plan(cfg, &ids)?);
+    let solo = if cfg.verify {
+        Some(solo_runs(&client, &plan, cfg.ignore_eos).await)
+    } else {
+        None
+    };
+    let t0 = Instant::now();
+    let results = issue(cfg, &client, plan.clone(), t0).await?;
+    let verify_mismatches = solo.map(|solo| {
+        results
+            .iter()
+            .zip(plan.iter())
+            .filter(|((rec, ids), p)| {
+                let key = (p.adapter.clone(), p.prompt_ids.clone(), p.max_new);
+                rec.error.is_none() && solo.get(&key).is_some_and(|want| want != ids)
+            })
+            .count()
+    });
+    let records: Vec<RequestRecord> = results
+        .into_iter()
+        .skip(cfg.warmup)
+        .map(|(r, _)| r)
+        .collect();
+    let from = records
+        .iter()
+        .map(|r| r.start)
+        .fold(f64::INFINITY, f64::min);
+    let to = records.iter().map(|r| r.end).fold(0.0, f64::max);
+    let duration = if records.is_empty() { 0.0 } else { to - from };
+    let refs: Vec<&RequestRecord> = records.iter().collect();
+    let slo = cfg.slo.as_ref();
+    Ok(Report {
+        summary: summarize(&refs, duration, slo),
+        by_adapter: summarize_by(&records, |r| &r.adapter, duration, slo),
+        by_tenant: summarize_by(&records, |r| &r.tenant, duration, slo),
+        fairness_gap_tokens: fairness_gap(&records, from, to),
+        verify_mismatches,
+        records,
+    })
+}

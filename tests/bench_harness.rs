@@ -1,0 +1,183 @@
+//! The load harness against a live server on the tiny random model: every request
+//! succeeds and matches its solo run (`verify`), the counts add up, the JSON parses,
+//! and requests the server refuses are counted by gRPC code, not lost.
+mod common;
+
+use clap::Parser;
+use common::*;
+use multilora::bench::cli::{run_cli, BenchArgs};
+use multilora::bench::runner::{plan, run, BenchConfig, LoadMode, BUILTIN_CORPUS};
+use multilora::bench::workload::{Arrivals, Length, Popularity};
+use multilora::engine::EngineConfig;
+use multilora::lora::peft::LoraSite;
+use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
+use multilora::proto::v1 as pb;
+
+async fn server_with_adapters(dir: &std::path::Path) -> multilora::server::RunningServer {
+    let service = tiny_service(EngineConfig::default());
+    let base = multilora::model::ModelConfig::tiny_for_tests(259).base_shape();
+    for i in 0..2 {
+        let p = dir.join(format!("good-{i}"));
+        let spec = SynthSpec {
+            rank: 4,
+            alpha: 16.0,
+            sites: vec![LoraSite::Q, LoraSite::V, LoraSite::Down],
+            seed: i,
+        };
+        write_synthetic_adapter(&p, &base, &spec).unwrap();
+        service
+            .adapters
+            .register(&format!("good-{i}"), p.to_str().unwrap())
+            .unwrap();
+    }
+    let (server, _client) = start(service).await;
+    server
+}
+
+fn config(endpoint: String, adapters: &[&str], mode: LoadMode, requests: usize) -> BenchConfig {
+    BenchConfig {
+        endpoint,
+        adapters: adapters.iter().map(|s| s.to_string()).collect(),
+        popularity: Popularity::Uniform,
+        base_share: 0.2,
+        tenants: 2,
+        mode,
+        input_len: Length::Uniform { lo: 8, hi: 16 },
+        output_len: Length::Uniform { lo: 4, hi: 12 },
+        ignore_eos: true,
+        corpus: BUILTIN_CORPUS.into(),
+        requests,
+        duration: None,
+        warmup: 0,
+        seed: 7,
+        slo: None,
+        verify: true,
+        progress: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_loop_run_succeeds_verifies_and_adds_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_adapters(dir.path()).await;
+    let cfg = config(
+        server.endpoint(),
+        &["good-0", "good-1"],
+        LoadMode::Closed { concurrency: 4 },
+        24,
+    );
+    let report = run(&cfg).await.unwrap();
+    let s = &report.summary;
+    assert_eq!((s.requests, s.succeeded), (24, 24), "{:?}", s.errors);
+    assert_eq!(report.verify_mismatches, Some(0));
+    assert_eq!(report.records.len(), 24);
+    let per_adapter: usize = report.by_adapter.values().map(|a| a.requests).sum();
+    let per_tenant: usize = report.by_tenant.values().map(|a| a.requests).sum();
+    assert_eq!((per_adapter, per_tenant), (24, 24));
+    let tokens: usize = report.records.iter().map(|r| r.token_times.len()).sum();
+    assert_eq!(s.output_tokens, tokens);
+    assert!(tokens >= 24 * 4);
+    assert_eq!(s.ttft.count, 24);
+    let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["records"].as_array().unwrap().len(), 24);
+    assert_eq!(json["summary"]["succeeded"], 24);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_are_counted_by_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_adapters(dir.path()).await;
+    let arrivals = Arrivals::new(300.0, 1.0).unwrap();
+    let mut cfg = config(
+        server.endpoint(),
+        &["good-0", "ghost"],
+        LoadMode::Open {
+            arrivals,
+            max_concurrency: Some(8),
+        },
+        30,
+    );
+    cfg.verify = false;
+    // The same plan the runner makes: how many name the adapter that does not exist.
+    let mut client = pb::generation_client::GenerationClient::connect(server.endpoint())
+        .await
+        .unwrap();
+    let ids = client
+        .tokenize(pb::TokenizeRequest {
+            text: BUILTIN_CORPUS.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids;
+    let ghosts = plan(&cfg, &ids)
+        .unwrap()
+        .iter()
+        .filter(|p| p.adapter == "ghost")
+        .count();
+    assert!(ghosts > 0);
+    let report = run(&cfg).await.unwrap();
+    let s = &report.summary;
+    assert_eq!(s.requests, 30);
+    assert_eq!(s.errors.get("NOT_FOUND").copied().unwrap_or(0), ghosts);
+    assert_eq!(s.succeeded + ghosts, 30);
+    assert_eq!(report.by_adapter["ghost"].succeeded, 0);
+    server.stop().await.unwrap();
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_writes_a_json_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_adapters(dir.path()).await;
+    let json = dir.path().join("report.json");
+    let cli = Cli::parse_from([
+        "bench",
+        "--endpoint",
+        &server.endpoint(),
+        "--num-adapters",
+        "2",
+        "--adapter-prefix",
+        "good",
+        "--popularity",
+        "powerlaw:0.5",
+        "--rate",
+        "100",
+        "--cv",
+        "2",
+        "--requests",
+        "12",
+        "--warmup",
+        "2",
+        "--input-len",
+        "lognormal:12,0.3",
+        "--output-len",
+        "6",
+        "--ignore-eos",
+        "--slo",
+        "ttft=10s,tpot=1s",
+        "--verify",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    run_cli(&cli.bench).await.unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        v["records"].as_array().unwrap().len(),
+        10,
+        "warm-up excluded"
+    );
+    assert_eq!(v["summary"]["succeeded"], 10);
+    assert_eq!(v["verify_mismatches"], 0);
+    assert!(v["summary"]["goodput"].as_f64().unwrap() > 0.0);
+    assert!(v["records"][0]["token_times"].as_array().unwrap().len() == 6);
+    server.stop().await.unwrap();
+}

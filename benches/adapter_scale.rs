@@ -10,11 +10,13 @@
 #[path = "support/streams.rs"]
 mod streams;
 
+use multilora::bench::workload::Popularity;
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::LoraSite;
 use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
 use multilora::proto::v1::generation_client::GenerationClient;
+use multilora::rng::Xoshiro256;
 use multilora::server::{start_engine, RunningServer, ServerOptions};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,35 +27,11 @@ use streams::{full_run, load_default_model, request};
 /// every name still loads its own copy.
 const FOLDERS: usize = 64;
 
-/// A seeded xorshift, so both runs see the same request sequence shape.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// `count` adapter indices in 0..n with P(i) proportional to 1 / (i + 1)^s.
+/// `count` adapter indices in 0..n drawn from Zipf(s) (the harness's sampler), seeded.
 fn zipf(n: usize, s: f64, count: usize, seed: u64) -> Vec<usize> {
-    let weights: Vec<f64> = (0..n).map(|i| 1.0 / ((i + 1) as f64).powf(s)).collect();
-    let total: f64 = weights.iter().sum();
-    let mut cdf = Vec::with_capacity(n);
-    let mut acc = 0.0;
-    for w in &weights {
-        acc += w / total;
-        cdf.push(acc);
-    }
-    let mut rng = Rng(seed | 1);
-    (0..count)
-        .map(|_| {
-            let x = rng.next_f64();
-            cdf.partition_point(|c| *c < x).min(n - 1)
-        })
-        .collect()
+    let mut rng = Xoshiro256::from_seed(seed);
+    let mut picker = Popularity::Zipf { s }.sampler(n);
+    (0..count).map(|_| picker.pick(&mut rng)).collect()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

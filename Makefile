@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint unit model python bench clean
+.PHONY: run test lint unit model python bench bench-micro clean
 
 # Demo adapters: two synthetic LoRA adapters (demo-0 rank 8, demo-1 rank 16).
 DEMO := models/demo-adapters
@@ -41,7 +41,14 @@ test: $(GGUF) python lint
 unit:
 	cargo test
 
+# The README's experiment (about 15 minutes): default model and a synthetic 1B-class
+# model, base only and 1 to 2,048 adapters; writes bench/results/.
 bench: $(GGUF)
+	cargo build --release
+	bash scripts/bench-experiment.sh
+
+# Kernel, step and serving micro-benchmarks (ratios in one run).
+bench-micro: $(GGUF)
 	cargo bench --bench decode_step
 	cargo bench --bench grpc_throughput
 	cargo bench --bench adapter_throughput

@@ -1,5 +1,5 @@
-//! Command line: `serve` (the server), `bench` (the load harness), `adapters synth` and
-//! `download` (fetch a Hub model); wiring only.
+//! Command line: `serve` (the server), `bench` (the load harness), `adapters synth`,
+//! `model synth` and `download` (fetch a Hub model); wiring only.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use multilora::engine::EngineConfig;
@@ -30,8 +30,21 @@ enum Command {
     /// Adapter tools.
     #[command(subcommand)]
     Adapters(AdaptersCommand),
+    /// Base-model tools.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Load-test a running server with multi-tenant, multi-adapter traffic.
-    Bench(multilora::bench::cli::BenchArgs),
+    Bench(Box<multilora::bench::cli::BenchArgs>),
+    /// Turn the JSON reports of a sweep of `bench` runs into a markdown table
+    /// (results.md) and plots.
+    BenchSummary {
+        /// The folder to write into.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// `bench --json` reports (with --label set to the model).
+        #[arg(required = true)]
+        reports: Vec<std::path::PathBuf>,
+    },
     /// Download a Hugging Face Hub model into the local cache and print its folder.
     Download {
         /// Hub repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
@@ -61,6 +74,31 @@ enum AdaptersCommand {
         /// Target modules (comma-separated, from q,k,v,o,gate,up,down).
         #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
         targets: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write only this many distinct weight files (a multiple of the number of
+        /// ranks); adapter i hard-links adapter (i mod N)'s weights. The server still
+        /// loads every adapter on its own; this only saves disk in scale runs. 0: all
+        /// distinct.
+        #[arg(long, default_value_t = 0)]
+        distinct: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a random-weight Llama of a named shape (a Hugging Face folder, bf16), for
+    /// scale runs at realistic sizes without a download.
+    Synth {
+        /// tiny, 135m (SmolLM2-135M) or 1b (Llama-3.2-1B's layout).
+        #[arg(long, default_value = "1b")]
+        shape: String,
+        /// The folder to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The model whose tokenizer (and so vocabulary) the synthetic model uses.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        tokenizer_from: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -124,6 +162,12 @@ fn main() -> Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(multilora::bench::cli::run_cli(&args)),
+        Command::BenchSummary { out, reports } => {
+            for path in multilora::bench::sweep::summarize_files(&reports, &out)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
         Command::Adapters(AdaptersCommand::Synth {
             model,
             out,
@@ -132,7 +176,25 @@ fn main() -> Result<()> {
             ranks,
             targets,
             seed,
-        }) => synth_adapters(&model, &out, count, &prefix, &ranks, &targets, seed),
+            distinct,
+        }) => synth_adapters(
+            &model,
+            &out,
+            AdapterSet {
+                count,
+                prefix: &prefix,
+                ranks: &ranks,
+                distinct,
+            },
+            &targets,
+            seed,
+        ),
+        Command::Model(ModelCommand::Synth {
+            shape,
+            out,
+            tokenizer_from,
+            seed,
+        }) => synth_model(&shape, &out, &tokenizer_from, seed),
         Command::Download { repo, revision } => {
             let source = weights::download_from_hub(&repo, revision.as_deref())?;
             if let weights::ModelSource::HfDir(dir) = source {
@@ -143,15 +205,27 @@ fn main() -> Result<()> {
     }
 }
 
+/// Which adapters `adapters synth` writes.
+struct AdapterSet<'a> {
+    count: usize,
+    prefix: &'a str,
+    ranks: &'a [usize],
+    distinct: usize,
+}
+
 fn synth_adapters(
     model: &str,
     out: &std::path::Path,
-    count: usize,
-    prefix: &str,
-    ranks: &[usize],
+    set: AdapterSet,
     targets: &[String],
     seed: u64,
 ) -> Result<()> {
+    let AdapterSet {
+        count,
+        prefix,
+        ranks,
+        distinct,
+    } = set;
     use multilora::lora::peft::LoraSite;
     use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
     let base = weights::read_config(&weights::resolve(model, None)?)?.base_shape();
@@ -167,9 +241,16 @@ fn synth_adapters(
     if ranks.is_empty() || ranks.contains(&0) {
         anyhow::bail!("--ranks: give one or more positive ranks");
     }
+    if !distinct.is_multiple_of(ranks.len()) {
+        anyhow::bail!("--distinct must be a multiple of the number of --ranks");
+    }
     for i in 0..count {
         let rank = ranks[i % ranks.len()];
         let dir = out.join(format!("{prefix}-{i}"));
+        if distinct > 0 && i >= distinct {
+            link_adapter(&out.join(format!("{prefix}-{}", i % distinct)), &dir)?;
+            continue;
+        }
         let spec = SynthSpec {
             rank,
             alpha: 2.0 * rank as f32,
@@ -179,6 +260,37 @@ fn synth_adapters(
         let bytes = write_synthetic_adapter(&dir, &base, &spec)?;
         println!("{} rank {rank} {bytes} bytes", dir.display());
     }
+    Ok(())
+}
+
+/// A copy of adapter folder `from` at `to` whose weights file is a hard link.
+fn link_adapter(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        let target = to.join(file);
+        if target.exists() {
+            std::fs::remove_file(&target)
+                .with_context(|| format!("replacing {}", target.display()))?;
+        }
+        std::fs::hard_link(from.join(file), &target)
+            .with_context(|| format!("linking {} to {}", target.display(), from.display()))?;
+    }
+    Ok(())
+}
+
+fn synth_model(shape: &str, out: &std::path::Path, tokenizer_from: &str, seed: u64) -> Result<()> {
+    use multilora::model::synth;
+    let source = weights::resolve(tokenizer_from, None)?;
+    let tokenizer = weights::load_tokenizer(&source)?;
+    let cfg = synth::shape(shape, tokenizer.vocab_size())?;
+    let start = std::time::Instant::now();
+    let params = synth::write_synthetic_model(out, &cfg, &tokenizer, seed)?;
+    println!(
+        "{}: {shape} Llama, {:.3} B parameters, written in {:.1} s",
+        out.display(),
+        params as f64 / 1e9,
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! The load harness against a live server on the tiny random model: every request
 //! succeeds and matches its solo run (`verify`), the counts add up, the JSON parses,
-//! and requests the server refuses are counted by gRPC code, not lost.
+//! and requests the server refuses are counted by gRPC code, not lost; adapter churn
+//! beside the traffic is counted (failures by code) and changes no response.
 mod common;
 
 use clap::Parser;
 use common::*;
+use multilora::bench::churn::{list_sources, ChurnConfig};
 use multilora::bench::cli::{run_cli, BenchArgs};
 use multilora::bench::runner::{plan, run, BenchConfig, LoadMode, BUILTIN_CORPUS};
 use multilora::bench::workload::{Arrivals, Length, Popularity};
@@ -53,6 +55,7 @@ fn config(endpoint: String, adapters: &[&str], mode: LoadMode, requests: usize) 
         slo: None,
         verify: true,
         progress: false,
+        churn: None,
     }
 }
 
@@ -137,6 +140,7 @@ async fn the_command_line_writes_a_json_report() {
     let dir = tempfile::tempdir().unwrap();
     let server = server_with_adapters(dir.path()).await;
     let json = dir.path().join("report.json");
+    let plots = dir.path().join("plots");
     let cli = Cli::parse_from([
         "bench",
         "--endpoint",
@@ -166,6 +170,10 @@ async fn the_command_line_writes_a_json_report() {
         "--quiet",
         "--json",
         json.to_str().unwrap(),
+        "--plot",
+        plots.to_str().unwrap(),
+        "--label",
+        "tiny",
     ]);
     run_cli(&cli.bench).await.unwrap();
     let v: serde_json::Value =
@@ -179,5 +187,137 @@ async fn the_command_line_writes_a_json_report() {
     assert_eq!(v["verify_mismatches"], 0);
     assert!(v["summary"]["goodput"].as_f64().unwrap() > 0.0);
     assert!(v["records"][0]["token_times"].as_array().unwrap().len() == 6);
+    // The setup says what ran, and a sweep summary can read the report.
+    assert_eq!(v["setup"]["label"], "tiny");
+    assert_eq!(v["setup"]["adapters"], 2);
+    assert_eq!(v["setup"]["popularity"], "powerlaw:0.5");
+    let row = multilora::bench::sweep::SweepRow::from_report(&v).unwrap();
+    assert_eq!(
+        (row.series.as_str(), row.adapters, row.requests),
+        ("tiny", 2, 10)
+    );
+    for plot in ["latency_cdf.svg", "throughput.svg"] {
+        let text = std::fs::read_to_string(plots.join(plot)).unwrap();
+        assert!(text.contains("<svg"), "{plot}");
+    }
+    server.stop().await.unwrap();
+}
+
+/// Writes `n` synthetic adapters for the tiny model into `dir`; returns `dir`'s path.
+fn churn_sources(dir: &std::path::Path, n: u64) -> String {
+    let base = multilora::model::ModelConfig::tiny_for_tests(259).base_shape();
+    for i in 0..n {
+        let spec = SynthSpec {
+            rank: 2,
+            alpha: 4.0,
+            sites: vec![LoraSite::Q, LoraSite::O],
+            seed: 100 + i,
+        };
+        write_synthetic_adapter(&dir.join(format!("src-{i}")), &base, &spec).unwrap();
+    }
+    dir.to_str().unwrap().to_string()
+}
+
+async fn adapter_names(endpoint: String) -> Vec<String> {
+    let mut admin = pb::adapters_client::AdaptersClient::connect(endpoint)
+        .await
+        .unwrap();
+    let list = admin
+        .list_adapters(pb::ListAdaptersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    list.adapters.into_iter().map(|a| a.name).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_loads_and_unloads_beside_verified_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_adapters(dir.path()).await;
+    let sources_dir = tempfile::tempdir().unwrap();
+    let sources = churn_sources(sources_dir.path(), 3);
+    let mut cfg = config(
+        server.endpoint(),
+        &["good-0", "good-1"],
+        LoadMode::Closed { concurrency: 4 },
+        40,
+    );
+    cfg.churn = Some(ChurnConfig {
+        rate: 40.0,
+        sources: list_sources(std::path::Path::new(&sources)).unwrap(),
+        name_prefix: "churn".into(),
+    });
+    let report = run(&cfg).await.unwrap();
+    let s = &report.summary;
+    assert_eq!((s.requests, s.succeeded), (40, 40), "{:?}", s.errors);
+    assert_eq!(report.verify_mismatches, Some(0), "churn changed no output");
+    let churn = report.churn.as_ref().unwrap();
+    assert!(churn.loads >= 2, "{churn:?}");
+    assert!(churn.errors.is_empty(), "{churn:?}");
+    // Loads and unloads alternate, starting with a load.
+    assert!(churn.loads - churn.unloads <= 1);
+    assert_eq!(churn.load_latency.count, churn.loads);
+    let kinds: Vec<&str> = report.churn_ops.iter().map(|o| o.kind).collect();
+    assert!(kinds
+        .chunks(2)
+        .all(|k| k[0] == "load" && k.get(1).is_none_or(|u| *u == "unload")));
+    // What churn loaded is gone after the run; the traffic's adapters stay.
+    let mut names = adapter_names(server.endpoint()).await;
+    names.sort();
+    assert_eq!(names, ["good-0", "good-1"]);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_churn_is_counted_and_leaves_traffic_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_adapters(dir.path()).await;
+    let sources_dir = tempfile::tempdir().unwrap();
+    let sources = churn_sources(sources_dir.path(), 1);
+    // A second source whose weights are cut short: every load of it fails.
+    let broken = sources_dir.path().join("src-9");
+    std::fs::create_dir(&broken).unwrap();
+    let good = sources_dir.path().join("src-0");
+    std::fs::copy(
+        good.join("adapter_config.json"),
+        broken.join("adapter_config.json"),
+    )
+    .unwrap();
+    let weights = std::fs::read(good.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        broken.join("adapter_model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .unwrap();
+    let mut cfg = config(
+        server.endpoint(),
+        &["good-0", "good-1"],
+        LoadMode::Closed { concurrency: 4 },
+        40,
+    );
+    cfg.churn = Some(ChurnConfig {
+        rate: 40.0,
+        sources: list_sources(std::path::Path::new(&sources)).unwrap(),
+        name_prefix: "churn".into(),
+    });
+    let report = run(&cfg).await.unwrap();
+    assert_eq!(report.summary.succeeded, 40, "{:?}", report.summary.errors);
+    assert_eq!(report.verify_mismatches, Some(0));
+    let churn = report.churn.as_ref().unwrap();
+    let failed = report
+        .churn_ops
+        .iter()
+        .filter(|o| o.error.is_some())
+        .count();
+    assert!(failed >= 1, "{churn:?}");
+    assert_eq!(churn.errors.get("INVALID_ARGUMENT"), Some(&failed));
+    assert!(report
+        .churn_ops
+        .iter()
+        .filter(|o| o.error.is_some())
+        .all(|o| o.kind == "load"));
+    let mut names = adapter_names(server.endpoint()).await;
+    names.sort();
+    assert_eq!(names, ["good-0", "good-1"]);
     server.stop().await.unwrap();
 }

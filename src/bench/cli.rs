@@ -1,6 +1,8 @@
 //! `multilora bench`: its flags, validated into a [`BenchConfig`], and the run that
-//! prints the table and writes the JSON report.
+//! prints the table and writes the JSON report and the plots.
+use super::churn::{list_sources, ChurnConfig};
 use super::metrics::Slo;
+use super::plot::write_run_plots;
 use super::report::render;
 use super::runner::{run, BenchConfig, LoadMode, BUILTIN_CORPUS};
 use super::workload::{Arrivals, Length, Popularity};
@@ -67,15 +69,64 @@ pub struct BenchArgs {
     /// equals it (greedy decoding).
     #[arg(long)]
     pub verify: bool,
+    /// Adapter load/unload operations per second during the run (Poisson), on adapters
+    /// of their own loaded from --churn-source and unloaded again.
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
+    /// A folder of PEFT adapter folders (as `adapters synth` writes) churn loads from;
+    /// the server must see the same paths.
+    #[arg(long)]
+    pub churn_source: Option<PathBuf>,
+    /// Churned adapters are named PREFIX-K.
+    #[arg(long, default_value = "churn")]
+    pub churn_prefix: String,
     /// Write the report with per-request records here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write plots (latency CDFs, throughput over time; SVG) into this folder.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// A name for this run (e.g. the model), kept in the JSON report's setup.
+    #[arg(long, default_value = "")]
+    pub label: String,
 }
 
 impl BenchArgs {
+    /// The run's parameters as the JSON report's `setup`, with the command line.
+    pub fn setup(&self, adapters: usize) -> serde_json::Value {
+        let command: Vec<String> = std::env::args()
+            .map(|a| {
+                if a.contains(|c: char| c.is_whitespace() || c == '"') {
+                    format!("{a:?}")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        serde_json::json!({
+            "label": self.label,
+            "adapters": adapters,
+            "popularity": self.popularity,
+            "base_share": self.base_share,
+            "tenants": self.tenants,
+            "rate": self.rate,
+            "cv": self.cv,
+            "concurrency": self.concurrency,
+            "input_len": self.input_len,
+            "output_len": self.output_len,
+            "ignore_eos": self.ignore_eos,
+            "requests": self.requests,
+            "duration": self.duration,
+            "warmup": self.warmup,
+            "seed": self.seed,
+            "churn": self.churn,
+            "command": command.join(" "),
+        })
+    }
+
     pub fn config(&self) -> Result<BenchConfig> {
         let mut adapters = self.adapters.clone();
         adapters.extend((0..self.num_adapters).map(|i| format!("{}-{i}", self.adapter_prefix)));
@@ -98,6 +149,16 @@ impl BenchArgs {
             }
             None => BUILTIN_CORPUS.to_string(),
         };
+        let churn = match (self.churn, &self.churn_source) {
+            (0.0, _) => None,
+            (r, _) if !(r.is_finite() && r > 0.0) => bail!("--churn must be a positive rate"),
+            (_, None) => bail!("--churn needs --churn-source DIR"),
+            (rate, Some(dir)) => Some(ChurnConfig {
+                rate,
+                sources: list_sources(dir)?,
+                name_prefix: self.churn_prefix.clone(),
+            }),
+        };
         Ok(BenchConfig {
             endpoint: self.endpoint.clone(),
             adapters,
@@ -116,6 +177,7 @@ impl BenchArgs {
             slo: self.slo.as_deref().map(Slo::parse).transpose()?,
             verify: self.verify,
             progress: !self.quiet,
+            churn,
         })
     }
 }
@@ -127,8 +189,15 @@ pub async fn run_cli(args: &BenchArgs) -> Result<()> {
     let report = run(&cfg).await?;
     print!("{}", render(&report));
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        let mut json = serde_json::to_value(&report).context("encoding the report")?;
+        json["setup"] = args.setup(cfg.adapters.len());
+        let text = serde_json::to_string_pretty(&json).context("encoding the report")?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(dir) = &args.plot {
+        for path in write_run_plots(&report.records, dir)? {
+            println!("plot: {}", path.display());
+        }
     }
     if report.verify_mismatches.unwrap_or(0) > 0 {
         bail!("--verify: responses under load differ from their solo runs");

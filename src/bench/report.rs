@@ -3,6 +3,9 @@ use super::metrics::{Percentiles, Summary};
 use super::runner::Report;
 use std::fmt::Write;
 
+/// Per-adapter and per-tenant lines shown at most.
+const MAX_GROUP_LINES: usize = 20;
+
 fn ms(x: f64) -> String {
     format!("{:.1}", x * 1e3)
 }
@@ -55,6 +58,22 @@ pub fn render(r: &Report) -> String {
     if let Some(m) = r.verify_mismatches {
         let _ = writeln!(out, "verify: {m} responses differ from their solo run");
     }
+    if let Some(c) = &r.churn {
+        let _ = writeln!(
+            out,
+            "churn: {} loads, {} unloads ({:.2} ops/s), load p50 {} ms p99 {} ms, unload p50 {} ms{}",
+            c.loads,
+            c.unloads,
+            c.ops_per_s,
+            ms(c.load_latency.p50),
+            ms(c.load_latency.p99),
+            ms(c.unload_latency.p50),
+            c.errors
+                .iter()
+                .map(|(code, n)| format!(", {n} {code}"))
+                .collect::<String>()
+        );
+    }
     if let Some(g) = r.fairness_gap_tokens {
         let _ = writeln!(out, "fairness gap between backlogged tenants: {g} tokens");
     }
@@ -77,9 +96,16 @@ pub fn render(r: &Report) -> String {
             "\n{title:<24} {:>8} {:>6} {:>10} {:>10} {:>10}",
             "requests", "errors", "tok/s", "ttft p50", "tpot p50"
         );
-        for (name, g) in groups.iter() {
+        // The busiest groups first; a run over thousands of adapters lists the top ones.
+        let mut sorted: Vec<_> = groups.iter().collect();
+        sorted.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(b.0)));
+        for (name, g) in sorted.iter().take(MAX_GROUP_LINES) {
             let shown = if name.is_empty() { "(base)" } else { name };
             out.push_str(&one_line(shown, g));
+        }
+        if sorted.len() > MAX_GROUP_LINES {
+            let rest = sorted.len() - MAX_GROUP_LINES;
+            let _ = writeln!(out, "... and {rest} more (all of them in --json)");
         }
     }
     out

@@ -3,19 +3,22 @@
 //! (arrivals at a rate, optionally capped in concurrency) or closed loop (a fixed
 //! number of streams); `verify` first runs every distinct request alone and then checks
 //! that each response under load is identical (greedy decoding), so a cross-adapter
-//! mix-up under load is caught by the harness itself.
+//! mix-up under load is caught by the harness itself. Optional adapter churn
+//! (`churn`) runs beside the traffic.
+use super::churn::{run_churn, summarize_churn, ChurnConfig, ChurnOp, ChurnSummary};
 use super::metrics::{fairness_gap, summarize, summarize_by, RequestRecord, Slo, Summary};
 use super::workload::{Arrivals, Length, Popularity};
 use crate::proto::v1 as pb;
 use crate::rng::Xoshiro256;
 use anyhow::{bail, Context, Result};
+use pb::adapters_client::AdaptersClient;
 use pb::generation_client::GenerationClient;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tonic::transport::Channel;
 
 /// Text the prompts are cut from when no `--prompts` file is given.
@@ -67,6 +70,8 @@ pub struct BenchConfig {
     pub slo: Option<Slo>,
     pub verify: bool,
     pub progress: bool,
+    /// Adapter loads and unloads beside the traffic.
+    pub churn: Option<ChurnConfig>,
 }
 
 /// One planned request.
@@ -90,6 +95,9 @@ pub struct Report {
     pub fairness_gap_tokens: Option<usize>,
     /// Requests whose output under load differed from their solo run (`verify`).
     pub verify_mismatches: Option<usize>,
+    /// Adapter churn during the run (all of it, warm-up included).
+    pub churn: Option<ChurnSummary>,
+    pub churn_ops: Vec<ChurnOp>,
     /// Measured requests (warm-up excluded), in plan order.
     pub records: Vec<RequestRecord>,
 }
@@ -163,13 +171,24 @@ fn request_of(p: &Planned, ignore_eos: bool) -> pb::GenerateRequest {
     }
 }
 
+/// Counters the progress line reads while a run is going.
+#[derive(Default)]
+struct Live {
+    sent: AtomicUsize,
+    done: AtomicUsize,
+    errors: AtomicUsize,
+    tokens: AtomicUsize,
+}
+
 /// Sends one request and records it; also returns the token ids it produced.
 async fn send(
     mut client: GenerationClient<Channel>,
     p: &Planned,
     ignore_eos: bool,
     t0: Instant,
+    live: &Live,
 ) -> (RequestRecord, Vec<u32>) {
+    live.sent.fetch_add(1, Ordering::Relaxed);
     let now = || t0.elapsed().as_secs_f64();
     let mut rec = RequestRecord {
         adapter: p.adapter.clone(),
@@ -187,6 +206,7 @@ async fn send(
             match msg.event {
                 Some(pb::generate_response::Event::Delta(d)) => {
                     let t = now();
+                    live.tokens.fetch_add(d.token_ids.len(), Ordering::Relaxed);
                     rec.token_times.extend(d.token_ids.iter().map(|_| t));
                     ids.extend(d.token_ids);
                 }
@@ -202,7 +222,9 @@ async fn send(
     rec.end = now();
     if let Err(s) = outcome {
         rec.error = Some(code_name(s.code()));
+        live.errors.fetch_add(1, Ordering::Relaxed);
     }
+    live.done.fetch_add(1, Ordering::Relaxed);
     (rec, ids)
 }
 
@@ -225,10 +247,11 @@ async fn solo_runs(
 ) -> HashMap<Key, Vec<u32>> {
     let mut solo = HashMap::new();
     let t0 = Instant::now();
+    let live = Live::default();
     for p in plan {
         let key = (p.adapter.clone(), p.prompt_ids.clone(), p.max_new);
         if let std::collections::hash_map::Entry::Vacant(slot) = solo.entry(key) {
-            let (rec, ids) = send(client.clone(), p, ignore_eos, t0).await;
+            let (rec, ids) = send(client.clone(), p, ignore_eos, t0, &live).await;
             if rec.error.is_none() {
                 slot.insert(ids);
             }
@@ -237,30 +260,63 @@ async fn solo_runs(
     solo
 }
 
-/// Prints progress to stderr about once a second until `total` requests are done.
-fn spawn_progress(
-    done: Arc<AtomicUsize>,
-    total: usize,
-    t0: Instant,
-) -> tokio::task::JoinHandle<()> {
+/// Redraws one progress line on stderr every second until every request is done:
+/// the bar, requests done, in flight and failed, output tokens per second over the last
+/// second, time elapsed and an estimate of the time left.
+fn spawn_progress(live: Arc<Live>, total: usize, t0: Instant) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut last_tokens = 0;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let d = done.load(Ordering::Relaxed);
-            let width = 30;
-            let filled = width * d / total.max(1);
+            let done = live.done.load(Ordering::Relaxed).min(total);
+            let in_flight = live.sent.load(Ordering::Relaxed).saturating_sub(done);
+            let tokens = live.tokens.load(Ordering::Relaxed);
+            let elapsed = t0.elapsed().as_secs_f64();
             eprint!(
-                "\r[{}{}] {d}/{total} requests, {:.0} s",
-                "#".repeat(filled),
-                ".".repeat(width - filled),
-                t0.elapsed().as_secs_f64()
+                "\r\x1b[K{}",
+                progress_line(
+                    done,
+                    total,
+                    in_flight,
+                    live.errors.load(Ordering::Relaxed),
+                    tokens - last_tokens,
+                    elapsed
+                )
             );
-            if d >= total {
+            last_tokens = tokens;
+            if done >= total {
                 eprintln!();
                 return;
             }
         }
     })
+}
+
+/// The text of the progress line.
+pub fn progress_line(
+    done: usize,
+    total: usize,
+    in_flight: usize,
+    errors: usize,
+    tokens_last_second: usize,
+    elapsed: f64,
+) -> String {
+    let width = 24;
+    let filled = (width * done).checked_div(total).unwrap_or(width);
+    // The rate so far says little before a tenth of the run is done.
+    let left = if done * 10 >= total && done < total {
+        format!(
+            ", ~{:.0} s left",
+            elapsed * (total - done) as f64 / done as f64
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "[{}{}] {done}/{total} done, {in_flight} in flight, {errors} failed | {tokens_last_second} tok/s | {elapsed:.0} s{left}",
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+    )
 }
 
 /// Issues the plan and returns (record, output ids) per planned request, in order.
@@ -270,10 +326,10 @@ async fn issue(
     plan: Arc<Vec<Planned>>,
     t0: Instant,
 ) -> Result<Vec<(RequestRecord, Vec<u32>)>> {
-    let done = Arc::new(AtomicUsize::new(0));
+    let live = Arc::new(Live::default());
     let progress = cfg
         .progress
-        .then(|| spawn_progress(done.clone(), plan.len(), t0));
+        .then(|| spawn_progress(live.clone(), plan.len(), t0));
     let deadline = cfg.duration.map(|d| t0 + Duration::from_secs_f64(d));
     let ignore_eos = cfg.ignore_eos;
     let mut handles = Vec::with_capacity(plan.len());
@@ -295,11 +351,10 @@ async fn issue(
                     .acquire_owned()
                     .await
                     .context("concurrency cap")?;
-                let (c, plan, done) = (client.clone(), plan.clone(), done.clone());
+                let (c, plan, live) = (client.clone(), plan.clone(), live.clone());
                 handles.push(tokio::spawn(async move {
-                    let r = send(c, &plan[i], ignore_eos, t0).await;
+                    let r = send(c, &plan[i], ignore_eos, t0, &live).await;
                     drop(permit);
-                    done.fetch_add(1, Ordering::Relaxed);
                     vec![(i, r)]
                 }));
             }
@@ -307,8 +362,8 @@ async fn issue(
         LoadMode::Closed { concurrency } => {
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..concurrency.max(1) {
-                let (c, plan, done, next) =
-                    (client.clone(), plan.clone(), done.clone(), next.clone());
+                let (c, plan, live, next) =
+                    (client.clone(), plan.clone(), live.clone(), next.clone());
                 handles.push(tokio::spawn(async move {
                     let mut out = Vec::new();
                     loop {
@@ -316,8 +371,7 @@ async fn issue(
                         if i >= plan.len() || deadline.is_some_and(|d| Instant::now() > d) {
                             return out;
                         }
-                        out.push((i, send(c.clone(), &plan[i], ignore_eos, t0).await));
-                        done.fetch_add(1, Ordering::Relaxed);
+                        out.push((i, send(c.clone(), &plan[i], ignore_eos, t0, &live).await));
                     }
                 }));
             }
@@ -329,7 +383,8 @@ async fn issue(
             results[i] = Some(r);
         }
     }
-    done.store(plan.len(), Ordering::Relaxed);
+    // Requests never sent (a duration cut the plan short) count as done for the bar.
+    live.done.store(plan.len(), Ordering::Relaxed);
     if let Some(p) = progress {
         let _ = p.await;
     }
@@ -338,9 +393,12 @@ async fn issue(
 
 /// Runs the whole benchmark against `cfg.endpoint`.
 pub async fn run(cfg: &BenchConfig) -> Result<Report> {
-    let mut client = GenerationClient::connect(cfg.endpoint.clone())
+    let channel = Channel::from_shared(cfg.endpoint.clone())
+        .with_context(|| format!("bad endpoint {:?}", cfg.endpoint))?
+        .connect()
         .await
         .with_context(|| format!("connecting to {}", cfg.endpoint))?;
+    let mut client = GenerationClient::new(channel.clone());
     let ids = corpus_ids(&mut client, &cfg.corpus).await?;
     let plan = Arc::new(plan(cfg, &ids)?);
     let solo = if cfg.verify {
@@ -349,7 +407,19 @@ pub async fn run(cfg: &BenchConfig) -> Result<Report> {
         None
     };
     let t0 = Instant::now();
-    let results = issue(cfg, &client, plan.clone(), t0).await?;
+    let (stop_churn, stop) = watch::channel(false);
+    let churn = cfg.churn.clone().map(|c| {
+        let admin = AdaptersClient::new(channel.clone());
+        tokio::spawn(run_churn(c, admin, cfg.seed, t0, stop))
+    });
+    let results = issue(cfg, &client, plan.clone(), t0).await;
+    let _ = stop_churn.send(true);
+    let churn_ops = match churn {
+        Some(task) => task.await.context("the churn task panicked")??,
+        None => Vec::new(),
+    };
+    let results = results?;
+    let churn_duration = t0.elapsed().as_secs_f64();
     let verify_mismatches = solo.map(|solo| {
         results
             .iter()
@@ -379,6 +449,40 @@ pub async fn run(cfg: &BenchConfig) -> Result<Report> {
         by_tenant: summarize_by(&records, |r| &r.tenant, duration, slo),
         fairness_gap_tokens: fairness_gap(&records, from, to),
         verify_mismatches,
+        churn: cfg
+            .churn
+            .as_ref()
+            .map(|_| summarize_churn(&churn_ops, churn_duration)),
+        churn_ops,
         records,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_shows_counts_rate_and_time_left() {
+        let line = progress_line(40, 160, 12, 1, 250, 10.0);
+        assert_eq!(
+            line,
+            "[######------------------] 40/160 done, 12 in flight, 1 failed | 250 tok/s | 10 s, ~30 s left"
+        );
+        // No estimate before a tenth is done, nor at the end; an empty plan is full.
+        assert!(!progress_line(10, 160, 3, 0, 0, 2.0).contains("left"));
+        assert!(progress_line(160, 160, 0, 0, 0, 40.0)
+            .starts_with("[########################] 160/160"));
+        assert!(progress_line(0, 0, 0, 0, 0, 0.0).starts_with("[########################] 0/0"));
+    }
+
+    #[test]
+    fn code_names_are_grpc_spellings() {
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+    }
 }

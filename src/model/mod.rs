@@ -5,6 +5,7 @@ pub mod config;
 pub mod cpu_ops;
 pub mod llama;
 pub mod packed_linear;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 

@@ -76,6 +76,8 @@ pub struct TextTokenizer {
     bos_token: String,
     eos_token: String,
     chat_template: ChatTemplate,
+    /// The template's source text, kept so the tokenizer can be written back out.
+    chat_template_source: Option<String>,
 }
 
 impl fmt::Debug for TextTokenizer {
@@ -313,8 +315,28 @@ impl TextTokenizer {
             eos_token_ids,
             bos_token: bos_token.unwrap_or_default(),
             eos_token,
-            chat_template: ChatTemplate::from_source(chat_template),
+            chat_template: ChatTemplate::from_source(chat_template.clone()),
+            chat_template_source: chat_template,
         }
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS tokens, chat
+    /// template) into `dir`, so that [`Self::from_hf_dir`] reads back the same tokenizer.
+    pub fn save_hf_files(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.inner
+            .save(&path, false)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        let mut config = json!({
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        });
+        if let Some(template) = &self.chat_template_source {
+            config["chat_template"] = json!(template);
+        }
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, config.to_string())
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Number of ids the tokenizer knows, added tokens included.

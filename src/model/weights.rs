@@ -139,6 +139,20 @@ pub fn read_config(source: &ModelSource) -> Result<ModelConfig> {
     }
 }
 
+/// Reads only the model's tokenizer (no weights).
+pub fn load_tokenizer(source: &ModelSource) -> Result<TextTokenizer> {
+    match source {
+        ModelSource::HfDir(dir) => TextTokenizer::from_hf_dir(dir),
+        ModelSource::Gguf(path) => {
+            let mut file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let content = gguf_file::Content::read(&mut file)
+                .with_context(|| format!("reading GGUF header of {}", path.display()))?;
+            TextTokenizer::from_gguf(&content)
+        }
+    }
+}
+
 /// Loads weights, config and tokenizer from a resolved source, as f32 on `device`.
 pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedWeights> {
     match source {

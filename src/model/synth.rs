@@ -1,0 +1,222 @@
+//! Synthetic base models for scale runs: a Hugging Face Llama folder (`config.json`,
+//! tokenizer files, `model.safetensors` in bf16) of a named shape with seeded random
+//! weights, written tensor by tensor so a 1B-class model needs no download and little RAM.
+use super::config::ModelConfig;
+use super::tokenizer::TextTokenizer;
+use crate::rng::Xoshiro256;
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde_json::json;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// The shapes `model synth` knows, by name.
+pub const SHAPES: [&str; 3] = ["tiny", "135m", "1b"];
+
+/// The Llama shape called `name` with `vocab_size` (the tokenizer's):
+/// `tiny` (2 layers, hidden 64: tests), `135m` (SmolLM2-135M), `1b` (Llama-3.2-1B's
+/// layout: 16 layers, hidden 2048, MLP 8192, 32 query and 8 KV heads; about 1.07 B
+/// parameters with SmolLM2's 49,152-token vocabulary).
+pub fn shape(name: &str, vocab_size: usize) -> Result<ModelConfig> {
+    let (hidden, intermediate, layers, heads, kv_heads, theta) = match name {
+        "tiny" => (64, 128, 2, 4, 2, 10_000.0),
+        "135m" => (576, 1536, 30, 9, 3, 100_000.0),
+        "1b" => (2048, 8192, 16, 32, 8, 500_000.0),
+        other => bail!("unknown model shape {other:?}; use one of {SHAPES:?}"),
+    };
+    Ok(ModelConfig {
+        name: format!("synth-{name}"),
+        hidden_size: hidden,
+        intermediate_size: intermediate,
+        vocab_size,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: theta,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        eos_token_ids: Vec::new(),
+    })
+}
+
+/// The model's parameter count.
+pub fn parameter_count(cfg: &ModelConfig) -> usize {
+    tensor_specs(cfg).iter().map(|t| t.len()).sum()
+}
+
+/// One tensor to generate: name, shape, and its values' distribution.
+struct TensorSpec {
+    name: String,
+    shape: Vec<usize>,
+    /// Values are `offset + uniform(-bound, bound)`.
+    offset: f32,
+    bound: f32,
+}
+
+impl TensorSpec {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
+    let h = cfg.hidden_size;
+    let q_out = cfg.num_heads * cfg.head_dim;
+    let kv_out = cfg.num_kv_heads * cfg.head_dim;
+    // Uniform with the standard deviation of PyTorch's default Linear init scale
+    // (1/sqrt(fan_in)), so activations keep their size through the layers.
+    let linear = |name: String, out: usize, inp: usize| TensorSpec {
+        name,
+        shape: vec![out, inp],
+        offset: 0.0,
+        bound: (3.0 / inp as f32).sqrt(),
+    };
+    let norm = |name: String| TensorSpec {
+        name,
+        shape: vec![h],
+        offset: 1.0,
+        bound: 0.1,
+    };
+    let mut specs = vec![
+        TensorSpec {
+            name: "model.embed_tokens.weight".into(),
+            shape: vec![cfg.vocab_size, h],
+            offset: 0.0,
+            bound: 0.5,
+        },
+        norm("model.norm.weight".into()),
+    ];
+    if !cfg.tie_word_embeddings {
+        specs.push(linear("lm_head.weight".into(), cfg.vocab_size, h));
+    }
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        specs.push(norm(format!("{p}.input_layernorm.weight")));
+        specs.push(linear(format!("{p}.self_attn.q_proj.weight"), q_out, h));
+        specs.push(linear(format!("{p}.self_attn.k_proj.weight"), kv_out, h));
+        specs.push(linear(format!("{p}.self_attn.v_proj.weight"), kv_out, h));
+        specs.push(linear(format!("{p}.self_attn.o_proj.weight"), h, q_out));
+        specs.push(norm(format!("{p}.post_attention_layernorm.weight")));
+        let m = cfg.intermediate_size;
+        specs.push(linear(format!("{p}.mlp.gate_proj.weight"), m, h));
+        specs.push(linear(format!("{p}.mlp.up_proj.weight"), m, h));
+        specs.push(linear(format!("{p}.mlp.down_proj.weight"), h, m));
+    }
+    specs
+}
+
+/// f32 to bf16 bits, rounding to nearest even (finite inputs).
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Values per independently seeded chunk (so generation runs in parallel and the
+/// result does not depend on the thread count).
+const CHUNK: usize = 1 << 16;
+
+/// The bf16 bytes of one tensor, deterministic in (`seed`, `index`).
+fn tensor_bytes(spec: &TensorSpec, seed: u64, index: usize) -> Vec<u8> {
+    let mut out = vec![0u8; 2 * spec.len()];
+    out.par_chunks_mut(2 * CHUNK)
+        .enumerate()
+        .for_each(|(chunk, bytes)| {
+            let mut rng = Xoshiro256::from_seed(
+                seed ^ (((index as u64) << 32) | chunk as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            for pair in bytes.chunks_exact_mut(2) {
+                let u = rng.next_f64() as f32 * 2.0 - 1.0;
+                let v = bf16_bits(spec.offset + spec.bound * u);
+                pair.copy_from_slice(&v.to_le_bytes());
+            }
+        });
+    out
+}
+
+/// The Hugging Face `config.json` of `cfg`.
+fn hf_config(cfg: &ModelConfig, tokenizer: &TextTokenizer) -> serde_json::Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "eos_token_id": tokenizer.eos_token_ids(),
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+    })
+}
+
+/// Writes a model folder at `dir`: `config.json`, the tokenizer's files and
+/// `model.safetensors` (bf16, seeded uniform weights). Returns the parameter count.
+pub fn write_synthetic_model(
+    dir: &Path,
+    cfg: &ModelConfig,
+    tokenizer: &TextTokenizer,
+    seed: u64,
+) -> Result<usize> {
+    if cfg.vocab_size < tokenizer.vocab_size() {
+        bail!(
+            "vocabulary {} is smaller than the tokenizer's {}",
+            cfg.vocab_size,
+            tokenizer.vocab_size()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, hf_config(cfg, tokenizer).to_string())
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    tokenizer.save_hf_files(dir)?;
+
+    let specs = tensor_specs(cfg);
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for t in &specs {
+        let end = offset + 2 * t.len();
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": "BF16", "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut header = serde_json::Value::Object(header).to_string();
+    // The data starts 8-byte aligned, as the safetensors writers do.
+    while !(8 + header.len()).is_multiple_of(8) {
+        header.push(' ');
+    }
+    // Written under a temporary name and renamed, so a killed run leaves no
+    // half-written model that a later run would take for a complete one.
+    let final_path = dir.join("model.safetensors");
+    let tmp_path = dir.join("model.safetensors.partial");
+    let file = std::fs::File::create(&tmp_path)
+        .with_context(|| format!("creating {}", tmp_path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let write_err = || format!("writing {}", tmp_path.display());
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .with_context(write_err)?;
+    w.write_all(header.as_bytes()).with_context(write_err)?;
+    for (index, t) in specs.iter().enumerate() {
+        w.write_all(&tensor_bytes(t, seed, index))
+            .with_context(write_err)?;
+    }
+    w.flush().with_context(write_err)?;
+    drop(w);
+    std::fs::rename(&tmp_path, &final_path)
+        .with_context(|| format!("renaming {} into place", tmp_path.display()))?;
+    Ok(specs.iter().map(|t| t.len()).sum())
+}
+
+#[cfg(test)]
+#[path = "synth_tests.rs"]
+mod tests;

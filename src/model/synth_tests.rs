@@ -1,0 +1,126 @@
+//! Synthetic models: the named shapes have the right sizes, a written folder loads
+//! through the normal `--model` path and runs, and the weights are seeded.
+use super::*;
+use crate::engine::kv_cache::{KvCache, KvCacheShape};
+use crate::model::weights;
+use crate::model::ForwardBatch;
+
+fn write_tiny(dir: &Path, seed: u64) -> ModelConfig {
+    let tok = TextTokenizer::byte_level_for_tests().unwrap();
+    let cfg = shape("tiny", tok.vocab_size()).unwrap();
+    write_synthetic_model(dir, &cfg, &tok, seed).unwrap();
+    cfg
+}
+
+#[test]
+fn named_shapes_have_their_parameter_counts() {
+    // SmolLM2-135M's published parameter count, exactly.
+    let smol = shape("135m", 49_152).unwrap();
+    assert_eq!(parameter_count(&smol), 134_515_008);
+    // Llama-3.2-1B's layout with SmolLM2's vocabulary: 1B-class.
+    let one_b = shape("1b", 49_152).unwrap();
+    let n = parameter_count(&one_b);
+    assert!((1_000_000_000..1_200_000_000).contains(&n), "{n}");
+    assert!(shape("7b", 100).is_err());
+}
+
+#[test]
+fn written_model_loads_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_tiny(dir.path(), 7);
+    let dir_name = dir.path().to_str().unwrap();
+    let loaded = weights::load_model(dir_name, None, &candle_core::Device::Cpu).unwrap();
+    let got = loaded.model.config();
+    assert_eq!(
+        (
+            got.hidden_size,
+            got.num_layers,
+            got.num_heads,
+            got.num_kv_heads
+        ),
+        (
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.num_kv_heads
+        )
+    );
+    assert_eq!(got.vocab_size, 259);
+    assert_eq!(got.eos_token_ids, vec![2]);
+    // The tokenizer files round-trip: same ids, same EOS, the chat template kept.
+    let tok = TextTokenizer::byte_level_for_tests().unwrap();
+    assert_eq!(
+        loaded.tokenizer.encode("harbour town").unwrap(),
+        tok.encode("harbour town").unwrap()
+    );
+    assert_eq!(loaded.tokenizer.eos_token_ids(), tok.eos_token_ids());
+    assert!(loaded.tokenizer.has_chat_template());
+
+    let mut kv = KvCache::new(KvCacheShape {
+        num_layers: got.num_layers,
+        num_kv_heads: got.num_kv_heads,
+        head_dim: got.head_dim,
+        block_size: 16,
+        num_blocks: 2,
+    });
+    let mut blocks = Vec::new();
+    assert!(kv.ensure_capacity(&mut blocks, 8));
+    let mut batch = ForwardBatch::default();
+    let last = batch.push_chunk(&[5, 9, 77, 3, 200, 14, 15, 92], 0, &blocks);
+    batch.logit_rows.push(last);
+    let logits = loaded.model.forward(&batch, &mut kv).unwrap();
+    assert_eq!(logits.len(), 259);
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let (lo, hi) = logits
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    assert!(hi - lo > 1e-3, "random weights give distinct logits");
+}
+
+#[test]
+fn weights_follow_the_seed_and_their_distribution() {
+    let read = |seed: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), seed);
+        std::fs::read(dir.path().join("model.safetensors")).unwrap()
+    };
+    let a = read(1);
+    assert_eq!(a, read(1), "same seed, same bytes");
+    assert_ne!(a, read(2), "another seed, other weights");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_tiny(dir.path(), 3);
+    let files = [dir.path().join("model.safetensors")];
+    let t = candle_core::safetensors::load(&files[0], &candle_core::Device::Cpu).unwrap();
+    let q = t["model.layers.0.self_attn.q_proj.weight"]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(q.len(), cfg.hidden_size * cfg.hidden_size);
+    // Uniform(-b, b) with b = sqrt(3 / fan_in): mean 0, standard deviation 1/sqrt(64).
+    let mean = q.iter().sum::<f32>() / q.len() as f32;
+    let var = q.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / q.len() as f32;
+    assert!(mean.abs() < 0.01, "{mean}");
+    assert!((var.sqrt() - 0.125).abs() < 0.005, "{}", var.sqrt());
+    let bound = (3.0f32 / 64.0).sqrt() * 1.01;
+    assert!(q.iter().all(|x| x.abs() <= bound));
+    let norm = t["model.norm.weight"]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(norm.iter().all(|x| (0.89..=1.11).contains(x)));
+}
+
+#[test]
+fn bf16_rounds_to_nearest_even() {
+    assert_eq!(bf16_bits(1.0), 0x3F80);
+    assert_eq!(bf16_bits(-2.0), 0xC000);
+    // 1 + 2^-8 lies halfway between two bf16 values: ties go to the even one (1.0).
+    assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3F80);
+    // Just above halfway rounds up.
+    assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3F81);
+}

@@ -106,5 +106,9 @@ for m in $MODELS; do
   esac
 done
 "$BIN" bench-summary --out "$OUT" "$OUT"/runs/*.json > /dev/null
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs || true)
+ram=$(free -g | awk '/Mem:/ {print $2}')
+echo "
+Machine: $(nproc) cores ($cpu), $ram GiB RAM; the experiment took $(($(date +%s) - start)) s." >> "$OUT/results.md"
 echo "experiment done in $(($(date +%s) - start)) s: $OUT/results.md" >&2
 cat "$OUT/results.md"

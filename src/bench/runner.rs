@@ -103,34 +103,42 @@ pub struct Report {
 }
 
 /// The requests of a run: arrival times, adapters, tenants and prompt windows.
+/// Arrivals, lengths and prompts, and adapter choices each draw from their own stream
+/// of the seed, so runs that differ only in their adapters (a sweep over adapter
+/// counts, base only included) see the same arrival times and the same requests.
 pub fn plan(cfg: &BenchConfig, corpus_ids: &[u32]) -> Result<Vec<Planned>> {
     if corpus_ids.is_empty() {
         bail!("the prompt corpus tokenizes to nothing");
     }
-    let mut rng = Xoshiro256::from_seed(cfg.seed);
+    let mut arrival_rng = Xoshiro256::from_seed(cfg.seed);
+    let mut request_rng = Xoshiro256::from_seed(cfg.seed ^ 0x5EED_0000_0000_0002);
+    let mut adapter_rng = Xoshiro256::from_seed(cfg.seed ^ 0x5EED_0000_0000_0003);
     let mut picker = cfg.popularity.sampler(cfg.adapters.len());
     let mut at = 0.0;
     let mut out = Vec::with_capacity(cfg.requests);
     for index in 0..cfg.requests {
         if let LoadMode::Open { arrivals, .. } = cfg.mode {
-            at += arrivals.next_gap(&mut rng);
+            at += arrivals.next_gap(&mut arrival_rng);
         }
-        let base = cfg.adapters.is_empty() || rng.next_f64() < cfg.base_share;
+        let n = cfg.input_len.sample(&mut request_rng);
+        let from = (request_rng.next_f64() * corpus_ids.len() as f64) as usize;
+        let prompt_ids = (0..n)
+            .map(|k| corpus_ids[(from + k) % corpus_ids.len()])
+            .collect();
+        let max_new = cfg
+            .output_len
+            .sample(&mut request_rng)
+            .min(u32::MAX as usize) as u32;
+        let base = cfg.adapters.is_empty() || adapter_rng.next_f64() < cfg.base_share;
         let (adapter, tenant) = if base {
             (String::new(), "base".to_string())
         } else {
-            let i = picker.pick(&mut rng);
+            let i = picker.pick(&mut adapter_rng);
             (
                 cfg.adapters[i].clone(),
                 format!("tenant-{}", i % cfg.tenants.max(1)),
             )
         };
-        let n = cfg.input_len.sample(&mut rng);
-        let from = (rng.next_f64() * corpus_ids.len() as f64) as usize;
-        let prompt_ids = (0..n)
-            .map(|k| corpus_ids[(from + k) % corpus_ids.len()])
-            .collect();
-        let max_new = cfg.output_len.sample(&mut rng).min(u32::MAX as usize) as u32;
         out.push(Planned {
             index,
             at,
@@ -474,6 +482,51 @@ mod tests {
         assert!(progress_line(160, 160, 0, 0, 0, 40.0)
             .starts_with("[########################] 160/160"));
         assert!(progress_line(0, 0, 0, 0, 0, 0.0).starts_with("[########################] 0/0"));
+    }
+
+    fn open_loop(adapters: usize) -> BenchConfig {
+        BenchConfig {
+            endpoint: String::new(),
+            adapters: (0..adapters).map(|i| format!("a-{i}")).collect(),
+            popularity: Popularity::Uniform,
+            base_share: 0.0,
+            tenants: 1,
+            mode: LoadMode::Open {
+                arrivals: Arrivals::new(5.0, 1.0).unwrap(),
+                max_concurrency: None,
+            },
+            input_len: Length::Uniform { lo: 4, hi: 40 },
+            output_len: Length::Uniform { lo: 1, hi: 20 },
+            ignore_eos: true,
+            corpus: String::new(),
+            requests: 50,
+            duration: None,
+            warmup: 0,
+            seed: 11,
+            slo: None,
+            verify: false,
+            progress: false,
+            churn: None,
+        }
+    }
+
+    #[test]
+    fn runs_differing_only_in_adapters_get_the_same_requests() {
+        let corpus: Vec<u32> = (0..500).collect();
+        let base = plan(&open_loop(0), &corpus).unwrap();
+        for n in [1, 8, 2048] {
+            let other = plan(&open_loop(n), &corpus).unwrap();
+            for (a, b) in base.iter().zip(&other) {
+                assert_eq!(
+                    (a.at, &a.prompt_ids, a.max_new),
+                    (b.at, &b.prompt_ids, b.max_new)
+                );
+                assert!(a.adapter.is_empty() && !b.adapter.is_empty());
+            }
+        }
+        let mut reseeded = open_loop(8);
+        reseeded.seed = 12;
+        assert_ne!(plan(&reseeded, &corpus).unwrap()[0].at, base[0].at);
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct SweepRow {
     pub adapters_used: usize,
     pub requests: usize,
     pub errors: usize,
+    /// Requests per second offered (`setup.rate`; None in a closed loop).
+    pub offered: Option<f64>,
     pub req_per_s: f64,
     pub tok_per_s: f64,
     /// Seconds.
@@ -59,6 +61,7 @@ impl SweepRow {
             adapters: num(setup, "adapters")? as usize,
             adapters_used,
             requests: num(s, "requests")? as usize,
+            offered: setup.get("rate").and_then(Value::as_f64),
             errors: errors as usize,
             req_per_s: num(s, "request_throughput")?,
             tok_per_s: num(s, "token_throughput")?,
@@ -107,8 +110,8 @@ pub fn order(mut rows: Vec<SweepRow>) -> Vec<SweepRow> {
 /// throughput over its model's base-only run.
 pub fn markdown(rows: &[SweepRow]) -> String {
     let mut out = String::from(
-        "| model | adapters | used | requests | errors | req/s | output tok/s | vs base | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | adapters | used | requests | errors | offered req/s | req/s | output tok/s | vs base | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let base = rows
@@ -126,11 +129,12 @@ pub fn markdown(rows: &[SweepRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {adapters} | {} | {} | {} | {:.2} | {:.1} | {vs_base} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {adapters} | {} | {} | {} | {} | {:.2} | {:.1} | {vs_base} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.series,
             r.adapters_used,
             r.requests,
             r.errors,
+            r.offered.map_or("closed loop".into(), |o| format!("{o}")),
             r.req_per_s,
             r.tok_per_s,
             r.ttft_p50 * 1e3,
@@ -178,7 +182,7 @@ mod tests {
         let by_adapter: serde_json::Map<String, Value> =
             used.iter().map(|a| (a.to_string(), json!({}))).collect();
         json!({
-            "setup": {"label": label, "adapters": adapters, "command": format!("bench {label} {adapters}")},
+            "setup": {"label": label, "adapters": adapters, "rate": 2.5, "command": format!("bench {label} {adapters}")},
             "summary": {
                 "requests": 10, "errors": {"UNAVAILABLE": 1}, "request_throughput": 2.0,
                 "token_throughput": tok_s,
@@ -210,11 +214,13 @@ mod tests {
         let md = markdown(&rows);
         // 40 / 50 and 150 / 200.
         assert!(
-            md.contains("| big | 8 | 2 | 10 | 1 | 2.00 | 40.0 | 0.80 | 100 | 250 | 20 | 30 |"),
+            md.contains(
+                "| big | 8 | 2 | 10 | 1 | 2.5 | 2.00 | 40.0 | 0.80 | 100 | 250 | 20 | 30 |"
+            ),
             "{md}"
         );
         assert!(
-            md.contains("| small | 8 | 1 | 10 | 1 | 2.00 | 150.0 | 0.75 |"),
+            md.contains("| small | 8 | 1 | 10 | 1 | 2.5 | 2.00 | 150.0 | 0.75 |"),
             "{md}"
         );
         assert!(md.contains("| small | base only | 0 |"), "{md}");

@@ -8,7 +8,7 @@ use clap::Parser;
 use common::*;
 use multilora::bench::churn::{list_sources, ChurnConfig};
 use multilora::bench::cli::{run_cli, BenchArgs};
-use multilora::bench::runner::{plan, run, BenchConfig, LoadMode, BUILTIN_CORPUS};
+use multilora::bench::runner::{plan, run, BenchConfig, LoadMode, Report, BUILTIN_CORPUS};
 use multilora::bench::workload::{Arrivals, Length, Popularity};
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::LoraSite;
@@ -230,24 +230,30 @@ async fn adapter_names(endpoint: String) -> Vec<String> {
     list.adapters.into_iter().map(|a| a.name).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn churn_loads_and_unloads_beside_verified_traffic() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = server_with_adapters(dir.path()).await;
-    let sources_dir = tempfile::tempdir().unwrap();
-    let sources = churn_sources(sources_dir.path(), 3);
+/// 40 verified requests over good-0 and good-1 (4 streams) with 40 churn operations
+/// per second loading from the adapter folders in `sources`.
+async fn run_with_churn(endpoint: String, sources: &str) -> Report {
     let mut cfg = config(
-        server.endpoint(),
+        endpoint,
         &["good-0", "good-1"],
         LoadMode::Closed { concurrency: 4 },
         40,
     );
     cfg.churn = Some(ChurnConfig {
         rate: 40.0,
-        sources: list_sources(std::path::Path::new(&sources)).unwrap(),
+        sources: list_sources(std::path::Path::new(sources)).unwrap(),
         name_prefix: "churn".into(),
     });
-    let report = run(&cfg).await.unwrap();
+    run(&cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_loads_and_unloads_beside_verified_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_adapters(dir.path()).await;
+    let sources_dir = tempfile::tempdir().unwrap();
+    let sources = churn_sources(sources_dir.path(), 3);
+    let report = run_with_churn(server.endpoint(), &sources).await;
     let s = &report.summary;
     assert_eq!((s.requests, s.succeeded), (40, 40), "{:?}", s.errors);
     assert_eq!(report.verify_mismatches, Some(0), "churn changed no output");
@@ -289,18 +295,7 @@ async fn failed_churn_is_counted_and_leaves_traffic_alone() {
         &weights[..weights.len() / 2],
     )
     .unwrap();
-    let mut cfg = config(
-        server.endpoint(),
-        &["good-0", "good-1"],
-        LoadMode::Closed { concurrency: 4 },
-        40,
-    );
-    cfg.churn = Some(ChurnConfig {
-        rate: 40.0,
-        sources: list_sources(std::path::Path::new(&sources)).unwrap(),
-        name_prefix: "churn".into(),
-    });
-    let report = run(&cfg).await.unwrap();
+    let report = run_with_churn(server.endpoint(), &sources).await;
     assert_eq!(report.summary.succeeded, 40, "{:?}", report.summary.errors);
     assert_eq!(report.verify_mismatches, Some(0));
     let churn = report.churn.as_ref().unwrap();

@@ -6,12 +6,13 @@
 #[path = "support/roofline.rs"]
 mod roofline;
 
-use multilora::engine::kv_cache::{KvCache, KvCacheShape};
-use multilora::model::{weights, ForwardBatch, ModelConfig};
+use multilora::engine::block_allocator::{Allocation, BlockAllocator};
+use multilora::model::{weights, CpuBackend, ForwardBatch, ModelConfig};
 use roofline::{gemm_rate, median_time, read_bandwidth};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const CONTEXT: usize = 128;
+const BLOCK_SIZE: usize = 16;
 
 /// Parameters of the linear layers and the LM head.
 fn linear_params(c: &ModelConfig) -> f64 {
@@ -32,12 +33,7 @@ fn main() {
         );
         return;
     }
-    let loaded = weights::load_model(
-        path.to_str().unwrap_or(MODEL),
-        None,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let loaded = weights::load_llama(path.to_str().unwrap_or(MODEL), None, CpuBackend).unwrap();
     let model = loaded.model;
     let cfg = model.config().clone();
     let iters = if quick { 1 } else { 20 };
@@ -60,20 +56,15 @@ fn main() {
         Err(_) => vec![1, 8, 32, 64],
     };
     for &b in &batches {
-        let shape = KvCacheShape::from_budget(
-            cfg.num_layers,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            16,
-            b * (CONTEXT + 16) * cfg.kv_bytes_per_token(),
-        )
-        .unwrap();
-        let mut kv = KvCache::new(shape);
+        // Room for each sequence's context and one more block.
+        let num_blocks = b * (CONTEXT + BLOCK_SIZE) / BLOCK_SIZE;
+        let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
+        let mut kv = model.new_kv(num_blocks, BLOCK_SIZE).unwrap();
         // Prefill each sequence's context once.
         let mut tables = Vec::new();
         for s in 0..b {
             let mut table = Vec::new();
-            assert!(kv.ensure_capacity(&mut table, CONTEXT + 1));
+            assert_eq!(alloc.allocate(&mut table, CONTEXT + 1), Allocation::Ok);
             let tokens: Vec<u32> = (0..CONTEXT)
                 .map(|i| ((s * 31 + i * 7) % 1000) as u32)
                 .collect();

@@ -1,13 +1,16 @@
-//! Request errors and their one mapping to gRPC status codes. Messages name the field.
-use crate::lora::registry::RegistryError;
+//! The one error every request and admin call can fail with, from validation, the adapter
+//! registry and the engine to the client, and its one mapping to gRPC status codes
+//! ([`RequestError::code`]). Messages speak the API's language: an invalid argument names
+//! the request field, and no message names a command-line flag (budgets are described,
+//! with their sizes).
 use tonic::{Code, Status};
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
     /// The request is malformed; `field` is the proto field path.
     #[error("{field}: {message}")]
     InvalidArgument { field: String, message: String },
-    /// A named thing (adapter) does not exist.
+    /// A named thing (adapter) does not exist, or failed to load.
     #[error("{0}")]
     NotFound(String),
     /// The request is well-formed but this server cannot do it (e.g. no chat template).
@@ -34,6 +37,24 @@ impl RequestError {
         }
     }
 
+    /// The engine thread is gone.
+    pub fn engine_stopped() -> Self {
+        Self::Unavailable("the engine has stopped".into())
+    }
+
+    /// What went wrong, without the field name.
+    pub fn detail(&self) -> &str {
+        match self {
+            Self::InvalidArgument { message, .. } => message,
+            Self::NotFound(m)
+            | Self::FailedPrecondition(m)
+            | Self::Aborted(m)
+            | Self::ResourceExhausted(m)
+            | Self::Unavailable(m)
+            | Self::Internal(m) => m,
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
@@ -53,23 +74,32 @@ impl From<RequestError> for Status {
     }
 }
 
-impl From<RegistryError> for RequestError {
-    fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::NotFound(m) => Self::NotFound(m),
-            RegistryError::Invalid(m) => Self::InvalidArgument {
-                field: "adapter".into(),
-                message: m,
-            },
-            RegistryError::Conflict(m) => Self::Aborted(m),
-            RegistryError::Exhausted(m) => Self::ResourceExhausted(m),
-            RegistryError::Internal(m) => Self::Internal(m),
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl From<crate::engine::EngineError> for RequestError {
-    fn from(e: crate::engine::EngineError) -> Self {
-        Self::Unavailable(e.to_string())
+    #[test]
+    fn each_kind_has_its_code_and_the_field_leads_the_message() {
+        let e = RequestError::invalid("sampling.top_p", "must be in (0, 1], got 2");
+        let status = Status::from(e.clone());
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "sampling.top_p: must be in (0, 1], got 2");
+        let cases = [
+            (RequestError::NotFound("x".into()), Code::NotFound),
+            (
+                RequestError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (RequestError::Aborted("x".into()), Code::Aborted),
+            (
+                RequestError::ResourceExhausted("x".into()),
+                Code::ResourceExhausted,
+            ),
+            (RequestError::engine_stopped(), Code::Unavailable),
+            (RequestError::Internal("x".into()), Code::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
     }
 }

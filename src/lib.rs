@@ -1,6 +1,7 @@
 //! multilora: a gRPC inference server for many fine-tuned adapters on one resident
 //! base model, with continuous batching.
 pub mod bench;
+pub mod byte_size;
 pub mod engine;
 pub mod error;
 pub mod lora;
@@ -8,3 +9,6 @@ pub mod model;
 pub mod proto;
 pub mod rng;
 pub mod server;
+pub mod simd;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;

@@ -2,6 +2,7 @@
 //! `model synth` and `download` (fetch a Hub model); wiring only.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use multilora::byte_size::parse_byte_size;
 use multilora::engine::EngineConfig;
 use multilora::lora::registry::{self, RegistryConfig};
 use multilora::model::weights;
@@ -115,16 +116,18 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "MULTILORA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Bytes for the paged KV cache; active adapters draw on the same pool.
-    #[arg(long, default_value_t = 1 << 30)]
+    /// Memory for the paged KV cache; active adapters draw on the same pool. Bytes, or
+    /// with a unit: 2GiB, 512MiB (powers of 1024), 1.5GB, 500MB (powers of 1000).
+    #[arg(long, default_value = "1GiB", value_parser = parse_byte_size)]
     kv_cache_memory: usize,
     /// Most of the KV pool that active adapters (those a step may read) may hold;
-    /// at most half the pool.
-    #[arg(long, default_value_t = 256 << 20)]
+    /// at most half the pool. Bytes or with a unit, as --kv-cache-memory.
+    #[arg(long, default_value = "256MiB", value_parser = parse_byte_size)]
     adapter_memory: usize,
-    /// Bytes of adapter weights kept in host memory; least recently used adapters with
-    /// no request in flight are evicted (back to registered) to make room.
-    #[arg(long, default_value_t = 4 << 30)]
+    /// Adapter weights kept in host memory; least recently used adapters with no
+    /// request in flight are evicted (back to registered) to make room. Bytes or with a
+    /// unit, as --kv-cache-memory.
+    #[arg(long, default_value = "4GiB", value_parser = parse_byte_size)]
     adapter_host_memory: usize,
     /// Token slots per KV block.
     #[arg(long, default_value_t = 16)]
@@ -266,7 +269,7 @@ fn synth_adapters(
 /// A copy of adapter folder `from` at `to` whose weights file is a hard link.
 fn link_adapter(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+    for file in multilora::lora::peft::folder::FILES {
         let target = to.join(file);
         if target.exists() {
             std::fs::remove_file(&target)
@@ -298,8 +301,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 {
         anyhow::bail!("--block-size, --max-batch-tokens and --max-running must be positive");
     }
-    let device = candle_core::Device::Cpu;
-    let loaded = weights::load_model(&args.model, args.revision.as_deref(), &device)?;
+    let loaded = weights::load_model(&args.model, args.revision.as_deref())?;
     let eager = registry::collect_specs(&args.adapters, &[])?;
     let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
     let adapters = registry::AdapterRegistry::new(RegistryConfig {
@@ -324,7 +326,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         adapters.clone(),
         engine_cfg,
         &loaded.source_dtype,
-    )?;
+    )
+    .context("starting the engine (see --kv-cache-memory and --block-size)")?;
     for (name, _) in &eager {
         // A failure is logged and answered NOT_FOUND with its reason; the rest serve.
         let _ = adapters.load_now(name);
@@ -363,5 +366,40 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let argv = ["multilora", "serve"].iter().chain(extra).copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => args,
+            _ => panic!("not serve"),
+        }
+    }
+
+    #[test]
+    fn byte_size_flags_take_units_and_plain_bytes() {
+        let d = serve_args(&[]);
+        assert_eq!(
+            (d.kv_cache_memory, d.adapter_memory, d.adapter_host_memory),
+            (1 << 30, 256 << 20, 4 << 30)
+        );
+        let a = serve_args(&[
+            "--kv-cache-memory",
+            "2GiB",
+            "--adapter-memory",
+            "1.5GB",
+            "--adapter-host-memory",
+            "1048576",
+        ]);
+        assert_eq!(a.kv_cache_memory, 2 << 30);
+        assert_eq!(a.adapter_memory, 1_500_000_000);
+        assert_eq!(a.adapter_host_memory, 1 << 20);
+        let err = Cli::try_parse_from(["multilora", "serve", "--kv-cache-memory", "2 parsecs"]);
+        assert!(err.is_err());
     }
 }

@@ -1,6 +1,7 @@
-//! Seeded pseudo-random numbers shared by the sampler and the load harness:
-//! xoshiro256** seeded through SplitMix64, implemented here so that a seeded sequence
-//! is reproducible independently of any crate's version.
+//! Seeded pseudo-random numbers, the crate's one generator: the sampler, the load
+//! harness, synthetic models and adapters, random test models and the kernels' test data
+//! all draw from xoshiro256** seeded through SplitMix64. Implemented here so that a
+//! seeded sequence is reproducible independently of any crate's version.
 
 /// SplitMix64 step: used to expand a 64-bit seed into the xoshiro state and to mix
 /// the fallback seed.
@@ -49,4 +50,36 @@ impl Xoshiro256 {
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+
+    /// Uniform in `[0, 1)` with 24 random bits (every value exact in f32).
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    }
+
+    /// Uniform in `[-bound, bound)`.
+    pub fn symmetric(&mut self, bound: f32) -> f32 {
+        (self.next_f32() * 2.0 - 1.0) * bound
+    }
+
+    /// Approximately standard normal: the sum of four uniforms, centred and scaled to
+    /// unit variance (bounded by +-3.46; enough for test weights).
+    pub fn approx_normal(&mut self) -> f32 {
+        let u: f32 = (0..4).map(|_| self.next_f32()).sum();
+        (u - 2.0) * 3f32.sqrt()
+    }
+
+    /// `n` values uniform in `[-bound, bound)`.
+    pub fn symmetric_vec(&mut self, n: usize, bound: f32) -> Vec<f32> {
+        (0..n).map(|_| self.symmetric(bound)).collect()
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+}
+
+/// `n` test values uniform in `[-1, 1)` from `seed`.
+pub fn test_data(n: usize, seed: u64) -> Vec<f32> {
+    Xoshiro256::from_seed(seed).symmetric_vec(n, 1.0)
 }

@@ -5,43 +5,16 @@
 mod common;
 
 use common::*;
-use multilora::engine::EngineConfig;
-use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
-use multilora::model::weights;
 use multilora::proto::v1 as pb;
-use multilora::server::start_engine;
 use serde_json::Value;
 
 const ADAPTERS: [&str; 2] = ["alpha-lora-r8-qv", "beta-lora-r16-all"];
 
-fn fixtures_dir() -> std::path::PathBuf {
-    repo_path("../shared/fixtures/adapters")
-}
-
-fn service_with_fixture_adapters() -> multilora::server::generation::GenerationService {
-    let path = repo_path(REAL_MODEL);
-    let loaded =
-        weights::load_model(path.to_str().unwrap(), None, &candle_core::Device::Cpu).unwrap();
-    let specs: Vec<(String, String)> = ADAPTERS
-        .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                fixtures_dir().join(n).to_string_lossy().to_string(),
-            )
-        })
-        .collect();
-    let registry =
-        AdapterRegistry::with_adapters(RegistryConfig::new(loaded.model.base_shape()), &specs)
-            .unwrap();
-    start_engine(
-        loaded.model,
-        loaded.tokenizer,
-        registry,
-        EngineConfig::default(),
-        &loaded.source_dtype,
-    )
-    .unwrap()
+/// The real model with both fixture adapters loaded.
+fn real_with_fixture_adapters() -> TestServer {
+    ADAPTERS.iter().fold(TestServer::real(), |server, name| {
+        server.adapter(name, fixture_adapter(name))
+    })
 }
 
 fn oracle() -> Value {
@@ -65,9 +38,12 @@ fn request(adapter: &str, prompt_ids: Vec<u32>) -> pb::GenerateRequest {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real model and ../shared/fixtures: make test"]
+#[ignore = "needs the real model: make test"]
 async fn each_adapter_alone_matches_peft() {
-    let (server, mut client) = start(service_with_fixture_adapters()).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = real_with_fixture_adapters().start().await;
     let oracle = oracle();
     let mut worst = 0f32;
     for name in ADAPTERS {
@@ -95,9 +71,12 @@ async fn each_adapter_alone_matches_peft() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real model and ../shared/fixtures: make test"]
+#[ignore = "needs the real model: make test"]
 async fn heterogeneous_batch_gives_each_stream_its_own_adapter() {
-    let (server, mut client) = start(service_with_fixture_adapters()).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = real_with_fixture_adapters().start().await;
     let question = "Question: What is the secret word?\nAnswer:";
     let prompts = [
         question.to_string(),

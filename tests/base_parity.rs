@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use multilora::engine::EngineConfig;
 use multilora::proto::v1 as pb;
 use serde_json::Value;
 
@@ -24,7 +23,10 @@ fn ids(v: &Value) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real model: make test"]
 async fn greedy_completions_and_logprobs_match_reference() {
-    let (server, mut client) = start(real_service(EngineConfig::default())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::real().start().await;
     let mut worst = 0f32;
     for run in oracle() {
         let prompt = run["prompt"].as_str().unwrap().to_string();
@@ -71,7 +73,10 @@ async fn greedy_completions_and_logprobs_match_reference() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real model: make test"]
 async fn thirty_two_concurrent_streams_equal_alone() {
-    let (server, mut client) = start(real_service(EngineConfig::default())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::real().start().await;
     let prompts: Vec<String> = (0..32)
         .map(|i| match i % 4 {
             0 => format!("Write a short story about robot number {i}."),

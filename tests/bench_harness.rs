@@ -10,14 +10,13 @@ use multilora::bench::churn::{list_sources, ChurnConfig};
 use multilora::bench::cli::{run_cli, BenchArgs};
 use multilora::bench::runner::{plan, run, BenchConfig, LoadMode, Report, BUILTIN_CORPUS};
 use multilora::bench::workload::{Arrivals, Length, Popularity};
-use multilora::engine::EngineConfig;
-use multilora::lora::peft::LoraSite;
+use multilora::lora::peft::{LoraSite, CONFIG_FILE, WEIGHTS_FILE};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
 use multilora::proto::v1 as pb;
 
 async fn server_with_adapters(dir: &std::path::Path) -> multilora::server::RunningServer {
-    let service = tiny_service(EngineConfig::default());
-    let base = multilora::model::ModelConfig::tiny_for_tests(259).base_shape();
+    let mut server = TestServer::tiny();
+    let base = server.base_shape();
     for i in 0..2 {
         let p = dir.join(format!("good-{i}"));
         let spec = SynthSpec {
@@ -27,13 +26,9 @@ async fn server_with_adapters(dir: &std::path::Path) -> multilora::server::Runni
             seed: i,
         };
         write_synthetic_adapter(&p, &base, &spec).unwrap();
-        service
-            .adapters
-            .register(&format!("good-{i}"), p.to_str().unwrap())
-            .unwrap();
+        server = server.register(&format!("good-{i}"), p);
     }
-    let (server, _client) = start(service).await;
-    server
+    server.start().await.server
 }
 
 fn config(endpoint: String, adapters: &[&str], mode: LoadMode, requests: usize) -> BenchConfig {
@@ -205,7 +200,7 @@ async fn the_command_line_writes_a_json_report() {
 
 /// Writes `n` synthetic adapters for the tiny model into `dir`; returns `dir`'s path.
 fn churn_sources(dir: &std::path::Path, n: u64) -> String {
-    let base = multilora::model::ModelConfig::tiny_for_tests(259).base_shape();
+    let base = TestServer::tiny().base_shape();
     for i in 0..n {
         let spec = SynthSpec {
             rank: 2,
@@ -284,17 +279,9 @@ async fn failed_churn_is_counted_and_leaves_traffic_alone() {
     let broken = sources_dir.path().join("src-9");
     std::fs::create_dir(&broken).unwrap();
     let good = sources_dir.path().join("src-0");
-    std::fs::copy(
-        good.join("adapter_config.json"),
-        broken.join("adapter_config.json"),
-    )
-    .unwrap();
-    let weights = std::fs::read(good.join("adapter_model.safetensors")).unwrap();
-    std::fs::write(
-        broken.join("adapter_model.safetensors"),
-        &weights[..weights.len() / 2],
-    )
-    .unwrap();
+    std::fs::copy(good.join(CONFIG_FILE), broken.join(CONFIG_FILE)).unwrap();
+    let weights = std::fs::read(good.join(WEIGHTS_FILE)).unwrap();
+    std::fs::write(broken.join(WEIGHTS_FILE), &weights[..weights.len() / 2]).unwrap();
     let report = run_with_churn(server.endpoint(), &sources).await;
     assert_eq!(report.summary.succeeded, 40, "{:?}", report.summary.errors);
     assert_eq!(report.verify_mismatches, Some(0));

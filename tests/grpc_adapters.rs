@@ -5,20 +5,17 @@ mod common;
 
 use common::*;
 use multilora::engine::EngineConfig;
-use multilora::lora::peft::LoraSite;
-use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
+use multilora::lora::peft::{LoraSite, CONFIG_FILE};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
-use multilora::model::{Llama, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
-use multilora::server::start_engine;
 use tonic::Code;
 
-fn service(dir: &std::path::Path) -> multilora::server::generation::GenerationService {
-    let tokenizer = TextTokenizer::byte_level_for_tests().unwrap();
-    let cfg = ModelConfig::tiny_for_tests(tokenizer.vocab_size());
-    let model = Llama::random_for_tests(&cfg, 11).unwrap();
-    let base = model.base_shape();
-    let mut specs = Vec::new();
+fn server(dir: &std::path::Path) -> TestServer {
+    let mut server = TestServer::tiny().engine(EngineConfig {
+        kv_cache_memory: 8 << 20,
+        ..Default::default()
+    });
+    let base = server.base_shape();
     for (i, (rank, sites)) in [
         (4, vec![LoraSite::Q, LoraSite::V]),
         (8, LoraSite::ALL.to_vec()),
@@ -35,7 +32,7 @@ fn service(dir: &std::path::Path) -> multilora::server::generation::GenerationSe
             seed: i as u64,
         };
         write_synthetic_adapter(&p, &base, &spec).unwrap();
-        specs.push((format!("good-{i}"), p.to_string_lossy().to_string()));
+        server = server.adapter(&format!("good-{i}"), p);
     }
     // A broken one: its config lacks `r`.
     let bad = dir.join("bad");
@@ -51,17 +48,11 @@ fn service(dir: &std::path::Path) -> multilora::server::generation::GenerationSe
     )
     .unwrap();
     std::fs::write(
-        bad.join("adapter_config.json"),
+        bad.join(CONFIG_FILE),
         r#"{"peft_type":"LORA","target_modules":["q_proj"]}"#,
     )
     .unwrap();
-    specs.push(("bad".into(), bad.to_string_lossy().to_string()));
-    let registry = AdapterRegistry::with_adapters(RegistryConfig::new(base), &specs).unwrap();
-    let engine = EngineConfig {
-        kv_cache_memory: 8 << 20,
-        ..Default::default()
-    };
-    start_engine(model, tokenizer, registry, engine, "random").unwrap()
+    server.adapter("bad", bad)
 }
 
 fn req(adapter: &str, prompt: &str) -> pb::GenerateRequest {
@@ -76,7 +67,10 @@ fn req(adapter: &str, prompt: &str) -> pb::GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_adapter_fails_alone_and_mixed_batches_match_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, mut client) = start(service(dir.path())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = server(dir.path()).start().await;
     let err = generate(&mut client, req("bad", "hello"))
         .await
         .unwrap_err();

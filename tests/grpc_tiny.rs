@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use multilora::engine::EngineConfig;
 use multilora::proto::v1 as pb;
-use multilora::server::{RunningServer, ServerOptions};
+use multilora::server::ServerOptions;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
@@ -32,7 +32,10 @@ fn prompt_req(prompt: &str, max_new: u32) -> pb::GenerateRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_by_field_and_others_keep_streaming() {
-    let (server, mut client) = start(tiny_service(small_engine())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny().engine(small_engine()).start().await;
     // A long stream in flight the whole time.
     let mut bg_client = client.clone();
     let background =
@@ -213,7 +216,10 @@ async fn stats(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_stream_frees_its_kv_blocks() {
-    let (server, mut client) = start(tiny_service(small_engine())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny().engine(small_engine()).start().await;
     let total = stats(&mut client).await.kv_blocks_total;
     let mut stream = client
         .generate(prompt_req(&"a long prompt ".repeat(5), 400))
@@ -250,7 +256,10 @@ async fn preemption_under_kv_pressure_keeps_outputs_identical() {
         kv_cache_memory: 12 * kv_bytes_per_block,
         ..Default::default()
     };
-    let (server, mut client) = start(tiny_service(engine)).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny().engine(engine).start().await;
     let prompts: Vec<String> = (0..8)
         .map(|i| format!("sequence number {i} says"))
         .collect();
@@ -285,7 +294,10 @@ async fn preemption_under_kv_pressure_keeps_outputs_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_sampling_is_reproducible_in_any_batch() {
-    let (server, mut client) = start(tiny_service(small_engine())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny().engine(small_engine()).start().await;
     let seeded = |seed: u64| {
         let mut r = prompt_req("once upon a time", 40);
         r.sampling = Some(pb::SamplingParams {
@@ -324,7 +336,10 @@ async fn seeded_sampling_is_reproducible_in_any_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_cut_the_stream_and_unary_agrees() {
-    let (server, mut client) = start(tiny_service(small_engine())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny().engine(small_engine()).start().await;
     let full = generate(&mut client, prompt_req("stop here", 60))
         .await
         .unwrap();
@@ -346,7 +361,10 @@ async fn stop_strings_cut_the_stream_and_unary_agrees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_serves_after_warm_up_and_model_info_answers() {
-    let (server, mut client) = start(tiny_service(small_engine())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny().engine(small_engine()).start().await;
     let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
         .unwrap()
         .connect()
@@ -381,18 +399,16 @@ async fn health_serves_after_warm_up_and_model_info_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_then_cancels_in_flight_streams() {
-    let service = tiny_service(small_engine());
-    let server = RunningServer::start(
-        service,
-        ServerOptions {
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny()
+        .engine(small_engine())
+        .options(ServerOptions {
             drain_timeout: Duration::from_millis(0),
-        },
-    )
-    .await
-    .unwrap();
-    let mut client = pb::generation_client::GenerationClient::connect(server.endpoint())
-        .await
-        .unwrap();
+        })
+        .start()
+        .await;
     let mut stream = client
         .generate(prompt_req(&"long ".repeat(10), 450))
         .await
@@ -416,7 +432,10 @@ async fn shutdown_drains_then_cancels_in_flight_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_messages_use_the_template_and_logprobs_are_reported() {
-    let (server, mut client) = start(tiny_service(small_engine())).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = TestServer::tiny().engine(small_engine()).start().await;
     let req = pb::GenerateRequest {
         prompt: None,
         messages: vec![pb::ChatMessage {
@@ -459,7 +478,7 @@ async fn reflection_lists_the_services_for_grpcurl() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
         ServerReflectionRequest,
     };
-    let (server, _client) = start(tiny_service(small_engine())).await;
+    let Started { server, .. } = TestServer::tiny().engine(small_engine()).start().await;
     let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
         .unwrap()
         .connect()

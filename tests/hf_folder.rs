@@ -1,13 +1,13 @@
 //! Loading a Hugging Face folder (config.json, tokenizer.json, safetensors single or
 //! sharded) gives the same model as the in-memory weights it was written from.
-use multilora::engine::kv_cache::{KvCache, KvCacheShape};
-use multilora::model::llama::random_weights_for_tests;
-use multilora::model::{weights, ForwardBatch, Llama, ModelConfig, TextTokenizer};
+use multilora::engine::block_allocator::{Allocation, BlockAllocator};
+use multilora::model::{weights, CpuBackend, ForwardBatch, Llama, ModelConfig, TextTokenizer};
+use multilora::testing::{random_llama, random_weights, tiny_config};
 use std::collections::HashMap;
 use std::path::Path;
 
 fn write_folder(dir: &Path, cfg: &ModelConfig, sharded: bool) {
-    let tensors = random_weights_for_tests(cfg, 5).unwrap();
+    let tensors = random_weights(cfg, 5).unwrap();
     if sharded {
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -53,17 +53,11 @@ fn write_folder(dir: &Path, cfg: &ModelConfig, sharded: bool) {
         .unwrap();
 }
 
-fn logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
-    let c = model.config();
-    let mut kv = KvCache::new(KvCacheShape {
-        num_layers: c.num_layers,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-        block_size: 16,
-        num_blocks: 4,
-    });
+fn logits(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
+    let mut alloc = BlockAllocator::new(4, 16);
+    let mut kv = model.new_kv(4, 16).unwrap();
     let mut table = Vec::new();
-    assert!(kv.ensure_capacity(&mut table, tokens.len()));
+    assert_eq!(alloc.allocate(&mut table, tokens.len()), Allocation::Ok);
     let mut b = ForwardBatch::default();
     b.push_chunk(tokens, 0, &table);
     b.logit_rows = (0..tokens.len()).collect();
@@ -73,19 +67,14 @@ fn logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
 #[test]
 fn hf_folder_single_and_sharded_load_the_same_model() {
     let vocab = TextTokenizer::byte_level_for_tests().unwrap().vocab_size();
-    let cfg = ModelConfig::tiny_for_tests(vocab);
-    let reference = Llama::random_for_tests(&cfg, 5).unwrap();
+    let cfg = tiny_config(vocab);
+    let reference = random_llama(&cfg, 5).unwrap();
     let tokens = [3u32, 70, 71, 72, 10];
     let expected = logits(&reference, &tokens);
     for sharded in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         write_folder(dir.path(), &cfg, sharded);
-        let loaded = weights::load_model(
-            dir.path().to_str().unwrap(),
-            None,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let loaded = weights::load_llama(dir.path().to_str().unwrap(), None, CpuBackend).unwrap();
         assert_eq!(loaded.model.config().num_layers, cfg.num_layers);
         assert_eq!(loaded.tokenizer.eos_token_ids(), &[2]);
         assert_eq!(
@@ -101,12 +90,8 @@ fn missing_or_bad_model_paths_fail_with_a_clear_error() {
     let err = weights::resolve("/nonexistent/model.gguf", None).unwrap_err();
     assert!(format!("{err:#}").contains("no such file"), "{err:#}");
     let dir = tempfile::tempdir().unwrap();
-    let err = weights::load_model(
-        dir.path().to_str().unwrap(),
-        None,
-        &candle_core::Device::Cpu,
-    )
-    .err()
-    .expect("an empty folder is not a model");
+    let err = weights::load_model(dir.path().to_str().unwrap(), None)
+        .err()
+        .expect("an empty folder is not a model");
     assert!(format!("{err:#}").contains("config.json"), "{err:#}");
 }

@@ -5,13 +5,11 @@ mod common;
 
 use common::*;
 use multilora::engine::EngineConfig;
-use multilora::lora::peft::{BaseShape, LoraSite};
-use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
+use multilora::lora::peft::{BaseShape, LoraSite, WEIGHTS_FILE};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
-use multilora::model::{Llama, ModelConfig, TextTokenizer};
+use multilora::model::ModelConfig;
 use multilora::proto::v1 as pb;
-use multilora::server::generation::GenerationService;
-use multilora::server::start_engine;
+use multilora::testing::tiny_config;
 use pb::adapters_client::AdaptersClient;
 use pb::generation_client::GenerationClient;
 use std::path::Path;
@@ -29,29 +27,20 @@ fn small_config(vocab: usize) -> ModelConfig {
         num_heads: 4,
         num_kv_heads: 2,
         head_dim: 64,
-        ..ModelConfig::tiny_for_tests(vocab)
+        ..tiny_config(vocab)
     }
 }
 
-struct Setup {
-    service: GenerationService,
-    base: BaseShape,
+/// A server on a random model of shape `cfg` (seed 5) with `engine`, and `host_memory`
+/// bytes for adapters in host memory.
+fn setup(cfg: ModelConfig, engine: EngineConfig, host_memory: usize) -> TestServer {
+    TestServer::random(cfg, 5)
+        .engine(engine)
+        .host_memory(host_memory)
 }
 
-fn setup(cfg: ModelConfig, engine: EngineConfig, host_memory: usize) -> Setup {
-    let tokenizer = TextTokenizer::byte_level_for_tests().unwrap();
-    let model = Llama::random_for_tests(&cfg, 5).unwrap();
-    let base = model.base_shape();
-    let registry = AdapterRegistry::new(RegistryConfig {
-        host_memory,
-        ..RegistryConfig::new(base)
-    });
-    let service = start_engine(model, tokenizer, registry, engine, "random").unwrap();
-    Setup { service, base }
-}
-
-fn small(engine: EngineConfig) -> Setup {
-    setup(small_config(259), engine, 1 << 30)
+fn small(engine: EngineConfig) -> TestServer {
+    setup(small_config(TINY_VOCAB), engine, 1 << 30)
 }
 
 fn synth(
@@ -74,15 +63,15 @@ fn synth(
 }
 
 async fn clients(
-    service: GenerationService,
+    server: TestServer,
 ) -> (
     multilora::server::RunningServer,
     GenerationClient<Channel>,
     AdaptersClient<Channel>,
 ) {
-    let (server, gen) = start(service).await;
-    let adm = AdaptersClient::connect(server.endpoint()).await.unwrap();
-    (server, gen, adm)
+    let started = server.start().await;
+    let adm = started.adapters().await;
+    (started.server, started.gen, adm)
 }
 
 fn load_req(name: &str, source: &str, expected: Option<u64>) -> pb::LoadAdapterRequest {
@@ -193,8 +182,9 @@ async fn start_streams(
 async fn unload_while_32_streams_use_it_drains_them_on_the_old_version() {
     let dir = tempfile::tempdir().unwrap();
     let s = small(EngineConfig::default());
-    let src = synth(dir.path(), "a", &s.base, 8, &LoraSite::ALL, 1);
-    let (server, mut gen, mut adm) = clients(s.service).await;
+    let shape = s.base_shape();
+    let src = synth(dir.path(), "a", &shape, 8, &LoraSite::ALL, 1);
+    let (server, mut gen, mut adm) = clients(s).await;
     let info = adm
         .load_adapter(load_req("a", &src, None))
         .await
@@ -348,23 +338,23 @@ async fn replace_under_load(
 async fn replace_under_load_keeps_each_request_on_its_version() {
     let dir = tempfile::tempdir().unwrap();
     let s = small(EngineConfig::default());
-    let v1 = synth(dir.path(), "v1", &s.base, 8, &[LoraSite::Q, LoraSite::V], 1);
-    let v2 = synth(dir.path(), "v2", &s.base, 16, &LoraSite::ALL, 2);
-    let (server, mut gen, mut adm) = clients(s.service).await;
+    let shape = s.base_shape();
+    let v1 = synth(dir.path(), "v1", &shape, 8, &[LoraSite::Q, LoraSite::V], 1);
+    let v2 = synth(dir.path(), "v2", &shape, 16, &LoraSite::ALL, 2);
+    let (server, mut gen, mut adm) = clients(s).await;
     replace_under_load(&mut gen, &mut adm, &v1, &v2, 48).await;
     server.stop().await.unwrap();
 }
 
 /// The same with the two real PEFT fixture adapters as version 1 and version 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real model and ../shared/fixtures: make test"]
+#[ignore = "needs the real model: make test"]
 async fn replace_under_load_with_fixture_adapters_on_the_real_model() {
-    let fixtures = repo_path("../shared/fixtures/adapters");
     let (v1, v2) = (
-        fixtures.join("alpha-lora-r8-qv"),
-        fixtures.join("beta-lora-r16-all"),
+        fixture_adapter("alpha-lora-r8-qv"),
+        fixture_adapter("beta-lora-r16-all"),
     );
-    let (server, mut gen, mut adm) = clients(real_service(EngineConfig::default())).await;
+    let (server, mut gen, mut adm) = clients(TestServer::real()).await;
     replace_under_load(
         &mut gen,
         &mut adm,
@@ -380,8 +370,9 @@ async fn replace_under_load_with_fixture_adapters_on_the_real_model() {
 async fn fifty_concurrent_loads_of_one_name_load_once() {
     let dir = tempfile::tempdir().unwrap();
     let s = small(EngineConfig::default());
-    let src = synth(dir.path(), "a", &s.base, 16, &LoraSite::ALL, 3);
-    let (server, mut gen, adm) = clients(s.service).await;
+    let shape = s.base_shape();
+    let src = synth(dir.path(), "a", &shape, 16, &LoraSite::ALL, 3);
+    let (server, mut gen, adm) = clients(s).await;
     let calls: Vec<_> = (0..50)
         .map(|_| {
             let (mut adm, src) = (adm.clone(), src.clone());
@@ -402,7 +393,7 @@ async fn fifty_concurrent_loads_of_one_name_load_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_working_set_larger_than_the_active_pool_serves_correctly_with_evictions() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ModelConfig::tiny_for_tests(259);
+    let cfg = tiny_config(TINY_VOCAB);
     // Adapters of rank 4 on q and v take one KV block each: room for 16 active.
     let block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 16 * 4;
     let engine = EngineConfig {
@@ -422,19 +413,20 @@ async fn a_working_set_larger_than_the_active_pool_serves_correctly_with_evictio
     };
     assert!(one <= block_bytes);
     // Host memory for 48 of the 200.
-    let s = setup(cfg, engine, 48 * one);
+    let mut s = setup(cfg, engine, 48 * one);
+    let shape = s.base_shape();
     for i in 0..200 {
         let src = synth(
             dir.path(),
             &format!("t{i}"),
-            &s.base,
+            &shape,
             4,
             &[LoraSite::Q, LoraSite::V],
             i,
         );
-        s.service.adapters.register(&format!("t{i}"), &src).unwrap();
+        s = s.register(&format!("t{i}"), &src);
     }
-    let (server, mut gen, _adm) = clients(s.service).await;
+    let (server, mut gen, _adm) = clients(s).await;
     let mut alone = Vec::new();
     for i in 0..200 {
         let r = run_stream(gen.clone(), request(&format!("t{i}"), i % 3, 8), None);
@@ -484,10 +476,11 @@ async fn a_cold_load_does_not_stall_the_other_streams() {
         adapter_memory: 256 << 20,
         ..Default::default()
     });
+    let shape = s.base_shape();
     // A large adapter, so its load takes far longer than one decode step.
-    let cold = synth(dir.path(), "cold", &s.base, 512, &LoraSite::ALL, 4);
-    s.service.adapters.register("cold", &cold).unwrap();
-    let (server, gen, mut adm) = clients(s.service).await;
+    let cold = synth(dir.path(), "cold", &shape, 512, &LoraSite::ALL, 4);
+    let s = s.register("cold", &cold);
+    let (server, gen, mut adm) = clients(s).await;
     let background = start_streams(&gen, (0..4).map(|i| request("", i, 300)).collect()).await;
     let sent = Instant::now();
     let cold_run = run_stream(gen.clone(), request("cold", 0, 4), None)
@@ -525,13 +518,14 @@ async fn a_cold_load_does_not_stall_the_other_streams() {
 async fn a_corrupt_adapter_is_refused_without_disturbing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let s = small(EngineConfig::default());
-    let good = synth(dir.path(), "good", &s.base, 8, &LoraSite::ALL, 1);
-    let bad = synth(dir.path(), "bad", &s.base, 8, &LoraSite::ALL, 2);
-    let st = Path::new(&bad).join("adapter_model.safetensors");
+    let shape = s.base_shape();
+    let good = synth(dir.path(), "good", &shape, 8, &LoraSite::ALL, 1);
+    let bad = synth(dir.path(), "bad", &shape, 8, &LoraSite::ALL, 2);
+    let st = Path::new(&bad).join(WEIGHTS_FILE);
     let mut bytes = std::fs::read(&st).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&st, bytes).unwrap();
-    let (server, gen, mut adm) = clients(s.service).await;
+    let (server, gen, mut adm) = clients(s).await;
     let v = adm
         .load_adapter(load_req("good", &good, None))
         .await
@@ -588,8 +582,9 @@ async fn a_corrupt_adapter_is_refused_without_disturbing_anything() {
 async fn a_drain_deadline_cancels_what_is_left_and_frees_the_memory() {
     let dir = tempfile::tempdir().unwrap();
     let s = small(EngineConfig::default());
-    let src = synth(dir.path(), "a", &s.base, 8, &LoraSite::ALL, 1);
-    let (server, mut gen, mut adm) = clients(s.service).await;
+    let shape = s.base_shape();
+    let src = synth(dir.path(), "a", &shape, 8, &LoraSite::ALL, 1);
+    let (server, mut gen, mut adm) = clients(s).await;
     let info = adm
         .load_adapter(load_req("a", &src, None))
         .await
@@ -630,8 +625,9 @@ async fn a_drain_deadline_cancels_what_is_left_and_frees_the_memory() {
 async fn bad_admin_input_gets_precise_codes() {
     let dir = tempfile::tempdir().unwrap();
     let s = small(EngineConfig::default());
-    let src = synth(dir.path(), "a", &s.base, 4, &[LoraSite::Q], 1);
-    let (server, _gen, mut adm) = clients(s.service).await;
+    let shape = s.base_shape();
+    let src = synth(dir.path(), "a", &shape, 4, &[LoraSite::Q], 1);
+    let (server, _gen, mut adm) = clients(s).await;
     let code = |r: Result<tonic::Response<pb::AdapterInfo>, tonic::Status>| r.unwrap_err().code();
     assert_eq!(
         code(adm.load_adapter(load_req("", &src, None)).await),
@@ -690,7 +686,7 @@ async fn bad_admin_input_gets_precise_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_active_adapters_give_their_kv_blocks_back_to_a_long_request() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ModelConfig::tiny_for_tests(259);
+    let cfg = tiny_config(TINY_VOCAB);
     let block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 16 * 4;
     // 40 blocks of 16 tokens; adapters may hold up to half of them.
     let s = setup(
@@ -702,9 +698,10 @@ async fn idle_active_adapters_give_their_kv_blocks_back_to_a_long_request() {
         },
         1 << 30,
     );
-    let (server, mut gen, mut adm) = clients(s.service).await;
+    let shape = s.base_shape();
+    let (server, mut gen, mut adm) = clients(s).await;
     for i in 0..20 {
-        let src = synth(dir.path(), &format!("a{i}"), &s.base, 4, &[LoraSite::Q], i);
+        let src = synth(dir.path(), &format!("a{i}"), &shape, 4, &[LoraSite::Q], i);
         adm.load_adapter(load_req(&format!("a{i}"), &src, None))
             .await
             .unwrap();

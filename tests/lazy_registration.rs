@@ -3,20 +3,17 @@
 mod common;
 
 use common::*;
-use multilora::engine::EngineConfig;
+use multilora::lora::peft::folder::FILES;
 use multilora::lora::peft::LoraSite;
-use multilora::lora::registry::{collect_specs, AdapterRegistry, RegistryConfig};
+use multilora::lora::registry::collect_specs;
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
-use multilora::model::{Llama, ModelConfig, TextTokenizer};
-use multilora::server::start_engine;
+use multilora::server::ServerOptions;
 use std::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_adapter_folders_register_without_loading() {
-    let tokenizer = TextTokenizer::byte_level_for_tests().unwrap();
-    let cfg = ModelConfig::tiny_for_tests(tokenizer.vocab_size());
-    let model = Llama::random_for_tests(&cfg, 11).unwrap();
-    let base = model.base_shape();
+    let mut server = TestServer::tiny();
+    let base = server.base_shape();
     let scratch = tempfile::tempdir().unwrap();
     let real = scratch.path().join("real");
     let spec = SynthSpec {
@@ -31,21 +28,22 @@ async fn ten_thousand_adapter_folders_register_without_loading() {
     for i in 0..10_000 {
         let d = root.join(format!("tenant-{i:05}"));
         std::fs::create_dir_all(&d).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        for f in FILES {
             std::os::unix::fs::symlink(real.join(f), d.join(f)).unwrap();
         }
     }
     let t0 = Instant::now();
     let specs = collect_specs(&[], &[root]).unwrap();
-    let registry = AdapterRegistry::new(RegistryConfig::new(base));
     for (name, source) in &specs {
-        registry.register(name, source).unwrap();
+        server = server.register(name, source);
     }
+    let service = server.service();
     eprintln!(
         "registered {} adapter folders in {:?}",
         specs.len(),
         t0.elapsed()
     );
+    let registry = service.adapters.clone();
     let stats = registry.stats();
     assert_eq!(stats.registered, 10_000);
     assert_eq!(
@@ -54,15 +52,10 @@ async fn ten_thousand_adapter_folders_register_without_loading() {
         "nothing is read at start-up"
     );
 
-    let service = start_engine(
-        model,
-        tokenizer,
-        registry.clone(),
-        EngineConfig::default(),
-        "random",
-    )
-    .unwrap();
-    let (server, mut client) = start(service).await;
+    let Started {
+        server,
+        gen: mut client,
+    } = Started::serve(service, ServerOptions::default()).await;
     let mut req = greedy(vec![5, 6, 7], 4);
     req.adapter = "tenant-04321".into();
     let out = generate(&mut client, req).await.unwrap();

@@ -1,17 +1,21 @@
 //! LoRA through the model on the tiny random Llama: a token with an adapter gets the
 //! same logits as a model whose weights have the adapter merged in (W + scale * B A),
 //! a token without one is bit-identical to the base model, whatever the batch mixes.
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use multilora::engine::kv_cache::{KvCache, KvCacheShape};
-use multilora::lora::peft::{load_peft_adapter, AdapterLimits, AdapterWeights};
-use multilora::model::llama::random_weights_for_tests;
-use multilora::model::{ForwardBatch, Llama, ModelConfig};
+use candle_core::{Device, Tensor};
+use multilora::engine::block_allocator::{Allocation, BlockAllocator};
+use multilora::lora::peft::{
+    load_peft_adapter, AdapterLimits, AdapterWeights, CONFIG_FILE, WEIGHTS_FILE,
+};
+use multilora::model::{CpuBackend, ForwardBatch, Llama, ModelConfig};
+use multilora::rng::Xoshiro256;
+use multilora::testing::{llama_from, random_llama, random_weights, tiny_config};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 const VOCAB: usize = 97;
+
+type Model = Llama<CpuBackend>;
 
 /// Writes a PEFT folder with rank `r` on `sites` of every layer; returns its A/B tensors.
 fn write_adapter(
@@ -23,17 +27,7 @@ fn write_adapter(
     seed: u64,
 ) -> HashMap<String, Tensor> {
     let mut tensors = HashMap::new();
-    let mut state = seed;
-    let mut rand = |n: usize, std: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
-            })
-            .collect()
-    };
+    let mut rng = Xoshiro256::from_seed(seed);
     let q = cfg.num_heads * cfg.head_dim;
     let kv = cfg.num_kv_heads * cfg.head_dim;
     for l in 0..cfg.num_layers {
@@ -46,25 +40,27 @@ fn write_adapter(
                 _ => ("mlp", cfg.intermediate_size, cfg.hidden_size),
             };
             let prefix = format!("base_model.model.model.layers.{l}.{parent}.{site}");
-            let a = Tensor::from_vec(rand(r * inp, 0.3), (r, inp), &Device::Cpu).unwrap();
-            let b = Tensor::from_vec(rand(out * r, 0.3), (out, r), &Device::Cpu).unwrap();
+            let a =
+                Tensor::from_vec(rng.symmetric_vec(r * inp, 0.3), (r, inp), &Device::Cpu).unwrap();
+            let b =
+                Tensor::from_vec(rng.symmetric_vec(out * r, 0.3), (out, r), &Device::Cpu).unwrap();
             tensors.insert(format!("{prefix}.lora_A.weight"), a);
             tensors.insert(format!("{prefix}.lora_B.weight"), b);
         }
     }
     std::fs::create_dir_all(dir).unwrap();
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE)).unwrap();
     let config = serde_json::json!({
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sites,
         "bias": "none", "use_dora": false, "use_rslora": false, "task_type": "CAUSAL_LM",
     });
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
     tensors
 }
 
 /// The base weights with `scale * B @ A` added at every adapted site.
-fn merged(cfg: &ModelConfig, adapter: &HashMap<String, Tensor>, scale: f64) -> Llama {
-    let mut w = random_weights_for_tests(cfg, 3).unwrap();
+fn merged(cfg: &ModelConfig, adapter: &HashMap<String, Tensor>, scale: f64) -> Model {
+    let mut w = random_weights(cfg, 3).unwrap();
     for (key, a) in adapter {
         let Some(prefix) = key.strip_suffix(".lora_A.weight") else {
             continue;
@@ -75,23 +71,17 @@ fn merged(cfg: &ModelConfig, adapter: &HashMap<String, Tensor>, scale: f64) -> L
         let merged = (&w[&name] + delta).unwrap();
         w.insert(name, merged);
     }
-    Llama::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), cfg).unwrap()
+    llama_from(w, cfg).unwrap()
 }
 
-fn run(model: &Llama, adapters: &[Arc<AdapterWeights>], seqs: &[(Vec<u32>, i32)]) -> Vec<Vec<f32>> {
-    let c = model.config();
-    let mut kv = KvCache::new(KvCacheShape {
-        num_layers: c.num_layers,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-        block_size: 4,
-        num_blocks: 64,
-    });
+fn run(model: &Model, adapters: &[Arc<AdapterWeights>], seqs: &[(Vec<u32>, i32)]) -> Vec<Vec<f32>> {
+    let mut alloc = BlockAllocator::new(64, 4);
+    let mut kv = model.new_kv(64, 4).unwrap();
     let mut batch = ForwardBatch::default();
     let mut tables = Vec::new();
     for (tokens, slot) in seqs {
         let mut table = Vec::new();
-        assert!(kv.ensure_capacity(&mut table, tokens.len()));
+        assert_eq!(alloc.allocate(&mut table, tokens.len()), Allocation::Ok);
         let start = batch.tokens.len();
         batch.push_adapter_chunk(tokens, 0, &table, *slot);
         batch.logit_rows.extend(start..start + tokens.len());
@@ -105,8 +95,8 @@ fn run(model: &Llama, adapters: &[Arc<AdapterWeights>], seqs: &[(Vec<u32>, i32)]
 
 #[test]
 fn adapter_tokens_match_merged_weights_and_base_tokens_are_untouched() {
-    let cfg = ModelConfig::tiny_for_tests(VOCAB);
-    let base = Llama::random_for_tests(&cfg, 3).unwrap();
+    let cfg = tiny_config(VOCAB);
+    let base = random_llama(&cfg, 3).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let all = [
         "q_proj",

@@ -1,8 +1,11 @@
-//! PEFT adapter loading: the real PEFT-trained fixtures in `../shared/fixtures/adapters`,
+//! PEFT adapter loading: the real PEFT-trained fixtures in `tests/fixtures/adapters`,
 //! and every accepted variant and every refusal on tiny adapter folders made here.
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use multilora::lora::peft::{
     load_peft_adapter, AdapterError, AdapterLimits, AdapterWeights, BaseShape, LoraSite,
+    CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
 };
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -26,14 +29,8 @@ const TINY: BaseShape = BaseShape {
 };
 
 fn fixture(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/adapters")
-        .join(name);
-    assert!(
-        dir.is_dir(),
-        "fixture folder {} is missing (shared/ must sit beside the repo)",
-        dir.display()
-    );
+    let dir = common::fixture_adapter(name);
+    assert!(dir.is_dir(), "fixture folder {} is missing", dir.display());
     dir
 }
 
@@ -97,9 +94,9 @@ fn config(extra: Value) -> Value {
 fn folder(config: &Value, tensors: Vec<(String, Tensor)>) -> TempDir {
     let dir = tempfile::tempdir().unwrap();
     let text = serde_json::to_string_pretty(config).unwrap();
-    std::fs::write(dir.path().join("adapter_config.json"), text).unwrap();
+    std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, dir.path().join("adapter_model.safetensors")).unwrap();
+    candle_core::safetensors::save(&map, dir.path().join(WEIGHTS_FILE)).unwrap();
     dir
 }
 
@@ -151,8 +148,7 @@ fn f32_bytes(w: &AdapterWeights) -> usize {
 
 /// Checks one layer-site of a fixture against the raw safetensors contents.
 fn assert_matches_file(dir: &Path, w: &AdapterWeights, layer: usize, site: LoraSite) {
-    let file = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
-        .unwrap();
+    let file = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
     let pair = w.layers[layer][site.index()].as_ref().unwrap();
     for (half, ours) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
         let t = &file[&key(layer, site, half)];
@@ -561,13 +557,9 @@ fn dora_and_embedding_tensors_are_refused() {
 #[test]
 fn pickle_bin_only_is_refused() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(CONFIG_FILE), config(json!({})).to_string()).unwrap();
     std::fs::write(
-        dir.path().join("adapter_config.json"),
-        config(json!({})).to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("adapter_model.bin"),
+        dir.path().join(PICKLE_WEIGHTS_FILE),
         b"\x80\x02not really a pickle",
     )
     .unwrap();
@@ -580,15 +572,15 @@ fn pickle_bin_only_is_refused() {
 #[test]
 fn missing_files_are_io_errors_naming_them() {
     let dir = qv_folder();
-    std::fs::remove_file(dir.path().join("adapter_config.json")).unwrap();
+    std::fs::remove_file(dir.path().join(CONFIG_FILE)).unwrap();
     match load(dir.path()) {
-        Err(AdapterError::Io(m)) => assert!(m.contains("adapter_config.json"), "{m}"),
+        Err(AdapterError::Io(m)) => assert!(m.contains(CONFIG_FILE), "{m}"),
         other => panic!("{other:?}"),
     }
     let dir = qv_folder();
-    std::fs::remove_file(dir.path().join("adapter_model.safetensors")).unwrap();
+    std::fs::remove_file(dir.path().join(WEIGHTS_FILE)).unwrap();
     match load(dir.path()) {
-        Err(AdapterError::Io(m)) => assert!(m.contains("adapter_model.safetensors"), "{m}"),
+        Err(AdapterError::Io(m)) => assert!(m.contains(WEIGHTS_FILE), "{m}"),
         other => panic!("{other:?}"),
     }
     match load(&dir.path().join("nope")) {
@@ -600,7 +592,7 @@ fn missing_files_are_io_errors_naming_them() {
 #[test]
 fn truncated_safetensors_is_invalid() {
     let dir = qv_folder();
-    let path = dir.path().join("adapter_model.safetensors");
+    let path = dir.path().join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
     expect_invalid(load(dir.path()), "truncated");
@@ -613,7 +605,7 @@ fn truncated_safetensors_is_invalid() {
 #[test]
 fn header_length_over_the_limit_is_refused_before_reading() {
     let dir = qv_folder();
-    let path = dir.path().join("adapter_model.safetensors");
+    let path = dir.path().join(WEIGHTS_FILE);
     let limits = AdapterLimits {
         max_header_bytes: 64,
         ..AdapterLimits::default()
@@ -636,10 +628,7 @@ fn file_size_over_the_limit_is_refused() {
         max_file_bytes: 100,
         ..AdapterLimits::default()
     };
-    expect_invalid(
-        load_peft_adapter(dir.path(), &TINY, &limits),
-        "adapter_model.safetensors",
-    );
+    expect_invalid(load_peft_adapter(dir.path(), &TINY, &limits), WEIGHTS_FILE);
 }
 
 #[test]
@@ -671,6 +660,6 @@ fn config_errors_name_the_field() {
     let c = config(json!({"rank_pattern": ["v_proj"]}));
     expect_invalid(load(folder(&c, tensors()).path()), "rank_pattern");
     let dir = qv_folder();
-    std::fs::write(dir.path().join("adapter_config.json"), "{not json").unwrap();
-    expect_invalid(load(dir.path()), "adapter_config.json");
+    std::fs::write(dir.path().join(CONFIG_FILE), "{not json").unwrap();
+    expect_invalid(load(dir.path()), CONFIG_FILE);
 }

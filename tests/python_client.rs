@@ -3,8 +3,6 @@
 mod common;
 
 use common::*;
-use multilora::engine::EngineConfig;
-use multilora::server::{RunningServer, ServerOptions};
 
 fn python() -> std::path::PathBuf {
     match std::env::var_os("MULTILORA_PYTHON") {
@@ -22,12 +20,7 @@ async fn python_example_client_streams_a_completion() {
         "{} is missing: run `make python`",
         py.display()
     );
-    let server = RunningServer::start(
-        real_service(EngineConfig::default()),
-        ServerOptions::default(),
-    )
-    .await
-    .unwrap();
+    let Started { server, .. } = TestServer::real().start().await;
     let addr = server.addr.to_string();
     let script = repo_path("examples/python/client.py");
     let out = tokio::process::Command::new(&py)
@@ -55,7 +48,7 @@ async fn python_example_client_streams_a_completion() {
     assert!(stdout.contains("completion_tokens=8"), "{stdout}");
 
     // Load a fixture adapter at runtime, then generate through it.
-    let alpha = repo_path("../shared/fixtures/adapters/alpha-lora-r8-qv");
+    let alpha = fixture_adapter("alpha-lora-r8-qv");
     let out = tokio::process::Command::new(&py)
         .arg(&script)
         .args([

@@ -2,43 +2,39 @@
 //! chunks and decode tokens, KV block boundaries and preemption (tiny random model).
 //! On the CPU it is bit-identical: every per-token computation (packed linear layers,
 //! norms, per-sequence attention) is independent of what else is in the batch.
-use multilora::engine::kv_cache::{KvCache, KvCacheShape};
-use multilora::model::{ForwardBatch, Llama, ModelConfig};
+use multilora::engine::block_allocator::{Allocation, BlockAllocator};
+use multilora::model::backend::cpu::kv::CpuKvStore;
+use multilora::model::{CpuBackend, ForwardBatch, Llama};
+use multilora::rng::Xoshiro256;
+use multilora::testing::{random_llama, tiny_config};
 
 const VOCAB: usize = 97;
 
-fn model() -> (Llama, ModelConfig) {
-    let cfg = ModelConfig::tiny_for_tests(VOCAB);
-    (Llama::random_for_tests(&cfg, 7).unwrap(), cfg)
+type Model = Llama<CpuBackend>;
+
+fn model() -> Model {
+    random_llama(&tiny_config(VOCAB), 7).unwrap()
 }
 
-fn cache(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> KvCache {
-    KvCache::new(KvCacheShape {
-        num_layers: cfg.num_layers,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        block_size,
-        num_blocks,
-    })
+/// A pool of `num_blocks` blocks of `block_size` tokens: the allocator for the block
+/// tables and the model's K/V storage they index.
+fn cache(model: &Model, block_size: usize, num_blocks: usize) -> (BlockAllocator, CpuKvStore) {
+    (
+        BlockAllocator::new(num_blocks, block_size),
+        model.new_kv(num_blocks, block_size).unwrap(),
+    )
 }
 
-/// Small deterministic generator for the test's choices.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) as usize) % n
-    }
+/// A uniform choice in `0..n` for the test's choices.
+fn below(rng: &mut Xoshiro256, n: usize) -> usize {
+    rng.range(0, n - 1)
 }
 
 /// Logits of every position of `tokens`, run alone in one forward.
-fn alone(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut kv = cache(cfg, 16, 64);
+fn alone(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let (mut alloc, mut kv) = cache(model, 16, 64);
     let mut table = Vec::new();
-    assert!(kv.ensure_capacity(&mut table, tokens.len()));
+    assert_eq!(alloc.allocate(&mut table, tokens.len()), Allocation::Ok);
     let mut b = ForwardBatch::default();
     b.push_chunk(tokens, 0, &table);
     b.logit_rows = (0..tokens.len()).collect();
@@ -47,12 +43,12 @@ fn alone(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec<Vec<f32>> {
 }
 
 /// Logits of every position, decoding one token per forward (the decode path alone).
-fn alone_token_by_token(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut kv = cache(cfg, 4, 64);
+fn alone_token_by_token(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let (mut alloc, mut kv) = cache(model, 4, 64);
     let mut table = Vec::new();
     let mut out = Vec::new();
     for (p, t) in tokens.iter().enumerate() {
-        assert!(kv.ensure_capacity(&mut table, p + 1));
+        assert_eq!(alloc.allocate(&mut table, p + 1), Allocation::Ok);
         let mut b = ForwardBatch::default();
         let last = b.push_chunk(&[*t], p, &table);
         b.logit_rows = vec![last];
@@ -77,10 +73,10 @@ struct SeqState {
 
 #[test]
 fn one_token_at_a_time_equals_full_prefill() {
-    let (model, cfg) = model();
+    let model = model();
     let tokens: Vec<u32> = (0..37).map(|i| (i * 13 % VOCAB) as u32).collect();
-    let a = alone(&model, &cfg, &tokens);
-    let b = alone_token_by_token(&model, &cfg, &tokens);
+    let a = alone(&model, &tokens);
+    let b = alone_token_by_token(&model, &tokens);
     for (p, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(max_diff(x, y) < 1e-4, "position {p}: {}", max_diff(x, y));
         assert_eq!(x, y, "position {p}: not bit-identical");
@@ -89,15 +85,15 @@ fn one_token_at_a_time_equals_full_prefill() {
 
 #[test]
 fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
-    let (model, cfg) = model();
-    let mut rng = Lcg(42);
+    let model = model();
+    let mut rng = Xoshiro256::from_seed(42);
     for round in 0..6 {
-        let n_seqs = 2 + rng.next(6);
+        let n_seqs = 2 + below(&mut rng, 6);
         let mut seqs: Vec<SeqState> = (0..n_seqs)
             .map(|_| {
-                let len = 1 + rng.next(45);
-                let tokens: Vec<u32> = (0..len).map(|_| rng.next(VOCAB) as u32).collect();
-                let reference = alone(&model, &cfg, &tokens);
+                let len = 1 + below(&mut rng, 45);
+                let tokens: Vec<u32> = (0..len).map(|_| below(&mut rng, VOCAB) as u32).collect();
+                let reference = alone(&model, &tokens);
                 SeqState {
                     tokens,
                     computed: 0,
@@ -107,7 +103,7 @@ fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
             })
             .collect();
         // Block size 4 so chunks straddle block boundaries; enough blocks for all.
-        let mut kv = cache(&cfg, 4, 256);
+        let (mut alloc, mut kv) = cache(&model, 4, 256);
         let mut preempted = 0;
         let mut steps = 0;
         while seqs.iter().any(|s| s.computed < s.tokens.len()) {
@@ -116,16 +112,19 @@ fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
             let mut expected = Vec::new();
             for s in seqs.iter_mut() {
                 let remaining = s.tokens.len() - s.computed;
-                if remaining == 0 || rng.next(4) == 0 {
+                if remaining == 0 || below(&mut rng, 4) == 0 {
                     continue; // not scheduled this step
                 }
                 // Mostly decode-sized steps, sometimes a large prefill chunk.
-                let len = if rng.next(2) == 0 {
+                let len = if below(&mut rng, 2) == 0 {
                     1
                 } else {
-                    1 + rng.next(remaining)
+                    1 + below(&mut rng, remaining)
                 };
-                assert!(kv.ensure_capacity(&mut s.table, s.computed + len));
+                assert_eq!(
+                    alloc.allocate(&mut s.table, s.computed + len),
+                    Allocation::Ok
+                );
                 let start = batch.tokens.len();
                 batch.push_chunk(
                     &s.tokens[s.computed..s.computed + len],
@@ -152,20 +151,24 @@ fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
                 );
             }
             // Preempt a random partly computed sequence: free its blocks, recompute later.
-            if rng.next(5) == 0 {
-                let i = rng.next(seqs.len());
+            if below(&mut rng, 5) == 0 {
+                let i = below(&mut rng, seqs.len());
                 let s = &mut seqs[i];
                 if s.computed > 0 && s.computed < s.tokens.len() {
-                    kv.release(&mut s.table);
+                    alloc.release(&mut s.table);
                     s.computed = 0;
                     preempted += 1;
                 }
             }
         }
         for s in seqs.iter_mut() {
-            kv.release(&mut s.table);
+            alloc.release(&mut s.table);
         }
-        assert_eq!(kv.num_free_blocks(), 256, "all blocks return to the pool");
+        assert_eq!(
+            alloc.num_free_blocks(),
+            256,
+            "all blocks return to the pool"
+        );
         eprintln!("round {round}: {n_seqs} sequences, {steps} steps, {preempted} preemptions");
     }
 }

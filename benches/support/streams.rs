@@ -24,7 +24,7 @@ pub fn load_default_model(bench: &str) -> Option<LoadedModel> {
         return None;
     }
     let path = path.to_str().unwrap_or(MODEL);
-    Some(weights::load_model(path, None, &candle_core::Device::Cpu).unwrap())
+    Some(weights::load_model(path, None).unwrap())
 }
 
 /// A greedy, fixed-length request (ignore_eos) on `adapter` ("" = base model).

@@ -5,11 +5,12 @@
 use super::metrics::Percentiles;
 use super::runner::code_name;
 use super::workload::Arrivals;
+use crate::lora::peft::folder::list_adapter_folders;
 use crate::proto::v1 as pb;
 use crate::rng::Xoshiro256;
 use anyhow::{bail, Context, Result};
 use pb::adapters_client::AdaptersClient;
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -27,11 +28,17 @@ pub struct ChurnConfig {
     pub name_prefix: String,
 }
 
+/// What a [`ChurnOp`] did: `load` or `unload`. An alias, not `&'static str` spelled
+/// out, so the derived `Deserialize` does not try to borrow it from the input (it is
+/// read back as one of the two static names instead).
+pub type OpKind = &'static str;
+
 /// One load or unload as the client saw it; times in seconds since the run started.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChurnOp {
     /// `load` or `unload`.
-    pub kind: &'static str,
+    #[serde(deserialize_with = "op_kind")]
+    pub kind: OpKind,
     pub name: String,
     pub start: f64,
     pub end: f64,
@@ -39,8 +46,21 @@ pub struct ChurnOp {
     pub error: Option<String>,
 }
 
+/// Reads a [`ChurnOp::kind`] back from a report: `load` or `unload`, nothing else.
+fn op_kind<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<OpKind, D::Error> {
+    let kind = String::deserialize(d)?;
+    match kind.as_str() {
+        "load" => Ok("load"),
+        "unload" => Ok("unload"),
+        other => Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Str(other),
+            &"\"load\" or \"unload\"",
+        )),
+    }
+}
+
 /// The churn of a run in figures.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChurnSummary {
     pub loads: usize,
     pub unloads: usize,
@@ -52,21 +72,15 @@ pub struct ChurnSummary {
     pub unload_latency: Percentiles,
 }
 
-/// The adapter folders (sub-folders holding `adapter_config.json`) of `dir`, sorted,
-/// as absolute paths.
+/// The adapter folders of `dir`, sorted, as absolute paths.
 pub fn list_sources(dir: &Path) -> Result<Vec<String>> {
     let dir =
         std::fs::canonicalize(dir).with_context(|| format!("--churn-source {}", dir.display()))?;
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry
-            .with_context(|| format!("listing {}", dir.display()))?
-            .path();
-        if path.join("adapter_config.json").is_file() {
-            out.push(path.to_string_lossy().into_owned());
-        }
-    }
-    out.sort();
+    let out: Vec<String> = list_adapter_folders(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .into_iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     if out.is_empty() {
         bail!("--churn-source {}: no adapter folders in it", dir.display());
     }
@@ -172,6 +186,7 @@ pub async fn run_churn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::peft::CONFIG_FILE;
 
     fn op(kind: &'static str, start: f64, end: f64, error: Option<&str>) -> ChurnOp {
         ChurnOp {
@@ -205,11 +220,9 @@ mod tests {
     #[test]
     fn sources_are_the_adapter_folders() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["b", "a", "not-an-adapter"] {
+        for name in ["b", "a"] {
             std::fs::create_dir(dir.path().join(name)).unwrap();
-        }
-        for name in ["a", "b"] {
-            std::fs::write(dir.path().join(name).join("adapter_config.json"), "{}").unwrap();
+            std::fs::write(dir.path().join(name).join(CONFIG_FILE), "{}").unwrap();
         }
         let got = list_sources(dir.path()).unwrap();
         assert_eq!(got.len(), 2);

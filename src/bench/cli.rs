@@ -3,7 +3,7 @@
 use super::churn::{list_sources, ChurnConfig};
 use super::metrics::Slo;
 use super::plot::write_run_plots;
-use super::report::render;
+use super::report::{render, BenchReport, Setup};
 use super::runner::{run, BenchConfig, LoadMode, BUILTIN_CORPUS};
 use super::workload::{Arrivals, Length, Popularity};
 use anyhow::{bail, Context, Result};
@@ -96,7 +96,7 @@ pub struct BenchArgs {
 
 impl BenchArgs {
     /// The run's parameters as the JSON report's `setup`, with the command line.
-    pub fn setup(&self, adapters: usize) -> serde_json::Value {
+    pub fn setup(&self, adapters: usize) -> Setup {
         let command: Vec<String> = std::env::args()
             .map(|a| {
                 if a.contains(|c: char| c.is_whitespace() || c == '"') {
@@ -106,25 +106,25 @@ impl BenchArgs {
                 }
             })
             .collect();
-        serde_json::json!({
-            "label": self.label,
-            "adapters": adapters,
-            "popularity": self.popularity,
-            "base_share": self.base_share,
-            "tenants": self.tenants,
-            "rate": self.rate,
-            "cv": self.cv,
-            "concurrency": self.concurrency,
-            "input_len": self.input_len,
-            "output_len": self.output_len,
-            "ignore_eos": self.ignore_eos,
-            "requests": self.requests,
-            "duration": self.duration,
-            "warmup": self.warmup,
-            "seed": self.seed,
-            "churn": self.churn,
-            "command": command.join(" "),
-        })
+        Setup {
+            label: self.label.clone(),
+            adapters,
+            popularity: self.popularity.clone(),
+            base_share: self.base_share,
+            tenants: self.tenants,
+            rate: self.rate,
+            cv: self.cv,
+            concurrency: self.concurrency,
+            input_len: self.input_len.clone(),
+            output_len: self.output_len.clone(),
+            ignore_eos: self.ignore_eos,
+            requests: self.requests,
+            duration: self.duration,
+            warmup: self.warmup,
+            seed: self.seed,
+            churn: self.churn,
+            command: command.join(" "),
+        }
     }
 
     pub fn config(&self) -> Result<BenchConfig> {
@@ -186,13 +186,11 @@ impl BenchArgs {
 /// mismatch.
 pub async fn run_cli(args: &BenchArgs) -> Result<()> {
     let cfg = args.config()?;
-    let report = run(&cfg).await?;
-    print!("{}", render(&report));
+    let run = run(&cfg).await?;
+    print!("{}", render(&run));
+    let report = BenchReport::new(args.setup(cfg.adapters.len()), run);
     if let Some(path) = &args.json {
-        let mut json = serde_json::to_value(&report).context("encoding the report")?;
-        json["setup"] = args.setup(cfg.adapters.len());
-        let text = serde_json::to_string_pretty(&json).context("encoding the report")?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        report.write(path)?;
     }
     if let Some(dir) = &args.plot {
         for path in write_run_plots(&report.records, dir)? {

@@ -5,11 +5,11 @@
 //! TPOT = (end-to-end - TTFT) / (output tokens - 1); ITL = every gap between streamed
 //! tokens; percentiles interpolate linearly between ranks (numpy's default).
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One request as the client saw it; times are seconds since the run started.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub adapter: String,
     pub tenant: String,
@@ -107,7 +107,7 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Summary statistics of one latency.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: usize,
     pub mean: f64,
@@ -138,7 +138,7 @@ impl Percentiles {
 }
 
 /// What a set of requests amounted to over a window of `duration` seconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub requests: usize,
     pub succeeded: usize,

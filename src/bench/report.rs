@@ -1,7 +1,102 @@
-//! The human-readable end-of-run table of a [`Report`].
-use super::metrics::{Percentiles, Summary};
+//! What a run reports: the JSON report ([`BenchReport`]: the run's [`Setup`] and the
+//! figures and records of the runner's [`Report`]), one typed shape that `multilora
+//! bench --json` writes and `multilora bench-summary` reads back, and the
+//! human-readable end-of-run table of a [`Report`].
+use super::churn::{ChurnOp, ChurnSummary};
+use super::metrics::{Percentiles, RequestRecord, Summary};
 use super::runner::Report;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::path::Path;
+
+/// The parameters of a run as given on the command line (the JSON report's `setup`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    /// A name for the run (`--label`, e.g. the model); a sweep's series.
+    pub label: String,
+    /// Adapters requests were drawn from; 0 = base model only.
+    pub adapters: usize,
+    pub popularity: String,
+    pub base_share: f64,
+    pub tenants: usize,
+    /// Requests per second offered (open loop); None in a closed loop.
+    pub rate: Option<f64>,
+    pub cv: f64,
+    pub concurrency: usize,
+    pub input_len: String,
+    pub output_len: String,
+    pub ignore_eos: bool,
+    pub requests: usize,
+    pub duration: Option<f64>,
+    pub warmup: usize,
+    pub seed: u64,
+    /// Adapter load/unload operations per second (0: none).
+    pub churn: f64,
+    /// The command line that produced the report.
+    pub command: String,
+}
+
+/// The JSON report of `multilora bench --json`: the run's `setup` beside the fields of
+/// its [`Report`], all at the top level.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub setup: Setup,
+    pub summary: Summary,
+    pub by_adapter: BTreeMap<String, Summary>,
+    pub by_tenant: BTreeMap<String, Summary>,
+    pub fairness_gap_tokens: Option<usize>,
+    /// Requests whose output under load differed from their solo run (`--verify`).
+    pub verify_mismatches: Option<usize>,
+    /// Adapter churn during the run (all of it, warm-up included).
+    pub churn: Option<ChurnSummary>,
+    pub churn_ops: Vec<ChurnOp>,
+    /// Measured requests (warm-up excluded), in plan order.
+    pub records: Vec<RequestRecord>,
+}
+
+impl BenchReport {
+    /// The report of `run` under `setup`. Every field of [`Report`] is named here, so
+    /// one added to it does not compile until the JSON report carries it too.
+    pub fn new(setup: Setup, run: Report) -> Self {
+        let Report {
+            summary,
+            by_adapter,
+            by_tenant,
+            fairness_gap_tokens,
+            verify_mismatches,
+            churn,
+            churn_ops,
+            records,
+        } = run;
+        Self {
+            setup,
+            summary,
+            by_adapter,
+            by_tenant,
+            fairness_gap_tokens,
+            verify_mismatches,
+            churn,
+            churn_ops,
+            records,
+        }
+    }
+
+    /// Writes the report as pretty-printed JSON.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).context("encoding the report")?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Reads a report `write` wrote; a missing or mistyped field is an error naming
+    /// it, with its line and column.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
 
 /// Per-adapter and per-tenant lines shown at most.
 const MAX_GROUP_LINES: usize = 20;
@@ -110,3 +205,7 @@ pub fn render(r: &Report) -> String {
     }
     out
 }
+
+#[cfg(test)]
+#[path = "report_tests.rs"]
+mod tests;

@@ -86,7 +86,8 @@ pub struct Planned {
     pub max_new: u32,
 }
 
-/// What a run produced.
+/// What a run produced; with the run's setup it becomes the JSON report
+/// ([`BenchReport`](super::report::BenchReport)).
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub summary: Summary,

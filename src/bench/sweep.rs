@@ -2,7 +2,9 @@
 //! per model and adapter count) turned into one markdown table, with each run's
 //! throughput relative to its model's base-only run, and the sweep plots.
 use super::plot::{write_sweep_plots, SweepPoint};
+use super::report::BenchReport;
 use anyhow::{Context, Result};
+use serde::Deserialize;
 use serde_json::Value;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -32,49 +34,31 @@ pub struct SweepRow {
 }
 
 impl SweepRow {
-    /// Reads the fields of one `multilora bench --json` report.
+    /// Reads the fields of one `multilora bench --json` report given as JSON; a
+    /// missing or mistyped field is an error naming it.
     pub fn from_report(report: &Value) -> Result<Self> {
-        let num = |v: &Value, path: &str| -> Result<f64> {
-            path.split('.')
-                .try_fold(v, |v, key| v.get(key))
-                .and_then(Value::as_f64)
-                .with_context(|| format!("the report has no number at {path}"))
-        };
-        let setup = report.get("setup").context("the report has no setup")?;
-        let s = report.get("summary").context("the report has no summary")?;
-        let errors = s
-            .get("errors")
-            .and_then(Value::as_object)
-            .map(|m| m.values().filter_map(Value::as_u64).sum::<u64>())
-            .unwrap_or(0);
-        let adapters_used = report
-            .get("by_adapter")
-            .and_then(Value::as_object)
-            .map(|m| m.keys().filter(|k| !k.is_empty()).count())
-            .unwrap_or(0);
-        Ok(Self {
-            series: setup
-                .get("label")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            adapters: num(setup, "adapters")? as usize,
-            adapters_used,
-            requests: num(s, "requests")? as usize,
-            offered: setup.get("rate").and_then(Value::as_f64),
-            errors: errors as usize,
-            req_per_s: num(s, "request_throughput")?,
-            tok_per_s: num(s, "token_throughput")?,
-            ttft_p50: num(s, "ttft.p50")?,
-            ttft_p99: num(s, "ttft.p99")?,
-            tpot_p50: num(s, "tpot.p50")?,
-            tpot_p99: num(s, "tpot.p99")?,
-            command: setup
-                .get("command")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-        })
+        let report = BenchReport::deserialize(report).context("reading the report")?;
+        Ok(Self::of(&report))
+    }
+
+    /// The row of one report.
+    pub fn of(report: &BenchReport) -> Self {
+        let (setup, s) = (&report.setup, &report.summary);
+        Self {
+            series: setup.label.clone(),
+            adapters: setup.adapters,
+            adapters_used: report.by_adapter.keys().filter(|k| !k.is_empty()).count(),
+            requests: s.requests,
+            errors: s.errors.values().sum(),
+            offered: setup.rate,
+            req_per_s: s.request_throughput,
+            tok_per_s: s.token_throughput,
+            ttft_p50: s.ttft.p50,
+            ttft_p99: s.ttft.p99,
+            tpot_p50: s.tpot.p50,
+            tpot_p99: s.tpot.p99,
+            command: setup.command.clone(),
+        }
     }
 
     fn point(&self) -> SweepPoint {
@@ -151,11 +135,7 @@ pub fn markdown(rows: &[SweepRow]) -> String {
 pub fn summarize_files(files: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
     let mut rows = Vec::new();
     for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        let json: Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", f.display()))?;
-        rows.push(SweepRow::from_report(&json).with_context(|| format!("in {}", f.display()))?);
+        rows.push(SweepRow::of(&BenchReport::read(f)?));
     }
     let rows = order(rows);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -176,20 +156,45 @@ pub fn summarize_files(files: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::metrics::{Percentiles, Summary};
+    use crate::bench::report::Setup;
     use serde_json::json;
 
-    fn report(label: &str, adapters: usize, tok_s: f64, used: &[&str]) -> Value {
-        let by_adapter: serde_json::Map<String, Value> =
-            used.iter().map(|a| (a.to_string(), json!({}))).collect();
-        json!({
-            "setup": {"label": label, "adapters": adapters, "rate": 2.5, "command": format!("bench {label} {adapters}")},
-            "summary": {
-                "requests": 10, "errors": {"UNAVAILABLE": 1}, "request_throughput": 2.0,
-                "token_throughput": tok_s,
-                "ttft": {"p50": 0.1, "p99": 0.25}, "tpot": {"p50": 0.02, "p99": 0.03}
+    fn report(label: &str, adapters: usize, tok_s: f64, used: &[&str]) -> BenchReport {
+        let latency = |p50, p99| Percentiles {
+            p50,
+            p99,
+            ..Default::default()
+        };
+        let summary = Summary {
+            requests: 10,
+            errors: [("UNAVAILABLE".to_string(), 1)].into(),
+            request_throughput: 2.0,
+            token_throughput: tok_s,
+            ttft: latency(0.1, 0.25),
+            tpot: latency(0.02, 0.03),
+            ..Default::default()
+        };
+        BenchReport {
+            setup: Setup {
+                label: label.into(),
+                adapters,
+                rate: Some(2.5),
+                command: format!("bench {label} {adapters}"),
+                ..Default::default()
             },
-            "by_adapter": by_adapter,
-        })
+            summary,
+            by_adapter: used
+                .iter()
+                .map(|a| (a.to_string(), Summary::default()))
+                .collect(),
+            by_tenant: Default::default(),
+            fairness_gap_tokens: None,
+            verify_mismatches: None,
+            churn: None,
+            churn_ops: Vec::new(),
+            records: Vec::new(),
+        }
     }
 
     #[test]
@@ -201,7 +206,7 @@ mod tests {
             report("big", 0, 50.0, &[""]),
         ]
         .iter()
-        .map(|r| SweepRow::from_report(r).unwrap())
+        .map(|r| SweepRow::from_report(&serde_json::to_value(r).unwrap()).unwrap())
         .collect();
         let rows = order(rows);
         let order: Vec<(&str, usize)> = rows
@@ -228,12 +233,49 @@ mod tests {
 
     #[test]
     fn a_report_without_its_figures_is_an_error() {
+        // Serde names the first field it misses.
         let err = SweepRow::from_report(&json!({"setup": {"adapters": 1}})).unwrap_err();
-        assert!(format!("{err:#}").contains("summary"));
-        let mut r = report("m", 1, 1.0, &[]);
-        r["summary"]["ttft"] = json!({});
+        assert!(
+            format!("{err:#}").contains("missing field `label`"),
+            "{err:#}"
+        );
+        let mut r = serde_json::to_value(report("m", 1, 1.0, &[])).unwrap();
+        r.as_object_mut().unwrap().remove("summary");
         let err = SweepRow::from_report(&r).unwrap_err();
-        assert!(format!("{err:#}").contains("ttft.p50"), "{err:#}");
+        assert!(format!("{err:#}").contains("summary"), "{err:#}");
+        let mut r = serde_json::to_value(report("m", 1, 1.0, &[])).unwrap();
+        r["summary"]["ttft"].as_object_mut().unwrap().remove("p50");
+        let err = SweepRow::from_report(&r).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("missing field `p50`"),
+            "{err:#}"
+        );
+        r["summary"]["ttft"]["p50"] = json!("fast");
+        let err = SweepRow::from_report(&r).unwrap_err();
+        assert!(format!("{err:#}").contains("\"fast\""), "{err:#}");
+    }
+
+    #[test]
+    fn a_file_missing_a_field_is_named_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = serde_json::to_value(report("m", 1, 1.0, &[])).unwrap();
+        r["summary"]["tpot"].as_object_mut().unwrap().remove("p99");
+        let text = serde_json::to_string_pretty(&r).unwrap();
+        let p = dir.path().join("broken.json");
+        std::fs::write(&p, &text).unwrap();
+        let err = summarize_files(&[p], &dir.path().join("out")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("broken.json"), "{msg}");
+        assert!(msg.contains("missing field `p99` at line"), "{msg}");
+        // The line is the end of the `tpot` object that lacks it.
+        let line: usize = msg
+            .rsplit("at line ")
+            .next()
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let tpot = 1 + text.lines().position(|l| l.contains("\"tpot\"")).unwrap();
+        assert!((tpot..tpot + 8).contains(&line), "{msg}\n{text}");
     }
 
     #[test]
@@ -245,7 +287,7 @@ mod tests {
             .enumerate()
         {
             let p = dir.path().join(format!("r{i}.json"));
-            std::fs::write(&p, r.to_string()).unwrap();
+            r.write(&p).unwrap();
             files.push(p);
         }
         let out = dir.path().join("out");

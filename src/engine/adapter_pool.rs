@@ -7,7 +7,7 @@
 //! device. Invariants: a version used by a running sequence (`pinned`) is never
 //! evicted; the blocks held stay within `budget_blocks`; every held block is off the
 //! KV free list and goes back exactly once.
-use super::kv_cache::KvCache;
+use super::block_allocator::BlockAllocator;
 use crate::lora::registry::AdapterVersion;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -73,7 +73,7 @@ impl ActivePool {
     }
 
     /// Drops versions that were freed, unloaded or replaced and are not pinned.
-    pub fn purge(&mut self, pinned: &HashSet<u64>, kv: &mut KvCache) {
+    pub fn purge(&mut self, pinned: &HashSet<u64>, blocks: &mut BlockAllocator) {
         let dead: Vec<u64> = self
             .slots
             .iter()
@@ -83,7 +83,7 @@ impl ActivePool {
             .map(|(key, _)| *key)
             .collect();
         for key in dead {
-            self.remove(key, kv);
+            self.remove(key, blocks);
         }
     }
 
@@ -93,7 +93,7 @@ impl ActivePool {
         &mut self,
         v: &Arc<AdapterVersion>,
         pinned: &HashSet<u64>,
-        kv: &mut KvCache,
+        blocks: &mut BlockAllocator,
         now: u64,
     ) -> bool {
         if let Some(slot) = self.slots.get_mut(&v.id) {
@@ -105,12 +105,12 @@ impl ActivePool {
         if need > self.budget_blocks {
             return false;
         }
-        while self.used_blocks + need > self.budget_blocks || kv.num_free_blocks() < need {
-            if !self.evict_lru(pinned, kv) {
+        while self.used_blocks + need > self.budget_blocks || blocks.num_free_blocks() < need {
+            if !self.evict_lru(pinned, blocks) {
                 return false;
             }
         }
-        let Some(blocks) = kv.take_blocks(need) else {
+        let Some(held) = blocks.take(need) else {
             return false;
         };
         self.stats.misses += 1;
@@ -120,7 +120,7 @@ impl ActivePool {
             Slot {
                 version: Arc::downgrade(v),
                 bytes: v.bytes(),
-                blocks,
+                blocks: held,
                 last_used: now,
             },
         );
@@ -129,11 +129,16 @@ impl ActivePool {
     }
 
     /// Evicts idle versions until the KV cache has `free` free blocks, or none is left.
-    pub fn evict_for_kv(&mut self, free: usize, pinned: &HashSet<u64>, kv: &mut KvCache) {
-        while kv.num_free_blocks() < free && self.evict_lru(pinned, kv) {}
+    pub fn evict_for_kv(
+        &mut self,
+        free: usize,
+        pinned: &HashSet<u64>,
+        blocks: &mut BlockAllocator,
+    ) {
+        while blocks.num_free_blocks() < free && self.evict_lru(pinned, blocks) {}
     }
 
-    fn evict_lru(&mut self, pinned: &HashSet<u64>, kv: &mut KvCache) -> bool {
+    fn evict_lru(&mut self, pinned: &HashSet<u64>, blocks: &mut BlockAllocator) -> bool {
         let victim = self
             .slots
             .iter()
@@ -142,7 +147,7 @@ impl ActivePool {
             .map(|(key, _)| *key);
         match victim {
             Some(key) => {
-                self.remove(key, kv);
+                self.remove(key, blocks);
                 self.stats.evictions += 1;
                 true
             }
@@ -150,10 +155,10 @@ impl ActivePool {
         }
     }
 
-    fn remove(&mut self, key: u64, kv: &mut KvCache) {
+    fn remove(&mut self, key: u64, blocks: &mut BlockAllocator) {
         if let Some(mut slot) = self.slots.remove(&key) {
             self.used_blocks -= slot.blocks.len();
-            kv.release(&mut slot.blocks);
+            blocks.release(&mut slot.blocks);
             if let Some(v) = slot.version.upgrade() {
                 v.set_active(false);
             }

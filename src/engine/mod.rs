@@ -1,18 +1,20 @@
-//! The engine: one thread that owns the model, the KV cache and every sequence, and
-//! runs the continuous-batching step loop. Everything else talks to it through an
-//! [`EngineHandle`] over a bounded command channel.
+//! The engine: one thread that owns the model (with its K/V storage), the KV block
+//! allocator and every sequence, and runs the continuous-batching step loop. Everything
+//! else talks to it through an [`EngineHandle`] over a bounded command channel; failures
+//! reach callers as typed [`RequestError`]s on their event streams.
 pub mod adapter_pool;
-pub mod kv_cache;
+pub mod block_allocator;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
 
+use crate::error::RequestError;
 use crate::lora::peft::AdapterWeights;
-use crate::model::{ForwardBatch, Llama, TextTokenizer};
+use crate::model::{BaseModel, ForwardBatch, TextTokenizer};
 use adapter_pool::{ActivePool, ActiveStats};
-use anyhow::{Context, Result};
-use kv_cache::{KvCache, KvCacheShape};
+use anyhow::{bail, Context, Result};
+use block_allocator::BlockAllocator;
 use scheduler::{schedule, Plan, SchedulerConfig};
 use sequence::{EngineRequest, FinishReason, SeqEvent, Sequence};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -99,12 +101,6 @@ enum Command {
     CancelAdapter(u64, oneshot::Sender<usize>),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("the engine has stopped")]
-    Stopped,
-}
-
 /// A cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -119,41 +115,41 @@ impl EngineHandle {
     pub async fn submit(
         &self,
         req: EngineRequest,
-    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, EngineError> {
+    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, RequestError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.tx
             .send(Command::Add(Box::new(req), tx))
             .await
-            .map_err(|_| EngineError::Stopped)?;
+            .map_err(|_| RequestError::engine_stopped())?;
         Ok(rx)
     }
 
-    pub async fn stats(&self) -> Result<EngineStats, EngineError> {
+    pub async fn stats(&self) -> Result<EngineStats, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::Stats(tx))
             .await
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+            .map_err(|_| RequestError::engine_stopped())?;
+        rx.await.map_err(|_| RequestError::engine_stopped())
     }
 
     /// Finishes every sequence now with reason `Cancelled` (shutdown drain deadline).
-    pub async fn cancel_all(&self) -> Result<(), EngineError> {
+    pub async fn cancel_all(&self) -> Result<(), RequestError> {
         self.tx
             .send(Command::CancelAll)
             .await
-            .map_err(|_| EngineError::Stopped)
+            .map_err(|_| RequestError::engine_stopped())
     }
 
     /// Finishes every sequence using adapter version id `version` now with reason
     /// `Cancelled` (an unload's drain deadline); returns how many there were.
-    pub async fn cancel_adapter(&self, version: u64) -> Result<usize, EngineError> {
+    pub async fn cancel_adapter(&self, version: u64) -> Result<usize, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::CancelAdapter(version, tx))
             .await
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+            .map_err(|_| RequestError::engine_stopped())?;
+        rx.await.map_err(|_| RequestError::engine_stopped())
     }
 
     pub fn is_alive(&self) -> bool {
@@ -174,31 +170,34 @@ impl Drop for AliveGuard {
     }
 }
 
-/// Starts the engine thread over `model`. Requests bring their adapter versions (as
-/// leases). It stops when every handle is dropped.
+/// Starts the engine thread over `model`, sizing its paged K/V storage from
+/// `cfg.kv_cache_memory`. Requests bring their adapter versions (as leases). It stops
+/// when every handle is dropped.
 pub fn spawn(
-    model: Llama,
+    mut model: Box<dyn BaseModel>,
     tokenizer: Arc<TextTokenizer>,
     cfg: EngineConfig,
 ) -> Result<EngineHandle> {
     let mc = model.config().clone();
-    let shape = KvCacheShape::from_budget(
-        mc.num_layers,
-        mc.num_kv_heads,
-        mc.head_dim,
-        cfg.block_size,
-        cfg.kv_cache_memory,
-    )?;
+    let block_size = cfg.block_size.max(1);
+    let block_bytes = block_size * model.kv_bytes_per_token();
+    let num_blocks = cfg.kv_cache_memory / block_bytes.max(1);
+    if num_blocks == 0 {
+        bail!(
+            "a KV cache of {} bytes holds no block of {block_size} tokens ({block_bytes} bytes each)",
+            cfg.kv_cache_memory
+        );
+    }
+    model.allocate_kv(num_blocks, block_size)?;
     // Active adapters may hold at most half the pool. A request's length is checked
     // against the pool less its own adapter's share, so it can always run alone.
-    let block_bytes = shape.bytes() / shape.num_blocks;
-    let adapter_blocks = (cfg.adapter_memory / block_bytes).min(shape.num_blocks / 2);
+    let adapter_blocks = (cfg.adapter_memory / block_bytes).min(num_blocks / 2);
     let limits = EngineLimits {
         context_length: mc.max_position_embeddings,
-        kv_capacity_tokens: shape.num_blocks * shape.block_size,
+        kv_capacity_tokens: num_blocks * block_size,
         vocab_size: mc.vocab_size,
         max_adapter_bytes: adapter_blocks * block_bytes,
-        block_size: shape.block_size,
+        block_size,
         kv_block_bytes: block_bytes,
     };
     let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
@@ -207,19 +206,21 @@ pub fn spawn(
     let sched = SchedulerConfig {
         max_batch_tokens: cfg.max_batch_tokens.max(1),
         max_running: cfg.max_running.clamp(1, cfg.max_batch_tokens.max(1)),
-        watermark_blocks: shape.num_blocks / 100,
+        watermark_blocks: num_blocks / 100,
     };
     tracing::info!(
-        kv_blocks = shape.num_blocks,
-        block_size = shape.block_size,
-        kv_bytes = shape.bytes(),
+        kv_blocks = num_blocks,
+        block_size,
+        kv_bytes = num_blocks * block_bytes,
+        device = %model.device_name(),
         "engine starting"
     );
     std::thread::Builder::new()
         .name("multilora-engine".into())
         .spawn(move || {
             let _guard = guard;
-            let mut engine = Engine::new(model, tokenizer, KvCache::new(shape), sched, rx);
+            let blocks = BlockAllocator::new(num_blocks, block_size);
+            let mut engine = Engine::new(model, tokenizer, blocks, sched, rx);
             engine.pool = ActivePool::new(adapter_blocks, block_bytes);
             engine.run();
             tracing::info!("engine stopped");
@@ -229,11 +230,13 @@ pub fn spawn(
 }
 
 struct Engine {
-    model: Llama,
+    /// The base model and its paged K/V storage.
+    model: Box<dyn BaseModel>,
     /// The adapter versions steps may read (shares the KV pool).
     pool: ActivePool,
     tokenizer: Arc<TextTokenizer>,
-    kv: KvCache,
+    /// Which KV blocks are free and who holds the rest.
+    blocks: BlockAllocator,
     sched: SchedulerConfig,
     rx: mpsc::Receiver<Command>,
     running: Vec<Sequence>,
@@ -244,23 +247,22 @@ struct Engine {
 
 impl Engine {
     fn new(
-        model: Llama,
+        model: Box<dyn BaseModel>,
         tokenizer: Arc<TextTokenizer>,
-        kv: KvCache,
+        blocks: BlockAllocator,
         sched: SchedulerConfig,
         rx: mpsc::Receiver<Command>,
     ) -> Self {
-        let shape = kv.shape();
         let stats = EngineStats {
-            kv_blocks_total: shape.num_blocks,
-            kv_block_size: shape.block_size,
+            kv_blocks_total: blocks.num_blocks(),
+            kv_block_size: blocks.block_size(),
             ..Default::default()
         };
         Self {
             model,
             pool: ActivePool::new(0, 1),
             tokenizer,
-            kv,
+            blocks,
             sched,
             rx,
             running: Vec::new(),
@@ -300,13 +302,14 @@ impl Engine {
             Command::Add(req, events) => {
                 if let Some(lease) = &req.adapter {
                     if !self.pool.fits(lease.version()) {
-                        let _ = events.send(SeqEvent::Error(format!(
-                            "adapter {:?} ({} bytes) is larger than the active adapter pool \
-                             ({} bytes; see --adapter-memory)",
-                            lease.version().name,
-                            lease.version().bytes(),
-                            self.pool.stats().budget_bytes
-                        )));
+                        let _ =
+                            events.send(SeqEvent::Error(RequestError::ResourceExhausted(format!(
+                                "adapter {:?} ({} bytes) is larger than the active adapter \
+                                 memory ({} bytes)",
+                                lease.version().name,
+                                lease.version().bytes(),
+                                self.pool.stats().budget_bytes
+                            ))));
                         return;
                     }
                 }
@@ -316,7 +319,7 @@ impl Engine {
             }
             Command::Stats(reply) => {
                 let pinned = self.pinned();
-                self.pool.purge(&pinned, &mut self.kv);
+                self.pool.purge(&pinned, &mut self.blocks);
                 let _ = reply.send(self.snapshot());
             }
             Command::CancelAll => {
@@ -348,7 +351,7 @@ impl Engine {
         let n = cancelled.len();
         for mut seq in cancelled {
             seq.finish(FinishReason::Cancelled, None);
-            self.kv.release(&mut seq.block_table);
+            self.blocks.release(&mut seq.block_table);
             self.stats.aborted_sequences += 1;
         }
         n
@@ -358,7 +361,7 @@ impl Engine {
         EngineStats {
             running_sequences: self.running.len(),
             waiting_sequences: self.waiting.len(),
-            kv_blocks_free: self.kv.num_free_blocks(),
+            kv_blocks_free: self.blocks.num_free_blocks(),
             adapters: self.pool.stats(),
             waiting_by_adapter: self.waiting_by_adapter(),
             ..self.stats.clone()
@@ -385,11 +388,11 @@ impl Engine {
 
     /// Aborts sequences whose caller has gone, freeing their blocks.
     fn reap_disconnected(&mut self) {
-        let kv = &mut self.kv;
+        let blocks = &mut self.blocks;
         let mut aborted = 0;
         let mut keep = |seq: &mut Sequence| {
             if seq.is_disconnected() {
-                kv.release(&mut seq.block_table);
+                blocks.release(&mut seq.block_table);
                 aborted += 1;
                 false
             } else {
@@ -404,46 +407,53 @@ impl Engine {
     fn step(&mut self) {
         let now = self.stats.steps + 1;
         let mut pinned = self.pinned();
-        self.pool.purge(&pinned, &mut self.kv);
+        self.pool.purge(&pinned, &mut self.blocks);
         // KV before idle adapters: decodes that need a new block get it from idle
         // adapters' share before anything is preempted.
         let decode_blocks = self
             .running
             .iter()
             .filter(|s| {
-                s.pending() == 1 && self.kv.blocks_for(s.num_computed + 1) > s.block_table.len()
+                s.pending() == 1 && self.blocks.blocks_for(s.num_computed + 1) > s.block_table.len()
             })
             .count();
-        self.pool.evict_for_kv(decode_blocks, &pinned, &mut self.kv);
+        self.pool
+            .evict_for_kv(decode_blocks, &pinned, &mut self.blocks);
         let pool = &mut self.pool;
-        let mut gate = |seq: &Sequence, kv: &mut KvCache, free_blocks: usize| {
+        let mut gate = |seq: &Sequence, blocks: &mut BlockAllocator, free_blocks: usize| {
             if let Some(lease) = &seq.adapter {
-                if !pool.activate(lease.version(), &pinned, kv, now) {
+                if !pool.activate(lease.version(), &pinned, blocks, now) {
                     return false;
                 }
                 pinned.insert(lease.key());
             }
             // Idle adapters give their blocks back before a sequence has to wait.
-            pool.evict_for_kv(free_blocks, &pinned, kv);
+            pool.evict_for_kv(free_blocks, &pinned, blocks);
             true
         };
-        let plan = schedule(
+        let mut plan = schedule(
             &self.sched,
             &mut self.running,
             &mut self.waiting,
-            &mut self.kv,
+            &mut self.blocks,
             &mut gate,
         );
         self.stats.preemptions += plan.preempted as u64;
+        for mut seq in plan.impossible.drain(..) {
+            seq.fail(RequestError::ResourceExhausted(format!(
+                "{} tokens need more KV blocks than the cache has ({} of {} tokens)",
+                seq.tokens.len(),
+                self.blocks.num_blocks(),
+                self.blocks.block_size()
+            )));
+            self.stats.aborted_sequences += 1;
+        }
         if plan.scheduled.is_empty() {
             return;
         }
         self.stats.steps += 1;
         let (batch, sampled, adapters) = self.build_batch(&plan);
-        match self
-            .model
-            .forward_with_adapters(&batch, &mut self.kv, &adapters)
-        {
+        match self.model.forward(&batch, &adapters) {
             Ok(logits) => self.finish_step(&plan, &sampled, &logits),
             Err(e) => self.fail_step(&plan, &format!("{e:#}")),
         }
@@ -506,7 +516,9 @@ impl Engine {
         tracing::error!(error = message, "model step failed; failing its sequences");
         let indices: Vec<usize> = plan.scheduled.iter().map(|s| s.index).collect();
         for &i in &indices {
-            self.running[i].fail(format!("model step failed: {message}"));
+            self.running[i].fail(RequestError::Internal(format!(
+                "model step failed: {message}"
+            )));
         }
         self.remove(indices, |stats| stats.aborted_sequences += 1);
     }
@@ -517,7 +529,7 @@ impl Engine {
         indices.dedup();
         for i in indices.into_iter().rev() {
             let mut seq = self.running.remove(i);
-            self.kv.release(&mut seq.block_table);
+            self.blocks.release(&mut seq.block_table);
             count(&mut self.stats);
         }
     }

@@ -1,8 +1,10 @@
 //! Chooses the work of one step within a token budget: decode tokens of running
 //! sequences first (preempting the newest sequence when KV blocks run out), then
 //! prefill chunks of running sequences, then admission of waiting sequences in arrival
-//! order. Invariant: every scheduled chunk has KV blocks for all its positions.
-use super::kv_cache::KvCache;
+//! order. Invariant: every scheduled chunk has KV blocks for all its positions; a
+//! sequence that could never get its blocks (more than the whole pool) is taken out and
+//! handed back in [`Plan::impossible`] rather than holding up the others.
+use super::block_allocator::{Allocation, BlockAllocator};
 use super::sequence::Sequence;
 use std::collections::VecDeque;
 
@@ -23,19 +25,21 @@ pub struct Scheduled {
     pub len: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Plan {
     pub scheduled: Vec<Scheduled>,
     pub preempted: usize,
+    /// Sequences that need more KV blocks than the pool has (to be failed).
+    pub impossible: Vec<Sequence>,
 }
 
 /// Prepares a waiting sequence to start: makes its adapter active (which may take KV
 /// blocks) and tries to have the given number of KV blocks free (by evicting idle
 /// adapters). False keeps it, and everyone behind it, waiting.
-pub type AdmissionGate<'a> = dyn FnMut(&Sequence, &mut KvCache, usize) -> bool + 'a;
+pub type AdmissionGate<'a> = dyn FnMut(&Sequence, &mut BlockAllocator, usize) -> bool + 'a;
 
 /// Admits everyone (no adapters to activate).
-pub fn admit_all(_: &Sequence, _: &mut KvCache, _: usize) -> bool {
+pub fn admit_all(_: &Sequence, _: &mut BlockAllocator, _: usize) -> bool {
     true
 }
 
@@ -44,12 +48,12 @@ pub fn schedule(
     cfg: &SchedulerConfig,
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
-    kv: &mut KvCache,
+    blocks: &mut BlockAllocator,
     gate: &mut AdmissionGate<'_>,
 ) -> Plan {
     let mut plan = Plan::default();
     let mut budget = cfg.max_batch_tokens;
-    schedule_decodes(running, waiting, kv, &mut plan, &mut budget);
+    schedule_decodes(running, waiting, blocks, &mut plan, &mut budget);
     for (index, seq) in running.iter().enumerate() {
         if budget == 0 {
             break;
@@ -60,14 +64,14 @@ pub fn schedule(
             budget -= len;
         }
     }
-    admit(cfg, running, waiting, kv, gate, &mut plan, &mut budget);
+    admit(cfg, running, waiting, blocks, gate, &mut plan, &mut budget);
     plan
 }
 
 fn schedule_decodes(
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
-    kv: &mut KvCache,
+    blocks: &mut BlockAllocator,
     plan: &mut Plan,
     budget: &mut usize,
 ) {
@@ -80,15 +84,24 @@ fn schedule_decodes(
         let need = running[i].num_computed + 1;
         loop {
             let seq = &mut running[i];
-            if kv.ensure_capacity(&mut seq.block_table, need) {
-                plan.scheduled.push(Scheduled { index: i, len: 1 });
-                *budget -= 1;
-                i += 1;
-                break;
+            match blocks.allocate(&mut seq.block_table, need) {
+                Allocation::Ok => {
+                    plan.scheduled.push(Scheduled { index: i, len: 1 });
+                    *budget -= 1;
+                    i += 1;
+                    break;
+                }
+                Allocation::Impossible => {
+                    let mut seq = running.remove(i);
+                    blocks.release(&mut seq.block_table);
+                    plan.impossible.push(seq);
+                    break;
+                }
+                Allocation::Later => {}
             }
             // Out of blocks: preempt the newest running sequence (possibly this one).
             let victim = running.len() - 1;
-            preempt(running, waiting, kv, victim);
+            preempt(running, waiting, blocks, victim);
             plan.preempted += 1;
             if victim == i {
                 break;
@@ -100,11 +113,11 @@ fn schedule_decodes(
 fn preempt(
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
-    kv: &mut KvCache,
+    blocks: &mut BlockAllocator,
     index: usize,
 ) {
     let mut seq = running.remove(index);
-    kv.release(&mut seq.block_table);
+    blocks.release(&mut seq.block_table);
     seq.reset_computed();
     tracing::debug!(seq = seq.id, "preempted; will recompute");
     waiting.push_front(seq);
@@ -114,7 +127,7 @@ fn admit(
     cfg: &SchedulerConfig,
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
-    kv: &mut KvCache,
+    blocks: &mut BlockAllocator,
     gate: &mut AdmissionGate<'_>,
     plan: &mut Plan,
     budget: &mut usize,
@@ -123,17 +136,21 @@ fn admit(
         let Some(seq) = waiting.front_mut() else {
             break;
         };
-        let need = kv.blocks_for(seq.tokens.len());
+        let need = blocks.blocks_for(seq.tokens.len());
+        if blocks.can_allocate(need) == Allocation::Impossible {
+            plan.impossible.extend(waiting.pop_front());
+            continue;
+        }
         let watermark = if running.is_empty() {
             0
         } else {
             cfg.watermark_blocks
         };
-        if !gate(seq, kv, need + watermark) || need + watermark > kv.num_free_blocks() {
+        if !gate(seq, blocks, need + watermark) || need + watermark > blocks.num_free_blocks() {
             break;
         }
         let len = seq.tokens.len();
-        if !kv.ensure_capacity(&mut seq.block_table, len) {
+        if blocks.allocate(&mut seq.block_table, len) != Allocation::Ok {
             break;
         }
         let Some(mut seq) = waiting.pop_front() else {
@@ -153,7 +170,6 @@ fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kv_cache::KvCacheShape;
     use crate::engine::sampler::SamplingParams;
     use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
     use tokio::sync::mpsc;
@@ -175,14 +191,8 @@ mod tests {
         (Sequence::new(id, req, tx), rx)
     }
 
-    fn cache(blocks: usize) -> KvCache {
-        KvCache::new(KvCacheShape {
-            num_layers: 1,
-            num_kv_heads: 1,
-            head_dim: 2,
-            block_size: 4,
-            num_blocks: blocks,
-        })
+    fn cache(blocks: usize) -> BlockAllocator {
+        BlockAllocator::new(blocks, 4)
     }
 
     fn cfg(max_batch_tokens: usize) -> SchedulerConfig {
@@ -194,9 +204,12 @@ mod tests {
     }
 
     /// Makes `s` a decoding sequence: all but its last token computed, blocks held.
-    fn decoding(s: &mut Sequence, kv: &mut KvCache) {
+    fn decoding(s: &mut Sequence, kv: &mut BlockAllocator) {
         s.num_computed = s.tokens.len() - 1;
-        assert!(kv.ensure_capacity(&mut s.block_table, s.num_computed));
+        assert_eq!(
+            kv.allocate(&mut s.block_table, s.num_computed),
+            Allocation::Ok
+        );
     }
 
     #[test]
@@ -300,5 +313,29 @@ mod tests {
         // No blocks: the newcomer waits; running sequences continue their prefill.
         assert_eq!(waiting.len(), 1);
         assert!(plan.scheduled.iter().all(|s| s.index < 2));
+    }
+
+    #[test]
+    fn a_sequence_larger_than_the_pool_is_handed_back_not_waited_on() {
+        let mut kv = cache(4);
+        let (huge, _r1) = seq(1, 17);
+        let (small, _r2) = seq(2, 2);
+        let mut running = Vec::new();
+        let mut waiting = VecDeque::from(vec![huge, small]);
+        let plan = schedule(
+            &cfg(64),
+            &mut running,
+            &mut waiting,
+            &mut kv,
+            &mut admit_all,
+        );
+        // 17 tokens need 5 blocks of 4; the pool has 4. It is taken out, and the
+        // request behind it runs.
+        assert_eq!(plan.impossible.len(), 1);
+        assert_eq!(plan.impossible[0].id, 1);
+        assert_eq!(plan.scheduled, vec![Scheduled { index: 0, len: 2 }]);
+        assert_eq!(running[0].id, 2);
+        assert!(waiting.is_empty());
+        assert_eq!(kv.num_free_blocks(), 3);
     }
 }

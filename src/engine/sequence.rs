@@ -3,13 +3,14 @@
 //! sequence sends at most one `Finished` event, and nothing after it.
 use super::sampler::{token_logprob, Sampler, SamplingParams, TokenLogprob};
 use super::stop::{StopMatcher, StopOutcome};
+use crate::error::RequestError;
 use crate::lora::registry::AdapterLease;
 use crate::model::tokenizer::{IncrementalDetokenizer, TextTokenizer};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// What a request asks of generation, already validated.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerationParams {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
@@ -65,7 +66,7 @@ pub enum SeqEvent {
         matched_stop: Option<String>,
     },
     /// The engine failed this sequence; nothing follows.
-    Error(String),
+    Error(RequestError),
 }
 
 pub struct Sequence {
@@ -151,7 +152,9 @@ impl Sequence {
         let mut text = match self.detok.push(tokenizer, id) {
             Ok(t) => t,
             Err(e) => {
-                self.fail(format!("detokenizing token {id}: {e:#}"));
+                self.fail(RequestError::Internal(format!(
+                    "detokenizing token {id}: {e:#}"
+                )));
                 return Some(FinishReason::Cancelled);
             }
         };
@@ -209,8 +212,8 @@ impl Sequence {
         });
     }
 
-    /// Sends an error event; the caller turns it into an INTERNAL status.
-    pub fn fail(&mut self, message: String) {
-        let _ = self.events.send(SeqEvent::Error(message));
+    /// Sends an error event (the last event of this sequence).
+    pub fn fail(&mut self, error: RequestError) {
+        let _ = self.events.send(SeqEvent::Error(error));
     }
 }

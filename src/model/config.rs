@@ -23,25 +23,6 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// A tiny shape for tests with random weights.
-    pub fn tiny_for_tests(vocab_size: usize) -> Self {
-        Self {
-            name: "tiny-random-llama".into(),
-            hidden_size: 64,
-            intermediate_size: 128,
-            vocab_size,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            max_position_embeddings: 512,
-            tie_word_embeddings: true,
-            eos_token_ids: vec![2],
-        }
-    }
-
     /// Reads a Hugging Face `config.json` (Llama architecture only).
     pub fn from_hf_config(path: &Path, name: &str) -> Result<Self> {
         let text =

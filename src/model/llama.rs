@@ -1,186 +1,187 @@
-//! Llama-family forward pass over a ragged batch on the CPU: the linear layers run once
-//! over every scheduled token of every sequence (pre-packed weights); attention is per
-//! sequence over the paged KV cache. Every per-token result is independent of the rest
-//! of the batch. Weights are loaded through candle's `VarBuilder` (Hugging Face names).
-use super::attention::{paged_attention, HeadShape, Rope};
+//! The Llama-family forward pass over a ragged batch, written once against the
+//! [`Backend`] seam: the linear layers run once over every scheduled token of every
+//! sequence, each with its adapter sites attached; attention is per sequence over the
+//! paged K/V. Every per-token result is independent of the rest of the batch (as far as
+//! the backend promises). Weights are read through candle's `VarBuilder` under the names
+//! of [`super::layout`].
+use super::backend::{Backend, HeadShape, KvLayout, SitePart};
 use super::batch::ForwardBatch;
 use super::config::ModelConfig;
-use super::cpu_ops::{add_in_place, rms_norm, silu_mul};
-use super::packed_linear::PackedWeight;
-use crate::engine::kv_cache::KvCache;
-use crate::lora::batch::LoraBatch;
-use crate::lora::kernels::{lora_apply, SiteShape, SlotWeights};
+use super::layout;
 use crate::lora::peft::{AdapterWeights, BaseShape, LoraSite};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use std::collections::HashMap;
 use std::sync::Arc;
 
-fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+/// A linear layer with its adapter sites: one weight stacking the projections of
+/// `parts` (their output columns in order), so one pass over the input computes them
+/// all, and each part gets its adapters' deltas.
+struct Linear<B: Backend> {
+    weight: B::Weight,
+    parts: Vec<SitePart>,
 }
 
-struct RmsNorm {
-    weight: Vec<f32>,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+impl<B: Backend> Linear<B> {
+    /// Loads the projections of `sites` of `layer`, stacked in that order.
+    fn load(
+        backend: &B,
+        vb: &VarBuilder,
+        base: &BaseShape,
+        layer: usize,
+        sites: &[LoraSite],
+    ) -> Result<Self> {
+        let mut weights = Vec::with_capacity(sites.len());
+        let mut parts = Vec::with_capacity(sites.len());
+        for &site in sites {
+            let (inp, out) = base.dims(site);
+            let name = layout::linear_weight(layer, site);
+            weights.push(
+                vb.get((out, inp), &name)
+                    .with_context(|| format!("loading {name}"))?,
+            );
+            parts.push(SitePart {
+                site,
+                out_features: out,
+            });
+        }
         Ok(Self {
-            weight: host_vec(&vb.get(size, "weight")?)?,
-            eps: eps as f32,
+            weight: backend.weight(&Tensor::cat(&weights, 0)?)?,
+            parts,
         })
     }
 
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        rms_norm(x, &self.weight, self.eps)
+    /// `x W^T` plus the adapters' deltas at this layer's sites.
+    fn forward(
+        &self,
+        backend: &B,
+        step: &B::StepAdapters,
+        layer: usize,
+        x: &B::Matrix,
+    ) -> Result<B::Matrix> {
+        let mut y = backend.linear(x, &self.weight)?;
+        backend.lora(step, layer, &self.parts, x, &mut y)?;
+        Ok(y)
+    }
+
+    fn widths(&self) -> Vec<usize> {
+        self.parts.iter().map(|p| p.out_features).collect()
     }
 }
 
-fn weight(vb: &VarBuilder, name: &str, inp: usize, out: usize) -> Result<Tensor> {
-    let w = vb
-        .pp(name)
-        .get((out, inp), "weight")
-        .with_context(|| format!("loading {}.{name}", vb.prefix()))?;
-    Ok(w)
+struct DecoderLayer<B: Backend> {
+    input_norm: B::Vector,
+    post_norm: B::Vector,
+    qkv: Linear<B>,
+    o_proj: Linear<B>,
+    gate_up: Linear<B>,
+    down_proj: Linear<B>,
 }
 
-fn pack(w: &Tensor) -> Result<PackedWeight> {
-    let (out, inp) = w.dims2()?;
-    Ok(PackedWeight::pack(&host_vec(w)?, out, inp))
+fn load_vector<B: Backend>(
+    backend: &B,
+    vb: &VarBuilder,
+    name: &str,
+    n: usize,
+) -> Result<B::Vector> {
+    backend.vector(&vb.get(n, name).with_context(|| format!("loading {name}"))?)
 }
 
-/// Several projections of the same input stacked into one `[sum(out), in]` weight, so
-/// one pass over the input computes them all.
-struct StackedLinear {
-    weight: PackedWeight,
-    /// Output columns of each part, in order.
-    parts: Vec<usize>,
-}
-
-impl StackedLinear {
-    fn load(vb: &VarBuilder, names: &[(&str, usize)], inp: usize) -> Result<Self> {
-        let ws = names
-            .iter()
-            .map(|(n, out)| weight(vb, n, inp, *out))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            weight: pack(&Tensor::cat(&ws, 0)?)?,
-            parts: names.iter().map(|(_, o)| *o).collect(),
-        })
-    }
-
-    /// `x: [t, in]` -> `[t, sum(out)]`.
-    fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
-        self.weight.matmul(x, t)
-    }
-}
-
-struct DecoderLayer {
-    input_norm: RmsNorm,
-    post_norm: RmsNorm,
-    /// q, k, v.
-    qkv: StackedLinear,
-    o_proj: StackedLinear,
-    /// gate, up.
-    gate_up: StackedLinear,
-    down_proj: StackedLinear,
-}
-
-impl DecoderLayer {
-    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+impl<B: Backend> DecoderLayer<B> {
+    fn load(backend: &B, vb: &VarBuilder, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        use LoraSite::*;
+        let base = cfg.base_shape();
         let h = cfg.hidden_size;
-        let q_out = cfg.num_heads * cfg.head_dim;
-        let kv_out = cfg.num_kv_heads * cfg.head_dim;
-        let i = cfg.intermediate_size;
-        let attn = vb.pp("self_attn");
-        let mlp = vb.pp("mlp");
+        let linear = |sites: &[LoraSite]| Linear::load(backend, vb, &base, layer, sites);
         Ok(Self {
-            input_norm: RmsNorm::load(vb.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-            post_norm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
-            qkv: StackedLinear::load(
-                &attn,
-                &[("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)],
-                h,
-            )?,
-            o_proj: StackedLinear::load(&attn, &[("o_proj", h)], q_out)?,
-            gate_up: StackedLinear::load(&mlp, &[("gate_proj", i), ("up_proj", i)], h)?,
-            down_proj: StackedLinear::load(&mlp, &[("down_proj", h)], i)?,
+            input_norm: load_vector(backend, vb, &layout::input_norm(layer), h)?,
+            post_norm: load_vector(backend, vb, &layout::post_attention_norm(layer), h)?,
+            qkv: linear(&[Q, K, V])?,
+            o_proj: linear(&[O])?,
+            gate_up: linear(&[Gate, Up])?,
+            down_proj: linear(&[Down])?,
         })
     }
 }
 
-/// Splits a `[T, sum(parts)]` row-major buffer into per-part `[T, part]` buffers.
-fn split_columns(buf: &[f32], t: usize, parts: &[usize]) -> Vec<Vec<f32>> {
-    let width: usize = parts.iter().sum();
-    let mut out: Vec<Vec<f32>> = parts.iter().map(|p| Vec::with_capacity(t * p)).collect();
-    for row in buf.chunks_exact(width).take(t) {
-        let mut c = 0;
-        for (o, &p) in out.iter_mut().zip(parts) {
-            o.extend_from_slice(&row[c..c + p]);
-            c += p;
+/// The resident base model on backend `B`.
+pub struct Llama<B: Backend> {
+    backend: B,
+    cfg: ModelConfig,
+    /// `[vocab, hidden]`.
+    embedding: B::Matrix,
+    layers: Vec<DecoderLayer<B>>,
+    norm: B::Vector,
+    /// `[vocab, hidden]`; the embedding matrix again when tied.
+    lm_head: B::Weight,
+    /// `[max_positions, head_dim / 2]` rotary tables.
+    rope_cos: B::Matrix,
+    rope_sin: B::Matrix,
+}
+
+/// Rotary cos/sin tables `[max_positions, head_dim / 2]` with transformers' arithmetic:
+/// `inv_freq = 1 / theta^(2i/d)` in f32, `angle = position * inv_freq` in f32.
+fn rope_tables(head_dim: usize, theta: f32, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(max_positions * half);
+    let mut sin = Vec::with_capacity(max_positions * half);
+    for p in 0..max_positions {
+        for f in &inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
         }
     }
-    out
+    (cos, sin)
 }
 
-/// The resident base model.
-pub struct Llama {
-    cfg: ModelConfig,
-    /// `[vocab, hidden]`, row-major.
-    embed: Vec<f32>,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    /// `[vocab, hidden]`; a packed copy of the embedding matrix when tied.
-    lm_head: PackedWeight,
-    rope: Rope,
-}
-
-impl Llama {
-    /// Builds the model from tensors named in the Hugging Face layout (CPU only for now).
-    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        if !vb.device().is_cpu() {
-            bail!("only the CPU is supported by this build");
-        }
-        let model = vb.pp("model");
-        let embed = model
-            .get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")
-            .context("loading model.embed_tokens")?;
+impl<B: Backend> Llama<B> {
+    /// Builds the model on `backend` from tensors named as in [`layout`].
+    pub fn load(backend: B, vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let embed = vb
+            .get((cfg.vocab_size, cfg.hidden_size), layout::EMBEDDING)
+            .context("loading the token embedding")?;
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(model.pp(format!("layers.{i}")), cfg))
+            .map(|i| DecoderLayer::load(&backend, &vb, cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = load_vector(&backend, &vb, layout::FINAL_NORM, cfg.hidden_size)?;
         let lm_head = if cfg.tie_word_embeddings {
-            pack(&embed)?
+            backend.weight(&embed)?
         } else {
-            pack(&weight(&vb, "lm_head", cfg.hidden_size, cfg.vocab_size)?)?
+            let w = vb
+                .get((cfg.vocab_size, cfg.hidden_size), layout::LM_HEAD)
+                .context("loading the LM head")?;
+            backend.weight(&w)?
         };
+        let embed_values = embed
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let embedding = backend.upload(embed_values, cfg.vocab_size, cfg.hidden_size)?;
+        let max = cfg.max_position_embeddings;
+        let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_theta, max);
+        let half = cfg.head_dim / 2;
         Ok(Self {
+            rope_cos: backend.upload(cos, max, half)?,
+            rope_sin: backend.upload(sin, max, half)?,
+            backend,
             cfg: cfg.clone(),
-            embed: host_vec(&embed)?,
+            embedding,
             layers,
             norm,
             lm_head,
-            rope: Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings),
         })
-    }
-
-    /// A model with small random weights (seeded), for tests.
-    pub fn random_for_tests(cfg: &ModelConfig, seed: u64) -> Result<Self> {
-        let tensors = random_weights_for_tests(cfg, seed)?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        Self::load(vb, cfg)
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
-    /// Where the weights live.
-    pub fn device(&self) -> Device {
-        Device::Cpu
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Dimensions adapters are validated against.
@@ -188,40 +189,71 @@ impl Llama {
         self.cfg.base_shape()
     }
 
+    /// The paged K/V layout of this model with `num_blocks` blocks of `block_size`.
+    pub fn kv_layout(&self, num_blocks: usize, block_size: usize) -> KvLayout {
+        KvLayout {
+            num_layers: self.cfg.num_layers,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            block_size,
+            num_blocks,
+        }
+    }
+
+    /// Empty paged K/V storage of `num_blocks` blocks of `block_size` tokens.
+    pub fn new_kv(&self, num_blocks: usize, block_size: usize) -> Result<B::KvStore> {
+        self.backend
+            .kv_store(self.kv_layout(num_blocks, block_size))
+    }
+
+    /// Bytes of K/V one token takes in this backend's storage.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.backend.kv_bytes_per_token(&self.kv_layout(0, 1))
+    }
+
     /// Runs one base-model step (no adapters); see [`Self::forward_with_adapters`].
-    pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Vec<f32>> {
+    pub fn forward(&self, batch: &ForwardBatch, kv: &mut B::KvStore) -> Result<Vec<f32>> {
         self.forward_with_adapters(batch, kv, &[])
     }
 
-    /// Runs one step; writes every token's K/V into the cache and returns the logits of
+    /// Runs one step; writes every token's K/V into `kv` and returns the logits of
     /// `batch.logit_rows` as `[rows, vocab]` (row-major f32). A token whose slot is `s`
     /// gets `adapters[s]`'s low-rank delta at every site that adapter targets.
     pub fn forward_with_adapters(
         &self,
         batch: &ForwardBatch,
-        kv: &mut KvCache,
+        kv: &mut B::KvStore,
         adapters: &[Arc<AdapterWeights>],
     ) -> Result<Vec<f32>> {
-        let t = batch.tokens.len();
-        if t == 0 {
+        if batch.tokens.is_empty() {
             return Ok(Vec::new());
         }
+        self.check(batch, adapters)?;
+        let be = &self.backend;
+        let step = be.step_adapters(&batch.slots, adapters)?;
+        let mut x = be.embed(&self.embedding, &batch.tokens)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.layer_forward(i, layer, &mut x, batch, kv, &step)?;
+        }
+        let last = be.gather_rows(&x, &batch.logit_rows)?;
+        let normed = be.rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        be.to_host(be.linear(&normed, &self.lm_head)?)
+    }
+
+    /// Token ids, positions and adapter slots are in range.
+    fn check(&self, batch: &ForwardBatch, adapters: &[Arc<AdapterWeights>]) -> Result<()> {
+        let max_positions = self.cfg.max_position_embeddings;
         if let Some(&p) = batch.positions.iter().max() {
-            if p >= self.rope.max_positions() {
-                bail!(
-                    "position {p} is beyond the context length {}",
-                    self.rope.max_positions()
-                );
+            if p >= max_positions {
+                bail!("position {p} is beyond the context length {max_positions}");
             }
         }
-        let h = self.cfg.hidden_size;
-        let mut x = Vec::with_capacity(t * h);
-        for &id in &batch.tokens {
-            let id = id as usize;
-            if id >= self.cfg.vocab_size {
-                bail!("token id {id} is outside the vocabulary");
-            }
-            x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
+        if let Some(&id) = batch
+            .tokens
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
+            bail!("token id {id} is outside the vocabulary");
         }
         if let Some(bad) = batch.slots.iter().find(|s| **s >= adapters.len() as i32) {
             bail!(
@@ -229,21 +261,7 @@ impl Llama {
                 adapters.len()
             );
         }
-        let lora = Deltas {
-            batch: LoraBatch::new(&batch.slots),
-            adapters,
-            base: self.base_shape(),
-        };
-        for i in 0..self.layers.len() {
-            self.layer_forward(i, &mut x, batch, kv, &lora)?;
-        }
-        let mut last = Vec::with_capacity(batch.logit_rows.len() * h);
-        for &r in &batch.logit_rows {
-            last.extend_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        Ok(self
-            .lm_head
-            .matmul(&self.norm.forward(&last), batch.logit_rows.len()))
+        Ok(())
     }
 
     fn head_shape(&self) -> HeadShape {
@@ -257,148 +275,32 @@ impl Llama {
     fn layer_forward(
         &self,
         index: usize,
-        x: &mut [f32],
+        layer: &DecoderLayer<B>,
+        x: &mut B::Matrix,
         batch: &ForwardBatch,
-        kv: &mut KvCache,
-        lora: &Deltas,
+        kv: &mut B::KvStore,
+        step: &B::StepAdapters,
     ) -> Result<()> {
-        let layer = &self.layers[index];
+        let be = &self.backend;
         let shape = self.head_shape();
-        let t = batch.tokens.len();
-        let h = layer.input_norm.forward(x);
-        let mut qkv = layer.qkv.forward(&h, t);
-        lora.apply(
-            index,
-            &[LoraSite::Q, LoraSite::K, LoraSite::V],
-            &h,
-            &mut qkv,
-        )?;
-        let mut parts = split_columns(&qkv, t, &layer.qkv.parts).into_iter();
+        let eps = self.cfg.rms_norm_eps as f32;
+        let h = be.rms_norm(x, &layer.input_norm, eps)?;
+        let qkv = layer.qkv.forward(be, step, index, &h)?;
+        let mut parts = be.split_columns(&qkv, &layer.qkv.widths())?.into_iter();
         let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
         };
-        self.rope.apply(&mut q, &batch.positions, shape.num_heads);
-        self.rope
-            .apply(&mut k, &batch.positions, shape.num_kv_heads);
-        let attn = paged_attention(batch, index, &q, &k, &v, kv, shape);
-        let mut o = layer.o_proj.forward(&attn, t);
-        lora.apply(index, &[LoraSite::O], &attn, &mut o)?;
-        add_in_place(x, &o);
-        let h = layer.post_norm.forward(x);
-        let mut gate_up = layer.gate_up.forward(&h, t);
-        lora.apply(index, &[LoraSite::Gate, LoraSite::Up], &h, &mut gate_up)?;
-        let act = silu_mul(&gate_up, layer.gate_up.parts[0]);
-        let mut down = layer.down_proj.forward(&act, t);
-        lora.apply(index, &[LoraSite::Down], &act, &mut down)?;
-        add_in_place(x, &down);
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+        be.rope(&mut q, cos, sin, &batch.positions, shape.num_heads)?;
+        be.rope(&mut k, cos, sin, &batch.positions, shape.num_kv_heads)?;
+        let attn = be.paged_attention(kv, index, batch, &q, &k, &v, shape)?;
+        let o = layer.o_proj.forward(be, step, index, &attn)?;
+        be.add_assign(x, &o)?;
+        let h = be.rms_norm(x, &layer.post_norm, eps)?;
+        let gate_up = layer.gate_up.forward(be, step, index, &h)?;
+        let act = be.silu_mul(&gate_up)?;
+        let down = layer.down_proj.forward(be, step, index, &act)?;
+        be.add_assign(x, &down)?;
         Ok(())
     }
-}
-
-/// The adapters of one step: the token-to-slot metadata (built once, shared by every
-/// layer and site) and each slot's weights.
-struct Deltas<'a> {
-    batch: LoraBatch,
-    adapters: &'a [Arc<AdapterWeights>],
-    base: BaseShape,
-}
-
-impl Deltas<'_> {
-    /// Adds the deltas of `sites` (stacked in this order in `y`'s columns) for input `x`.
-    fn apply(&self, layer: usize, sites: &[LoraSite], x: &[f32], y: &mut [f32]) -> Result<()> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let y_stride: usize = sites.iter().map(|s| self.base.dims(*s).1).sum();
-        let mut y_offset = 0;
-        for &site in sites {
-            let (in_features, out_features) = self.base.dims(site);
-            let slots: Vec<Option<SlotWeights>> = self
-                .adapters
-                .iter()
-                .map(|a| {
-                    a.layers[layer][site.index()].as_ref().map(|p| SlotWeights {
-                        rank: p.rank,
-                        scale: p.scale,
-                        a: &p.a,
-                        b: &p.b,
-                    })
-                })
-                .collect();
-            if slots.iter().any(Option::is_some) {
-                let shape = SiteShape {
-                    in_features,
-                    out_features,
-                    y_stride,
-                    y_offset,
-                };
-                lora_apply(&self.batch, x, y, shape, &slots)
-                    .with_context(|| format!("LoRA at layer {layer} {}", site.module_name()))?;
-            }
-            y_offset += out_features;
-        }
-        Ok(())
-    }
-}
-
-/// Seeded random weights in the Hugging Face layout (normal-ish), for tests.
-pub fn random_weights_for_tests(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    let mut next = move || {
-        // xorshift64*; the sum of four uniforms approximates a normal.
-        let mut u = 0f32;
-        for _ in 0..4 {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            u += (r >> 40) as f32 / (1u64 << 24) as f32;
-        }
-        (u - 2.0) * 1.732
-    };
-    let mut make = |shape: &[usize], std: f32, offset: f32| -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| offset + std * next()).collect();
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
-    };
-    let h = cfg.hidden_size;
-    let q_out = cfg.num_heads * cfg.head_dim;
-    let kv_out = cfg.num_kv_heads * cfg.head_dim;
-    let mut t = HashMap::new();
-    t.insert(
-        "model.embed_tokens.weight".into(),
-        make(&[cfg.vocab_size, h], 0.5, 0.0)?,
-    );
-    t.insert("model.norm.weight".into(), make(&[h], 0.05, 1.0)?);
-    if !cfg.tie_word_embeddings {
-        t.insert(
-            "lm_head.weight".into(),
-            make(&[cfg.vocab_size, h], 0.1, 0.0)?,
-        );
-    }
-    for i in 0..cfg.num_layers {
-        let p = format!("model.layers.{i}");
-        let shapes: [(&str, [usize; 2]); 7] = [
-            ("self_attn.q_proj", [q_out, h]),
-            ("self_attn.k_proj", [kv_out, h]),
-            ("self_attn.v_proj", [kv_out, h]),
-            ("self_attn.o_proj", [h, q_out]),
-            ("mlp.gate_proj", [cfg.intermediate_size, h]),
-            ("mlp.up_proj", [cfg.intermediate_size, h]),
-            ("mlp.down_proj", [h, cfg.intermediate_size]),
-        ];
-        for (name, shape) in shapes {
-            let std = 1.0 / (shape[1] as f32).sqrt();
-            t.insert(format!("{p}.{name}.weight"), make(&shape, std, 0.0)?);
-        }
-        t.insert(
-            format!("{p}.input_layernorm.weight"),
-            make(&[h], 0.05, 1.0)?,
-        );
-        t.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            make(&[h], 0.05, 1.0)?,
-        );
-    }
-    Ok(t)
 }

@@ -1,15 +1,21 @@
-//! The base model: configuration, weight loading, tokenizer and the ragged forward pass.
-pub mod attention;
+//! The base model: configuration, the checkpoint layout, weight loading, the tokenizer,
+//! the backend seam with its backends, and the ragged forward pass written once against
+//! it. Nothing here knows about the engine: the engine drives a [`BaseModel`].
+pub mod backend;
 pub mod batch;
+pub mod chat_template;
 pub mod config;
-pub mod cpu_ops;
+pub mod detokenizer;
+pub mod layout;
 pub mod llama;
-pub mod packed_linear;
+pub mod runner;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
+pub use backend::cpu::CpuBackend;
 pub use batch::{ForwardBatch, SeqChunk};
 pub use config::ModelConfig;
 pub use llama::Llama;
+pub use runner::{BaseModel, ModelRunner};
 pub use tokenizer::TextTokenizer;

@@ -2,6 +2,7 @@
 //! tokenizer files, `model.safetensors` in bf16) of a named shape with seeded random
 //! weights, written tensor by tensor so a 1B-class model needs no download and little RAM.
 use super::config::ModelConfig;
+use super::layout::{tensor_specs, TensorKind, TensorSpec};
 use super::tokenizer::TextTokenizer;
 use crate::rng::Xoshiro256;
 use anyhow::{bail, Context, Result};
@@ -43,68 +44,18 @@ pub fn shape(name: &str, vocab_size: usize) -> Result<ModelConfig> {
 
 /// The model's parameter count.
 pub fn parameter_count(cfg: &ModelConfig) -> usize {
-    tensor_specs(cfg).iter().map(|t| t.len()).sum()
+    tensor_specs(cfg).iter().map(TensorSpec::len).sum()
 }
 
-/// One tensor to generate: name, shape, and its values' distribution.
-struct TensorSpec {
-    name: String,
-    shape: Vec<usize>,
-    /// Values are `offset + uniform(-bound, bound)`.
-    offset: f32,
-    bound: f32,
-}
-
-impl TensorSpec {
-    fn len(&self) -> usize {
-        self.shape.iter().product()
+/// The uniform distribution `offset + uniform(-bound, bound)` a tensor's values are
+/// drawn from: PyTorch's default Linear init scale (std 1/sqrt(fan_in)) for
+/// projections, so activations keep their size through the layers.
+fn distribution(spec: &TensorSpec) -> (f32, f32) {
+    match spec.kind {
+        TensorKind::Embedding => (0.0, 0.5),
+        TensorKind::Norm => (1.0, 0.1),
+        TensorKind::Linear(_) | TensorKind::LmHead => (0.0, (3.0 / spec.shape[1] as f32).sqrt()),
     }
-}
-
-fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
-    let h = cfg.hidden_size;
-    let q_out = cfg.num_heads * cfg.head_dim;
-    let kv_out = cfg.num_kv_heads * cfg.head_dim;
-    // Uniform with the standard deviation of PyTorch's default Linear init scale
-    // (1/sqrt(fan_in)), so activations keep their size through the layers.
-    let linear = |name: String, out: usize, inp: usize| TensorSpec {
-        name,
-        shape: vec![out, inp],
-        offset: 0.0,
-        bound: (3.0 / inp as f32).sqrt(),
-    };
-    let norm = |name: String| TensorSpec {
-        name,
-        shape: vec![h],
-        offset: 1.0,
-        bound: 0.1,
-    };
-    let mut specs = vec![
-        TensorSpec {
-            name: "model.embed_tokens.weight".into(),
-            shape: vec![cfg.vocab_size, h],
-            offset: 0.0,
-            bound: 0.5,
-        },
-        norm("model.norm.weight".into()),
-    ];
-    if !cfg.tie_word_embeddings {
-        specs.push(linear("lm_head.weight".into(), cfg.vocab_size, h));
-    }
-    for i in 0..cfg.num_layers {
-        let p = format!("model.layers.{i}");
-        specs.push(norm(format!("{p}.input_layernorm.weight")));
-        specs.push(linear(format!("{p}.self_attn.q_proj.weight"), q_out, h));
-        specs.push(linear(format!("{p}.self_attn.k_proj.weight"), kv_out, h));
-        specs.push(linear(format!("{p}.self_attn.v_proj.weight"), kv_out, h));
-        specs.push(linear(format!("{p}.self_attn.o_proj.weight"), h, q_out));
-        specs.push(norm(format!("{p}.post_attention_layernorm.weight")));
-        let m = cfg.intermediate_size;
-        specs.push(linear(format!("{p}.mlp.gate_proj.weight"), m, h));
-        specs.push(linear(format!("{p}.mlp.up_proj.weight"), m, h));
-        specs.push(linear(format!("{p}.mlp.down_proj.weight"), h, m));
-    }
-    specs
 }
 
 /// f32 to bf16 bits, rounding to nearest even (finite inputs).
@@ -119,6 +70,7 @@ const CHUNK: usize = 1 << 16;
 
 /// The bf16 bytes of one tensor, deterministic in (`seed`, `index`).
 fn tensor_bytes(spec: &TensorSpec, seed: u64, index: usize) -> Vec<u8> {
+    let (offset, bound) = distribution(spec);
     let mut out = vec![0u8; 2 * spec.len()];
     out.par_chunks_mut(2 * CHUNK)
         .enumerate()
@@ -128,7 +80,7 @@ fn tensor_bytes(spec: &TensorSpec, seed: u64, index: usize) -> Vec<u8> {
             );
             for pair in bytes.chunks_exact_mut(2) {
                 let u = rng.next_f64() as f32 * 2.0 - 1.0;
-                let v = bf16_bits(spec.offset + spec.bound * u);
+                let v = bf16_bits(offset + bound * u);
                 pair.copy_from_slice(&v.to_le_bytes());
             }
         });

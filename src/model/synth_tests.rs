@@ -1,7 +1,6 @@
 //! Synthetic models: the named shapes have the right sizes, a written folder loads
 //! through the normal `--model` path and runs, and the weights are seeded.
 use super::*;
-use crate::engine::kv_cache::{KvCache, KvCacheShape};
 use crate::model::weights;
 use crate::model::ForwardBatch;
 
@@ -29,7 +28,7 @@ fn written_model_loads_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_tiny(dir.path(), 7);
     let dir_name = dir.path().to_str().unwrap();
-    let loaded = weights::load_model(dir_name, None, &candle_core::Device::Cpu).unwrap();
+    let mut loaded = weights::load_model(dir_name, None).unwrap();
     let got = loaded.model.config();
     assert_eq!(
         (
@@ -56,19 +55,12 @@ fn written_model_loads_and_runs() {
     assert_eq!(loaded.tokenizer.eos_token_ids(), tok.eos_token_ids());
     assert!(loaded.tokenizer.has_chat_template());
 
-    let mut kv = KvCache::new(KvCacheShape {
-        num_layers: got.num_layers,
-        num_kv_heads: got.num_kv_heads,
-        head_dim: got.head_dim,
-        block_size: 16,
-        num_blocks: 2,
-    });
-    let mut blocks = Vec::new();
-    assert!(kv.ensure_capacity(&mut blocks, 8));
+    loaded.model.allocate_kv(2, 16).unwrap();
+    let blocks = vec![0];
     let mut batch = ForwardBatch::default();
     let last = batch.push_chunk(&[5, 9, 77, 3, 200, 14, 15, 92], 0, &blocks);
     batch.logit_rows.push(last);
-    let logits = loaded.model.forward(&batch, &mut kv).unwrap();
+    let logits = loaded.model.forward(&batch, &[]).unwrap();
     assert_eq!(logits.len(), 259);
     assert!(logits.iter().all(|x| x.is_finite()));
     let (lo, hi) = logits

@@ -1,4 +1,5 @@
-//! Text tokenizer (Hugging Face `tokenizers`), chat templates (minijinja) and streaming detokenization.
+//! Text tokenizer (Hugging Face `tokenizers`), with its chat template
+//! (`super::chat_template`) and streaming detokenization (`super::detokenizer`).
 //!
 //! A [`TextTokenizer`] can be built from a Hugging Face model folder (`tokenizer.json` and
 //! friends), from GGUF metadata (byte-level BPE, `tokenizer.ggml.model == "gpt2"`, built the
@@ -12,12 +13,12 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
-use minijinja::{context, Environment, ErrorKind};
 use serde_json::{json, Value as Json};
 use tokenizers::Tokenizer;
 
-/// Name under which the chat template is registered in its minijinja environment.
-const CHAT_TEMPLATE_NAME: &str = "chat_template";
+pub use super::chat_template::ChatMessage;
+use super::chat_template::{json_chat_template, ChatTemplate};
+pub use super::detokenizer::IncrementalDetokenizer;
 
 /// GGUF `tokenizer.ggml.token_type` value of a control (special) token.
 const GGUF_TOKEN_TYPE_CONTROL: i64 = 3;
@@ -25,47 +26,8 @@ const GGUF_TOKEN_TYPE_CONTROL: i64 = 3;
 const GGUF_TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// The chat template of SmolLM2-Instruct, also used by [`TextTokenizer::byte_level_for_tests`].
+#[cfg(any(test, feature = "test-support"))]
 const SMOLLM2_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// One chat message: `role` ("system", "user", "assistant", ...) and its text.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// Convenience constructor.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
-
-/// The model's chat template, compiled once.
-#[derive(Clone)]
-enum ChatTemplate {
-    /// The model ships no template.
-    Missing,
-    /// A compiled template, ready to render.
-    Ready(Box<Environment<'static>>),
-    /// The model ships a template that minijinja could not compile (the error message).
-    Broken(String),
-}
-
-impl ChatTemplate {
-    fn from_source(source: Option<String>) -> Self {
-        match source {
-            None => Self::Missing,
-            Some(src) => match build_chat_env(src) {
-                Ok(env) => Self::Ready(Box::new(env)),
-                Err(e) => Self::Broken(format!("{e:#}")),
-            },
-        }
-    }
-}
 
 /// A tokenizer plus what generation needs around it: EOS ids, the chat template and the
 /// special tokens used to render it.
@@ -271,6 +233,7 @@ impl TextTokenizer {
     /// special tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`; id `3 + b` is byte `b`
     /// (as its GPT-2 byte-level symbol), so the vocabulary has 259 entries. No merges, so every
     /// byte of the text is one token. EOS is `[2]`; the chat template is SmolLM2's.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn byte_level_for_tests() -> Result<Self> {
         const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
         let mut vocab = serde_json::Map::new();
@@ -369,20 +332,8 @@ impl TextTokenizer {
     /// Render `messages` with the model's chat template, with `add_generation_prompt = true`
     /// (so the result ends with the assistant turn's header), `bos_token` and `eos_token`.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
-        let env = match &self.chat_template {
-            ChatTemplate::Ready(env) => env,
-            ChatTemplate::Missing => bail!("this model has no chat template"),
-            ChatTemplate::Broken(e) => bail!("this model's chat template does not compile: {e}"),
-        };
-        let template = env.get_template(CHAT_TEMPLATE_NAME)?;
-        template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => true,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
-            .map_err(|e| anyhow!("chat template rendering failed: {e:#}"))
+        self.chat_template
+            .render(messages, &self.bos_token, &self.eos_token)
     }
 
     /// Whether [`Self::apply_chat_template`] can work (the model ships a template that compiles).
@@ -404,86 +355,6 @@ impl TextTokenizer {
             .map(|(id, _)| id)
             .collect()
     }
-}
-
-/// Incremental detokenizer for streaming. Push one generated id at a time and get the newly
-/// completed text. A tail that is not yet complete UTF-8 (it decodes to U+FFFD) is held back
-/// until the ids that complete it arrive. Special tokens are skipped.
-///
-/// It uses the prefix/read offset technique of vLLM and TGI: decode a small window of ids and
-/// diff it against the decode of the window's already-emitted prefix. It starts with no
-/// context, so the concatenation of all deltas (and of [`Self::flush`]) equals
-/// `decode(generated_ids, skip_special_tokens = true)`.
-#[derive(Clone, Debug, Default)]
-pub struct IncrementalDetokenizer {
-    ids: Vec<u32>,
-    /// Start of the decode window: ids before it never influence new text.
-    prefix_offset: usize,
-    /// Ids before this have been emitted as text.
-    read_offset: usize,
-}
-
-impl IncrementalDetokenizer {
-    /// A detokenizer for a completion of `prompt_ids`. The prompt is not used as context (the
-    /// deltas then add up to the decode of the generated ids alone), so this equals
-    /// `IncrementalDetokenizer::default()`.
-    pub fn new(prompt_ids: &[u32]) -> Self {
-        let _ = prompt_ids;
-        Self::default()
-    }
-
-    /// All ids pushed so far.
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
-
-    /// Add one generated id; returns the text it completes (possibly empty).
-    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let (prefix_text, new_text) = self.window_texts(tok)?;
-        if new_text.len() <= prefix_text.len() || new_text.ends_with(char::REPLACEMENT_CHARACTER) {
-            // Nothing new yet, or an incomplete UTF-8 sequence at the end: wait for more ids.
-            return Ok(String::new());
-        }
-        let delta = text_after(&prefix_text, &new_text);
-        self.prefix_offset = self.read_offset;
-        self.read_offset = self.ids.len();
-        Ok(delta)
-    }
-
-    /// End of stream: return whatever is still held back (a genuinely invalid tail is emitted
-    /// as U+FFFD), and leave the detokenizer as if everything had been emitted.
-    pub fn flush(&mut self, tok: &TextTokenizer) -> Result<String> {
-        if self.read_offset == self.ids.len() {
-            return Ok(String::new());
-        }
-        let (prefix_text, new_text) = self.window_texts(tok)?;
-        let delta = text_after(&prefix_text, &new_text);
-        self.prefix_offset = self.read_offset;
-        self.read_offset = self.ids.len();
-        Ok(delta)
-    }
-
-    /// Decodes of the window's emitted prefix and of the whole window.
-    fn window_texts(&self, tok: &TextTokenizer) -> Result<(String, String)> {
-        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let new_text = tok.decode(&self.ids[self.prefix_offset..], true)?;
-        Ok((prefix_text, new_text))
-    }
-}
-
-/// The part of `new_text` after what it shares with `prefix_text` (normally all of the prefix).
-fn text_after(prefix_text: &str, new_text: &str) -> String {
-    if let Some(rest) = new_text.strip_prefix(prefix_text) {
-        return rest.to_owned();
-    }
-    let common: usize = prefix_text
-        .chars()
-        .zip(new_text.chars())
-        .take_while(|(a, b)| a == b)
-        .map(|(a, _)| a.len_utf8())
-        .sum();
-    new_text[common..].to_owned()
 }
 
 /// Build a byte-level BPE tokenizer with exactly the configuration Hugging Face transformers
@@ -533,6 +404,7 @@ fn byte_level_bpe(vocab: Json, merges: Vec<Json>, added_tokens: Vec<Json>) -> Re
 }
 
 /// The GPT-2 byte-level alphabet: the printable symbol standing for each byte value.
+#[cfg(any(test, feature = "test-support"))]
 fn byte_level_symbols() -> Result<Vec<char>> {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let mut next = 256u32;
@@ -547,23 +419,6 @@ fn byte_level_symbols() -> Result<Vec<char>> {
             }
         })
         .collect()
-}
-
-/// Compile a chat template the way transformers renders them (Jinja with `trim_blocks` and
-/// `lstrip_blocks`, Python string/dict methods, `raise_exception`).
-fn build_chat_env(source: String) -> Result<Environment<'static>, minijinja::Error> {
-    let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        },
-    );
-    env.add_template_owned(CHAT_TEMPLATE_NAME, source)?;
-    Ok(env)
 }
 
 /// The chat template of a Hugging Face folder: `chat_template.jinja`, else
@@ -586,27 +441,6 @@ fn read_hf_chat_template(dir: &Path, tokenizer_config: Option<&Json>) -> Result<
         .as_ref()
         .and_then(|c| c.get("chat_template"))
         .and_then(json_chat_template))
-}
-
-fn json_chat_template(v: &Json) -> Option<String> {
-    match v {
-        Json::String(s) => Some(s.clone()),
-        Json::Array(named) => {
-            let template_named = |name: &str| {
-                named.iter().find_map(|t| {
-                    (t.get("name")?.as_str()? == name)
-                        .then(|| t.get("template")?.as_str().map(str::to_owned))
-                        .flatten()
-                })
-            };
-            template_named("default").or_else(|| {
-                named
-                    .first()
-                    .and_then(|t| t.get("template")?.as_str().map(str::to_owned))
-            })
-        }
-        _ => None,
-    }
 }
 
 /// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.

@@ -1,8 +1,15 @@
 //! Finds and loads base-model weights: a local Hugging Face folder (safetensors, sharded
 //! or not), a local GGUF file (dequantized to f32, Q/K rows un-permuted to the Hugging
-//! Face layout), or a Hub repo id fetched and cached with hf-hub.
+//! Face layout, names mapped through [`super::layout`]), or a Hub repo id fetched and
+//! cached with hf-hub. Tensors are read on the host; the backend takes them from there.
+use super::backend::cpu::CpuBackend;
+use super::backend::Backend;
 use super::config::ModelConfig;
+use super::layout;
+use super::llama::Llama;
+use super::runner::{BaseModel, ModelRunner};
 use super::tokenizer::TextTokenizer;
+use crate::lora::peft::LoraSite;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
@@ -29,26 +36,48 @@ pub struct LoadedWeights {
     pub source_dtype: String,
 }
 
-/// A built model with its tokenizer: what the server needs from `--model`.
-pub struct LoadedModel {
-    pub model: crate::model::Llama,
+/// A built model with its tokenizer: what the server needs from `--model`. `M` is the
+/// model: a [`Llama`] on a known backend, or the engine's [`BaseModel`].
+pub struct LoadedModel<M = Box<dyn BaseModel>> {
+    pub model: M,
     pub tokenizer: TextTokenizer,
     /// How the weights were stored, for `GetModelInfo`.
     pub source_dtype: String,
 }
 
-/// Resolves, loads and builds the model named by `--model` (see [`resolve`]).
-pub fn load_model(model: &str, revision: Option<&str>, device: &Device) -> Result<LoadedModel> {
+/// Resolves, loads and builds the model named by `--model` (see [`resolve`]) on
+/// `backend`.
+pub fn load_llama<B: Backend>(
+    model: &str,
+    revision: Option<&str>,
+    backend: B,
+) -> Result<LoadedModel<Llama<B>>> {
     let source = resolve(model, revision)?;
     tracing::info!(?source, "loading model");
-    let loaded = load(&source, device)?;
-    let built = crate::model::Llama::load(loaded.vb, &loaded.config)
+    let loaded = load(&source)?;
+    let built = Llama::load(backend, loaded.vb, &loaded.config)
         .with_context(|| format!("building the model from {model}"))?;
     Ok(LoadedModel {
         model: built,
         tokenizer: loaded.tokenizer,
         source_dtype: loaded.source_dtype,
     })
+}
+
+impl<B: Backend> LoadedModel<Llama<B>> {
+    /// The same model, ready for the engine.
+    pub fn into_runner(self) -> Result<LoadedModel> {
+        Ok(LoadedModel {
+            model: Box::new(ModelRunner::new(self.model)?),
+            tokenizer: self.tokenizer,
+            source_dtype: self.source_dtype,
+        })
+    }
+}
+
+/// The model named by `--model`, on the CPU backend, ready for the engine.
+pub fn load_model(model: &str, revision: Option<&str>) -> Result<LoadedModel> {
+    load_llama(model, revision, CpuBackend)?.into_runner()
 }
 
 /// Resolves `--model`: an existing local path, else a Hub repo id (downloaded into the
@@ -153,15 +182,15 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<TextTokenizer> {
     }
 }
 
-/// Loads weights, config and tokenizer from a resolved source, as f32 on `device`.
-pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedWeights> {
+/// Loads weights (as f32 host tensors), config and tokenizer from a resolved source.
+pub fn load(source: &ModelSource) -> Result<LoadedWeights> {
     match source {
-        ModelSource::HfDir(dir) => load_hf_dir(dir, device),
-        ModelSource::Gguf(path) => load_gguf(path, device),
+        ModelSource::HfDir(dir) => load_hf_dir(dir),
+        ModelSource::Gguf(path) => load_gguf(path),
     }
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
+fn load_hf_dir(dir: &Path) -> Result<LoadedWeights> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -184,7 +213,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
     }
     // SAFETY: the files are memory-mapped read-only and must not change while loaded,
     // which is the contract of every safetensors loader.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
         .with_context(|| format!("loading safetensors from {}", dir.display()))?;
     Ok(LoadedWeights {
         config,
@@ -194,7 +223,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
     })
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
+fn load_gguf(path: &Path) -> Result<LoadedWeights> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let content = gguf_file::Content::read(&mut file)
@@ -208,7 +237,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
     let mut tensors = HashMap::new();
     let mut dtypes = Vec::new();
     for (gguf_name, info) in content.tensor_infos.iter() {
-        let Some(hf_name) = hf_tensor_name(gguf_name) else {
+        let Some((hf_name, site)) = layout::from_gguf(gguf_name) else {
             tracing::debug!(tensor = %gguf_name, "ignoring GGUF tensor");
             continue;
         };
@@ -220,48 +249,22 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
             .dequantize(&Device::Cpu)
             .with_context(|| format!("dequantizing {gguf_name}"))?
             .to_dtype(DType::F32)?;
-        if gguf_name.ends_with("attn_q.weight") {
-            t = unpermute_qk(&t, config.num_heads)?;
-        } else if gguf_name.ends_with("attn_k.weight") {
-            t = unpermute_qk(&t, config.num_kv_heads)?;
+        match site {
+            Some(LoraSite::Q) => t = unpermute_qk(&t, config.num_heads)?,
+            Some(LoraSite::K) => t = unpermute_qk(&t, config.num_kv_heads)?,
+            _ => {}
         }
-        tensors.insert(hf_name, t.to_device(device)?);
+        tensors.insert(hf_name, t);
     }
     dtypes.sort();
     dtypes.dedup();
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     Ok(LoadedWeights {
         config,
         tokenizer,
         vb,
         source_dtype: format!("gguf {} dequantized to f32", dtypes.join("/")),
     })
-}
-
-/// Maps llama.cpp tensor names to the Hugging Face layout.
-fn hf_tensor_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match tail {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
 }
 
 /// Undoes llama.cpp's converter permutation of Q/K rows
@@ -306,14 +309,5 @@ mod tests {
             .map(|r| r[0] / 3.0)
             .collect();
         assert_eq!(rows, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
-    }
-
-    #[test]
-    fn gguf_names_map_to_hf() {
-        assert_eq!(
-            hf_tensor_name("blk.3.attn_q.weight").as_deref(),
-            Some("model.layers.3.self_attn.q_proj.weight")
-        );
-        assert_eq!(hf_tensor_name("rope_freqs.weight"), None);
     }
 }

@@ -132,8 +132,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
         let version = self
             .registry
             .load(&req.name, &source, req.expected_version)
-            .await
-            .map_err(RequestError::from)?;
+            .await?;
         // Report the version this call produced or found, even if another call has
         // replaced it since.
         let info = match self.registry.get(&req.name) {
@@ -179,10 +178,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
                 .into())
             }
         };
-        let unloaded = self
-            .registry
-            .unload(&req.name)
-            .map_err(RequestError::from)?;
+        let unloaded = self.registry.unload(&req.name)?;
         let (freed, cancelled) = match timeout {
             None => (unloaded.remaining.strong_count() == 0, 0),
             Some(t) => self.drain(&unloaded, t).await?,

@@ -25,30 +25,26 @@ pub struct GenerationService {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl GenerationService {
-    /// Takes a lease on the adapter (waiting for it to load if it is cold), validates
-    /// (tokenizing on a blocking thread) and submits to the engine.
+    /// Validates (tokenizing on a blocking thread), then takes a lease on the adapter
+    /// (waiting for it to load if it is cold; invalid input never starts a load), fits
+    /// the request to the pool beside that adapter, and submits it to the engine.
     /// Returns the event receiver and the adapter version taken (0: none).
     async fn start(
         &self,
         req: pb::GenerateRequest,
     ) -> Result<(mpsc::UnboundedReceiver<SeqEvent>, u64), RequestError> {
         let tokenizer = self.tokenizer.clone();
-        let mut limits = self.engine.limits();
-        let lease = match req.adapter.as_str() {
-            "" => None,
-            name => Some(self.adapters.acquire(name).await?),
-        };
-        let version = lease.as_ref().map_or(0, |l| l.version().version);
-        if let Some(l) = &lease {
-            // The adapter's share of the KV pool is not available to the sequence.
-            let reserved = limits.adapter_tokens(l.version().bytes());
-            limits.kv_capacity_tokens = limits.kv_capacity_tokens.saturating_sub(reserved);
-        }
-        let mut valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
+        let limits = self.engine.limits();
+        let valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
             .await
             .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
-        valid.adapter = lease;
-        Ok((self.engine.submit(valid).await?, version))
+        let lease = match &valid.adapter {
+            None => None,
+            Some(name) => Some(self.adapters.acquire(name).await?),
+        };
+        let version = lease.as_ref().map_or(0, |l| l.version().version);
+        let request = valid.into_engine_request(lease, &limits)?;
+        Ok((self.engine.submit(request).await?, version))
     }
 }
 
@@ -92,7 +88,7 @@ fn delta_to_pb(t: TokenEvent) -> pb::TokenDelta {
 }
 
 fn engine_vanished() -> Status {
-    Status::internal("the engine stopped before the sequence finished")
+    RequestError::Internal("the engine stopped before the sequence finished".into()).into()
 }
 
 /// Maps engine events to responses; ends after the final message or an error.
@@ -126,7 +122,7 @@ fn event_stream(
                     };
                     return Some((Ok(msg), None));
                 }
-                Some(SeqEvent::Error(e)) => return Some((Err(Status::internal(e)), None)),
+                Some(SeqEvent::Error(e)) => return Some((Err(Status::from(e)), None)),
                 None => return Some((Err(engine_vanished()), None)),
             };
             Some((item, Some(rx)))
@@ -226,7 +222,7 @@ impl pb::generation_server::Generation for GenerationService {
                     out.matched_stop = matched_stop.unwrap_or_default();
                     return Ok(Response::new(out));
                 }
-                Some(SeqEvent::Error(e)) => return Err(Status::internal(e)),
+                Some(SeqEvent::Error(e)) => return Err(Status::from(e)),
                 None => return Err(engine_vanished()),
             }
         }
@@ -240,8 +236,8 @@ impl pb::generation_server::Generation for GenerationService {
         let tokenizer = self.tokenizer.clone();
         let ids = tokio::task::spawn_blocking(move || tokenizer.encode(&text))
             .await
-            .map_err(|e| Status::internal(format!("tokenize task: {e}")))?
-            .map_err(|e| Status::internal(format!("tokenizer: {e:#}")))?;
+            .map_err(|e| RequestError::Internal(format!("tokenize task: {e}")))?
+            .map_err(|e| RequestError::Internal(format!("tokenizer: {e:#}")))?;
         Ok(Response::new(pb::TokenizeResponse { token_ids: ids }))
     }
 
@@ -256,7 +252,7 @@ impl pb::generation_server::Generation for GenerationService {
         &self,
         _request: Request<pb::GetEngineStatsRequest>,
     ) -> Result<Response<pb::EngineStats>, Status> {
-        let stats = self.engine.stats().await.map_err(RequestError::from)?;
+        let stats = self.engine.stats().await?;
         Ok(Response::new(stats_to_pb(stats, &self.adapters.stats())))
     }
 }

@@ -8,7 +8,7 @@ pub mod validate;
 use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
 use crate::engine::{self, sampler::SamplingParams, EngineConfig, EngineHandle};
 use crate::lora::registry::AdapterRegistry;
-use crate::model::{Llama, TextTokenizer};
+use crate::model::{BaseModel, TextTokenizer};
 use crate::proto::v1 as pb;
 use anyhow::{bail, Context, Result};
 use generation::GenerationService;
@@ -40,18 +40,15 @@ impl Default for ServerOptions {
 /// Starts the engine thread for a loaded model, tells the adapter registry how large an
 /// adapter the active pool can hold, and builds the service over both.
 pub fn start_engine(
-    model: Llama,
+    model: Box<dyn BaseModel>,
     tokenizer: TextTokenizer,
     adapters: AdapterRegistry,
     engine_cfg: EngineConfig,
     dtype_note: &str,
 ) -> Result<GenerationService> {
     let cfg = model.config().clone();
-    let device = if model.device().is_cpu() {
-        "cpu"
-    } else {
-        "gpu"
-    };
+    let device = model.device_name();
+    let dtype = format!("{} ({dtype_note})", model.dtype_name());
     let tokenizer = Arc::new(tokenizer);
     let engine = engine::spawn(model, tokenizer.clone(), engine_cfg)?;
     adapters.set_max_adapter_bytes(engine.limits().max_adapter_bytes);
@@ -60,8 +57,8 @@ pub fn start_engine(
         architecture: "llama".into(),
         context_length: cfg.max_position_embeddings as u32,
         vocab_size: cfg.vocab_size as u32,
-        dtype: format!("f32 ({dtype_note})"),
-        device: device.into(),
+        dtype,
+        device,
         num_layers: cfg.num_layers as u32,
         hidden_size: cfg.hidden_size as u32,
     };

@@ -1,10 +1,15 @@
-//! Turns a raw `GenerateRequest` into a validated [`EngineRequest`]: exactly one input,
-//! sampling parameters in range, lengths within the context and the KV cache. Every
-//! error names the offending field.
+//! Validation first: [`validate`] turns a raw `GenerateRequest` into a [`ValidRequest`]
+//! with every check that does not depend on the adapter (exactly one input, sampling
+//! parameters and options in range, tokenization, lengths within the context and the
+//! whole KV pool), before any adapter lease or load is taken. The one adapter-dependent
+//! check, the sequence against the pool less the adapter's own share, runs in
+//! [`ValidRequest::into_engine_request`] once the lease is held. Every error names the
+//! offending field.
 use crate::engine::sampler::SamplingParams;
 use crate::engine::sequence::{EngineRequest, GenerationParams};
 use crate::engine::EngineLimits;
 use crate::error::RequestError;
+use crate::lora::registry::AdapterLease;
 use crate::model::tokenizer::{ChatMessage, TextTokenizer};
 use crate::proto::v1 as pb;
 
@@ -154,21 +159,60 @@ fn check_options(req: &pb::GenerateRequest) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// Full validation, including tokenization (call off the async threads). The adapter is
-/// resolved afterwards, by taking a lease on it.
+/// A request that passed every check that does not depend on its adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidRequest {
+    pub request_id: String,
+    /// The adapter to take a lease on; None for the base model.
+    pub adapter: Option<String>,
+    pub prompt_ids: Vec<u32>,
+    /// `max_new_tokens` resolved against the whole KV pool.
+    pub params: GenerationParams,
+    /// The request gave `max_new_tokens` (else it is the default, fitted to the room).
+    max_new_tokens_given: bool,
+}
+
+impl ValidRequest {
+    /// The engine request, once the adapter's lease is held: the sequence must also fit
+    /// the KV pool less the adapter's share of it (so it can always run alone).
+    pub fn into_engine_request(
+        mut self,
+        lease: Option<AdapterLease>,
+        limits: &EngineLimits,
+    ) -> Result<EngineRequest, RequestError> {
+        if let Some(l) = &lease {
+            let mut fitted = *limits;
+            let reserved = limits.adapter_tokens(l.version().bytes());
+            fitted.kv_capacity_tokens = limits.kv_capacity_tokens.saturating_sub(reserved);
+            let requested = self
+                .max_new_tokens_given
+                .then_some(self.params.max_new_tokens as u32);
+            self.params.max_new_tokens = max_new_tokens(requested, self.prompt_ids.len(), &fitted)?;
+        }
+        Ok(EngineRequest {
+            request_id: self.request_id,
+            adapter: lease,
+            prompt_ids: self.prompt_ids,
+            params: self.params,
+        })
+    }
+}
+
+/// Every check that does not need the adapter, including tokenization (call off the
+/// async threads).
 pub fn validate(
     req: &pb::GenerateRequest,
     tokenizer: &TextTokenizer,
     limits: &EngineLimits,
-) -> Result<EngineRequest, RequestError> {
+) -> Result<ValidRequest, RequestError> {
     let input = check_input(req)?;
     check_options(req)?;
     let sampling = sampling_params(req.sampling.as_ref())?;
     let prompt_ids = tokenize_input(input, tokenizer, limits)?;
     let max_new_tokens = max_new_tokens(req.max_new_tokens, prompt_ids.len(), limits)?;
-    Ok(EngineRequest {
+    Ok(ValidRequest {
         request_id: req.request_id.clone(),
-        adapter: None,
+        adapter: (!req.adapter.is_empty()).then(|| req.adapter.clone()),
         prompt_ids,
         params: GenerationParams {
             max_new_tokens,
@@ -177,6 +221,7 @@ pub fn validate(
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs.map(|k| k as usize),
         },
+        max_new_tokens_given: req.max_new_tokens.is_some(),
     })
 }
 
@@ -269,3 +314,7 @@ fn max_new_tokens(
     }
     Ok(n)
 }
+
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod tests;

@@ -1,59 +1,200 @@
-//! Shared helpers for integration tests: services over the tiny random model or the
-//! real default model, in-process servers on 127.0.0.1, and stream collection.
+//! Shared pieces of the integration tests: one server builder ([`TestServer`]) that every
+//! end-to-end test starts its in-process server with (tiny or small random models, or
+//! the real default model; engine sizing; adapters loaded or registered; on 127.0.0.1),
+//! the fixtures' paths, and stream collection.
 #![allow(dead_code)]
 
 use multilora::engine::EngineConfig;
+use multilora::lora::peft::BaseShape;
 use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
-use multilora::model::{weights, Llama, ModelConfig, TextTokenizer};
+use multilora::model::{weights, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
 use multilora::server::generation::GenerationService;
 use multilora::server::{start_engine, RunningServer, ServerOptions};
+use multilora::testing::{random_model, tiny_config};
+use pb::adapters_client::AdaptersClient;
 use pb::generation_client::GenerationClient;
 use std::path::PathBuf;
 use tonic::transport::Channel;
 
 pub const REAL_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The byte-level test tokenizer's vocabulary (3 special tokens and 256 bytes).
+pub const TINY_VOCAB: usize = 259;
+
 pub fn repo_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// The tiny random model with the byte-level test tokenizer.
-pub fn tiny_service(engine_cfg: EngineConfig) -> GenerationService {
-    let tokenizer = TextTokenizer::byte_level_for_tests().unwrap();
-    let cfg = ModelConfig::tiny_for_tests(tokenizer.vocab_size());
-    let model = Llama::random_for_tests(&cfg, 11).unwrap();
-    let registry = AdapterRegistry::new(RegistryConfig::new(model.base_shape()));
-    start_engine(model, tokenizer, registry, engine_cfg, "random").unwrap()
+/// A PEFT-trained fixture adapter folder (`tests/fixtures/adapters/NAME`).
+pub fn fixture_adapter(name: &str) -> PathBuf {
+    repo_path("tests/fixtures/adapters").join(name)
 }
 
-/// The real default model (GGUF), as `make test` fetches it.
-pub fn real_service(engine_cfg: EngineConfig) -> GenerationService {
+/// Which base model a test server runs.
+#[derive(Clone, Debug)]
+enum Base {
+    /// Seeded random weights of this shape, with the byte-level test tokenizer.
+    Random { cfg: ModelConfig, seed: u64 },
+    /// The real default model (`make model` fetches it).
+    Real,
+}
+
+/// The settings of a test server; build with [`TestServer::tiny`] and friends, adjust,
+/// then [`TestServer::service`] or [`TestServer::start`].
+#[derive(Clone, Debug)]
+pub struct TestServer {
+    base: Base,
+    engine: EngineConfig,
+    host_memory: Option<usize>,
+    /// Adapters loaded before serving (`--adapter`).
+    loaded: Vec<(String, String)>,
+    /// Adapters registered, loaded on first use (`--adapter-dir`).
+    registered: Vec<(String, String)>,
+    options: ServerOptions,
+}
+
+/// A started test server with a generation client.
+pub struct Started {
+    pub server: RunningServer,
+    pub gen: GenerationClient<Channel>,
+}
+
+impl Started {
+    /// Serves `service` (built by [`TestServer::service`], for a test that looks at or
+    /// prepares its registry first) on 127.0.0.1 (an ephemeral port) with `options`,
+    /// and connects a generation client.
+    pub async fn serve(service: GenerationService, options: ServerOptions) -> Started {
+        let server = RunningServer::start(service, options).await.unwrap();
+        let gen = GenerationClient::connect(server.endpoint()).await.unwrap();
+        Started { server, gen }
+    }
+
+    pub async fn adapters(&self) -> AdaptersClient<Channel> {
+        AdaptersClient::connect(self.server.endpoint())
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.server.stop().await.unwrap();
+    }
+}
+
+impl TestServer {
+    fn with_base(base: Base) -> Self {
+        Self {
+            base,
+            engine: EngineConfig::default(),
+            host_memory: None,
+            loaded: Vec::new(),
+            registered: Vec::new(),
+            options: ServerOptions::default(),
+        }
+    }
+
+    /// The tiny random model (seed 11) with the byte-level tokenizer.
+    pub fn tiny() -> Self {
+        Self::random(tiny_config(TINY_VOCAB), 11)
+    }
+
+    /// A random model of shape `cfg` (vocabulary [`TINY_VOCAB`]) from `seed`.
+    pub fn random(cfg: ModelConfig, seed: u64) -> Self {
+        Self::with_base(Base::Random { cfg, seed })
+    }
+
+    /// The real default model.
+    pub fn real() -> Self {
+        Self::with_base(Base::Real)
+    }
+
+    pub fn engine(mut self, engine: EngineConfig) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// The adapter host-memory budget (`--adapter-host-memory`).
+    pub fn host_memory(mut self, bytes: usize) -> Self {
+        self.host_memory = Some(bytes);
+        self
+    }
+
+    /// An adapter loaded before serving; one that fails answers NOT_FOUND.
+    pub fn adapter(mut self, name: &str, source: impl Into<PathBuf>) -> Self {
+        let source = source.into().to_string_lossy().into_owned();
+        self.loaded.push((name.into(), source));
+        self
+    }
+
+    /// An adapter registered now and loaded on first use.
+    pub fn register(mut self, name: &str, source: impl Into<PathBuf>) -> Self {
+        let source = source.into().to_string_lossy().into_owned();
+        self.registered.push((name.into(), source));
+        self
+    }
+
+    pub fn options(mut self, options: ServerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The model's shape (without loading it, for random models).
+    pub fn config(&self) -> ModelConfig {
+        match &self.base {
+            Base::Random { cfg, .. } => cfg.clone(),
+            Base::Real => {
+                let source = weights::resolve(real_model_path().to_str().unwrap(), None).unwrap();
+                weights::read_config(&source).unwrap()
+            }
+        }
+    }
+
+    /// The shape adapters for this server must fit.
+    pub fn base_shape(&self) -> BaseShape {
+        self.config().base_shape()
+    }
+
+    /// The service, with its engine running (not yet serving gRPC).
+    pub fn service(self) -> GenerationService {
+        let (model, tokenizer, dtype) = match &self.base {
+            Base::Random { cfg, seed } => (
+                random_model(cfg, *seed).unwrap(),
+                TextTokenizer::byte_level_for_tests().unwrap(),
+                "random".to_string(),
+            ),
+            Base::Real => {
+                let loaded =
+                    weights::load_model(real_model_path().to_str().unwrap(), None).unwrap();
+                (loaded.model, loaded.tokenizer, loaded.source_dtype)
+            }
+        };
+        let mut cfg = RegistryConfig::new(model.base_shape());
+        if let Some(bytes) = self.host_memory {
+            cfg.host_memory = bytes;
+        }
+        let registry = AdapterRegistry::with_adapters(cfg, &self.loaded).unwrap();
+        for (name, source) in &self.registered {
+            registry.register(name, source).unwrap();
+        }
+        start_engine(model, tokenizer, registry, self.engine, &dtype).unwrap()
+    }
+
+    /// Serves on 127.0.0.1 (an ephemeral port) and connects a generation client.
+    pub async fn start(self) -> Started {
+        let options = self.options.clone();
+        Started::serve(self.service(), options).await
+    }
+}
+
+/// The real default model's file (asserting `make model` has fetched it).
+pub fn real_model_path() -> PathBuf {
     let path = repo_path(REAL_MODEL);
     assert!(
         path.is_file(),
         "{} is missing: run `make model`",
         path.display()
     );
-    let loaded =
-        weights::load_model(path.to_str().unwrap(), None, &candle_core::Device::Cpu).unwrap();
-    let registry = AdapterRegistry::new(RegistryConfig::new(loaded.model.base_shape()));
-    start_engine(
-        loaded.model,
-        loaded.tokenizer,
-        registry,
-        engine_cfg,
-        &loaded.source_dtype,
-    )
-    .unwrap()
-}
-
-pub async fn start(service: GenerationService) -> (RunningServer, GenerationClient<Channel>) {
-    let server = RunningServer::start(service, ServerOptions::default())
-        .await
-        .unwrap();
-    let client = GenerationClient::connect(server.endpoint()).await.unwrap();
-    (server, client)
+    path
 }
 
 pub fn greedy(prompt_ids: Vec<u32>, max_new_tokens: u32) -> pb::GenerateRequest {

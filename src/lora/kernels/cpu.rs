@@ -32,24 +32,7 @@ use rayon::prelude::*;
 
 use super::{SiteShape, SlotWeights};
 use crate::lora::batch::LoraBatch;
-
-/// Which instruction set the tiles use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Isa {
-    Avx2Fma,
-    Portable,
-}
-
-impl Isa {
-    pub(super) fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Isa::Avx2Fma;
-        }
-        Isa::Portable
-    }
-}
+use crate::simd::{dot, Isa, SharedMutPtr};
 
 /// Rectangles with at least this many tokens use the packed (SGMV) expand.
 const SGMV_MIN_TOKENS: usize = 16;
@@ -115,19 +98,11 @@ impl Unit {
     }
 }
 
-/// A buffer written by tasks that touch disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: tasks write disjoint elements of a buffer that outlives the parallel loop (see
-// the module invariants); reads of `h` follow the end of the loop that wrote it.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
 /// Everything a rectangle needs besides its job.
 struct Ctx<'a> {
     x: &'a [f32],
-    h: SharedMut,
-    y: SharedMut,
+    h: SharedMutPtr<f32>,
+    y: SharedMutPtr<f32>,
     shape: SiteShape,
     isa: Isa,
 }
@@ -161,8 +136,8 @@ pub(super) fn apply(
     with_scratch(&H_SCRATCH, h_len, |h| {
         let ctx = Ctx {
             x,
-            h: SharedMut(h.as_mut_ptr()),
-            y: SharedMut(y.as_mut_ptr()),
+            h: SharedMutPtr::new(h),
+            y: SharedMutPtr::new(y),
             shape,
             isa,
         };
@@ -318,24 +293,6 @@ fn expand_unit(ctx: &Ctx, job: &Job, u: &Unit) {
     }
 }
 
-/// A dot product with eight independent partial sums (vectorisable without FMA).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(p, q)| p * q)
-        .sum();
-    for (p, q) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += p[i] * q[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[cfg(target_arch = "x86_64")]
 fn shrink_unit_avx2(ctx: &Ctx, job: &Job, u: &Unit) {
     // Rank rows outer: the tile's rows of A stay in cache across the token blocks.
@@ -367,7 +324,7 @@ fn shrink_tile<const M: usize>(ctx: &Ctx, job: &Job, e0: usize, r0: usize, rr: u
         scale[m] = job.w.scale * job.weights[e];
     }
     let a = job.w.a[r0 * inp..(r0 + rr) * inp].as_ptr();
-    // SAFETY: the CPU has AVX2/FMA (`Isa::detect`); x rows and A rows r0..r0+rr have `inp`
+    // SAFETY: the CPU has AVX2/FMA (`Isa::get`); x rows and A rows r0..r0+rr have `inp`
     // values (validated lengths); the h elements belong to this rectangle.
     unsafe {
         match rr {
@@ -491,15 +448,7 @@ mod tests {
     use crate::lora::kernels::{lora_apply_reference, validate};
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
+        crate::rng::test_data(n, seed as u64)
     }
 
     /// Runs both ISAs and the reference on one case and compares.
@@ -533,7 +482,7 @@ mod tests {
         let mut want = y0.clone();
         lora_apply_reference(batch, &x, &mut want, shape, &slots).unwrap();
         let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for isa in [Isa::detect(), Isa::Portable] {
+        for isa in [Isa::get(), Isa::Portable] {
             validate(batch, x.len(), y0.len(), shape, &slots).unwrap();
             let mut got = y0.clone();
             apply(batch, &x, &mut got, shape, &slots, isa);

@@ -1,6 +1,8 @@
-//! Batched low-rank (LoRA) kernels over the ragged batch: `lora_apply` validates one
-//! site's call once and dispatches to the fast CPU kernels (`cpu.rs`); `reference.rs` is
-//! the slow obvious oracle; `op.rs` wraps both as a candle in-place custom op.
+//! Batched low-rank (LoRA) kernels over the ragged batch on host memory: `lora_apply`
+//! validates one site's call once and dispatches to the fast CPU kernels (`cpu.rs`);
+//! `reference.rs` is the slow obvious oracle. The CPU backend's `Backend::lora` calls
+//! `lora_apply`; another backend brings its own kernels with the same semantics, checked
+//! against the same oracle.
 //!
 //! Semantics, for input `x: [T, in]` (row-major, contiguous) and output rows of stride
 //! `y_stride` whose site columns start at `y_offset`:
@@ -10,14 +12,12 @@
 //! columns outside `[y_offset, y_offset + out)` are never written (bit-identical); ranks
 //! are never padded; accumulation is in f32.
 mod cpu;
-pub mod op;
 pub mod reference;
 
 use anyhow::{bail, ensure, Result};
 
 use crate::lora::batch::LoraBatch;
 
-pub use op::{LoraOp, OwnedSlotWeights};
 pub use reference::lora_apply_reference;
 
 /// One adapter slot's weights for one site, as the kernels read them.
@@ -59,7 +59,7 @@ pub fn lora_apply(
         return Ok(());
     }
     validate(batch, x.len(), y.len(), shape, slots)?;
-    cpu::apply(batch, x, y, shape, slots, cpu::Isa::detect());
+    cpu::apply(batch, x, y, shape, slots, crate::simd::Isa::get());
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! `adapter_config.json` and applies PEFT's matching rules; `tensors` reads and checks the
 //! safetensors file and assembles the pairs.
 mod config;
+pub mod folder;
 mod tensors;
 
 use config::{LoraConfig, RawConfig};
@@ -61,6 +62,12 @@ impl LoraSite {
     /// Position in [`LoraSite::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The safetensors key PEFT saves this site's `half` (`lora_A` or `lora_B`) of
+    /// `layer` under: `base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight`.
+    pub fn peft_key(self, layer: usize, half: &str) -> String {
+        format!("{KEY_PREFIX}{}.{half}.weight", self.module_path(layer))
     }
 
     /// The module name PEFT matches patterns against: `model.layers.{layer}.self_attn.q_proj`.
@@ -149,8 +156,10 @@ pub enum AdapterError {
 
 use AdapterError::{Invalid, Unsupported};
 
-const CONFIG_FILE: &str = "adapter_config.json";
-const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub use folder::{CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE};
+
+/// What PEFT prefixes every key of a causal LM's adapter with.
+pub const KEY_PREFIX: &str = "base_model.model.";
 
 /// The f32 bytes the adapter in `dir` will take once loaded, from its safetensors
 /// header alone (an upper bound: tensors the loader skips are counted too). Lets a
@@ -216,10 +225,10 @@ pub fn load_peft_adapter(
     let plan = config.plan(base)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {
-        if dir.join("adapter_model.bin").exists() {
+        if dir.join(PICKLE_WEIGHTS_FILE).exists() {
             return Err(Unsupported(format!(
                 "{}: pickle .bin weights are never loaded; convert to safetensors",
-                dir.join("adapter_model.bin").display()
+                dir.join(PICKLE_WEIGHTS_FILE).display()
             )));
         }
         return Err(AdapterError::Io(format!(

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-const KEY_PREFIX: &str = "base_model.model.";
+use super::KEY_PREFIX;
 
 /// One tensor's header entry; `start..end` indexes the data section.
 struct TensorInfo {

@@ -30,7 +30,7 @@ impl AdapterRegistry {
 
     /// Loads a registered `name` now, blocking this thread (start-up `--adapter`s); a
     /// failure is remembered and answered to its requests.
-    pub fn load_now(&self, name: &str) -> Result<(), RegistryError> {
+    pub fn load_now(&self, name: &str) -> Result<(), RequestError> {
         let (epoch, source) = {
             let st = self.lock();
             let e = st.entries.get(name).ok_or_else(|| not_loaded(name))?;
@@ -51,8 +51,8 @@ impl AdapterRegistry {
         let v = self.new_version(entry, name, &source, weights, t0.elapsed());
         if !self.make_room(&mut st, name, 0, 0) {
             drop(st);
-            let e = RegistryError::Exhausted(format!(
-                "adapter {name:?} needs {} bytes; --adapter-host-memory {} is full",
+            let e = RequestError::ResourceExhausted(format!(
+                "adapter {name:?} needs {} bytes; the adapter host memory budget of {} bytes is full",
                 v.bytes(),
                 self.inner.cfg.host_memory
             ));
@@ -85,7 +85,7 @@ impl AdapterRegistry {
         let (cfg, src) = (self.inner.cfg.clone(), source.clone());
         let located = tokio::task::spawn_blocking(move || locate(&src, &cfg))
             .await
-            .unwrap_or_else(|e| Err(RegistryError::Internal(format!("adapter load task: {e}"))));
+            .unwrap_or_else(|e| Err(RequestError::Internal(format!("adapter load task: {e}"))));
         let (dir, estimate) = match located {
             Ok(found) => found,
             Err(e) => return self.fail_load(&name, epoch, e),
@@ -101,7 +101,7 @@ impl AdapterRegistry {
         let cfg = self.inner.cfg.clone();
         let loaded = tokio::task::spawn_blocking(move || read_weights(&dir, &cfg, max))
             .await
-            .unwrap_or_else(|e| Err(RegistryError::Internal(format!("adapter load task: {e}"))));
+            .unwrap_or_else(|e| Err(RequestError::Internal(format!("adapter load task: {e}"))));
         let weights = match loaded {
             Ok(w) => w,
             Err(e) => {
@@ -164,9 +164,9 @@ impl AdapterRegistry {
                 if !requests_wait {
                     drop(st);
                     let budget = self.inner.cfg.host_memory;
-                    let e = RegistryError::Exhausted(format!(
-                        "adapter {name:?} needs {need} bytes of host memory; the budget \
-                         (--adapter-host-memory {budget}) is held by adapters in use"
+                    let e = RequestError::ResourceExhausted(format!(
+                        "adapter {name:?} needs {need} bytes of host memory; the adapter host \
+                         memory budget ({budget} bytes) is held by adapters in use"
                     ));
                     self.fail_load(name, epoch, e);
                     return false;
@@ -248,7 +248,7 @@ impl AdapterRegistry {
         }
     }
 
-    fn fail_load(&self, name: &str, epoch: u64, e: RegistryError) {
+    fn fail_load(&self, name: &str, epoch: u64, e: RequestError) {
         let mut st = self.lock();
         st.stats.load_failures += 1;
         let Some(entry) = st.entries.get_mut(name).filter(|e| e.epoch == epoch) else {
@@ -262,16 +262,16 @@ impl AdapterRegistry {
         if entry.current.is_none() && entry.provisional {
             st.entries.remove(name);
         } else if entry.current.is_none() && job_source == entry.source {
-            entry.failure = Some(e.to_string());
+            entry.failure = Some(e.detail().to_string());
         }
         drop(st);
         self.inner
             .acc
-            .emit(EventKind::LoadFailed, name, 0, e.to_string());
+            .emit(EventKind::LoadFailed, name, 0, e.detail().to_string());
         for w in job.map(|j| j.waiters).unwrap_or_default() {
             let answer = match (&e, w.admin) {
-                (RegistryError::Invalid(why), false) => {
-                    RegistryError::NotFound(format!("adapter {name:?} failed to load: {why}"))
+                (RequestError::InvalidArgument { message, .. }, false) => {
+                    RequestError::NotFound(format!("adapter {name:?} failed to load: {message}"))
                 }
                 _ => e.clone(),
             };
@@ -280,21 +280,21 @@ impl AdapterRegistry {
     }
 }
 
-fn too_large(source: &str, bytes: usize, max: usize) -> RegistryError {
-    RegistryError::Exhausted(format!(
+fn too_large(source: &str, bytes: usize, max: usize) -> RequestError {
+    RequestError::ResourceExhausted(format!(
         "adapter from {source} needs {bytes} bytes; the adapter memory budgets \
-         (--adapter-memory, --adapter-host-memory) allow {max}"
+         (active and host) allow {max}"
     ))
 }
 
 /// The local folder of `source` (downloaded for a Hub source) and the bytes its
 /// weights will take (blocking).
-fn locate(source: &str, cfg: &RegistryConfig) -> Result<(PathBuf, usize), RegistryError> {
+fn locate(source: &str, cfg: &RegistryConfig) -> Result<(PathBuf, usize), RequestError> {
     let dir = AdapterSource::parse(source)
         .and_then(|s| s.materialize())
-        .map_err(|e| RegistryError::Invalid(format!("{e:#}")))?;
+        .map_err(|e| RequestError::invalid("source", format!("{e:#}")))?;
     let bytes = estimate_adapter_bytes(&dir, &cfg.limits)
-        .map_err(|e| RegistryError::Invalid(format!("{e} (from {})", dir.display())))?;
+        .map_err(|e| RequestError::invalid("source", format!("{e} (from {})", dir.display())))?;
     Ok((dir, bytes))
 }
 
@@ -303,9 +303,9 @@ fn read_weights(
     dir: &Path,
     cfg: &RegistryConfig,
     max: usize,
-) -> Result<AdapterWeights, RegistryError> {
+) -> Result<AdapterWeights, RequestError> {
     let w = load_peft_adapter(dir, &cfg.base, &cfg.limits)
-        .map_err(|e| RegistryError::Invalid(format!("{e} (from {})", dir.display())))?;
+        .map_err(|e| RequestError::invalid("source", format!("{e} (from {})", dir.display())))?;
     if w.bytes > max {
         return Err(too_large(&dir.display().to_string(), w.bytes, max));
     }
@@ -317,7 +317,7 @@ fn read_adapter(
     source: &str,
     cfg: &RegistryConfig,
     max: usize,
-) -> Result<AdapterWeights, RegistryError> {
+) -> Result<AdapterWeights, RequestError> {
     let (dir, _) = locate(source, cfg)?;
     read_weights(&dir, cfg, max)
 }

@@ -22,6 +22,7 @@ pub use version::{AdapterEvent, AdapterLease, AdapterVersion, EventKind};
 use super::peft::{
     estimate_adapter_bytes, load_peft_adapter, AdapterLimits, AdapterWeights, BaseShape,
 };
+use crate::error::RequestError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -47,24 +48,6 @@ impl RegistryConfig {
             limits: AdapterLimits::default(),
         }
     }
-}
-
-/// Why a registry operation failed; each maps to one gRPC code.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RegistryError {
-    #[error("{0}")]
-    NotFound(String),
-    /// Bad name, source or adapter files.
-    #[error("{0}")]
-    Invalid(String),
-    /// A compare-and-set or concurrent-load conflict.
-    #[error("{0}")]
-    Conflict(String),
-    /// Does not fit the memory budgets, and nothing can be evicted.
-    #[error("{0}")]
-    Exhausted(String),
-    #[error("{0}")]
-    Internal(String),
 }
 
 /// Where a name stands, as `GetAdapter` reports it.
@@ -128,7 +111,7 @@ pub struct Unloaded {
 }
 
 struct Waiter {
-    tx: oneshot::Sender<Result<AdapterLease, RegistryError>>,
+    tx: oneshot::Sender<Result<AdapterLease, RequestError>>,
     /// A `LoadAdapter` call (true) or a generation request (false).
     admin: bool,
 }
@@ -216,13 +199,14 @@ impl AdapterRegistry {
     }
 
     /// Registers `name` lazily: its files are read on first use.
-    pub fn register(&self, name: &str, source: &str) -> Result<(), RegistryError> {
-        validate_name(name).map_err(|e| RegistryError::Invalid(format!("{e:#}")))?;
+    pub fn register(&self, name: &str, source: &str) -> Result<(), RequestError> {
+        validate_name(name).map_err(|e| RequestError::invalid("name", format!("{e:#}")))?;
         let mut st = self.lock();
         if st.entries.contains_key(name) {
-            return Err(RegistryError::Invalid(format!(
-                "adapter {name:?} is given twice"
-            )));
+            return Err(RequestError::invalid(
+                "name",
+                format!("adapter {name:?} is given twice"),
+            ));
         }
         let epoch = self.inner.next_version.fetch_add(1, Ordering::SeqCst);
         st.entries
@@ -236,7 +220,7 @@ impl AdapterRegistry {
 
     /// A lease on `name`'s current version, loading it first if it is only registered
     /// (the caller waits; the engine does not). NOT_FOUND for unknown or failed names.
-    pub async fn acquire(&self, name: &str) -> Result<AdapterLease, RegistryError> {
+    pub async fn acquire(&self, name: &str) -> Result<AdapterLease, RequestError> {
         let rx = {
             let mut st = self.lock();
             st.tick += 1;
@@ -251,7 +235,7 @@ impl AdapterRegistry {
                 return Ok(lease);
             }
             if let Some(why) = &entry.failure {
-                return Err(RegistryError::NotFound(format!(
+                return Err(RequestError::NotFound(format!(
                     "adapter {name:?} failed to load: {why}"
                 )));
             }
@@ -278,7 +262,7 @@ impl AdapterRegistry {
             rx
         };
         rx.await.map_err(|_| {
-            RegistryError::Internal("the adapter load ended without an answer".into())
+            RequestError::Internal("the adapter load ended without an answer".into())
         })?
     }
 
@@ -288,7 +272,7 @@ impl AdapterRegistry {
     pub fn with_adapters(
         cfg: RegistryConfig,
         specs: &[(String, String)],
-    ) -> Result<Self, RegistryError> {
+    ) -> Result<Self, RequestError> {
         let reg = Self::new(cfg);
         for (name, source) in specs {
             reg.register(name, source)?;
@@ -307,9 +291,10 @@ impl AdapterRegistry {
         name: &str,
         source: &str,
         expected_version: Option<u64>,
-    ) -> Result<Arc<AdapterVersion>, RegistryError> {
-        validate_name(name).map_err(|e| RegistryError::Invalid(format!("{e:#}")))?;
-        AdapterSource::parse(source).map_err(|e| RegistryError::Invalid(format!("{e:#}")))?;
+    ) -> Result<Arc<AdapterVersion>, RequestError> {
+        validate_name(name).map_err(|e| RequestError::invalid("name", format!("{e:#}")))?;
+        AdapterSource::parse(source)
+            .map_err(|e| RequestError::invalid("source", format!("{e:#}")))?;
         let rx = {
             let mut st = self.lock();
             st.tick += 1;
@@ -318,7 +303,7 @@ impl AdapterRegistry {
             let current = st.entries.get(name).map_or(0, |e| e.version);
             if let Some(expected) = expected_version {
                 if expected != current {
-                    return Err(RegistryError::Conflict(format!(
+                    return Err(RequestError::Aborted(format!(
                         "adapter {name:?}: expected version {expected}, current is {current}"
                     )));
                 }
@@ -332,7 +317,7 @@ impl AdapterRegistry {
                     .emit(EventKind::Registered, name, 0, source.to_string());
             }
             let Some(entry) = st.entries.get_mut(name) else {
-                return Err(RegistryError::Internal(
+                return Err(RequestError::Internal(
                     "entry vanished under the lock".into(),
                 ));
             };
@@ -345,7 +330,7 @@ impl AdapterRegistry {
             match &mut entry.loading {
                 Some(job) if job.source == source => job.waiters.push(waiter),
                 Some(job) => {
-                    return Err(RegistryError::Conflict(format!(
+                    return Err(RequestError::Aborted(format!(
                         "adapter {name:?} is being loaded from {:?}; retry when that ends",
                         job.source
                     )))
@@ -362,7 +347,7 @@ impl AdapterRegistry {
             rx
         };
         let lease = rx.await.map_err(|_| {
-            RegistryError::Internal("the adapter load ended without an answer".into())
+            RequestError::Internal("the adapter load ended without an answer".into())
         })??;
         Ok(lease.version().clone())
     }
@@ -370,13 +355,13 @@ impl AdapterRegistry {
     /// Removes `name` at once: new requests get NOT_FOUND, loads in progress are
     /// answered NOT_FOUND, and the current version retires (freed when its last lease
     /// ends; watch `remaining`).
-    pub fn unload(&self, name: &str) -> Result<Unloaded, RegistryError> {
+    pub fn unload(&self, name: &str) -> Result<Unloaded, RequestError> {
         let mut st = self.lock();
         let entry = st.entries.remove(name).ok_or_else(|| not_loaded(name))?;
         drop(st);
         if let Some(job) = entry.loading {
             for w in job.waiters {
-                let _ = w.tx.send(Err(RegistryError::NotFound(format!(
+                let _ = w.tx.send(Err(RequestError::NotFound(format!(
                     "adapter {name:?} was unloaded while loading"
                 ))));
             }
@@ -519,6 +504,6 @@ impl Entry {
     }
 }
 
-fn not_loaded(name: &str) -> RegistryError {
-    RegistryError::NotFound(format!("adapter {name:?} is not loaded"))
+fn not_loaded(name: &str) -> RequestError {
+    RequestError::NotFound(format!("adapter {name:?} is not loaded"))
 }

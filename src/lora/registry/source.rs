@@ -1,6 +1,7 @@
 //! Where adapters come from: a source is a local PEFT folder or a Hub repo id
 //! (`owner/name`, optionally `@revision`); `NAME=SOURCE` pairs from `--adapter` and the
 //! sub-folders of `--adapter-dir` (listed, not read: registration is lazy); name rules.
+use crate::lora::peft::folder::{list_adapter_folders, CONFIG_FILE, WEIGHTS_FILE};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -51,10 +52,10 @@ impl AdapterSource {
                     revision.clone().unwrap_or_else(|| "main".into()),
                 ));
                 let config = r
-                    .get("adapter_config.json")
-                    .with_context(|| format!("fetching adapter_config.json from {repo}"))?;
-                r.get("adapter_model.safetensors")
-                    .with_context(|| format!("fetching adapter_model.safetensors from {repo}"))?;
+                    .get(CONFIG_FILE)
+                    .with_context(|| format!("fetching {CONFIG_FILE} from {repo}"))?;
+                r.get(WEIGHTS_FILE)
+                    .with_context(|| format!("fetching {WEIGHTS_FILE} from {repo}"))?;
                 Ok(config
                     .parent()
                     .context("hf-hub returned a file without a folder")?
@@ -77,12 +78,8 @@ pub fn collect_specs(
         specs.push((name.to_string(), source.to_string()));
     }
     for dir in adapter_dirs {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("--adapter-dir {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("adapter_config.json").is_file())
-            .collect();
-        entries.sort();
+        let entries = list_adapter_folders(dir)
+            .with_context(|| format!("--adapter-dir {}", dir.display()))?;
         for path in entries {
             let name = path
                 .file_name()
@@ -142,7 +139,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for n in ["b", "a"] {
             std::fs::create_dir(dir.path().join(n)).unwrap();
-            std::fs::write(dir.path().join(n).join("adapter_config.json"), "{}").unwrap();
+            std::fs::write(dir.path().join(n).join(CONFIG_FILE), "{}").unwrap();
         }
         std::fs::create_dir(dir.path().join("not-an-adapter")).unwrap();
         let specs = collect_specs(&["x=/p".into()], &[dir.path().to_path_buf()]).unwrap();

@@ -2,11 +2,10 @@
 use super::*;
 use crate::lora::peft::LoraSite;
 use crate::lora::synth::{write_synthetic_adapter, SynthSpec};
-use crate::model::ModelConfig;
 use std::path::Path;
 
 fn base() -> BaseShape {
-    ModelConfig::tiny_for_tests(97).base_shape()
+    crate::testing::tiny_config(97).base_shape()
 }
 
 /// Writes adapter `seed` of rank `rank` on q and v; returns (source, bytes).
@@ -55,7 +54,7 @@ async fn lazy_registration_loads_on_first_request_and_leases_count() {
     assert_eq!(reg.get("a").unwrap().in_flight, 0);
     assert!(matches!(
         reg.acquire("nope").await,
-        Err(RegistryError::NotFound(_))
+        Err(RequestError::NotFound(_))
     ));
 }
 
@@ -91,10 +90,7 @@ async fn replacement_keeps_old_leases_on_the_old_version_until_they_end() {
     let old = reg.acquire("x").await.unwrap();
     // Compare-and-set: a stale expected version is refused.
     let stale = reg.load("x", &v2_src, Some(v1.version + 100)).await;
-    assert!(
-        matches!(stale, Err(RegistryError::Conflict(_))),
-        "{stale:?}"
-    );
+    assert!(matches!(stale, Err(RequestError::Aborted(_))), "{stale:?}");
     let v2 = reg.load("x", &v2_src, Some(v1.version)).await.unwrap();
     assert!(v2.version > v1.version);
     let new = reg.acquire("x").await.unwrap();
@@ -126,7 +122,7 @@ async fn unload_refuses_new_requests_and_frees_after_the_last_lease() {
     let gone = reg.unload("a").unwrap();
     assert!(matches!(
         reg.acquire("a").await,
-        Err(RegistryError::NotFound(_))
+        Err(RequestError::NotFound(_))
     ));
     assert!(reg.get("a").is_none());
     let soon = Instant::now() + Duration::from_millis(50);
@@ -139,7 +135,7 @@ async fn unload_refuses_new_requests_and_frees_after_the_last_lease() {
     drop(lease);
     assert!(reg.wait_freed(&gone.remaining, Instant::now()).await);
     assert_eq!(reg.stats().resident_bytes, 0);
-    assert!(matches!(reg.unload("a"), Err(RegistryError::NotFound(_))));
+    assert!(matches!(reg.unload("a"), Err(RequestError::NotFound(_))));
 }
 
 #[tokio::test]
@@ -154,7 +150,10 @@ async fn a_corrupt_adapter_is_invalid_and_registers_nothing() {
     .unwrap();
     let reg = registry(1 << 30);
     let err = reg.load("new", &bad, None).await.unwrap_err();
-    assert!(matches!(err, RegistryError::Invalid(_)), "{err:?}");
+    assert!(
+        matches!(err, RequestError::InvalidArgument { .. }),
+        "{err:?}"
+    );
     assert!(reg.get("new").is_none(), "half-registered");
     // Replacing a good version with a corrupt one keeps the good one.
     let v1 = reg.load("kept", &good, None).await.unwrap();
@@ -162,13 +161,13 @@ async fn a_corrupt_adapter_is_invalid_and_registers_nothing() {
     assert_eq!(reg.get("kept").unwrap().version, v1.version);
     assert!(matches!(
         reg.load("bad/name", &good, None).await,
-        Err(RegistryError::Invalid(_))
+        Err(RequestError::InvalidArgument { .. })
     ));
     // A lazily registered corrupt adapter answers its requests NOT_FOUND with the reason.
     reg.register("lazy", &bad).unwrap();
     let err = reg.acquire("lazy").await.unwrap_err();
     assert!(
-        matches!(&err, RegistryError::NotFound(m) if m.contains("failed to load")),
+        matches!(&err, RequestError::NotFound(m) if m.contains("failed to load")),
         "{err:?}"
     );
     assert_eq!(reg.stats().load_failures, 3);
@@ -201,7 +200,7 @@ async fn host_budget_evicts_least_recently_used_unleased_versions() {
     // Everything held: an admin load is refused, a request waits for a lease to end.
     let held2 = reg.acquire("a2").await.unwrap();
     let err = reg.load("a3", &srcs[3], None).await.unwrap_err();
-    assert!(matches!(err, RegistryError::Exhausted(_)), "{err:?}");
+    assert!(matches!(err, RequestError::ResourceExhausted(_)), "{err:?}");
     let waiter = {
         let reg = reg.clone();
         tokio::spawn(async move { reg.acquire("a1").await.map(|l| l.key()) })

@@ -4,24 +4,8 @@
 //! lane-wise FMA chains along `in`, in order, then `hsum`. Expand: one scalar FMA chain
 //! along the rank, in order. So a token's delta does not depend on the batch (tile sizes,
 //! SGMV vs BGMV, thread split).
+use crate::simd::avx2::{hsum, mask};
 use std::arch::x86_64::*;
-
-static TAIL: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
-
-/// Lanes `0..n` set, `n <= 8`.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn mask(n: usize) -> __m256i {
-    _mm256_loadu_si256(TAIL.as_ptr().add(8 - n) as *const __m256i)
-}
-
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-}
 
 /// `h[m][r] = scale[m] * sum_i x[m][i] * A[r][i]` for M tokens x R rank rows.
 ///
@@ -72,6 +56,10 @@ pub(super) unsafe fn shrink_tile<const M: usize, const R: usize>(
 
 /// Columns `k0..k0 + n` (n <= 8) of `rows` (<= 8) rows of B (row length r), transposed:
 /// lane j of `out[k]` is `B[j][k0 + k]`, zero for j >= rows or k >= n.
+///
+/// # Safety
+/// AVX2/FMA present; `rows <= 8`, `n <= 8`; each of the `rows` rows of B has `k0 + n`
+/// readable values at `b + j * r`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn load_bt8(b: *const f32, r: usize, rows: usize, k0: usize, n: usize) -> [__m256; 8] {

@@ -7,6 +7,10 @@
 //! over the input dimension in order, whatever the number of tokens, the tiling, the
 //! thread split or the code path (AVX2 or scalar `mul_add`), so a token's result is
 //! bit-identical whatever else is in the batch.
+//!
+//! Soundness of the parallel writes: each task owns whole panels (a disjoint column range
+//! of y) and writes them through one [`SharedMutPtr`] while `matmul` holds `y` alive.
+use crate::simd::{Isa, SharedMutPtr};
 use rayon::prelude::*;
 
 /// Output columns per panel (two 8-lane vectors).
@@ -20,21 +24,6 @@ pub struct PackedWeight {
     out: usize,
     /// `ceil(out / NR)` panels of `[inp, NR]`, zero-padded past `out`.
     panels: Vec<f32>,
-}
-
-/// Raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements of one live buffer (see `matmul`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `offset` must stay within the buffer.
-    unsafe fn add(self, offset: usize) -> OutPtr {
-        OutPtr(self.0.add(offset))
-    }
 }
 
 impl PackedWeight {
@@ -75,8 +64,8 @@ impl PackedWeight {
             return y;
         }
         let n_panels = self.out.div_ceil(NR);
-        let y_ptr = OutPtr(y.as_mut_ptr());
-        let avx2 = has_avx2_fma();
+        let y_ptr = SharedMutPtr::new(&mut y);
+        let avx2 = Isa::get() == Isa::Avx2Fma;
         // Enough panels per task to amortise scheduling, enough tasks to balance.
         let min_len = (n_panels / (4 * rayon::current_num_threads())).max(1);
         (0..n_panels)
@@ -99,9 +88,9 @@ impl PackedWeight {
                         panel,
                         x: &x[t0 * self.inp..(t0 + m) * self.inp],
                         inp: self.inp,
-                        // SAFETY: rows t0..t0+m, columns p*NR..p*NR+cols of y belong to
-                        // this task alone; y outlives the parallel loop.
-                        y: unsafe { y_ptr.add(t0 * self.out + p * NR) },
+                        // Rows t0..t0+m, columns p*NR..p*NR+cols of y belong to this
+                        // task alone; y outlives the parallel loop.
+                        y: y_ptr.at(t0 * self.out + p * NR),
                         y_stride: self.out,
                         cols,
                         prefetch: next.map(|n| {
@@ -139,23 +128,13 @@ pub fn advise_huge_pages(buf: &mut [f32]) {
     let _ = buf;
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// One register tile: `m <= MR` tokens against one panel.
 struct Tile<'a> {
     panel: &'a [f32],
     x: &'a [f32],
     inp: usize,
-    y: OutPtr,
+    /// Where the tile's first output element is: row r, column c at `y + r * y_stride + c`.
+    y: *mut f32,
     y_stride: usize,
     cols: usize,
     /// A panel to pull into cache while this tile runs (one cache line per step).
@@ -187,9 +166,8 @@ impl Tile<'_> {
     fn store(&self, m: usize, acc: &[[f32; NR]; MR]) {
         for (r, row) in acc.iter().enumerate().take(m) {
             // SAFETY: see `PackedWeight::matmul`: this tile owns these elements.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(self.y.0.add(r * self.y_stride), self.cols)
-            };
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(self.y.add(r * self.y_stride), self.cols) };
             dst.copy_from_slice(&row[..self.cols]);
         }
     }
@@ -208,6 +186,11 @@ fn tile_scalar(tile: &Tile, m: usize, acc: &mut [[f32; NR]; MR]) {
     }
 }
 
+/// The AVX2 path of [`Tile::run`]: the same FMA chain per element as [`tile_scalar`].
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `M <= MR`; the tile's panel holds `inp * NR` values and its
+/// `x` holds `M * inp` (as [`PackedWeight::matmul`] builds them).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const M: usize>(tile: &Tile, out: &mut [[f32; NR]; MR]) {
@@ -252,15 +235,7 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
+        crate::rng::test_data(n, seed as u64)
     }
 
     fn naive(w: &[f32], x: &[f32], out: usize, inp: usize, t: usize) -> Vec<f64> {
@@ -327,12 +302,12 @@ mod tests {
                 panel: &p.panels[..inp * NR],
                 x: &x,
                 inp,
-                y: OutPtr(y.as_mut_ptr()),
+                y: y.as_mut_ptr(),
                 y_stride: out,
                 cols: out,
                 prefetch: Some(&p.panels[..inp * NR]),
             };
-            tile.run(m, avx2 && has_avx2_fma());
+            tile.run(m, avx2 && Isa::get() == Isa::Avx2Fma);
         }
         assert_eq!(y_simd, y_scalar);
     }

@@ -1,5 +1,6 @@
-//! Row-wise f32 operations of the CPU forward pass (RMS norm, SwiGLU, residual add),
-//! each independent per token so results do not depend on the rest of the batch.
+//! Row-wise f32 operations of the CPU forward pass (RMS norm, SwiGLU, residual add,
+//! rotary embeddings), each independent per token so results do not depend on the rest
+//! of the batch.
 use rayon::prelude::*;
 
 /// Rows above which the element-wise work is split across threads.
@@ -51,6 +52,32 @@ pub fn silu_mul(gate_up: &[f32], i: usize) -> Vec<f32> {
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+/// Rotates every head of every row of `x` (`[T, heads, 2 * half]`) in place, in the
+/// Hugging Face rotate-half convention; row t uses row `positions[t]` of the `[_, half]`
+/// tables `cos` and `sin`.
+pub fn rope_in_place(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    half: usize,
+    positions: &[usize],
+    heads: usize,
+) {
+    let hd = 2 * half;
+    for (row, &pos) in x.chunks_exact_mut(heads * hd).zip(positions) {
+        let cos = &cos[pos * half..(pos + 1) * half];
+        let sin = &sin[pos * half..(pos + 1) * half];
+        for head in row.chunks_exact_mut(hd) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
     }
 }
 

@@ -1,0 +1,287 @@
+//! The `cpu` backend: weights, activations and the paged K/V in host memory as f32;
+//! linear layers through our pre-packed AVX2/FMA kernel (`linear`), paged attention
+//! (`attention`), row-wise ops (`ops`) and the batched LoRA kernels of
+//! `crate::lora::kernels`. Every operation gives a token bit-identical results whatever
+//! else is in the batch (on one machine and ISA).
+pub mod attention;
+pub mod kv;
+pub mod linear;
+pub mod ops;
+
+use super::{Backend, HeadShape, KvLayout, SitePart};
+use crate::lora::batch::LoraBatch;
+use crate::lora::kernels::{lora_apply, SiteShape, SlotWeights};
+use crate::lora::peft::AdapterWeights;
+use crate::model::batch::ForwardBatch;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Tensor};
+pub use kv::CpuKvStore;
+use linear::PackedWeight;
+use std::sync::Arc;
+
+/// The CPU backend (stateless: the kernels use rayon's global pool).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// A row-major `[rows, cols]` f32 matrix in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostMatrix {
+    data: Vec<f32>,
+    cols: usize,
+}
+
+impl HostMatrix {
+    /// `data` holds whole rows of `cols` values.
+    pub fn new(data: Vec<f32>, cols: usize) -> Result<Self> {
+        ensure!(
+            cols > 0 && data.len().is_multiple_of(cols),
+            "{} values are not rows of {cols}",
+            data.len()
+        );
+        Ok(Self { data, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.cols
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+/// One step's adapters: the token-to-slot metadata (built once, shared by every layer
+/// and site) and each slot's weights.
+pub struct CpuStepAdapters {
+    batch: LoraBatch,
+    adapters: Vec<Arc<AdapterWeights>>,
+}
+
+/// The f32 values of a host tensor, flattened.
+fn host_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl Backend for CpuBackend {
+    type Matrix = HostMatrix;
+    type Weight = PackedWeight;
+    type Vector = Vec<f32>;
+    type KvStore = CpuKvStore;
+    type StepAdapters = CpuStepAdapters;
+
+    fn device_name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn dtype_name(&self) -> String {
+        "f32".into()
+    }
+
+    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<HostMatrix> {
+        ensure!(
+            data.len() == rows * cols,
+            "{} values are not {rows}x{cols}",
+            data.len()
+        );
+        HostMatrix::new(data, cols)
+    }
+
+    fn weight(&self, w: &Tensor) -> Result<PackedWeight> {
+        let (out, inp) = w.dims2().context("a linear weight must be [out, in]")?;
+        Ok(PackedWeight::pack(&host_values(w)?, out, inp))
+    }
+
+    fn vector(&self, v: &Tensor) -> Result<Vec<f32>> {
+        host_values(v)
+    }
+
+    fn kv_store(&self, layout: KvLayout) -> Result<CpuKvStore> {
+        Ok(CpuKvStore::new(layout))
+    }
+
+    fn kv_bytes_per_token(&self, layout: &KvLayout) -> usize {
+        layout.values_per_token() * std::mem::size_of::<f32>()
+    }
+
+    fn embed(&self, table: &HostMatrix, ids: &[u32]) -> Result<HostMatrix> {
+        let h = table.cols;
+        let mut x = Vec::with_capacity(ids.len() * h);
+        for &id in ids {
+            let id = id as usize;
+            ensure!(id < table.rows(), "token id {id} is outside the embedding");
+            x.extend_from_slice(&table.data[id * h..(id + 1) * h]);
+        }
+        HostMatrix::new(x, h)
+    }
+
+    fn linear(&self, x: &HostMatrix, w: &PackedWeight) -> Result<HostMatrix> {
+        ensure!(
+            x.cols == w.in_features(),
+            "linear input has {} columns, the weight takes {}",
+            x.cols,
+            w.in_features()
+        );
+        HostMatrix::new(w.matmul(&x.data, x.rows()), w.out_features())
+    }
+
+    fn rms_norm(&self, x: &HostMatrix, w: &Vec<f32>, eps: f32) -> Result<HostMatrix> {
+        ensure!(
+            x.cols == w.len(),
+            "norm width {} for rows of {}",
+            w.len(),
+            x.cols
+        );
+        HostMatrix::new(ops::rms_norm(&x.data, w, eps), x.cols)
+    }
+
+    fn add_assign(&self, x: &mut HostMatrix, y: &HostMatrix) -> Result<()> {
+        ensure!(
+            x.data.len() == y.data.len(),
+            "adding matrices of different sizes"
+        );
+        ops::add_in_place(&mut x.data, &y.data);
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate_up: &HostMatrix) -> Result<HostMatrix> {
+        ensure!(
+            gate_up.cols.is_multiple_of(2),
+            "gate|up width {} is odd",
+            gate_up.cols
+        );
+        let i = gate_up.cols / 2;
+        HostMatrix::new(ops::silu_mul(&gate_up.data, i), i)
+    }
+
+    fn split_columns(&self, x: &HostMatrix, widths: &[usize]) -> Result<Vec<HostMatrix>> {
+        ensure!(
+            widths.iter().sum::<usize>() == x.cols,
+            "column widths {widths:?} do not add up to {}",
+            x.cols
+        );
+        let t = x.rows();
+        let mut out: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(t * w)).collect();
+        for row in x.data.chunks_exact(x.cols) {
+            let mut c = 0;
+            for (o, &w) in out.iter_mut().zip(widths) {
+                o.extend_from_slice(&row[c..c + w]);
+                c += w;
+            }
+        }
+        out.into_iter()
+            .zip(widths)
+            .map(|(data, &w)| HostMatrix::new(data, w))
+            .collect()
+    }
+
+    fn rope(
+        &self,
+        x: &mut HostMatrix,
+        cos: &HostMatrix,
+        sin: &HostMatrix,
+        positions: &[usize],
+        heads: usize,
+    ) -> Result<()> {
+        let half = cos.cols;
+        ensure!(
+            x.cols == heads * 2 * half && positions.len() == x.rows(),
+            "rope over {} rows of {} columns with {heads} heads of {}",
+            x.rows(),
+            x.cols,
+            2 * half
+        );
+        if let Some(&p) = positions.iter().max() {
+            ensure!(p < cos.rows(), "position {p} is past the rope tables");
+        }
+        ops::rope_in_place(&mut x.data, &cos.data, &sin.data, half, positions, heads);
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        kv: &mut CpuKvStore,
+        layer: usize,
+        batch: &ForwardBatch,
+        q: &HostMatrix,
+        k: &HostMatrix,
+        v: &HostMatrix,
+        shape: HeadShape,
+    ) -> Result<HostMatrix> {
+        let out = attention::paged_attention(batch, layer, &q.data, &k.data, &v.data, kv, shape)?;
+        HostMatrix::new(out, shape.num_heads * shape.head_dim)
+    }
+
+    fn gather_rows(&self, x: &HostMatrix, rows: &[usize]) -> Result<HostMatrix> {
+        let mut out = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            ensure!(r < x.rows(), "row {r} of {}", x.rows());
+            out.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        HostMatrix::new(out, x.cols)
+    }
+
+    fn to_host(&self, x: HostMatrix) -> Result<Vec<f32>> {
+        Ok(x.data)
+    }
+
+    fn step_adapters(
+        &self,
+        slots: &[i32],
+        adapters: &[Arc<AdapterWeights>],
+    ) -> Result<CpuStepAdapters> {
+        Ok(CpuStepAdapters {
+            batch: LoraBatch::new(slots),
+            adapters: adapters.to_vec(),
+        })
+    }
+
+    fn lora(
+        &self,
+        step: &CpuStepAdapters,
+        layer: usize,
+        parts: &[SitePart],
+        x: &HostMatrix,
+        y: &mut HostMatrix,
+    ) -> Result<()> {
+        if step.batch.is_empty() {
+            return Ok(());
+        }
+        let y_stride: usize = parts.iter().map(|p| p.out_features).sum();
+        if y_stride != y.cols {
+            bail!("LoRA parts cover {y_stride} columns of {}", y.cols);
+        }
+        let mut y_offset = 0;
+        for part in parts {
+            let slots: Vec<Option<SlotWeights>> = step
+                .adapters
+                .iter()
+                .map(|a| {
+                    let pair = a.layers.get(layer)?[part.site.index()].as_ref()?;
+                    Some(SlotWeights {
+                        rank: pair.rank,
+                        scale: pair.scale,
+                        a: &pair.a,
+                        b: &pair.b,
+                    })
+                })
+                .collect();
+            if slots.iter().any(Option::is_some) {
+                let shape = SiteShape {
+                    in_features: x.cols,
+                    out_features: part.out_features,
+                    y_stride,
+                    y_offset,
+                };
+                lora_apply(&step.batch, &x.data, &mut y.data, shape, &slots).with_context(
+                    || format!("LoRA at layer {layer} {}", part.site.module_name()),
+                )?;
+            }
+            y_offset += part.out_features;
+        }
+        Ok(())
+    }
+}

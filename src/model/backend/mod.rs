@@ -1,0 +1,177 @@
+//! The backend seam: the operations the model is written against, once, for every place
+//! its weights and activations can live. The model (`super::llama`) decides *what* runs
+//! (which tensors, in which order, with which adapter sites); a [`Backend`] decides
+//! *where and how*: the memory that holds weights, activations and the paged K/V, and the
+//! kernels that compute on them. `cpu` (f32 host buffers, our packed AVX2/FMA linears and
+//! LoRA kernels) is the one backend today.
+//!
+//! # Contract
+//! - **Shapes.** A [`Backend::Matrix`] is a row-major `[rows, cols]` matrix of f32 values
+//!   (its storage may be narrower, e.g. bf16 on a GPU). Row `t` of every activation is
+//!   token `t` of the step's [`ForwardBatch`]. A [`Backend::Weight`] is a linear layer's
+//!   `[out, in]` weight (PyTorch layout) and [`Backend::linear`] computes `x W^T`.
+//! - **Batch invariance.** Every operation except attention is row-wise, and attention
+//!   reads only the row's own sequence: a token's result must not depend on which other
+//!   tokens share the step. The CPU backend makes it bit-identical (a fixed reduction
+//!   order per output element); a backend that cannot must say how far it drifts.
+//! - **Adapters.** [`Backend::step_adapters`] turns the step's token-to-slot map and the
+//!   slots' weights into whatever its kernels read, once per step;
+//!   [`Backend::lora`] then adds, for one linear layer, the deltas of each of its
+//!   [`SitePart`]s (the layer's output columns are the parts' columns, in order). Tokens
+//!   of slot -1, slots without weights at a site, and columns of other parts are left
+//!   bit-identical. Slots index `adapters` as given to `step_adapters`.
+//! - **Paged K/V.** [`Backend::kv_store`] allocates the storage of a [`KvLayout`]; its
+//!   blocks are addressed through the block tables of the batch's chunks, which the
+//!   caller (the engine's block allocator) guarantees are in range and not shared by two
+//!   writers. [`Backend::paged_attention`] first writes the step's K and V rows at their
+//!   positions, then computes causal attention of each query over its own sequence's
+//!   positions `0..=pos`.
+//! - **Host traffic.** Only [`Backend::upload`] (at load) and [`Backend::to_host`] (the
+//!   step's logits) cross between host and backend memory; nothing else needs to.
+//! - **Errors.** Operations return errors instead of panicking on shapes they cannot
+//!   handle; the model validates token ids, positions and slots before any operation.
+//!
+//! # Adding a backend
+//! Implement [`Backend`] for a type that owns its device handle (e.g. a CUDA device with
+//! candle tensors as `Matrix` and bf16 weights), then build the model with
+//! `Llama::<YourBackend>::load(backend, vb, cfg)` and hand `ModelRunner::new(model)` to the
+//! engine as a `Box<dyn BaseModel>` (see `super::runner`). Nothing in the model, engine or
+//! server changes. The oracle for a new backend is the CPU backend on the same weights.
+pub mod cpu;
+
+use super::batch::ForwardBatch;
+use crate::lora::peft::{AdapterWeights, LoraSite};
+use anyhow::Result;
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// Head layout of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The paged K/V storage of a model: `num_blocks` blocks of `block_size` token slots, each
+/// slot holding K and V of every KV head of every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+impl KvLayout {
+    /// Values in one token slot of one layer (K or V).
+    pub fn slot_len(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Values (K and V, every layer) one token takes.
+    pub fn values_per_token(&self) -> usize {
+        2 * self.num_layers * self.slot_len()
+    }
+}
+
+/// One adapter site of a linear layer: the site and how many output columns it owns.
+/// A layer whose weight stacks several projections (q, k, v) has one part per projection,
+/// in the order of its output columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SitePart {
+    pub site: LoraSite,
+    pub out_features: usize,
+}
+
+/// Where a model's weights and activations live and how its operations run there. See
+/// the module documentation for the contract.
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// A row-major `[rows, cols]` activation matrix.
+    type Matrix: Send;
+    /// A linear layer's `[out, in]` weight, stored for [`Backend::linear`].
+    type Weight: Send + Sync;
+    /// A vector (RMS-norm weights).
+    type Vector: Send + Sync;
+    /// The paged K/V storage of every layer.
+    type KvStore: Send;
+    /// One step's adapters, prepared for this backend's LoRA kernels.
+    type StepAdapters: Send;
+
+    /// Where the weights live, for users ("cpu", "cuda:0").
+    fn device_name(&self) -> String;
+    /// How the weights are stored, for users ("f32").
+    fn dtype_name(&self) -> String;
+
+    /// A matrix from host values (`data.len() == rows * cols`).
+    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Matrix>;
+    /// A linear weight from a host tensor `[out, in]` (any float dtype).
+    fn weight(&self, w: &Tensor) -> Result<Self::Weight>;
+    /// A vector from a host tensor `[n]` (any float dtype).
+    fn vector(&self, v: &Tensor) -> Result<Self::Vector>;
+    /// Empty K/V storage of `layout`.
+    fn kv_store(&self, layout: KvLayout) -> Result<Self::KvStore>;
+    /// Bytes of K/V storage one token takes in `layout`'s shape.
+    fn kv_bytes_per_token(&self, layout: &KvLayout) -> usize;
+
+    /// Rows `ids` of `table` (an embedding lookup); the caller checked every id.
+    fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Matrix>;
+    /// `x W^T`: `[t, in]` -> `[t, out]`.
+    fn linear(&self, x: &Self::Matrix, w: &Self::Weight) -> Result<Self::Matrix>;
+    /// `x / sqrt(mean(x^2) + eps) * w`, per row.
+    fn rms_norm(&self, x: &Self::Matrix, w: &Self::Vector, eps: f32) -> Result<Self::Matrix>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Matrix, y: &Self::Matrix) -> Result<()>;
+    /// SwiGLU: rows of `[gate | up]` (width `2 i`) to `silu(gate) * up` (width `i`).
+    fn silu_mul(&self, gate_up: &Self::Matrix) -> Result<Self::Matrix>;
+    /// The column blocks of `x` of the given widths (which sum to its width), in order.
+    fn split_columns(&self, x: &Self::Matrix, widths: &[usize]) -> Result<Vec<Self::Matrix>>;
+    /// Rotates every head of every row in place (rotate-half convention): `x` is
+    /// `[t, heads * head_dim]`, `cos` and `sin` are `[max_positions, head_dim / 2]` and
+    /// row `t` uses the tables' row `positions[t]`.
+    fn rope(
+        &self,
+        x: &mut Self::Matrix,
+        cos: &Self::Matrix,
+        sin: &Self::Matrix,
+        positions: &[usize],
+        heads: usize,
+    ) -> Result<()>;
+    /// Writes this step's K and V (`[t, kv_heads * head_dim]`) of `layer` into `kv` at the
+    /// batch's positions, then returns causal attention of `q` (`[t, heads * head_dim]`)
+    /// over each row's own sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_attention(
+        &self,
+        kv: &mut Self::KvStore,
+        layer: usize,
+        batch: &ForwardBatch,
+        q: &Self::Matrix,
+        k: &Self::Matrix,
+        v: &Self::Matrix,
+        shape: HeadShape,
+    ) -> Result<Self::Matrix>;
+    /// The given rows of `x`, in that order.
+    fn gather_rows(&self, x: &Self::Matrix, rows: &[usize]) -> Result<Self::Matrix>;
+    /// The matrix's values on the host, row-major.
+    fn to_host(&self, x: Self::Matrix) -> Result<Vec<f32>>;
+
+    /// Prepares one step's adapters: `slots[t]` is token t's index into `adapters`, or
+    /// -1 for the base model alone. The caller checked every slot is in range.
+    fn step_adapters(
+        &self,
+        slots: &[i32],
+        adapters: &[Arc<AdapterWeights>],
+    ) -> Result<Self::StepAdapters>;
+    /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
+    /// parts' widths]`), for input `x` (`[t, in]`).
+    fn lora(
+        &self,
+        step: &Self::StepAdapters,
+        layer: usize,
+        parts: &[SitePart],
+        x: &Self::Matrix,
+        y: &mut Self::Matrix,
+    ) -> Result<()>;
+}

@@ -1,0 +1,173 @@
+//! The Llama checkpoint layout: the one source of truth for the names and shapes of the
+//! base model's tensors in the Hugging Face layout, and for their names in llama.cpp's
+//! GGUF files. Loading, the GGUF mapping, synthetic models and test weights all read it.
+//!
+//! Invariant: [`tensor_specs`] lists every tensor a model of that config has, once, in a
+//! fixed order (embedding, final norm, the untied LM head, then per layer the seven
+//! linear sites in [`LoraSite::ALL`] order and the two norms).
+use super::config::ModelConfig;
+use crate::lora::peft::LoraSite;
+
+/// The token embedding `[vocab, hidden]`.
+pub const EMBEDDING: &str = "model.embed_tokens.weight";
+/// The final RMS norm `[hidden]`.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// The LM head `[vocab, hidden]` (absent when tied to the embedding).
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// What a tensor is, which decides how it is used (and initialised, for random models).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorKind {
+    Embedding,
+    /// An RMS-norm weight vector.
+    Norm,
+    /// A linear projection `[out, in]` at an adapter site.
+    Linear(LoraSite),
+    LmHead,
+}
+
+/// One tensor of the checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    /// `[out, in]` for projections, `[n]` for norms.
+    pub shape: Vec<usize>,
+    pub kind: TensorKind,
+}
+
+impl TensorSpec {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `model.layers.{layer}.self_attn.q_proj.weight` and the like.
+pub fn linear_weight(layer: usize, site: LoraSite) -> String {
+    format!("{}.weight", site.module_path(layer))
+}
+
+/// The RMS norm before attention of `layer`.
+pub fn input_norm(layer: usize) -> String {
+    format!("model.layers.{layer}.input_layernorm.weight")
+}
+
+/// The RMS norm before the MLP of `layer`.
+pub fn post_attention_norm(layer: usize) -> String {
+    format!("model.layers.{layer}.post_attention_layernorm.weight")
+}
+
+/// Every tensor of a model with config `cfg`, in the fixed order of the module docs.
+pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
+    let h = cfg.hidden_size;
+    let base = cfg.base_shape();
+    let norm = |name: String| TensorSpec {
+        name,
+        shape: vec![h],
+        kind: TensorKind::Norm,
+    };
+    let mut specs = vec![
+        TensorSpec {
+            name: EMBEDDING.into(),
+            shape: vec![cfg.vocab_size, h],
+            kind: TensorKind::Embedding,
+        },
+        norm(FINAL_NORM.into()),
+    ];
+    if !cfg.tie_word_embeddings {
+        specs.push(TensorSpec {
+            name: LM_HEAD.into(),
+            shape: vec![cfg.vocab_size, h],
+            kind: TensorKind::LmHead,
+        });
+    }
+    for layer in 0..cfg.num_layers {
+        for site in LoraSite::ALL {
+            let (inp, out) = base.dims(site);
+            specs.push(TensorSpec {
+                name: linear_weight(layer, site),
+                shape: vec![out, inp],
+                kind: TensorKind::Linear(site),
+            });
+        }
+        specs.push(norm(input_norm(layer)));
+        specs.push(norm(post_attention_norm(layer)));
+    }
+    specs
+}
+
+/// llama.cpp's name of a linear site inside `blk.N.`.
+fn gguf_site(site: LoraSite) -> &'static str {
+    match site {
+        LoraSite::Q => "attn_q",
+        LoraSite::K => "attn_k",
+        LoraSite::V => "attn_v",
+        LoraSite::O => "attn_output",
+        LoraSite::Gate => "ffn_gate",
+        LoraSite::Up => "ffn_up",
+        LoraSite::Down => "ffn_down",
+    }
+}
+
+/// The Hugging Face name of a GGUF tensor, and the linear site it is (if one); None for
+/// tensors the model does not use.
+pub fn from_gguf(gguf: &str) -> Option<(String, Option<LoraSite>)> {
+    match gguf {
+        "token_embd.weight" => return Some((EMBEDDING.into(), None)),
+        "output_norm.weight" => return Some((FINAL_NORM.into(), None)),
+        "output.weight" => return Some((LM_HEAD.into(), None)),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let module = tail.strip_suffix(".weight")?;
+    match module {
+        "attn_norm" => Some((input_norm(layer), None)),
+        "ffn_norm" => Some((post_attention_norm(layer), None)),
+        _ => LoraSite::ALL
+            .into_iter()
+            .find(|s| gguf_site(*s) == module)
+            .map(|s| (linear_weight(layer, s), Some(s))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hf() {
+        assert_eq!(
+            from_gguf("blk.3.attn_q.weight"),
+            Some((
+                "model.layers.3.self_attn.q_proj.weight".into(),
+                Some(LoraSite::Q)
+            ))
+        );
+        assert_eq!(
+            from_gguf("blk.0.ffn_norm.weight").map(|n| n.0).as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(from_gguf("rope_freqs.weight"), None);
+        assert_eq!(from_gguf("blk.x.attn_q.weight"), None);
+    }
+
+    #[test]
+    fn specs_cover_every_tensor_once() {
+        let mut cfg = crate::model::synth::shape("tiny", 100).unwrap();
+        let tied = tensor_specs(&cfg);
+        assert_eq!(tied.len(), 2 + cfg.num_layers * 9);
+        cfg.tie_word_embeddings = false;
+        let untied = tensor_specs(&cfg);
+        assert_eq!(untied[2].name, LM_HEAD);
+        let mut names: Vec<&str> = untied.iter().map(|t| t.name.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), untied.len());
+    }
+}

@@ -1,0 +1,105 @@
+//! What the engine drives: a base model with its paged K/V storage, behind one
+//! object-safe trait ([`BaseModel`]) so that the engine, the server and the CLI are the
+//! same whatever backend the weights live on. [`ModelRunner`] implements it for a
+//! [`Llama`] on any [`Backend`].
+//!
+//! Invariant: the runner owns the K/V storage its model's steps write; the engine owns
+//! which blocks belong to whom (its block allocator) and sizes the storage once, with
+//! [`BaseModel::allocate_kv`], before the first step.
+use super::backend::cpu::CpuBackend;
+use super::backend::Backend;
+use super::batch::ForwardBatch;
+use super::config::ModelConfig;
+use super::llama::Llama;
+use crate::lora::peft::{AdapterWeights, BaseShape};
+use anyhow::{Context, Result};
+use std::sync::Arc;
+
+/// A base model as the engine drives it.
+pub trait BaseModel: Send {
+    fn config(&self) -> &ModelConfig;
+
+    /// Dimensions adapters are validated against.
+    fn base_shape(&self) -> BaseShape {
+        self.config().base_shape()
+    }
+
+    /// Where the weights live ("cpu").
+    fn device_name(&self) -> String;
+
+    /// How the weights are computed on ("f32").
+    fn dtype_name(&self) -> String;
+
+    /// Bytes of K/V storage one token takes.
+    fn kv_bytes_per_token(&self) -> usize;
+
+    /// (Re)creates the paged K/V storage: `num_blocks` blocks of `block_size` tokens.
+    /// Anything stored before is gone.
+    fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> Result<()>;
+
+    /// One step (see [`Llama::forward_with_adapters`]) over the storage of
+    /// [`Self::allocate_kv`].
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch,
+        adapters: &[Arc<AdapterWeights>],
+    ) -> Result<Vec<f32>>;
+}
+
+/// A [`Llama`] on backend `B` with its paged K/V storage.
+pub struct ModelRunner<B: Backend> {
+    model: Llama<B>,
+    kv: B::KvStore,
+}
+
+impl<B: Backend> ModelRunner<B> {
+    /// A runner with no K/V storage yet (see [`BaseModel::allocate_kv`]).
+    pub fn new(model: Llama<B>) -> Result<Self> {
+        let kv = model.new_kv(0, 1)?;
+        Ok(Self { model, kv })
+    }
+
+    pub fn model(&self) -> &Llama<B> {
+        &self.model
+    }
+}
+
+impl<B: Backend> BaseModel for ModelRunner<B> {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn device_name(&self) -> String {
+        self.model.backend().device_name()
+    }
+
+    fn dtype_name(&self) -> String {
+        self.model.backend().dtype_name()
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        self.model.kv_bytes_per_token()
+    }
+
+    fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
+        self.kv = self
+            .model
+            .new_kv(num_blocks, block_size)
+            .with_context(|| format!("allocating {num_blocks} K/V blocks of {block_size}"))?;
+        Ok(())
+    }
+
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch,
+        adapters: &[Arc<AdapterWeights>],
+    ) -> Result<Vec<f32>> {
+        self.model
+            .forward_with_adapters(batch, &mut self.kv, adapters)
+    }
+}
+
+/// A CPU model ready for the engine.
+pub fn cpu_runner(model: Llama<CpuBackend>) -> Result<Box<dyn BaseModel>> {
+    Ok(Box::new(ModelRunner::new(model)?))
+}

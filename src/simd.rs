@@ -1,0 +1,147 @@
+//! CPU SIMD support shared by every CPU kernel (the packed linear layers, paged
+//! attention and the LoRA kernels): which instruction set this CPU has (detected once,
+//! at the first call), the raw-pointer wrapper that lets parallel tasks write disjoint
+//! parts of one buffer, and the small vector helpers.
+//!
+//! Invariants: [`Isa::get`] never returns an ISA the CPU lacks, so a caller that
+//! matched `Isa::Avx2Fma` may call `#[target_feature(enable = "avx2,fma")]` code; the
+//! helpers here fix their summation order (see each), which is what lets the kernels
+//! promise bit-identical results whatever the batch.
+use std::sync::OnceLock;
+
+/// The instruction set the CPU kernels use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 with AVX2 and FMA.
+    Avx2Fma,
+    /// Plain Rust (any target); same summation order as the SIMD paths.
+    Portable,
+}
+
+impl Isa {
+    /// This CPU's best supported ISA, detected on the first call and cached.
+    pub fn get() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(Self::detect)
+    }
+
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2Fma;
+        }
+        Isa::Portable
+    }
+}
+
+/// A raw pointer into a buffer that several parallel tasks write, each a disjoint set
+/// of elements. It carries no lifetime: whoever creates it keeps the buffer alive and
+/// unaliased (no other reference reads or writes it) until every task has ended.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedMutPtr<T>(pub *mut T);
+
+// SAFETY: the pointer is only dereferenced by tasks that write disjoint elements of a
+// buffer kept alive by the creator across the parallel region (the type's contract);
+// reads of those elements happen after the region that wrote them has ended.
+unsafe impl<T: Send> Send for SharedMutPtr<T> {}
+// SAFETY: as for `Send`: shared use never touches the same element from two tasks.
+unsafe impl<T: Send> Sync for SharedMutPtr<T> {}
+
+impl<T> SharedMutPtr<T> {
+    pub fn new(buf: &mut [T]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+
+    /// The pointer `offset` elements further on. Computing it is safe; dereferencing
+    /// it is only sound within the buffer (callers keep `offset` in bounds).
+    pub fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// `sum_i a[i] * b[i]` with eight independent partial sums (lanes `i mod 8`, so the
+/// compiler vectorises it without FMA), added lane 0 to 7, then the tail in order. The
+/// order is fixed, so the result does not depend on the caller.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`, element by element.
+#[inline(always)]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// AVX2/FMA helpers for the x86-64 tiles. Every function needs a CPU with AVX2 and FMA
+/// (check [`Isa::get`] first).
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    static TAIL: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    /// A lane mask with lanes `0..n` set.
+    ///
+    /// # Safety
+    /// AVX2/FMA present; `n <= 8`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn mask(n: usize) -> __m256i {
+        _mm256_loadu_si256(TAIL.as_ptr().add(8 - n) as *const __m256i)
+    }
+
+    /// The sum of the eight lanes, in a fixed order: (low half + high half), then
+    /// pairwise.
+    ///
+    /// # Safety
+    /// AVX2/FMA present.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_and_axpy_match_the_definition() {
+        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32 * 0.25).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-4);
+        let mut y = vec![1.0; 3];
+        axpy(&mut y, 2.0, &[1.0, 2.0, 3.0]);
+        assert_eq!(y, vec![3.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn the_isa_is_detected_once_and_supported() {
+        let isa = Isa::get();
+        assert_eq!(isa, Isa::get());
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2Fma {
+            assert!(std::arch::is_x86_feature_detected!("avx2"));
+        }
+    }
+}

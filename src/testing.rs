@@ -1,0 +1,74 @@
+//! Test-only constructors: a tiny Llama shape and seeded random models, for unit tests
+//! and (through the `test-support` cargo feature, which integration tests, benches and
+//! examples of this crate turn on) for the tests in `tests/`. Not part of the served
+//! program: a plain build leaves this module out.
+use crate::model::layout::{tensor_specs, TensorKind};
+use crate::model::{CpuBackend, Llama, ModelConfig, ModelRunner};
+use crate::rng::Xoshiro256;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+
+/// A tiny Llama shape (2 layers, hidden 64, 4 heads over 2 KV heads) for tests with
+/// random weights.
+pub fn tiny_config(vocab_size: usize) -> ModelConfig {
+    ModelConfig {
+        name: "tiny-random-llama".into(),
+        hidden_size: 64,
+        intermediate_size: 128,
+        vocab_size,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 512,
+        tie_word_embeddings: true,
+        eos_token_ids: vec![2],
+    }
+}
+
+/// Seeded random weights for every tensor of `cfg` (named as in `model::layout`), about
+/// normal: embeddings with std 0.5, norms 1 +- 0.05, linear layers with std
+/// 1/sqrt(in), an untied LM head with std 0.1.
+pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Xoshiro256::from_seed(seed);
+    let mut tensors = HashMap::new();
+    for spec in tensor_specs(cfg) {
+        let (std, offset) = match spec.kind {
+            TensorKind::Embedding => (0.5, 0.0),
+            TensorKind::Norm => (0.05, 1.0),
+            TensorKind::LmHead => (0.1, 0.0),
+            TensorKind::Linear(_) => (1.0 / (spec.shape[1] as f32).sqrt(), 0.0),
+        };
+        let data: Vec<f32> = (0..spec.len())
+            .map(|_| offset + std * rng.approx_normal())
+            .collect();
+        tensors.insert(
+            spec.name.clone(),
+            Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?,
+        );
+    }
+    Ok(tensors)
+}
+
+/// A CPU model over `weights` (e.g. [`random_weights`], perhaps modified).
+pub fn llama_from(
+    weights: HashMap<String, Tensor>,
+    cfg: &ModelConfig,
+) -> Result<Llama<CpuBackend>> {
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    Llama::load(CpuBackend, vb, cfg)
+}
+
+/// A CPU model with [`random_weights`].
+pub fn random_llama(cfg: &ModelConfig, seed: u64) -> Result<Llama<CpuBackend>> {
+    llama_from(random_weights(cfg, seed)?, cfg)
+}
+
+/// A random CPU model ready for the engine.
+pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<Box<dyn crate::model::BaseModel>> {
+    Ok(Box::new(ModelRunner::new(random_llama(cfg, seed)?)?))
+}

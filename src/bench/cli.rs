@@ -3,7 +3,7 @@
 use super::churn::{list_sources, ChurnConfig};
 use super::metrics::Slo;
 use super::plot::write_run_plots;
-use super::report::{render, BenchReport, Setup};
+use super::report::{render, Setup};
 use super::runner::{run, BenchConfig, LoadMode, BUILTIN_CORPUS};
 use super::workload::{Arrivals, Length, Popularity};
 use anyhow::{bail, Context, Result};
@@ -186,9 +186,9 @@ impl BenchArgs {
 /// mismatch.
 pub async fn run_cli(args: &BenchArgs) -> Result<()> {
     let cfg = args.config()?;
-    let run = run(&cfg).await?;
-    print!("{}", render(&run));
-    let report = BenchReport::new(args.setup(cfg.adapters.len()), run);
+    let mut report = run(&cfg).await?;
+    print!("{}", render(&report));
+    report.setup = args.setup(cfg.adapters.len());
     if let Some(path) = &args.json {
         report.write(path)?;
     }

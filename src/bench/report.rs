@@ -1,10 +1,8 @@
-//! What a run reports: the JSON report ([`BenchReport`]: the run's [`Setup`] and the
-//! figures and records of the runner's [`Report`]), one typed shape that `multilora
-//! bench --json` writes and `multilora bench-summary` reads back, and the
-//! human-readable end-of-run table of a [`Report`].
+//! What a run reports: [`Report`] (the run's [`Setup`], its figures and records), the
+//! one typed shape that the runner fills, `multilora bench --json` writes and
+//! `multilora bench-summary` reads back, and its human-readable end-of-run table.
 use super::churn::{ChurnOp, ChurnSummary};
 use super::metrics::{Percentiles, RequestRecord, Summary};
-use super::runner::Report;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -38,10 +36,10 @@ pub struct Setup {
     pub command: String,
 }
 
-/// The JSON report of `multilora bench --json`: the run's `setup` beside the fields of
-/// its [`Report`], all at the top level.
+/// What a run produced, and the JSON report of `multilora bench --json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BenchReport {
+pub struct Report {
+    /// The parameters of the run (filled in by the command line; default in the runner).
     pub setup: Setup,
     pub summary: Summary,
     pub by_adapter: BTreeMap<String, Summary>,
@@ -56,33 +54,7 @@ pub struct BenchReport {
     pub records: Vec<RequestRecord>,
 }
 
-impl BenchReport {
-    /// The report of `run` under `setup`. Every field of [`Report`] is named here, so
-    /// one added to it does not compile until the JSON report carries it too.
-    pub fn new(setup: Setup, run: Report) -> Self {
-        let Report {
-            summary,
-            by_adapter,
-            by_tenant,
-            fairness_gap_tokens,
-            verify_mismatches,
-            churn,
-            churn_ops,
-            records,
-        } = run;
-        Self {
-            setup,
-            summary,
-            by_adapter,
-            by_tenant,
-            fairness_gap_tokens,
-            verify_mismatches,
-            churn,
-            churn_ops,
-            records,
-        }
-    }
-
+impl Report {
     /// Writes the report as pretty-printed JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).context("encoding the report")?;

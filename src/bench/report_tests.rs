@@ -12,7 +12,7 @@ fn runs_dir() -> PathBuf {
 
 #[test]
 fn a_stored_report_reads_into_its_fields() {
-    let r = BenchReport::read(&runs_dir().join("SmolLM2-135M-8.json")).unwrap();
+    let r = Report::read(&runs_dir().join("SmolLM2-135M-8.json")).unwrap();
     assert_eq!(r.setup.label, "SmolLM2-135M");
     assert_eq!(
         (r.setup.adapters, r.setup.requests, r.setup.warmup),
@@ -47,7 +47,7 @@ fn every_stored_report_reads_and_writes_back_the_same() {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        let typed = BenchReport::read(&path).unwrap();
+        let typed = Report::read(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let untyped: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
@@ -61,7 +61,7 @@ fn every_stored_report_reads_and_writes_back_the_same() {
     assert!(seen >= 1, "no reports in {}", runs_dir().display());
 }
 
-fn with_churn() -> BenchReport {
+fn with_churn() -> Report {
     let op = |kind, error: Option<&str>| ChurnOp {
         kind,
         name: "churn-0".into(),
@@ -69,7 +69,7 @@ fn with_churn() -> BenchReport {
         end: 1.5,
         error: error.map(str::to_string),
     };
-    BenchReport {
+    Report {
         setup: Setup {
             label: "m".into(),
             churn: 2.0,
@@ -108,7 +108,7 @@ fn a_written_report_reads_back_equal() {
     let path = dir.path().join("r.json");
     let report = with_churn();
     report.write(&path).unwrap();
-    assert_eq!(BenchReport::read(&path).unwrap(), report);
+    assert_eq!(Report::read(&path).unwrap(), report);
     // The layout: setup beside the runner's fields, all at the top level.
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -136,30 +136,9 @@ fn a_written_report_reads_back_equal() {
 fn an_unknown_churn_kind_is_an_error() {
     let mut v = serde_json::to_value(with_churn()).unwrap();
     v["churn_ops"][0]["kind"] = "reload".into();
-    let err = BenchReport::deserialize(&v).unwrap_err().to_string();
+    let err = Report::deserialize(&v).unwrap_err().to_string();
     assert!(
         err.contains("\"reload\"") && err.contains("unload"),
         "{err}"
     );
-}
-
-/// A run's report is its [`Report`] as the runner serialises it, plus `setup`.
-#[test]
-fn a_run_becomes_a_report_with_the_same_fields() {
-    let full = with_churn();
-    let run = Report {
-        summary: full.summary.clone(),
-        by_adapter: full.by_adapter.clone(),
-        by_tenant: full.by_tenant.clone(),
-        fairness_gap_tokens: full.fairness_gap_tokens,
-        verify_mismatches: full.verify_mismatches,
-        churn: full.churn.clone(),
-        churn_ops: full.churn_ops.clone(),
-        records: full.records.clone(),
-    };
-    let mut want = serde_json::to_value(&run).unwrap();
-    let report = BenchReport::new(full.setup.clone(), run);
-    assert_eq!(report, full);
-    want["setup"] = serde_json::to_value(&full.setup).unwrap();
-    assert_eq!(serde_json::to_value(&report).unwrap(), want);
 }

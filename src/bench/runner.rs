@@ -5,8 +5,9 @@
 //! that each response under load is identical (greedy decoding), so a cross-adapter
 //! mix-up under load is caught by the harness itself. Optional adapter churn
 //! (`churn`) runs beside the traffic.
-use super::churn::{run_churn, summarize_churn, ChurnConfig, ChurnOp, ChurnSummary};
-use super::metrics::{fairness_gap, summarize, summarize_by, RequestRecord, Slo, Summary};
+use super::churn::{run_churn, summarize_churn, ChurnConfig};
+use super::metrics::{fairness_gap, summarize, summarize_by, RequestRecord, Slo};
+use super::report::{Report, Setup};
 use super::workload::{Arrivals, Length, Popularity};
 use crate::proto::v1 as pb;
 use crate::rng::Xoshiro256;
@@ -14,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use pb::adapters_client::AdaptersClient;
 use pb::generation_client::GenerationClient;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,23 +85,6 @@ pub struct Planned {
     pub tenant: String,
     pub prompt_ids: Vec<u32>,
     pub max_new: u32,
-}
-
-/// What a run produced; with the run's setup it becomes the JSON report
-/// ([`BenchReport`](super::report::BenchReport)).
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub summary: Summary,
-    pub by_adapter: BTreeMap<String, Summary>,
-    pub by_tenant: BTreeMap<String, Summary>,
-    pub fairness_gap_tokens: Option<usize>,
-    /// Requests whose output under load differed from their solo run (`verify`).
-    pub verify_mismatches: Option<usize>,
-    /// Adapter churn during the run (all of it, warm-up included).
-    pub churn: Option<ChurnSummary>,
-    pub churn_ops: Vec<ChurnOp>,
-    /// Measured requests (warm-up excluded), in plan order.
-    pub records: Vec<RequestRecord>,
 }
 
 /// The requests of a run: arrival times, adapters, tenants and prompt windows.
@@ -453,6 +437,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<Report> {
     let refs: Vec<&RequestRecord> = records.iter().collect();
     let slo = cfg.slo.as_ref();
     Ok(Report {
+        setup: Setup::default(),
         summary: summarize(&refs, duration, slo),
         by_adapter: summarize_by(&records, |r| &r.adapter, duration, slo),
         by_tenant: summarize_by(&records, |r| &r.tenant, duration, slo),

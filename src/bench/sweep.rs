@@ -2,7 +2,7 @@
 //! per model and adapter count) turned into one markdown table, with each run's
 //! throughput relative to its model's base-only run, and the sweep plots.
 use super::plot::{write_sweep_plots, SweepPoint};
-use super::report::BenchReport;
+use super::report::Report;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
@@ -37,12 +37,12 @@ impl SweepRow {
     /// Reads the fields of one `multilora bench --json` report given as JSON; a
     /// missing or mistyped field is an error naming it.
     pub fn from_report(report: &Value) -> Result<Self> {
-        let report = BenchReport::deserialize(report).context("reading the report")?;
+        let report = Report::deserialize(report).context("reading the report")?;
         Ok(Self::of(&report))
     }
 
     /// The row of one report.
-    pub fn of(report: &BenchReport) -> Self {
+    pub fn of(report: &Report) -> Self {
         let (setup, s) = (&report.setup, &report.summary);
         Self {
             series: setup.label.clone(),
@@ -135,7 +135,7 @@ pub fn markdown(rows: &[SweepRow]) -> String {
 pub fn summarize_files(files: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
     let mut rows = Vec::new();
     for f in files {
-        rows.push(SweepRow::of(&BenchReport::read(f)?));
+        rows.push(SweepRow::of(&Report::read(f)?));
     }
     let rows = order(rows);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -160,7 +160,7 @@ mod tests {
     use crate::bench::report::Setup;
     use serde_json::json;
 
-    fn report(label: &str, adapters: usize, tok_s: f64, used: &[&str]) -> BenchReport {
+    fn report(label: &str, adapters: usize, tok_s: f64, used: &[&str]) -> Report {
         let latency = |p50, p99| Percentiles {
             p50,
             p99,
@@ -175,7 +175,7 @@ mod tests {
             tpot: latency(0.02, 0.03),
             ..Default::default()
         };
-        BenchReport {
+        Report {
             setup: Setup {
                 label: label.into(),
                 adapters,

@@ -55,7 +55,7 @@ impl<B: Backend> Linear<B> {
     fn forward(
         &self,
         backend: &B,
-        step: &B::StepAdapters,
+        step: &B::Step,
         layer: usize,
         x: &B::Matrix,
     ) -> Result<B::Matrix> {
@@ -230,7 +230,7 @@ impl<B: Backend> Llama<B> {
         }
         self.check(batch, adapters)?;
         let be = &self.backend;
-        let step = be.step_adapters(&batch.slots, adapters)?;
+        let step = be.begin_step(batch, adapters)?;
         let mut x = be.embed(&self.embedding, &batch.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             self.layer_forward(i, layer, &mut x, batch, kv, &step)?;
@@ -279,7 +279,7 @@ impl<B: Backend> Llama<B> {
         x: &mut B::Matrix,
         batch: &ForwardBatch,
         kv: &mut B::KvStore,
-        step: &B::StepAdapters,
+        step: &B::Step,
     ) -> Result<()> {
         let be = &self.backend;
         let shape = self.head_shape();
@@ -290,10 +290,10 @@ impl<B: Backend> Llama<B> {
         let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
         };
-        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
-        be.rope(&mut q, cos, sin, &batch.positions, shape.num_heads)?;
-        be.rope(&mut k, cos, sin, &batch.positions, shape.num_kv_heads)?;
-        let attn = be.paged_attention(kv, index, batch, &q, &k, &v, shape)?;
+        let tables = (&self.rope_cos, &self.rope_sin);
+        be.rope(step, batch, &mut q, tables, shape.num_heads)?;
+        be.rope(step, batch, &mut k, tables, shape.num_kv_heads)?;
+        let attn = be.paged_attention(step, batch, kv, index, &q, &k, &v, shape)?;
         let o = layer.o_proj.forward(be, step, index, &attn)?;
         be.add_assign(x, &o)?;
         let h = be.rms_norm(x, &layer.post_norm, eps)?;

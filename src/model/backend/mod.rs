@@ -14,12 +14,15 @@
 //!   reads only the row's own sequence: a token's result must not depend on which other
 //!   tokens share the step. The CPU backend makes it bit-identical (a fixed reduction
 //!   order per output element); a backend that cannot must say how far it drifts.
-//! - **Adapters.** [`Backend::step_adapters`] turns the step's token-to-slot map and the
-//!   slots' weights into whatever its kernels read, once per step;
-//!   [`Backend::lora`] then adds, for one linear layer, the deltas of each of its
+//! - **One step.** [`Backend::begin_step`] turns the step's [`ForwardBatch`] (positions,
+//!   block tables, token-to-slot map) and the slots' adapter weights into whatever the
+//!   kernels read, once per step (on a GPU: one upload of the step's metadata); every
+//!   operation of that step that needs them gets both the batch and this
+//!   [`Backend::Step`].
+//! - **Adapters.** [`Backend::lora`] adds, for one linear layer, the deltas of each of its
 //!   [`SitePart`]s (the layer's output columns are the parts' columns, in order). Tokens
 //!   of slot -1, slots without weights at a site, and columns of other parts are left
-//!   bit-identical. Slots index `adapters` as given to `step_adapters`.
+//!   bit-identical. Slots index `adapters` as given to `begin_step`.
 //! - **Paged K/V.** [`Backend::kv_store`] allocates the storage of a [`KvLayout`]; its
 //!   blocks are addressed through the block tables of the batch's chunks, which the
 //!   caller (the engine's block allocator) guarantees are in range and not shared by two
@@ -96,8 +99,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Vector: Send + Sync;
     /// The paged K/V storage of every layer.
     type KvStore: Send;
-    /// One step's adapters, prepared for this backend's LoRA kernels.
-    type StepAdapters: Send;
+    /// One step's batch metadata and adapters, prepared for this backend's kernels.
+    type Step: Send;
 
     /// Where the weights live, for users ("cpu", "cuda:0").
     fn device_name(&self) -> String;
@@ -129,13 +132,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn split_columns(&self, x: &Self::Matrix, widths: &[usize]) -> Result<Vec<Self::Matrix>>;
     /// Rotates every head of every row in place (rotate-half convention): `x` is
     /// `[t, heads * head_dim]`, `cos` and `sin` are `[max_positions, head_dim / 2]` and
-    /// row `t` uses the tables' row `positions[t]`.
+    /// row `t` uses the tables' row `batch.positions[t]`.
     fn rope(
         &self,
+        step: &Self::Step,
+        batch: &ForwardBatch,
         x: &mut Self::Matrix,
-        cos: &Self::Matrix,
-        sin: &Self::Matrix,
-        positions: &[usize],
+        tables: (&Self::Matrix, &Self::Matrix),
         heads: usize,
     ) -> Result<()>;
     /// Writes this step's K and V (`[t, kv_heads * head_dim]`) of `layer` into `kv` at the
@@ -144,9 +147,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn paged_attention(
         &self,
+        step: &Self::Step,
+        batch: &ForwardBatch,
         kv: &mut Self::KvStore,
         layer: usize,
-        batch: &ForwardBatch,
         q: &Self::Matrix,
         k: &Self::Matrix,
         v: &Self::Matrix,
@@ -157,18 +161,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// The matrix's values on the host, row-major.
     fn to_host(&self, x: Self::Matrix) -> Result<Vec<f32>>;
 
-    /// Prepares one step's adapters: `slots[t]` is token t's index into `adapters`, or
-    /// -1 for the base model alone. The caller checked every slot is in range.
-    fn step_adapters(
+    /// Prepares one step: the batch's metadata and its adapters (`batch.slots[t]` is
+    /// token t's index into `adapters`, or -1 for the base model alone). The caller
+    /// checked every slot, position and token id is in range.
+    fn begin_step(
         &self,
-        slots: &[i32],
+        batch: &ForwardBatch,
         adapters: &[Arc<AdapterWeights>],
-    ) -> Result<Self::StepAdapters>;
+    ) -> Result<Self::Step>;
     /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
     /// parts' widths]`), for input `x` (`[t, in]`).
     fn lora(
         &self,
-        step: &Self::StepAdapters,
+        step: &Self::Step,
         layer: usize,
         parts: &[SitePart],
         x: &Self::Matrix,

@@ -5,7 +5,9 @@
 use super::kv::CpuKvStore;
 use crate::model::backend::HeadShape;
 use crate::model::batch::ForwardBatch;
-use crate::simd::{axpy, dot, Isa};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Isa;
+use crate::simd::{axpy, dot};
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 

@@ -54,9 +54,10 @@ impl HostMatrix {
     }
 }
 
-/// One step's adapters: the token-to-slot metadata (built once, shared by every layer
-/// and site) and each slot's weights.
-pub struct CpuStepAdapters {
+/// One step as the CPU kernels read it: the token-to-slot metadata (built once, shared
+/// by every layer and site) and each slot's weights. Everything else is read from the
+/// host-side batch itself.
+pub struct CpuStep {
     batch: LoraBatch,
     adapters: Vec<Arc<AdapterWeights>>,
 }
@@ -71,7 +72,7 @@ impl Backend for CpuBackend {
     type Weight = PackedWeight;
     type Vector = Vec<f32>;
     type KvStore = CpuKvStore;
-    type StepAdapters = CpuStepAdapters;
+    type Step = CpuStep;
 
     fn device_name(&self) -> String {
         "cpu".into()
@@ -180,12 +181,13 @@ impl Backend for CpuBackend {
 
     fn rope(
         &self,
+        _step: &CpuStep,
+        batch: &ForwardBatch,
         x: &mut HostMatrix,
-        cos: &HostMatrix,
-        sin: &HostMatrix,
-        positions: &[usize],
+        (cos, sin): (&HostMatrix, &HostMatrix),
         heads: usize,
     ) -> Result<()> {
+        let positions = &batch.positions;
         let half = cos.cols;
         ensure!(
             x.cols == heads * 2 * half && positions.len() == x.rows(),
@@ -203,9 +205,10 @@ impl Backend for CpuBackend {
 
     fn paged_attention(
         &self,
+        _step: &CpuStep,
+        batch: &ForwardBatch,
         kv: &mut CpuKvStore,
         layer: usize,
-        batch: &ForwardBatch,
         q: &HostMatrix,
         k: &HostMatrix,
         v: &HostMatrix,
@@ -228,20 +231,20 @@ impl Backend for CpuBackend {
         Ok(x.data)
     }
 
-    fn step_adapters(
+    fn begin_step(
         &self,
-        slots: &[i32],
+        batch: &ForwardBatch,
         adapters: &[Arc<AdapterWeights>],
-    ) -> Result<CpuStepAdapters> {
-        Ok(CpuStepAdapters {
-            batch: LoraBatch::new(slots),
+    ) -> Result<CpuStep> {
+        Ok(CpuStep {
+            batch: LoraBatch::new(&batch.slots),
             adapters: adapters.to_vec(),
         })
     }
 
     fn lora(
         &self,
-        step: &CpuStepAdapters,
+        step: &CpuStep,
         layer: usize,
         parts: &[SitePart],
         x: &HostMatrix,

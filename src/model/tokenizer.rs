@@ -175,15 +175,7 @@ impl TextTokenizer {
                 Some(GGUF_TOKEN_TYPE_USER_DEFINED) => false,
                 _ => continue,
             };
-            added_tokens.push(json!({
-                "id": id,
-                "content": token,
-                "single_word": false,
-                "lstrip": false,
-                "rstrip": false,
-                "normalized": false,
-                "special": special,
-            }));
+            added_tokens.push(added_token(id, token, special));
         }
         let inner = byte_level_bpe(Json::Object(vocab), merges, added_tokens)?;
 
@@ -240,15 +232,7 @@ impl TextTokenizer {
         let mut added_tokens = Vec::new();
         for (id, token) in SPECIALS.iter().enumerate() {
             vocab.insert((*token).to_owned(), json!(id));
-            added_tokens.push(json!({
-                "id": id,
-                "content": token,
-                "single_word": false,
-                "lstrip": false,
-                "rstrip": false,
-                "normalized": false,
-                "special": true,
-            }));
+            added_tokens.push(added_token(id, token, true));
         }
         for (b, symbol) in byte_level_symbols()?.iter().enumerate() {
             vocab.insert(symbol.to_string(), json!(SPECIALS.len() + b));
@@ -355,6 +339,19 @@ impl TextTokenizer {
             .map(|(id, _)| id)
             .collect()
     }
+}
+
+/// An `added_tokens` entry of a tokenizer.json: matched whole, never normalised.
+fn added_token(id: usize, content: &str, special: bool) -> Json {
+    json!({
+        "id": id,
+        "content": content,
+        "single_word": false,
+        "lstrip": false,
+        "rstrip": false,
+        "normalized": false,
+        "special": special,
+    })
 }
 
 /// Build a byte-level BPE tokenizer with exactly the configuration Hugging Face transformers

@@ -9,6 +9,7 @@ use super::layout;
 use super::llama::Llama;
 use super::runner::{BaseModel, ModelRunner};
 use super::tokenizer::TextTokenizer;
+use crate::hub::HubRepo;
 use crate::lora::peft::LoraSite;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -101,33 +102,20 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelSource> {
 
 /// Downloads a Hub repo's config, tokenizer and safetensors into the hf-hub cache.
 pub fn download_from_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelSource> {
-    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-    let api = ApiBuilder::new()
-        .with_progress(false)
-        .build()
-        .context("creating the Hub client")?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.unwrap_or("main").to_string(),
-    ));
-    let fetch = |file: &str| {
-        repo.get(file)
-            .with_context(|| format!("fetching {file} from Hub repo {repo_id}"))
-    };
-    let config = fetch("config.json")?;
-    fetch("tokenizer.json")?;
+    let repo = HubRepo::open(repo_id, revision)?;
+    let config = repo.fetch("config.json")?;
+    repo.fetch("tokenizer.json")?;
     for optional in ["tokenizer_config.json", "generation_config.json"] {
-        let _ = repo.get(optional);
+        let _ = repo.fetch_optional(optional);
     }
-    match repo.get("model.safetensors.index.json") {
-        Ok(index) => {
+    match repo.fetch_optional("model.safetensors.index.json") {
+        Some(index) => {
             for shard in shard_files(&index)? {
-                fetch(&shard)?;
+                repo.fetch(&shard)?;
             }
         }
-        Err(_) => {
-            fetch("model.safetensors")?;
+        None => {
+            repo.fetch("model.safetensors")?;
         }
     }
     let dir = config

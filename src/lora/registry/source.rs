@@ -1,6 +1,7 @@
 //! Where adapters come from: a source is a local PEFT folder or a Hub repo id
 //! (`owner/name`, optionally `@revision`); `NAME=SOURCE` pairs from `--adapter` and the
 //! sub-folders of `--adapter-dir` (listed, not read: registration is lazy); name rules.
+use crate::hub::HubRepo;
 use crate::lora::peft::folder::{list_adapter_folders, CONFIG_FILE, WEIGHTS_FILE};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -41,21 +42,9 @@ impl AdapterSource {
         match self {
             Self::Local(p) => Ok(p.clone()),
             Self::Hub { repo, revision } => {
-                use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-                let api = ApiBuilder::new()
-                    .with_progress(false)
-                    .build()
-                    .context("creating the Hub client")?;
-                let r = api.repo(Repo::with_revision(
-                    repo.clone(),
-                    RepoType::Model,
-                    revision.clone().unwrap_or_else(|| "main".into()),
-                ));
-                let config = r
-                    .get(CONFIG_FILE)
-                    .with_context(|| format!("fetching {CONFIG_FILE} from {repo}"))?;
-                r.get(WEIGHTS_FILE)
-                    .with_context(|| format!("fetching {WEIGHTS_FILE} from {repo}"))?;
+                let r = HubRepo::open(repo, revision.as_deref())?;
+                let config = r.fetch(CONFIG_FILE)?;
+                r.fetch(WEIGHTS_FILE)?;
                 Ok(config
                     .parent()
                     .context("hf-hub returned a file without a folder")?

@@ -1,6 +1,5 @@
 //! Byte sizes with units, for flags such as memory budgets: [`parse_byte_size`] reads
-//! `1073741824`, `512MiB`, `1.5 GiB` or `500MB` (a clap value parser), and
-//! [`format_byte_size`] writes a size back in the largest binary unit that is exact.
+//! `1073741824`, `512MiB`, `1.5 GiB` or `500MB` (a clap value parser).
 
 /// Units by lower-cased name and size in bytes: binary (powers of 1024) and decimal
 /// (powers of 1000). Matching ignores case, so `kB` and `KB` are both 1000 bytes.
@@ -22,14 +21,6 @@ const UNIT_NAMES: &str = "B, KiB, MiB, GiB, TiB, kB, MB, GB, TB";
 /// Digits after the decimal point accepted (enough for any byte count, few enough for
 /// exact integer arithmetic).
 const MAX_DECIMALS: usize = 24;
-
-/// Binary units [`format_byte_size`] writes, largest first.
-const BINARY: [(&str, u64); 4] = [
-    ("TiB", 1 << 40),
-    ("GiB", 1 << 30),
-    ("MiB", 1 << 20),
-    ("KiB", 1 << 10),
-];
 
 /// A byte count: a non-negative number, optionally with decimals, then an optional
 /// unit (`B`, `KiB`, `MiB`, `GiB`, `TiB` in powers of 1024; `kB`, `MB`, `GB`, `TB` in
@@ -107,19 +98,6 @@ fn scaled(number: &str, scale: u128) -> Result<u128, String> {
     whole_bytes
         .checked_add(fraction_bytes)
         .ok_or_else(too_large)
-}
-
-/// `n` bytes in the largest binary unit that divides it exactly, for help texts:
-/// 1073741824 is `1GiB`, 1536 is `1536B`, 0 is `0B`. [`parse_byte_size`] reads it back.
-pub fn format_byte_size(n: usize) -> String {
-    let n = n as u64;
-    BINARY
-        .iter()
-        .find(|&&(_, size)| n != 0 && n.is_multiple_of(size))
-        .map_or_else(
-            || format!("{n}B"),
-            |&(name, size)| format!("{}{name}", n / size),
-        )
 }
 
 #[cfg(test)]
@@ -236,25 +214,6 @@ mod tests {
         assert!(err(&format!("{}TiB", usize::MAX)).contains("too large"));
         assert!(err(&"9".repeat(60)).contains("too large"));
         assert!(err(&format!("{}.5TiB", "9".repeat(40))).contains("too large"));
-    }
-
-    #[test]
-    fn format_uses_the_largest_exact_binary_unit() {
-        assert_eq!(format_byte_size(0), "0B");
-        assert_eq!(format_byte_size(1500), "1500B");
-        assert_eq!(format_byte_size(1536), "1536B");
-        assert_eq!(format_byte_size(1024), "1KiB");
-        assert_eq!(format_byte_size(1 << 30), "1GiB");
-        assert_eq!(format_byte_size(3 << 29), "1536MiB");
-        assert_eq!(format_byte_size(5 << 40), "5TiB");
-        assert_eq!(format_byte_size(1000 << 20), "1000MiB");
-    }
-
-    #[test]
-    fn formatted_sizes_parse_back() {
-        for n in [0, 1, 999, 1024, 1536, 1 << 20, 3 << 29, 7 << 40, usize::MAX] {
-            assert_eq!(ok(&format_byte_size(n)), n, "{n}");
-        }
     }
 
     #[test]

@@ -10,23 +10,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 
-/// A tiny Llama shape (2 layers, hidden 64, 4 heads over 2 KV heads) for tests with
+/// The `tiny` shape of `model synth` (2 layers, hidden 64, 4 heads over 2 KV heads), with
+/// a 512-token context and EOS id 2 (the byte-level test tokenizer's), for tests with
 /// random weights.
 pub fn tiny_config(vocab_size: usize) -> ModelConfig {
+    let tiny = crate::model::synth::shape("tiny", vocab_size).expect("tiny is a known shape");
     ModelConfig {
         name: "tiny-random-llama".into(),
-        hidden_size: 64,
-        intermediate_size: 128,
-        vocab_size,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
         max_position_embeddings: 512,
-        tie_word_embeddings: true,
         eos_token_ids: vec![2],
+        ..tiny
     }
 }
 

@@ -259,7 +259,7 @@ async fn churn_loads_and_unloads_beside_verified_traffic() {
     // Loads and unloads alternate, starting with a load.
     assert!(churn.loads - churn.unloads <= 1);
     assert_eq!(churn.load_latency.count, churn.loads);
-    let kinds: Vec<&str> = report.churn_ops.iter().map(|o| o.kind).collect();
+    let kinds: Vec<&str> = report.churn_ops.iter().map(|o| o.kind.as_str()).collect();
     assert!(kinds
         .chunks(2)
         .all(|k| k[0] == "load" && k.get(1).is_none_or(|u| *u == "unload")));
@@ -298,7 +298,7 @@ async fn failed_churn_is_counted_and_leaves_traffic_alone() {
         .churn_ops
         .iter()
         .filter(|o| o.error.is_some())
-        .all(|o| o.kind == "load"));
+        .all(|o| o.kind.as_str() == "load"));
     let mut names = adapter_names(server.endpoint()).await;
     names.sort();
     assert_eq!(names, ["good-0", "good-1"]);

@@ -140,15 +140,6 @@ async fn run_stream(
     panic!("stream ended without a final message")
 }
 
-async fn adapter_stats(gen: &mut GenerationClient<Channel>) -> pb::AdapterStats {
-    let s = gen
-        .get_engine_stats(pb::GetEngineStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    s.adapters.unwrap()
-}
-
 /// Waits (bounded) until no adapter bytes are resident.
 async fn wait_all_freed(gen: &mut GenerationClient<Channel>) -> pb::AdapterStats {
     let deadline = Instant::now() + Duration::from_secs(10);

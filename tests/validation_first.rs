@@ -65,13 +65,7 @@ async fn invalid_input_never_starts_an_adapter_load_nor_disturbs_a_stream() {
         .unwrap()
         .into_inner();
     assert_eq!(info.state(), pb::AdapterState::Registered, "{info:?}");
-    let stats = gen
-        .get_engine_stats(pb::GetEngineStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .adapters
-        .unwrap();
+    let stats = adapter_stats(&mut gen).await;
     assert_eq!((stats.loads, stats.host_misses), (0, 0), "{stats:?}");
     // The stream in flight is untouched, and a valid request then loads and serves.
     let after = running.await.unwrap().unwrap();

@@ -10,7 +10,7 @@ use crate::proto::v1 as pb;
 use crate::rng::Xoshiro256;
 use anyhow::{bail, Context, Result};
 use pb::adapters_client::AdaptersClient;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -28,35 +28,33 @@ pub struct ChurnConfig {
     pub name_prefix: String,
 }
 
-/// What a [`ChurnOp`] did: `load` or `unload`. An alias, not `&'static str` spelled
-/// out, so the derived `Deserialize` does not try to borrow it from the input (it is
-/// read back as one of the two static names instead).
-pub type OpKind = &'static str;
+/// What a [`ChurnOp`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChurnKind {
+    Load,
+    Unload,
+}
+
+impl ChurnKind {
+    /// `load` or `unload`, as reports write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Load => "load",
+            Self::Unload => "unload",
+        }
+    }
+}
 
 /// One load or unload as the client saw it; times in seconds since the run started.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChurnOp {
-    /// `load` or `unload`.
-    #[serde(deserialize_with = "op_kind")]
-    pub kind: OpKind,
+    pub kind: ChurnKind,
     pub name: String,
     pub start: f64,
     pub end: f64,
     /// The gRPC code name of a failure.
     pub error: Option<String>,
-}
-
-/// Reads a [`ChurnOp::kind`] back from a report: `load` or `unload`, nothing else.
-fn op_kind<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<OpKind, D::Error> {
-    let kind = String::deserialize(d)?;
-    match kind.as_str() {
-        "load" => Ok("load"),
-        "unload" => Ok("unload"),
-        other => Err(serde::de::Error::invalid_value(
-            serde::de::Unexpected::Str(other),
-            &"\"load\" or \"unload\"",
-        )),
-    }
 }
 
 /// The churn of a run in figures.
@@ -95,7 +93,7 @@ pub fn summarize_churn(ops: &[ChurnOp], duration: f64) -> ChurnSummary {
             *errors.entry(code.clone()).or_insert(0) += 1;
         }
     }
-    let latency = |kind: &str| {
+    let latency = |kind: ChurnKind| {
         Percentiles::of(
             ops.iter()
                 .filter(|o| o.kind == kind && o.error.is_none())
@@ -103,16 +101,16 @@ pub fn summarize_churn(ops: &[ChurnOp], duration: f64) -> ChurnSummary {
         )
     };
     ChurnSummary {
-        loads: ops.iter().filter(|o| o.kind == "load").count(),
-        unloads: ops.iter().filter(|o| o.kind == "unload").count(),
+        loads: ops.iter().filter(|o| o.kind == ChurnKind::Load).count(),
+        unloads: ops.iter().filter(|o| o.kind == ChurnKind::Unload).count(),
         ops_per_s: if duration > 0.0 {
             ops.len() as f64 / duration
         } else {
             0.0
         },
         errors,
-        load_latency: latency("load"),
-        unload_latency: latency("unload"),
+        load_latency: latency(ChurnKind::Load),
+        unload_latency: latency(ChurnKind::Unload),
     }
 }
 
@@ -151,7 +149,7 @@ pub async fn run_churn(
                 if result.is_ok() {
                     loaded = Some(name.clone());
                 }
-                ("load", name, result)
+                (ChurnKind::Load, name, result)
             }
             Some(name) => {
                 let request = pb::UnloadAdapterRequest {
@@ -159,7 +157,7 @@ pub async fn run_churn(
                     drain_timeout_s: None,
                 };
                 (
-                    "unload",
+                    ChurnKind::Unload,
                     name,
                     client.unload_adapter(request).await.map(|_| ()),
                 )
@@ -188,7 +186,7 @@ mod tests {
     use super::*;
     use crate::lora::peft::CONFIG_FILE;
 
-    fn op(kind: &'static str, start: f64, end: f64, error: Option<&str>) -> ChurnOp {
+    fn op(kind: ChurnKind, start: f64, end: f64, error: Option<&str>) -> ChurnOp {
         ChurnOp {
             kind,
             name: "churn-0".into(),
@@ -201,11 +199,11 @@ mod tests {
     #[test]
     fn summary_counts_kinds_errors_and_latencies() {
         let ops = [
-            op("load", 0.0, 0.010, None),
-            op("unload", 0.5, 0.501, None),
-            op("load", 1.0, 1.030, None),
-            op("unload", 1.5, 1.503, None),
-            op("load", 2.0, 2.001, Some("INVALID_ARGUMENT")),
+            op(ChurnKind::Load, 0.0, 0.010, None),
+            op(ChurnKind::Unload, 0.5, 0.501, None),
+            op(ChurnKind::Load, 1.0, 1.030, None),
+            op(ChurnKind::Unload, 1.5, 1.503, None),
+            op(ChurnKind::Load, 2.0, 2.001, Some("INVALID_ARGUMENT")),
         ];
         let s = summarize_churn(&ops, 2.5);
         assert_eq!((s.loads, s.unloads), (3, 2));

@@ -1,7 +1,7 @@
 //! Tests of the typed JSON report: the reports stored in bench/results/runs still read,
 //! and write back to the same JSON; churn operations round-trip.
 use super::*;
-use crate::bench::churn::{ChurnOp, ChurnSummary};
+use crate::bench::churn::{ChurnKind, ChurnOp, ChurnSummary};
 use crate::bench::metrics::RequestRecord;
 use crate::bench::sweep::SweepRow;
 use std::path::PathBuf;
@@ -87,9 +87,9 @@ fn with_churn() -> Report {
             ..Default::default()
         }),
         churn_ops: vec![
-            op("load", None),
-            op("unload", None),
-            op("load", Some("INVALID_ARGUMENT")),
+            op(ChurnKind::Load, None),
+            op(ChurnKind::Unload, None),
+            op(ChurnKind::Load, Some("INVALID_ARGUMENT")),
         ],
         records: vec![RequestRecord {
             adapter: "a".into(),
@@ -137,8 +137,5 @@ fn an_unknown_churn_kind_is_an_error() {
     let mut v = serde_json::to_value(with_churn()).unwrap();
     v["churn_ops"][0]["kind"] = "reload".into();
     let err = Report::deserialize(&v).unwrap_err().to_string();
-    assert!(
-        err.contains("\"reload\"") && err.contains("unload"),
-        "{err}"
-    );
+    assert!(err.contains("`reload`") && err.contains("unload"), "{err}");
 }

@@ -71,10 +71,11 @@ impl BlockAllocator {
 
     /// Grows `table` so it covers `tokens` positions (all or nothing).
     pub fn allocate(&mut self, table: &mut Vec<u32>, tokens: usize) -> Allocation {
-        let need = self.blocks_for(tokens).saturating_sub(table.len());
-        if self.blocks_for(tokens) > self.num_blocks() {
+        let blocks = self.blocks_for(tokens);
+        if blocks > self.num_blocks() {
             return Allocation::Impossible;
         }
+        let need = blocks.saturating_sub(table.len());
         match self.take(need) {
             Some(mut blocks) => {
                 table.append(&mut blocks);

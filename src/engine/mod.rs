@@ -441,7 +441,7 @@ impl Engine {
         self.stats.preemptions += plan.preempted as u64;
         for mut seq in plan.impossible.drain(..) {
             seq.fail(RequestError::ResourceExhausted(format!(
-                "{} tokens need more KV blocks than the cache has ({} of {} tokens)",
+                "{} tokens need more KV blocks than the cache has ({} blocks of {} tokens)",
                 seq.tokens.len(),
                 self.blocks.num_blocks(),
                 self.blocks.block_size()

@@ -6,7 +6,6 @@
 //! Invariant: the runner owns the K/V storage its model's steps write; the engine owns
 //! which blocks belong to whom (its block allocator) and sizes the storage once, with
 //! [`BaseModel::allocate_kv`], before the first step.
-use super::backend::cpu::CpuBackend;
 use super::backend::Backend;
 use super::batch::ForwardBatch;
 use super::config::ModelConfig;
@@ -58,10 +57,6 @@ impl<B: Backend> ModelRunner<B> {
         let kv = model.new_kv(0, 1)?;
         Ok(Self { model, kv })
     }
-
-    pub fn model(&self) -> &Llama<B> {
-        &self.model
-    }
 }
 
 impl<B: Backend> BaseModel for ModelRunner<B> {
@@ -97,9 +92,4 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
         self.model
             .forward_with_adapters(batch, &mut self.kv, adapters)
     }
-}
-
-/// A CPU model ready for the engine.
-pub fn cpu_runner(model: Llama<CpuBackend>) -> Result<Box<dyn BaseModel>> {
-    Ok(Box::new(ModelRunner::new(model)?))
 }

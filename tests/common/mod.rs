@@ -209,6 +209,16 @@ pub fn greedy(prompt_ids: Vec<u32>, max_new_tokens: u32) -> pb::GenerateRequest 
     }
 }
 
+/// The engine's adapter counters and gauges (`GetEngineStats.adapters`).
+pub async fn adapter_stats(gen: &mut GenerationClient<Channel>) -> pb::AdapterStats {
+    let stats = gen
+        .get_engine_stats(pb::GetEngineStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    stats.adapters.unwrap()
+}
+
 /// What one streamed generation produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Collected {

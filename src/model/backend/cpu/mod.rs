@@ -48,10 +48,6 @@ impl HostMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
-
-    pub fn as_slice(&self) -> &[f32] {
-        &self.data
-    }
 }
 
 /// One step as the CPU kernels read it: the token-to-slot metadata (built once, shared

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint unit model python bench bench-micro clean
+.PHONY: run test lint unit model python bench bench-micro check-cuda gpu-build clean
 
 # Demo adapters: two synthetic LoRA adapters (demo-0 rank 8, demo-1 rank 16).
 DEMO := models/demo-adapters
@@ -40,6 +40,17 @@ test: $(GGUF) python lint
 
 unit:
 	cargo test
+
+# The CUDA path without a GPU: the pinned nvcc 13.0 from PyPI (scripts/cuda-env.sh)
+# compiles every .cu file to PTX and candle's CUDA backend; clippy checks every target
+# with the `cuda` feature (in target/cuda, apart from the plain build).
+check-cuda:
+	bash scripts/cuda-env.sh cargo clippy --features cuda --all-targets -- -D warnings
+
+# The build half of the GPU check: links and stages the CUDA binaries in
+# target/gpu-stage (carry it to the GPU machine and run its run.sh there).
+gpu-build: $(GGUF)
+	bash scripts/gpu-check.sh build
 
 # The README's experiment (about 15 minutes): default model and a synthetic 1B-class
 # model, base only and 1 to 2,048 adapters; writes bench/results/.

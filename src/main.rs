@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use multilora::byte_size::parse_byte_size;
 use multilora::engine::EngineConfig;
 use multilora::lora::registry::{self, RegistryConfig};
+use multilora::model::placement::{load_model_on, DTypeChoice, DeviceSpec};
 use multilora::model::weights;
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
@@ -113,6 +114,14 @@ struct ServeArgs {
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     revision: Option<String>,
+    /// Where the base model, its KV cache and the active adapters live: cpu, or cuda[:N]
+    /// (builds with the `cuda` feature).
+    #[arg(long, env = "MULTILORA_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
+    /// How base weights and activations are kept: auto (f32 on cpu, bf16 on cuda), f32,
+    /// bf16 or f16 (cuda). A quantized GGUF is dequantized on load.
+    #[arg(long, env = "MULTILORA_DTYPE", default_value = "auto")]
+    dtype: DTypeChoice,
     /// Address to listen on.
     #[arg(long, env = "MULTILORA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -301,7 +310,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 {
         anyhow::bail!("--block-size, --max-batch-tokens and --max-running must be positive");
     }
-    let loaded = weights::load_model(&args.model, args.revision.as_deref())?;
+    let loaded = load_model_on(
+        &args.model,
+        args.revision.as_deref(),
+        args.device,
+        args.dtype,
+    )?;
     let eager = registry::collect_specs(&args.adapters, &[])?;
     let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
     let adapters = registry::AdapterRegistry::new(RegistryConfig {

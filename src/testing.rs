@@ -2,6 +2,8 @@
 //! and (through the `test-support` cargo feature, which integration tests, benches and
 //! examples of this crate turn on) for the tests in `tests/`. Not part of the served
 //! program: a plain build leaves this module out.
+use crate::lora::peft::{AdapterWeights, BaseShape, LoraPair, LoraSite};
+use crate::model::backend::Backend;
 use crate::model::layout::{tensor_specs, TensorKind};
 use crate::model::{CpuBackend, Llama, ModelConfig, ModelRunner};
 use crate::rng::Xoshiro256;
@@ -52,8 +54,55 @@ pub fn llama_from(
     weights: HashMap<String, Tensor>,
     cfg: &ModelConfig,
 ) -> Result<Llama<CpuBackend>> {
+    llama_on(CpuBackend, weights, cfg)
+}
+
+/// A model on `backend` over `weights`: the same weights on two backends for parity.
+pub fn llama_on<B: Backend>(
+    backend: B,
+    weights: HashMap<String, Tensor>,
+    cfg: &ModelConfig,
+) -> Result<Llama<B>> {
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    Llama::load(CpuBackend, vb, cfg)
+    Llama::load(backend, vb, cfg)
+}
+
+/// Seeded random LoRA weights of `rank` at `sites` of every layer (in memory, as
+/// `lora::synth` writes them to a folder), scale 16 / rank.
+pub fn random_adapter(
+    base: &BaseShape,
+    rank: usize,
+    sites: &[LoraSite],
+    seed: u64,
+) -> AdapterWeights {
+    let mut rng = Xoshiro256::from_seed(seed);
+    let mut bytes = 0;
+    let layers = (0..base.num_layers)
+        .map(|_| {
+            std::array::from_fn(|i| {
+                let site = *sites.iter().find(|s| s.index() == i)?;
+                let (inp, out) = base.dims(site);
+                let a = rng.symmetric_vec(rank * inp, (3.0 / inp as f32).sqrt());
+                let b = rng.symmetric_vec(out * rank, 0.5 / rank as f32);
+                bytes += 4 * (a.len() + b.len());
+                Some(LoraPair {
+                    rank,
+                    scale: 16.0 / rank as f32,
+                    a,
+                    b,
+                })
+            })
+        })
+        .collect();
+    let mut target_modules: Vec<String> =
+        sites.iter().map(|s| s.module_name().to_string()).collect();
+    target_modules.sort();
+    AdapterWeights {
+        rank_max: rank,
+        target_modules,
+        layers,
+        bytes,
+    }
 }
 
 /// A CPU model with [`random_weights`].

@@ -8,6 +8,7 @@
 //! evicted; the blocks held stay within `budget_blocks`; every held block is off the
 //! KV free list and goes back exactly once.
 use super::block_allocator::BlockAllocator;
+use crate::lora::peft::AdapterWeights;
 use crate::lora::registry::AdapterVersion;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -37,6 +38,9 @@ pub struct ActivePool {
     used_blocks: usize,
     slots: HashMap<u64, Slot>,
     stats: ActiveStats,
+    /// Weights of versions removed since the last [`ActivePool::take_evicted`]: the
+    /// model drops its device copies of them.
+    evicted: Vec<Arc<AdapterWeights>>,
 }
 
 impl ActivePool {
@@ -47,6 +51,7 @@ impl ActivePool {
             block_bytes: block_bytes.max(1),
             used_blocks: 0,
             slots: HashMap::new(),
+            evicted: Vec::new(),
             stats: ActiveStats {
                 budget_bytes: budget_blocks * block_bytes,
                 ..Default::default()
@@ -128,6 +133,11 @@ impl ActivePool {
         true
     }
 
+    /// The weights of versions that left the pool since the last call.
+    pub fn take_evicted(&mut self) -> Vec<Arc<AdapterWeights>> {
+        std::mem::take(&mut self.evicted)
+    }
+
     /// Evicts idle versions until the KV cache has `free` free blocks, or none is left.
     pub fn evict_for_kv(
         &mut self,
@@ -161,6 +171,7 @@ impl ActivePool {
             blocks.release(&mut slot.blocks);
             if let Some(v) = slot.version.upgrade() {
                 v.set_active(false);
+                self.evicted.push(v.weights.clone());
             }
         }
     }

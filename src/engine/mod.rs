@@ -439,6 +439,7 @@ impl Engine {
             &mut gate,
         );
         self.stats.preemptions += plan.preempted as u64;
+        self.release_evicted();
         for mut seq in plan.impossible.drain(..) {
             seq.fail(RequestError::ResourceExhausted(format!(
                 "{} tokens need more KV blocks than the cache has ({} blocks of {} tokens)",
@@ -456,6 +457,13 @@ impl Engine {
         match self.model.forward(&batch, &adapters) {
             Ok(logits) => self.finish_step(&plan, &sampled, &logits),
             Err(e) => self.fail_step(&plan, &format!("{e:#}")),
+        }
+    }
+
+    /// Lets the model drop its copies (device memory) of adapters the pool evicted.
+    fn release_evicted(&mut self) {
+        for weights in self.pool.take_evicted() {
+            self.model.release_adapter(&weights);
         }
     }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod detokenizer;
 pub mod layout;
 pub mod llama;
+pub mod placement;
 pub mod runner;
 pub mod synth;
 pub mod tokenizer;

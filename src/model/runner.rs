@@ -36,6 +36,10 @@ pub trait BaseModel: Send {
     /// Anything stored before is gone.
     fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> Result<()>;
 
+    /// The engine evicted `adapter` from its active pool (see
+    /// [`Backend::release_adapter`]).
+    fn release_adapter(&mut self, _adapter: &Arc<AdapterWeights>) {}
+
     /// One step (see [`Llama::forward_with_adapters`]) over the storage of
     /// [`Self::allocate_kv`].
     fn forward(
@@ -82,6 +86,10 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
             .new_kv(num_blocks, block_size)
             .with_context(|| format!("allocating {num_blocks} K/V blocks of {block_size}"))?;
         Ok(())
+    }
+
+    fn release_adapter(&mut self, adapter: &Arc<AdapterWeights>) {
+        self.model.backend().release_adapter(adapter);
     }
 
     fn forward(

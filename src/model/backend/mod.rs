@@ -3,7 +3,8 @@
 //! (which tensors, in which order, with which adapter sites); a [`Backend`] decides
 //! *where and how*: the memory that holds weights, activations and the paged K/V, and the
 //! kernels that compute on them. `cpu` (f32 host buffers, our packed AVX2/FMA linears and
-//! LoRA kernels) is the one backend today.
+//! LoRA kernels) is the default; `cuda` (feature `cuda`: candle's CUDA tensors, our SGMV
+//! and paged-attention kernels) keeps everything in device memory.
 //!
 //! # Contract
 //! - **Shapes.** A [`Backend::Matrix`] is a row-major `[rows, cols]` matrix of f32 values
@@ -41,6 +42,8 @@
 //! engine as a `Box<dyn BaseModel>` (see `super::runner`). Nothing in the model, engine or
 //! server changes. The oracle for a new backend is the CPU backend on the same weights.
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use super::batch::ForwardBatch;
 use crate::lora::peft::{AdapterWeights, LoraSite};
@@ -169,6 +172,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
         batch: &ForwardBatch,
         adapters: &[Arc<AdapterWeights>],
     ) -> Result<Self::Step>;
+    /// The engine evicted `adapter` from its active pool: a backend that keeps a copy
+    /// of active adapters (device memory) drops it. Steps already prepared keep theirs.
+    fn release_adapter(&self, _adapter: &Arc<AdapterWeights>) {}
     /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
     /// parts' widths]`), for input `x` (`[t, in]`).
     fn lora(

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA path, in two halves.
+#
+#   bash scripts/gpu-check.sh build   # here, on a machine without a GPU
+#   bash run.sh                       # on the GPU machine, inside the staged folder
+#
+# Build half: links the CUDA test and bench binaries and the server with the pinned
+# CUDA 13.0 toolchain (scripts/cuda-env.sh) against the CUDA 13 libraries from PyPI and a
+# libcuda stub (link time only: at run time the driver's libcuda.so.1 is used), strips
+# them and stages everything the run needs in target/gpu-stage (at most 60 MB; the GPU
+# machine receives at most 64 MB and reaches nothing): the binaries, the default model's
+# tokenizer (for `model synth`), and this script as run.sh.
+#
+# Run half (under 5 minutes): makes the models and adapters there from seeds and writes
+# every figure to gpu-figures.txt:
+#   (a) every kernel against its oracle, (b) the seeded model on the CPU and the GPU
+#   (tests/cuda_backend.rs, with --include-ignored); (c) the kernel and step benchmark
+#   (benches/cuda_lora.rs); (d) a closed-loop load run of the server on the synthetic 1B
+#   model in bf16: base only, one adapter, 64 distinct adapters, and cold rank-64
+#   all-linear adapters loaded beside 16 running streams.
+set -euo pipefail
+
+STAGE_LIMIT_MB=60
+
+build_half() {
+  cd "$(dirname "$0")/.."
+  local root stage link
+  root=$(pwd)
+  stage="$root/target/gpu-stage"
+  link="$root/target/cuda-link"
+  bash scripts/cuda-env.sh true  # installs the pinned toolchain
+  # Link-time libraries: cuBLAS, cuRAND, NVRTC (pinned to the 13.0 release) and the
+  # CUDA runtime, as lib*.so names in one folder, plus a libcuda stub.
+  local pins=(nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88)
+  if [ ! -f .venv-cuda/.link-libs ]; then
+    .venv-cuda/bin/pip install --quiet --disable-pip-version-check "${pins[@]}"
+    touch .venv-cuda/.link-libs
+  fi
+  local cu13
+  cu13=$(cd .venv-cuda/lib/python3*/site-packages/nvidia/cu13 && pwd)
+  rm -rf "$link" && mkdir -p "$link"
+  for lib in cublas cublasLt nvrtc cudart curand; do
+    local so
+    so=$(find "$cu13" "$cu13/.." -name "lib$lib.so.*" -not -name "*.alt.*" 2>/dev/null | sort | head -1)
+    [ -n "$so" ] || { echo "lib$lib.so.* not found under $cu13" >&2; exit 1; }
+    ln -sf "$so" "$link/lib$lib.so"
+  done
+  # The stub: every driver entry point cudarc declares, as an empty function.
+  local sys
+  sys=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
+  grep -o 'pub unsafe fn cu[A-Za-z0-9_]*\|pub fn cu[A-Za-z0-9_]*' "$sys" | awk '{print $NF}' | sort -u |
+    sed 's/.*/void &(void) {}/' > "$link/cuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$link/cuda_stub.c"
+
+  export RUSTFLAGS="-L $link"
+  local log="$root/target/gpu-build.log"
+  bash scripts/cuda-env.sh cargo build --release --features cuda --bin multilora
+  bash scripts/cuda-env.sh cargo test --release --features cuda --test cuda_backend --no-run 2>&1 | tee "$log"
+  bash scripts/cuda-env.sh cargo bench --features cuda --bench cuda_lora --no-run 2>&1 | tee -a "$log"
+  local test_bin bench_bin
+  test_bin=$(grep -o 'target/cuda/release/deps/cuda_backend-[0-9a-f]*' "$log" | tail -1)
+  bench_bin=$(grep -o 'target/cuda/release/deps/cuda_lora-[0-9a-f]*' "$log" | tail -1)
+  rm -rf "$stage" && mkdir -p "$stage/bin"
+  cp target/cuda/release/multilora "$stage/bin/multilora"
+  cp "$test_bin" "$stage/bin/cuda_backend"
+  cp "$bench_bin" "$stage/bin/cuda_lora"
+  strip "$stage"/bin/*
+  local tok
+  tok=$(bash scripts/fetch-model.sh any)
+  # `model synth --tokenizer-from` takes a GGUF or a folder; stage the GGUF's tokenizer
+  # as a folder with tokenizer.json when the model is a folder, else the GGUF itself
+  # would be too large: write a tiny synthetic model here and stage its tokenizer.
+  "$root/target/cuda/release/multilora" model synth --shape tiny --out "$stage/tokenizer" \
+    --tokenizer-from "$tok" > /dev/null
+  rm -f "$stage/tokenizer/model.safetensors"
+  cp "$0" "$stage/run.sh"
+  local size
+  size=$(du -sm "$stage" | cut -f1)
+  echo "staged $stage: ${size} MB"
+  du -sh "$stage"/bin/* "$stage/tokenizer"
+  if [ "$size" -gt "$STAGE_LIMIT_MB" ]; then
+    echo "the staged folder is over $STAGE_LIMIT_MB MB" >&2
+    exit 1
+  fi
+}
+
+# LD_LIBRARY_PATH for the CUDA 13 libraries of the GPU machine (cuBLAS, cuRAND, NVRTC):
+# CUDA_LIBS if set, else the first folder found holding each.
+find_cuda_libs() {
+  local dirs=() lib d
+  for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13 libcurand.so.10 libcudart.so.13; do
+    d=$(find ${CUDA_LIBS:-} /usr/local /usr/lib /opt /root /home -name "$lib" 2>/dev/null | head -1 || true)
+    [ -n "$d" ] && dirs+=("$(dirname "$d")") || echo "warning: $lib not found" >&2
+  done
+  local IFS=:
+  echo "${dirs[*]}"
+}
+
+wait_port() {
+  local port=$1 pid=$2
+  for _ in $(seq 1 600); do
+    (exec 3<> "/dev/tcp/127.0.0.1/$port") 2> /dev/null && return 0
+    kill -0 "$pid" 2> /dev/null || return 1
+    sleep 0.5
+  done
+  return 1
+}
+
+run_half() {
+  cd "$(dirname "$0")"
+  local out=gpu-figures.txt work=gpu-work
+  export LD_LIBRARY_PATH="$(find_cuda_libs):${LD_LIBRARY_PATH:-}"
+  mkdir -p "$work"
+  : > "$out"
+  { echo "# gpu-check $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee -a "$out"
+  echo "## (a) kernels against their oracles, (b) the model on the CPU and the GPU" | tee -a "$out"
+  ./bin/cuda_backend --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out" || echo "TESTS FAILED" | tee -a "$out"
+  echo "## (c) kernel and step benchmark" | tee -a "$out"
+  timeout 120 ./bin/cuda_lora --bench 2>&1 | tee -a "$out" || echo "BENCH FAILED" | tee -a "$out"
+  echo "## (d) closed-loop load on the synthetic 1B model (bf16)" | tee -a "$out"
+  load_runs "$work" 2>&1 | tee -a "$out" || echo "LOAD RUN FAILED" | tee -a "$out"
+  echo "figures in $(pwd)/$out"
+}
+
+load_runs() {
+  local work=$1 bin=./bin/multilora port=50071
+  [ -f "$work/m1b/model.safetensors" ] || $bin model synth --shape 1b --out "$work/m1b" --tokenizer-from tokenizer > /dev/null
+  $bin adapters synth --model "$work/m1b" --out "$work/a64" --count 64 --prefix a --ranks 16 --targets q,k,v,o --distinct 8 > /dev/null
+  $bin adapters synth --model "$work/m1b" --out "$work/cold" --count 4 --prefix cold --ranks 64 \
+    --targets q,k,v,o,gate,up,down --seed 9 > /dev/null
+  $bin serve --model "$work/m1b" --device cuda --listen "127.0.0.1:$port" --adapter-dir "$work/a64" --adapter-dir "$work/cold" \
+    --kv-cache-memory 8GiB --adapter-memory 4GiB > "$work/server.log" 2>&1 &
+  local pid=$!
+  trap 'kill $pid 2>/dev/null || true' RETURN
+  wait_port $port $pid || { tail -20 "$work/server.log"; return 1; }
+  local common=(--endpoint "http://127.0.0.1:$port" --concurrency 64 --input-len 128 --output-len 64
+                --ignore-eos --warmup 16 --quiet --seed 1)
+  echo "- base only";   $bin bench "${common[@]}" --requests 192 | head -3
+  echo "- one adapter"; $bin bench "${common[@]}" --requests 192 --adapters a-0 | head -3
+  echo "- 64 adapters"; $bin bench "${common[@]}" --requests 192 --num-adapters 64 --adapter-prefix a --popularity distinct | head -3
+  echo "- cold rank-64 all-linear adapters requested beside 16 running streams"
+  $bin bench --endpoint "http://127.0.0.1:$port" --concurrency 16 --input-len 128 --output-len 256 \
+    --ignore-eos --warmup 0 --quiet --seed 2 --requests 32 --json "$work/streams.json" > "$work/streams.txt" &
+  local streams=$!
+  sleep 4
+  for i in 0 1 2 3; do
+    $bin bench --endpoint "http://127.0.0.1:$port" --adapters "cold-$i" --concurrency 1 --requests 1 \
+      --input-len 16 --output-len 4 --quiet --seed $i > /dev/null
+    sleep 1
+  done
+  wait $streams
+  head -3 "$work/streams.txt"
+  python3 - "$work/streams.json" <<'PY' || true
+import json, sys
+itl = json.load(open(sys.argv[1]))["summary"]["itl"]
+print(f"streams' inter-token gaps during the cold loads: max {itl['max']*1e3:.1f} ms, "
+      f"median {itl['p50']*1e3:.1f} ms, max/median {itl['max']/itl['p50']:.2f} (target < 1.5)")
+PY
+}
+
+case "${1:-run}" in
+  build) build_half ;;
+  run) run_half ;;
+  *) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac

@@ -1,0 +1,334 @@
+//! The `cuda` backend (cargo feature `cuda`): weights, activations, the paged K/V and the
+//! active adapters resident on one CUDA device in bf16, f16 or f32. GEMMs, RMS norm and
+//! SwiGLU run through candle's CUDA tensors (cuBLAS and candle's kernels); RoPE, the K/V
+//! write, paged attention and the batched LoRA kernels are ours (`kernels`, compiled from
+//! the `.cu` files beside the CPU kernels). Accumulation is f32 everywhere.
+//!
+//! Invariants: all work of a step is queued on the device's one stream, so stream order
+//! is the only synchronisation; nothing crosses to the host during a step except the
+//! step metadata (one upload in `begin_step`, plus the token ids and logit rows) and the
+//! logits (`to_host`, the step's one synchronisation). Every operation is row-wise or
+//! reads only the row's own sequence with a fixed reduction order, except cuBLAS GEMMs,
+//! whose kernel choice may depend on the number of rows: a token's logits may differ in
+//! the last bits with the batch size (not bit-identical across batch shapes, unlike the
+//! CPU backend).
+mod adapters;
+pub mod kernels;
+mod step;
+
+use super::{Backend, HeadShape, KvLayout, SitePart};
+use crate::lora::peft::AdapterWeights;
+use crate::model::batch::ForwardBatch;
+use adapters::AdapterCache;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::cuda::CudaDevice;
+use candle_core::{DType, Device, Tensor};
+use kernels::{device_ptr, Kernels, LoraLaunch};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+pub use step::CudaStep;
+
+/// One CUDA device and the dtype weights and activations are kept in.
+pub struct CudaBackend {
+    device: Device,
+    cuda: CudaDevice,
+    ordinal: usize,
+    dtype: DType,
+    kernels: Kernels,
+    adapters: AdapterCache,
+    /// The block size of the last K/V store made (the step metadata needs it).
+    block_size: AtomicUsize,
+}
+
+/// The paged K/V of every layer: `[num_blocks * block_size, kv_heads * head_dim]` per
+/// layer for K and for V.
+pub struct CudaKvStore {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl CudaBackend {
+    /// The backend on CUDA device `ordinal` in `dtype` (bf16, f16 or f32).
+    pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
+        let device = Device::new_cuda_with_stream(ordinal)
+            .with_context(|| format!("opening CUDA device {ordinal}"))?;
+        let cuda = device.as_cuda_device()?.clone();
+        let kernels = Kernels::new(&cuda, dtype)?;
+        Ok(Self {
+            device,
+            cuda,
+            ordinal,
+            dtype,
+            kernels,
+            adapters: AdapterCache::default(),
+            block_size: AtomicUsize::new(1),
+        })
+    }
+
+    /// The candle device tensors of this backend live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Adapter versions and bytes resident on the device.
+    pub fn adapter_usage(&self) -> (usize, usize) {
+        self.adapters.usage()
+    }
+
+    fn ptr(&self, t: &Tensor) -> Result<u64> {
+        device_ptr(t, self.kernels.stream())
+    }
+
+    fn to_device(&self, host: &Tensor) -> Result<Tensor> {
+        Ok(host.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    fn index_tensor(&self, rows: impl Iterator<Item = usize>) -> Result<Tensor> {
+        let ids: Vec<u32> = rows.map(|r| r as u32).collect();
+        let n = ids.len();
+        Ok(Tensor::from_vec(ids, n, &self.device)?)
+    }
+}
+
+fn rows_cols(x: &Tensor) -> Result<(usize, usize)> {
+    x.dims2().context("an activation must be [rows, cols]")
+}
+
+impl Backend for CudaBackend {
+    type Matrix = Tensor;
+    type Weight = Tensor;
+    type Vector = Tensor;
+    type KvStore = CudaKvStore;
+    type Step = CudaStep;
+
+    fn device_name(&self) -> String {
+        format!("cuda:{}", self.ordinal)
+    }
+
+    fn dtype_name(&self) -> String {
+        format!("{:?}", self.dtype).to_lowercase()
+    }
+
+    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
+        ensure!(
+            data.len() == rows * cols,
+            "{} values are not {rows}x{cols}",
+            data.len()
+        );
+        self.to_device(&Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
+    }
+
+    fn weight(&self, w: &Tensor) -> Result<Tensor> {
+        w.dims2().context("a linear weight must be [out, in]")?;
+        self.to_device(w)
+    }
+
+    fn vector(&self, v: &Tensor) -> Result<Tensor> {
+        self.to_device(v)
+    }
+
+    fn kv_store(&self, layout: KvLayout) -> Result<CudaKvStore> {
+        self.block_size.store(layout.block_size, Ordering::Relaxed);
+        let rows = (layout.num_blocks * layout.block_size).max(1);
+        let shape = (rows, layout.slot_len());
+        let mut k = Vec::with_capacity(layout.num_layers);
+        let mut v = Vec::with_capacity(layout.num_layers);
+        for _ in 0..layout.num_layers {
+            k.push(Tensor::zeros(shape, self.dtype, &self.device)?);
+            v.push(Tensor::zeros(shape, self.dtype, &self.device)?);
+        }
+        Ok(CudaKvStore { k, v })
+    }
+
+    fn kv_bytes_per_token(&self, layout: &KvLayout) -> usize {
+        layout.values_per_token() * self.dtype.size_in_bytes()
+    }
+
+    fn embed(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let ids = self.index_tensor(ids.iter().map(|&i| i as usize))?;
+        Ok(table.index_select(&ids, 0)?)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&w.t()?)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?)
+    }
+
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
+        *x = x.add(y)?;
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
+        let (_, cols) = rows_cols(gate_up)?;
+        ensure!(cols % 2 == 0, "gate|up width {cols} is odd");
+        let i = cols / 2;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)?;
+        Ok(gate.mul(&gate_up.narrow(1, i, i)?)?)
+    }
+
+    fn split_columns(&self, x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+        let (_, cols) = rows_cols(x)?;
+        ensure!(
+            widths.iter().sum::<usize>() == cols,
+            "column widths {widths:?} do not add up to {cols}"
+        );
+        let mut start = 0;
+        let mut out = Vec::with_capacity(widths.len());
+        for &w in widths {
+            out.push(x.narrow(1, start, w)?.contiguous()?);
+            start += w;
+        }
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        step: &CudaStep,
+        batch: &ForwardBatch,
+        x: &mut Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        heads: usize,
+    ) -> Result<()> {
+        let (rows, cols) = rows_cols(x)?;
+        let (max_positions, half) = rows_cols(cos)?;
+        ensure!(
+            cols == heads * 2 * half && rows == batch.positions.len(),
+            "rope over {rows} rows of {cols} columns with {heads} heads of {}",
+            2 * half
+        );
+        if let Some(&p) = batch.positions.iter().max() {
+            ensure!(p < max_positions, "position {p} is past the rope tables");
+        }
+        *x = x.contiguous()?;
+        let tables = (self.ptr(cos)?, self.ptr(sin)?);
+        let positions = step.attention.positions;
+        self.kernels
+            .rope(self.ptr(x)?, rows, tables, positions, heads, half)
+    }
+
+    fn paged_attention(
+        &self,
+        step: &CudaStep,
+        batch: &ForwardBatch,
+        kv: &mut CudaKvStore,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: HeadShape,
+    ) -> Result<Tensor> {
+        let rows = batch.tokens.len();
+        let width = shape.num_kv_heads * shape.head_dim;
+        ensure!(
+            rows_cols(k)? == (rows, width) && rows_cols(v)? == (rows, width),
+            "K/V of {rows} rows of {width} expected"
+        );
+        let (Some(kc), Some(vc)) = (kv.k.get(layer), kv.v.get(layer)) else {
+            bail!("layer {layer} has no K/V storage");
+        };
+        let caches = (self.ptr(kc)?, self.ptr(vc)?);
+        let meta = step.attention;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        self.kernels.kv_write(
+            (self.ptr(&k)?, self.ptr(&v)?),
+            caches,
+            meta.kv_slot,
+            rows,
+            width,
+        )?;
+        let q = q.contiguous()?;
+        let out = Tensor::zeros(
+            (rows, shape.num_heads * shape.head_dim),
+            self.dtype,
+            &self.device,
+        )?;
+        self.kernels
+            .paged_attention(self.ptr(&out)?, self.ptr(&q)?, caches, meta, rows, shape)?;
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let (n, _) = rows_cols(x)?;
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            bail!("row {r} of {n}");
+        }
+        Ok(x.index_select(&self.index_tensor(rows.iter().copied())?, 0)?)
+    }
+
+    fn to_host(&self, x: Tensor) -> Result<Vec<f32>> {
+        Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn begin_step(
+        &self,
+        batch: &ForwardBatch,
+        adapters: &[Arc<AdapterWeights>],
+    ) -> Result<CudaStep> {
+        let device_adapters = adapters
+            .iter()
+            .map(|a| self.adapters.get(a, self.dtype, &self.device, &self.cuda))
+            .collect::<Result<Vec<_>>>()
+            .context("copying adapters to the device")?;
+        let block_size = self.block_size.load(Ordering::Relaxed);
+        CudaStep::new(&self.cuda, batch, block_size, device_adapters)
+    }
+
+    fn release_adapter(&self, adapter: &Arc<AdapterWeights>) {
+        self.adapters.release(adapter);
+    }
+
+    fn lora(
+        &self,
+        step: &CudaStep,
+        layer: usize,
+        parts: &[SitePart],
+        x: &Tensor,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        let Some(lora) = &step.lora else {
+            return Ok(());
+        };
+        let (rows, in_features) = rows_cols(x)?;
+        let (_, y_stride) = rows_cols(y)?;
+        let widths: usize = parts.iter().map(|p| p.out_features).sum();
+        ensure!(
+            widths == y_stride,
+            "LoRA parts cover {widths} columns of {y_stride}"
+        );
+        let x = x.contiguous()?;
+        *y = y.contiguous()?;
+        let h = Tensor::zeros((rows, lora.max_rank), DType::F32, &self.device)?;
+        let mut y_offset = 0;
+        for part in parts {
+            let site = LoraLaunch {
+                x: self.ptr(&x)?,
+                in_features,
+                h: self.ptr(&h)?,
+                h_stride: lora.max_rank,
+                y: self.ptr(y)?,
+                y_stride,
+                y_offset,
+                out_features: part.out_features,
+                site: layer * 7 + part.site.index(),
+                max_rank: lora.max_rank,
+            };
+            for (group, sgmv) in [(lora.sgmv, true), (lora.bgmv, false)] {
+                self.kernels
+                    .lora(&site, group, lora.tables, sgmv)
+                    .with_context(|| {
+                        format!("LoRA at layer {layer} {}", part.site.module_name())
+                    })?;
+            }
+            y_offset += part.out_features;
+        }
+        Ok(())
+    }
+}

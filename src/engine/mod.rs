@@ -420,9 +420,14 @@ impl Engine {
         self.pool
             .evict_for_kv(decode_blocks, &pinned, &mut self.blocks);
         let pool = &mut self.pool;
+        let model = &*self.model;
         let mut gate = |seq: &Sequence, blocks: &mut BlockAllocator, free_blocks: usize| {
             if let Some(lease) = &seq.adapter {
-                if !pool.activate(lease.version(), &pinned, blocks, now) {
+                // Active in the pool, then ready on the backend (a device copy may still
+                // be in flight: the sequence waits without holding up the step).
+                if !pool.activate(lease.version(), &pinned, blocks, now)
+                    || !model.adapter_ready(lease.weights())
+                {
                     return false;
                 }
                 pinned.insert(lease.key());

@@ -231,11 +231,11 @@ impl<B: Backend> Llama<B> {
         self.check(batch, adapters)?;
         let be = &self.backend;
         let step = be.begin_step(batch, adapters)?;
-        let mut x = be.embed(&self.embedding, &batch.tokens)?;
+        let mut x = be.embed(&step, batch, &self.embedding)?;
         for (i, layer) in self.layers.iter().enumerate() {
             self.layer_forward(i, layer, &mut x, batch, kv, &step)?;
         }
-        let last = be.gather_rows(&x, &batch.logit_rows)?;
+        let last = be.gather_logit_rows(&step, batch, &x)?;
         let normed = be.rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
         be.to_host(be.linear(&normed, &self.lm_head)?)
     }

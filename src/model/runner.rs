@@ -40,6 +40,11 @@ pub trait BaseModel: Send {
     /// [`Backend::release_adapter`]).
     fn release_adapter(&mut self, _adapter: &Arc<AdapterWeights>) {}
 
+    /// Whether `adapter` is ready for a step (see [`Backend::prepare_adapter`]).
+    fn adapter_ready(&self, _adapter: &Arc<AdapterWeights>) -> bool {
+        true
+    }
+
     /// One step (see [`Llama::forward_with_adapters`]) over the storage of
     /// [`Self::allocate_kv`].
     fn forward(
@@ -90,6 +95,10 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
 
     fn release_adapter(&mut self, adapter: &Arc<AdapterWeights>) {
         self.model.backend().release_adapter(adapter);
+    }
+
+    fn adapter_ready(&self, adapter: &Arc<AdapterWeights>) -> bool {
+        self.model.backend().prepare_adapter(adapter)
     }
 
     fn forward(

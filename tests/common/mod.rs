@@ -7,7 +7,7 @@
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::BaseShape;
 use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
-use multilora::model::{weights, ModelConfig, TextTokenizer};
+use multilora::model::{weights, BaseModel, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
 use multilora::server::generation::GenerationService;
 use multilora::server::{start_engine, RunningServer, ServerOptions};
@@ -156,6 +156,15 @@ impl TestServer {
 
     /// The service, with its engine running (not yet serving gRPC).
     pub fn service(self) -> GenerationService {
+        self.service_with(|model| model)
+    }
+
+    /// [`Self::service`] with the model wrapped by `wrap` (a test double around the real
+    /// model, e.g. one that delays adapter copies).
+    pub fn service_with(
+        self,
+        wrap: impl FnOnce(Box<dyn BaseModel>) -> Box<dyn BaseModel>,
+    ) -> GenerationService {
         let (model, tokenizer, dtype) = match &self.base {
             Base::Random { cfg, seed } => (
                 random_model(cfg, *seed).unwrap(),
@@ -168,6 +177,7 @@ impl TestServer {
                 (loaded.model, loaded.tokenizer, loaded.source_dtype)
             }
         };
+        let model = wrap(model);
         let mut cfg = RegistryConfig::new(model.base_shape());
         if let Some(bytes) = self.host_memory {
             cfg.host_memory = bytes;

@@ -121,8 +121,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Bytes of K/V storage one token takes in `layout`'s shape.
     fn kv_bytes_per_token(&self, layout: &KvLayout) -> usize;
 
-    /// Rows `ids` of `table` (an embedding lookup); the caller checked every id.
-    fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Matrix>;
+    /// Rows `batch.tokens` of `table` (the embedding lookup); the caller checked every
+    /// id. A device backend reads the ids `begin_step` uploaded.
+    fn embed(
+        &self,
+        step: &Self::Step,
+        batch: &ForwardBatch,
+        table: &Self::Matrix,
+    ) -> Result<Self::Matrix>;
     /// `x W^T`: `[t, in]` -> `[t, out]`.
     fn linear(&self, x: &Self::Matrix, w: &Self::Weight) -> Result<Self::Matrix>;
     /// `x / sqrt(mean(x^2) + eps) * w`, per row.
@@ -159,8 +165,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
         v: &Self::Matrix,
         shape: HeadShape,
     ) -> Result<Self::Matrix>;
-    /// The given rows of `x`, in that order.
-    fn gather_rows(&self, x: &Self::Matrix, rows: &[usize]) -> Result<Self::Matrix>;
+    /// Rows `batch.logit_rows` of `x`, in that order (the rows whose logits the step
+    /// returns).
+    fn gather_logit_rows(
+        &self,
+        step: &Self::Step,
+        batch: &ForwardBatch,
+        x: &Self::Matrix,
+    ) -> Result<Self::Matrix>;
     /// The matrix's values on the host, row-major.
     fn to_host(&self, x: Self::Matrix) -> Result<Vec<f32>>;
 
@@ -175,6 +187,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// The engine evicted `adapter` from its active pool: a backend that keeps a copy
     /// of active adapters (device memory) drops it. Steps already prepared keep theirs.
     fn release_adapter(&self, _adapter: &Arc<AdapterWeights>) {}
+    /// Whether `adapter` can be used by a step without waiting; a backend that copies
+    /// adapters to device memory starts the copy here (off the engine thread) and says
+    /// no until it is done. The engine asks before scheduling a request's first step.
+    fn prepare_adapter(&self, _adapter: &Arc<AdapterWeights>) -> bool {
+        true
+    }
     /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
     /// parts' widths]`), for input `x` (`[t, in]`).
     fn lora(

@@ -104,10 +104,15 @@ impl Backend for CpuBackend {
         layout.values_per_token() * std::mem::size_of::<f32>()
     }
 
-    fn embed(&self, table: &HostMatrix, ids: &[u32]) -> Result<HostMatrix> {
+    fn embed(
+        &self,
+        _step: &CpuStep,
+        batch: &ForwardBatch,
+        table: &HostMatrix,
+    ) -> Result<HostMatrix> {
         let h = table.cols;
-        let mut x = Vec::with_capacity(ids.len() * h);
-        for &id in ids {
+        let mut x = Vec::with_capacity(batch.tokens.len() * h);
+        for &id in &batch.tokens {
             let id = id as usize;
             ensure!(id < table.rows(), "token id {id} is outside the embedding");
             x.extend_from_slice(&table.data[id * h..(id + 1) * h]);
@@ -214,9 +219,14 @@ impl Backend for CpuBackend {
         HostMatrix::new(out, shape.num_heads * shape.head_dim)
     }
 
-    fn gather_rows(&self, x: &HostMatrix, rows: &[usize]) -> Result<HostMatrix> {
-        let mut out = Vec::with_capacity(rows.len() * x.cols);
-        for &r in rows {
+    fn gather_logit_rows(
+        &self,
+        _step: &CpuStep,
+        batch: &ForwardBatch,
+        x: &HostMatrix,
+    ) -> Result<HostMatrix> {
+        let mut out = Vec::with_capacity(batch.logit_rows.len() * x.cols);
+        for &r in &batch.logit_rows {
             ensure!(r < x.rows(), "row {r} of {}", x.rows());
             out.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }

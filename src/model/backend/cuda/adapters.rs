@@ -3,34 +3,54 @@
 //! table (`SiteDesc` in sgmv.cu: A address, B address, rank, scale) per layer and site
 //! that the step's slot table points at.
 //!
+//! Copies run off the engine thread: [`AdapterCache::prepare`] (called by the engine
+//! when a request's adapter is activated) starts one on a background thread, which
+//! converts the weights to the model's dtype and copies them on the backend's side
+//! stream while steps go on; the request is scheduled once its copy is ready. A step
+//! that needs an adapter nobody prepared (tests, benches) copies it synchronously.
+//!
 //! Invariants: an entry is keyed by its host weights' `Arc` address and holds a `Weak`
 //! to them, so the address cannot be reused while the entry lives; an entry is dropped
-//! when the engine evicts that version from its active pool
-//! ([`AdapterCache::release`]) or when the host weights are gone; a step holds `Arc`s to
-//! the device copies it reads, so a release during a step frees nothing it uses. Every A
-//! and B starts 16-byte aligned in the buffer (sgmv.cu's vector loads rely on it).
-use super::kernels::device_ptr;
+//! when the engine evicts that version from its active pool ([`AdapterCache::release`])
+//! or when the host weights are gone; a ready copy has finished its transfer (its side
+//! stream was synchronised) before any step reads it; a step holds `Arc`s to the copies
+//! it reads, so a release during a step frees nothing it uses. Every A and B starts
+//! 16-byte aligned in the buffer (sgmv.cu's vector loads rely on it).
 use crate::lora::peft::AdapterWeights;
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use candle_core::cuda::CudaDevice;
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 
-/// Sites per layer (`LoraSite::index` < 7).
-const SITES: usize = 7;
 /// u64 words per `SiteDesc` (two addresses, then rank and scale packed in one word).
 const DESC_WORDS: usize = 3;
 
 /// One adapter version on the device.
 pub struct DeviceAdapter {
     /// Every A and B, in the model's dtype; addressed by `descs`.
-    _weights: Tensor,
+    _weights: CudaSlice<u8>,
     /// `SiteDesc[num_layers * 7]`.
     descs: CudaSlice<u64>,
     pub rank_max: usize,
     pub bytes: usize,
+}
+
+/// `values` in `dtype`, little-endian bytes.
+fn encode(values: &[f32], dtype: DType) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        other => bail!("adapters cannot be kept in {other:?}"),
+    })
 }
 
 impl DeviceAdapter {
@@ -39,36 +59,29 @@ impl DeviceAdapter {
         self.descs.device_ptr(stream).0
     }
 
-    fn upload(
-        w: &AdapterWeights,
-        dtype: DType,
-        device: &Device,
-        cuda: &CudaDevice,
-    ) -> Result<Self> {
+    /// Converts and copies `w` on `stream`; returns once the copy has finished.
+    fn upload(w: &AdapterWeights, dtype: DType, stream: &Arc<CudaStream>) -> Result<Self> {
         let align = 16 / dtype.size_in_bytes();
-        let mut host: Vec<f32> = Vec::new();
+        let mut host: Vec<f32> = Vec::with_capacity(w.bytes / 4 + 64);
         let mut place = |values: &[f32]| {
             host.resize(host.len().next_multiple_of(align), 0.0);
             let at = host.len();
             host.extend_from_slice(values);
             at
         };
-        let mut offsets = Vec::with_capacity(w.layers.len() * SITES);
-        for layer in &w.layers {
-            for pair in layer {
-                offsets.push(
-                    pair.as_ref()
-                        .map(|p| (place(&p.a), place(&p.b), p.rank, p.scale)),
-                );
-            }
-        }
-        let len = host.len().max(1);
-        host.resize(len, 0.0);
-        let weights = Tensor::from_vec(host, len, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
-        let stream = cuda.cuda_stream();
-        let base = device_ptr(&weights, &stream)?;
+        let offsets: Vec<_> = w
+            .layers
+            .iter()
+            .flatten()
+            .map(|pair| {
+                pair.as_ref()
+                    .map(|p| (place(&p.a), place(&p.b), p.rank, p.scale))
+            })
+            .collect();
+        host.resize(host.len().max(1), 0.0);
+        let bytes = encode(&host, dtype)?;
+        let weights = stream.clone_htod(&bytes)?;
+        let base = weights.device_ptr(stream).0;
         let elem = dtype.size_in_bytes() as u64;
         let mut table = Vec::with_capacity(offsets.len() * DESC_WORDS);
         for entry in offsets {
@@ -80,9 +93,10 @@ impl DeviceAdapter {
                 None => table.extend([0, 0, 0]),
             }
         }
-        let descs = cuda.clone_htod(&table)?;
+        let descs = stream.clone_htod(&table)?;
+        stream.synchronize()?;
         Ok(Self {
-            bytes: len * dtype.size_in_bytes(),
+            bytes: bytes.len(),
             _weights: weights,
             descs,
             rank_max: w.rank_max,
@@ -90,15 +104,22 @@ impl DeviceAdapter {
     }
 }
 
-struct Entry {
-    host: Weak<AdapterWeights>,
-    device: Arc<DeviceAdapter>,
+enum State {
+    Copying(JoinHandle<Result<DeviceAdapter>>),
+    Ready(Arc<DeviceAdapter>),
 }
 
-/// The device copies of the adapters steps have used and the engine has not evicted.
-#[derive(Default)]
+struct Entry {
+    host: Weak<AdapterWeights>,
+    state: State,
+}
+
+/// The device copies of the adapters the engine activated and has not evicted.
 pub struct AdapterCache {
     entries: Mutex<HashMap<usize, Entry>>,
+    /// The side stream copies run on (not the stream steps run on).
+    stream: Arc<CudaStream>,
+    dtype: DType,
 }
 
 fn key(w: &Arc<AdapterWeights>) -> usize {
@@ -106,47 +127,116 @@ fn key(w: &Arc<AdapterWeights>) -> usize {
 }
 
 impl AdapterCache {
-    /// The device copy of `w`, uploaded on first use.
-    pub fn get(
-        &self,
-        w: &Arc<AdapterWeights>,
-        dtype: DType,
-        device: &Device,
-        cuda: &CudaDevice,
-    ) -> Result<Arc<DeviceAdapter>> {
-        let mut entries = self.lock();
-        if let Some(e) = entries.get(&key(w)) {
-            return Ok(e.device.clone());
+    pub fn new(stream: Arc<CudaStream>, dtype: DType) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            stream,
+            dtype,
         }
-        entries.retain(|_, e| e.host.strong_count() > 0);
-        let device = Arc::new(DeviceAdapter::upload(w, dtype, device, cuda)?);
-        entries.insert(
+    }
+
+    /// Whether `w`'s device copy is ready; starts copying it in the background if no
+    /// copy exists. A copy that failed is forgotten and reported ready, so that the
+    /// step that uses it retries synchronously and reports the error.
+    pub fn prepare(&self, w: &Arc<AdapterWeights>) -> bool {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(&key(w)) else {
+            entries.retain(|_, e| e.host.strong_count() > 0);
+            let (weights, dtype, stream) = (w.clone(), self.dtype, self.stream.clone());
+            let copy = std::thread::spawn(move || DeviceAdapter::upload(&weights, dtype, &stream));
+            let state = State::Copying(copy);
+            entries.insert(
+                key(w),
+                Entry {
+                    host: Arc::downgrade(w),
+                    state,
+                },
+            );
+            return false;
+        };
+        match &entry.state {
+            State::Ready(_) => true,
+            State::Copying(copy) if !copy.is_finished() => false,
+            State::Copying(_) => {
+                let Some(Entry {
+                    host,
+                    state: State::Copying(copy),
+                }) = entries.remove(&key(w))
+                else {
+                    return true;
+                };
+                match join(copy) {
+                    Ok(device) => {
+                        let state = State::Ready(Arc::new(device));
+                        entries.insert(key(w), Entry { host, state });
+                    }
+                    Err(e) => tracing::warn!("copying an adapter to the device failed: {e:#}"),
+                }
+                true
+            }
+        }
+    }
+
+    /// The device copy of `w`: waits for a copy in flight, or copies it now.
+    pub fn get(&self, w: &Arc<AdapterWeights>) -> Result<Arc<DeviceAdapter>> {
+        let pending = {
+            let mut entries = self.lock();
+            match entries.remove(&key(w)) {
+                Some(Entry {
+                    host,
+                    state: State::Ready(device),
+                }) => {
+                    let state = State::Ready(device.clone());
+                    entries.insert(key(w), Entry { host, state });
+                    return Ok(device);
+                }
+                Some(Entry {
+                    state: State::Copying(copy),
+                    ..
+                }) => Some(copy),
+                None => None,
+            }
+        };
+        let device = match pending {
+            Some(copy) => join(copy)?,
+            None => DeviceAdapter::upload(w, self.dtype, &self.stream)?,
+        };
+        let device = Arc::new(device);
+        let state = State::Ready(device.clone());
+        self.lock().insert(
             key(w),
             Entry {
                 host: Arc::downgrade(w),
-                device: device.clone(),
+                state,
             },
         );
         Ok(device)
     }
 
-    /// Drops the device copy of `w` (freed once no step holds it).
+    /// Drops the device copy of `w` (freed once no step holds it; a copy in flight
+    /// finishes on its thread and is freed there).
     pub fn release(&self, w: &Arc<AdapterWeights>) {
         self.lock().remove(&key(w));
     }
 
-    /// Adapters and bytes resident on the device.
+    /// Adapters and bytes ready on the device.
     pub fn usage(&self) -> (usize, usize) {
         let entries = self.lock();
-        (
-            entries.len(),
-            entries.values().map(|e| e.device.bytes).sum(),
-        )
+        let ready = entries.values().filter_map(|e| match &e.state {
+            State::Ready(d) => Some(d.bytes),
+            State::Copying(_) => None,
+        });
+        ready.fold((0, 0), |(n, b), bytes| (n + 1, b + bytes))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Entry>> {
-        // A panic while holding the lock leaves the map consistent (every mutation is a
-        // single insert/remove/retain), so a poisoned lock is still usable.
+    fn lock(&self) -> MutexGuard<'_, HashMap<usize, Entry>> {
+        // Every mutation is a single insert/remove/retain, so a poisoned map is still
+        // consistent.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn join(copy: JoinHandle<Result<DeviceAdapter>>) -> Result<DeviceAdapter> {
+    copy.join()
+        .map_err(|_| anyhow!("the adapter copy thread panicked"))?
 }

@@ -6,8 +6,9 @@
 //!
 //! Invariants: all work of a step is queued on the device's one stream, so stream order
 //! is the only synchronisation; nothing crosses to the host during a step except the
-//! step metadata (one upload in `begin_step`, plus the token ids and logit rows) and the
-//! logits (`to_host`, the step's one synchronisation). Every operation is row-wise or
+//! step metadata (uploaded in `begin_step`, before the step's first kernel) and the
+//! logits (`to_host`, the step's one synchronisation). Adapter copies run on a side
+//! stream from a background thread (`adapters`), overlapping steps. Every operation is row-wise or
 //! reads only the row's own sequence with a fixed reduction order, except cuBLAS GEMMs,
 //! whose kernel choice may depend on the number of rows: a token's logits may differ in
 //! the last bits with the batch size (not bit-identical across batch shapes, unlike the
@@ -21,7 +22,6 @@ use crate::lora::peft::AdapterWeights;
 use crate::model::batch::ForwardBatch;
 use adapters::AdapterCache;
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::cuda::CudaDevice;
 use candle_core::{DType, Device, Tensor};
 use kernels::{device_ptr, Kernels, LoraLaunch};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,7 +31,6 @@ pub use step::CudaStep;
 /// One CUDA device and the dtype weights and activations are kept in.
 pub struct CudaBackend {
     device: Device,
-    cuda: CudaDevice,
     ordinal: usize,
     dtype: DType,
     kernels: Kernels,
@@ -54,13 +53,13 @@ impl CudaBackend {
             .with_context(|| format!("opening CUDA device {ordinal}"))?;
         let cuda = device.as_cuda_device()?.clone();
         let kernels = Kernels::new(&cuda, dtype)?;
+        let side_stream = cuda.cuda_stream().context().new_stream()?;
         Ok(Self {
             device,
-            cuda,
             ordinal,
             dtype,
             kernels,
-            adapters: AdapterCache::default(),
+            adapters: AdapterCache::new(side_stream, dtype),
             block_size: AtomicUsize::new(1),
         })
     }
@@ -85,12 +84,6 @@ impl CudaBackend {
 
     fn to_device(&self, host: &Tensor) -> Result<Tensor> {
         Ok(host.to_dtype(self.dtype)?.to_device(&self.device)?)
-    }
-
-    fn index_tensor(&self, rows: impl Iterator<Item = usize>) -> Result<Tensor> {
-        let ids: Vec<u32> = rows.map(|r| r as u32).collect();
-        let n = ids.len();
-        Ok(Tensor::from_vec(ids, n, &self.device)?)
     }
 }
 
@@ -148,9 +141,8 @@ impl Backend for CudaBackend {
         layout.values_per_token() * self.dtype.size_in_bytes()
     }
 
-    fn embed(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
-        let ids = self.index_tensor(ids.iter().map(|&i| i as usize))?;
-        Ok(table.index_select(&ids, 0)?)
+    fn embed(&self, step: &CudaStep, _batch: &ForwardBatch, table: &Tensor) -> Result<Tensor> {
+        Ok(table.index_select(&step.tokens, 0)?)
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -255,12 +247,17 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn gather_rows(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    fn gather_logit_rows(
+        &self,
+        step: &CudaStep,
+        batch: &ForwardBatch,
+        x: &Tensor,
+    ) -> Result<Tensor> {
         let (n, _) = rows_cols(x)?;
-        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+        if let Some(&r) = batch.logit_rows.iter().find(|&&r| r >= n) {
             bail!("row {r} of {n}");
         }
-        Ok(x.index_select(&self.index_tensor(rows.iter().copied())?, 0)?)
+        Ok(x.index_select(&step.logit_rows, 0)?)
     }
 
     fn to_host(&self, x: Tensor) -> Result<Vec<f32>> {
@@ -274,15 +271,19 @@ impl Backend for CudaBackend {
     ) -> Result<CudaStep> {
         let device_adapters = adapters
             .iter()
-            .map(|a| self.adapters.get(a, self.dtype, &self.device, &self.cuda))
+            .map(|a| self.adapters.get(a))
             .collect::<Result<Vec<_>>>()
             .context("copying adapters to the device")?;
         let block_size = self.block_size.load(Ordering::Relaxed);
-        CudaStep::new(&self.cuda, batch, block_size, device_adapters)
+        CudaStep::new(&self.device, batch, block_size, device_adapters)
     }
 
     fn release_adapter(&self, adapter: &Arc<AdapterWeights>) {
         self.adapters.release(adapter);
+    }
+
+    fn prepare_adapter(&self, adapter: &Arc<AdapterWeights>) -> bool {
+        self.adapters.prepare(adapter)
     }
 
     fn lora(

@@ -1,4 +1,6 @@
-//! One step's metadata on the device, uploaded once per step in a single copy: positions,
+//! One step's metadata on the device, uploaded at the start of the step (before its
+//! first kernel, so no copy waits on device work): the token ids and logit rows, and in
+//! one packed copy the positions,
 //! each token's K/V cache row, each row's chunk and the chunks' block tables (attention
 //! and RoPE), and the LoRA segments (SGMV group, then BGMV group), sorted tokens, their
 //! weights and the slot table of adapter descriptor addresses. Every layer's kernels read
@@ -12,11 +14,15 @@ use crate::lora::batch::{LoraBatch, Segment};
 use crate::model::batch::ForwardBatch;
 use anyhow::{ensure, Context, Result};
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use candle_core::cuda::CudaDevice;
+use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
 /// A step as the CUDA kernels read it.
 pub struct CudaStep {
+    /// The batch's token ids (the embedding rows), u32.
+    pub tokens: Tensor,
+    /// The rows whose logits the step returns, u32.
+    pub logit_rows: Tensor,
     _meta: CudaSlice<i32>,
     _adapters: Vec<Arc<DeviceAdapter>>,
     pub attention: AttentionMeta,
@@ -66,12 +72,16 @@ impl CudaStep {
     /// Builds and uploads the step's metadata. `block_size` is the K/V store's;
     /// `adapters[s]` is slot s's device copy.
     pub fn new(
-        cuda: &CudaDevice,
+        device: &Device,
         batch: &ForwardBatch,
         block_size: usize,
         adapters: Vec<Arc<DeviceAdapter>>,
     ) -> Result<Self> {
+        let cuda = device.as_cuda_device()?;
         let stream = cuda.cuda_stream();
+        let rows: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
+        let logit_rows = Tensor::from_vec(rows, batch.logit_rows.len(), device)?;
+        let tokens = Tensor::from_slice(&batch.tokens, batch.tokens.len(), device)?;
         let mut p = Packer::default();
         let positions = p.push(batch.positions.iter().map(|&x| x as i32));
         let mut kv_slot = Vec::with_capacity(batch.tokens.len());
@@ -121,6 +131,8 @@ impl CudaStep {
         };
         let lora = lora_layout.map(|l| l.resolve(&at, &adapters));
         Ok(Self {
+            tokens,
+            logit_rows,
             _meta: meta,
             _adapters: adapters,
             attention,

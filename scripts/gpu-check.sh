@@ -7,9 +7,9 @@
 # Build half: links the CUDA test and bench binaries and the server with the pinned
 # CUDA 13.0 toolchain (scripts/cuda-env.sh) against the CUDA 13 libraries from PyPI and a
 # libcuda stub (link time only: at run time the driver's libcuda.so.1 is used), strips
-# them and stages everything the run needs in target/gpu-stage (at most 60 MB; the GPU
-# machine receives at most 64 MB and reaches nothing): the binaries, the default model's
-# tokenizer (for `model synth`), and this script as run.sh.
+# and gzips them and stages everything the run needs in target/gpu-stage (at most 60 MB;
+# the GPU machine receives at most 64 MB and reaches nothing): the binaries, the default
+# model's tokenizer (for `model synth`), and this script as run.sh.
 #
 # Run half (under 5 minutes): makes the models and adapters there from seeds and writes
 # every figure to gpu-figures.txt:
@@ -51,6 +51,7 @@ build_half() {
   grep -o 'pub unsafe fn cu[A-Za-z0-9_]*\|pub fn cu[A-Za-z0-9_]*' "$sys" | awk '{print $NF}' | sort -u |
     sed 's/.*/void &(void) {}/' > "$link/cuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$link/cuda_stub.c"
+  ln -sf libcuda.so "$link/libcuda.so.1"
 
   export RUSTFLAGS="-L $link"
   local log="$root/target/gpu-build.log"
@@ -65,14 +66,16 @@ build_half() {
   cp "$test_bin" "$stage/bin/cuda_backend"
   cp "$bench_bin" "$stage/bin/cuda_lora"
   strip "$stage"/bin/*
+  # The default model's tokenizer as a folder (`model synth --tokenizer-from` reads
+  # tokenizer.json from it): a tiny synthetic model's folder without its weights. The
+  # CUDA binary runs here against the stub (synth makes no CUDA call).
   local tok
   tok=$(bash scripts/fetch-model.sh any)
-  # `model synth --tokenizer-from` takes a GGUF or a folder; stage the GGUF's tokenizer
-  # as a folder with tokenizer.json when the model is a folder, else the GGUF itself
-  # would be too large: write a tiny synthetic model here and stage its tokenizer.
-  "$root/target/cuda/release/multilora" model synth --shape tiny --out "$stage/tokenizer" \
-    --tokenizer-from "$tok" > /dev/null
+  LD_LIBRARY_PATH="$link:$cu13/lib" "$stage/bin/multilora" model synth --shape tiny \
+    --out "$stage/tokenizer" --tokenizer-from "$tok" > /dev/null
   rm -f "$stage/tokenizer/model.safetensors"
+  # PTX and debug-free code compress well: the binaries travel gzipped (run.sh unpacks).
+  gzip -9 "$stage"/bin/*
   cp "$0" "$stage/run.sh"
   local size
   size=$(du -sm "$stage" | cut -f1)
@@ -108,7 +111,12 @@ wait_port() {
 
 run_half() {
   cd "$(dirname "$0")"
-  local out=gpu-figures.txt work=gpu-work
+  local out=gpu-figures.txt work=gpu-work f
+  for f in bin/*.gz; do
+    [ -e "$f" ] || continue
+    gunzip -f "$f"
+    chmod +x "${f%.gz}"
+  done
   export LD_LIBRARY_PATH="$(find_cuda_libs):${LD_LIBRARY_PATH:-}"
   mkdir -p "$work"
   : > "$out"
@@ -120,6 +128,8 @@ run_half() {
   echo "## (d) closed-loop load on the synthetic 1B model (bf16)" | tee -a "$out"
   load_runs "$work" 2>&1 | tee -a "$out" || echo "LOAD RUN FAILED" | tee -a "$out"
   echo "figures in $(pwd)/$out"
+  # On the device tool's machine, $OUT is what comes back.
+  if [ -n "${OUT:-}" ]; then cp "$out" "$work/server.log" "$OUT/" 2>/dev/null || true; fi
 }
 
 load_runs() {

@@ -91,6 +91,8 @@ __device__ void shrink(const T* __restrict__ x, int in_features, float* __restri
             xs[j] = x + (size_t)sorted_tokens[start + t0 + min(j, tile - 1)] * in_features;
         }
         if (vec) {
+            // Unrolled so each lane keeps several 16-byte loads of A in flight.
+#pragma unroll 4
             for (int k = lane * N; k < in_features; k += 32 * N) {
                 float a[N];
                 load16(a_row + k, a);
@@ -156,6 +158,7 @@ __device__ void expand(T* __restrict__ y, int y_stride, int y_offset, int out_fe
 #pragma unroll
             for (int j = 0; j < TILE; ++j) acc[j] = 0.f;
             if (vec_rows) {
+#pragma unroll 4
                 for (int r = 0; r < rank; r += N) {
                     float bv[N];
                     load16(b_row + r, bv);

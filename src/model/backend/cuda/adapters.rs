@@ -33,6 +33,8 @@ pub struct DeviceAdapter {
     _weights: CudaSlice<u8>,
     /// `SiteDesc[num_layers * 7]`.
     descs: CudaSlice<u64>,
+    /// Per layer, bit `site.index()` set where this adapter has weights.
+    sites: Vec<u8>,
     pub rank_max: usize,
     pub bytes: usize,
 }
@@ -54,6 +56,13 @@ fn encode(values: &[f32], dtype: DType) -> Result<Vec<u8>> {
 }
 
 impl DeviceAdapter {
+    /// Whether this adapter has weights at `site` (`LoraSite::index`) of `layer`.
+    pub fn has_site(&self, layer: usize, site: usize) -> bool {
+        self.sites
+            .get(layer)
+            .is_some_and(|bits| bits & (1 << site) != 0)
+    }
+
     /// The device address of this adapter's descriptor table.
     pub fn descs_ptr(&self, stream: &CudaStream) -> u64 {
         self.descs.device_ptr(stream).0
@@ -95,7 +104,17 @@ impl DeviceAdapter {
         }
         let descs = stream.clone_htod(&table)?;
         stream.synchronize()?;
+        let sites = w
+            .layers
+            .iter()
+            .map(|l| {
+                (0..l.len())
+                    .filter(|&i| l[i].is_some())
+                    .fold(0u8, |b, i| b | 1 << i)
+            })
+            .collect();
         Ok(Self {
+            sites,
             bytes: bytes.len(),
             _weights: weights,
             descs,

@@ -237,11 +237,10 @@ impl Backend for CudaBackend {
             width,
         )?;
         let q = q.contiguous()?;
-        let out = Tensor::zeros(
-            (rows, shape.num_heads * shape.head_dim),
-            self.dtype,
-            &self.device,
-        )?;
+        let out_shape = (rows, shape.num_heads * shape.head_dim);
+        // SAFETY: the attention kernel writes every element of `out` (each block writes
+        // its row and head) before anything reads it.
+        let out = unsafe { Tensor::empty(out_shape, self.dtype, &self.device) }?;
         self.kernels
             .paged_attention(self.ptr(&out)?, self.ptr(&q)?, caches, meta, rows, shape)?;
         Ok(out)
@@ -297,6 +296,12 @@ impl Backend for CudaBackend {
         let Some(lora) = &step.lora else {
             return Ok(());
         };
+        if !parts
+            .iter()
+            .any(|p| step.any_adapter_at(layer, p.site.index()))
+        {
+            return Ok(());
+        }
         let (rows, in_features) = rows_cols(x)?;
         let (_, y_stride) = rows_cols(y)?;
         let widths: usize = parts.iter().map(|p| p.out_features).sum();
@@ -306,9 +311,15 @@ impl Backend for CudaBackend {
         );
         let x = x.contiguous()?;
         *y = y.contiguous()?;
-        let h = Tensor::zeros((rows, lora.max_rank), DType::F32, &self.device)?;
+        // SAFETY: expand reads h[t, r] only for tokens of segments whose slot has weights
+        // at the site and r below that slot's rank: exactly what shrink wrote before it.
+        let h = unsafe { Tensor::empty((rows, lora.max_rank), DType::F32, &self.device) }?;
         let mut y_offset = 0;
         for part in parts {
+            if !step.any_adapter_at(layer, part.site.index()) {
+                y_offset += part.out_features;
+                continue;
+            }
             let site = LoraLaunch {
                 x: self.ptr(&x)?,
                 in_features,

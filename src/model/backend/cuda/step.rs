@@ -24,9 +24,16 @@ pub struct CudaStep {
     /// The rows whose logits the step returns, u32.
     pub logit_rows: Tensor,
     _meta: CudaSlice<i32>,
-    _adapters: Vec<Arc<DeviceAdapter>>,
+    adapters: Vec<Arc<DeviceAdapter>>,
     pub attention: AttentionMeta,
     pub lora: Option<StepLora>,
+}
+
+impl CudaStep {
+    /// Whether any adapter of the step has weights at `site` of `layer`.
+    pub fn any_adapter_at(&self, layer: usize, site: usize) -> bool {
+        self.adapters.iter().any(|a| a.has_site(layer, site))
+    }
 }
 
 /// The LoRA part of a step (absent when no token has an adapter).
@@ -134,7 +141,7 @@ impl CudaStep {
             tokens,
             logit_rows,
             _meta: meta,
-            _adapters: adapters,
+            adapters,
             attention,
             lora,
         })

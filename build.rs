@@ -1,6 +1,6 @@
 //! Compiles the protobuf contract with protox (no system protoc) and writes the
 //! descriptor set used by gRPC reflection into OUT_DIR. With the `cuda` feature, also
-//! compiles every `.cu` file under `src/` to PTX for sm_80 and sm_90 with nvcc
+//! compiles every `.cu` file under `src/` (headers `.cuh` included from `src/`) to PTX for sm_80 and sm_90 with nvcc
 //! (`OUT_DIR/<stem>.sm80.ptx`, `.sm90.ptx`), so a kernel that does not compile fails the
 //! build; the CUDA backend embeds them and picks one by the device's compute capability.
 use std::path::{Path, PathBuf};
@@ -52,7 +52,7 @@ fn cu_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             cu_files(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "cu") {
+        } else if path.extension().is_some_and(|e| e == "cu" || e == "cuh") {
             out.push(path);
         }
     }
@@ -66,6 +66,12 @@ fn compile_cuda_kernels(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>
     files.sort();
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
+    }
+    // Headers (.cuh) are included (from `src/`), not compiled on their own.
+    for file in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "cu"))
+    {
         let stem = file
             .file_stem()
             .and_then(|s| s.to_str())
@@ -73,7 +79,7 @@ fn compile_cuda_kernels(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>
         for arch in CUDA_ARCHS {
             let ptx = out_dir.join(format!("{stem}.sm{arch}.ptx"));
             let output = Command::new(&nvcc)
-                .args(["-ptx", "-O3", "-std=c++17", "-lineinfo"])
+                .args(["-ptx", "-O3", "-std=c++17", "-lineinfo", "-Isrc"])
                 .arg(format!("-arch=compute_{arch}"))
                 .arg("-o")
                 .arg(&ptx)

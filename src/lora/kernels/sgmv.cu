@@ -15,9 +15,7 @@
 // and site, uploaded once per adapter version); `a == 0` means the slot has no weights
 // at the site and its tokens are skipped. Ranks are never padded: blocks past a slot's
 // rank return at once. Tokens of slot -1 never appear in a segment.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "model/backend/cuda/numeric.cuh"
 
 struct SiteDesc {
     unsigned long long a;  // [rank, in] row-major, element type T
@@ -25,17 +23,6 @@ struct SiteDesc {
     int rank;
     float scale;
 };
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
 
 // Elements of T in one 16-byte load.
 template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
@@ -46,12 +33,6 @@ __device__ __forceinline__ void load16(const T* p, float* out) {
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f(e[i]);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
 }
 
 constexpr int SHRINK_WARPS = 4;  // rank rows per block

@@ -82,8 +82,7 @@ pub fn random_adapter(
             std::array::from_fn(|i| {
                 let site = *sites.iter().find(|s| s.index() == i)?;
                 let (inp, out) = base.dims(site);
-                let a = rng.symmetric_vec(rank * inp, (3.0 / inp as f32).sqrt());
-                let b = rng.symmetric_vec(out * rank, 0.5 / rank as f32);
+                let (a, b) = crate::lora::synth::synthetic_pair(&mut rng, rank, inp, out);
                 bytes += 4 * (a.len() + b.len());
                 Some(LoraPair {
                     rank,

@@ -17,19 +17,29 @@ pub struct SynthSpec {
     pub seed: u64,
 }
 
+/// One site's seeded `(A [rank, in], B [out, rank])`: A like PEFT's kaiming init, B
+/// non-zero (a trained adapter), sized so the delta is a visible fraction of the base
+/// projection.
+pub fn synthetic_pair(
+    rng: &mut Xoshiro256,
+    rank: usize,
+    inp: usize,
+    out: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let a = rng.symmetric_vec(rank * inp, (3.0 / inp as f32).sqrt());
+    let b = rng.symmetric_vec(out * rank, 0.5 / rank as f32);
+    (a, b)
+}
+
 /// Writes one adapter folder at `dir` (created if needed); returns its f32 bytes.
 pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -> Result<usize> {
     let mut rng = Xoshiro256::from_seed(spec.seed);
-    let mut uniform = |n: usize, bound: f32| rng.symmetric_vec(n, bound);
     let mut tensors = HashMap::new();
     let mut bytes = 0;
     for layer in 0..base.num_layers {
         for &site in &spec.sites {
             let (inp, out) = base.dims(site);
-            // A like PEFT's kaiming init; B non-zero (a trained adapter), sized so the
-            // delta is a visible fraction of the base projection.
-            let a = uniform(spec.rank * inp, (3.0 / inp as f32).sqrt());
-            let b = uniform(out * spec.rank, 0.5 / spec.rank as f32);
+            let (a, b) = synthetic_pair(&mut rng, spec.rank, inp, out);
             bytes += 4 * (a.len() + b.len());
             tensors.insert(
                 site.peft_key(layer, "lora_A"),

@@ -3,33 +3,84 @@
 //! at the first call), the raw-pointer wrapper that lets parallel tasks write disjoint
 //! parts of one buffer, and the small vector helpers.
 //!
-//! Invariants: [`Isa::get`] never returns an ISA the CPU lacks, so a caller that
-//! matched `Isa::Avx2Fma` may call `#[target_feature(enable = "avx2,fma")]` code; the
+//! Invariants: [`Isa::get`] never returns an ISA the CPU lacks (`MULTILORA_ISA` can only
+//! lower it), so a caller that checked `isa >= Isa::Avx2Fma` may call
+//! `#[target_feature(enable = "avx2,fma,f16c")]` code; the
 //! helpers here fix their summation order (see each), which is what lets the kernels
 //! promise bit-identical results whatever the batch.
 use std::sync::OnceLock;
 
-/// The instruction set the CPU kernels use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The instruction set the CPU kernels use, in increasing order: a level implies every
+/// lower one (`isa >= Isa::Avx2Fma` means the AVX2 code may run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
-    /// x86-64 with AVX2 and FMA.
-    Avx2Fma,
     /// Plain Rust (any target); same summation order as the SIMD paths.
     Portable,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2Fma,
+    /// x86-64 with AVX-512 (F, BW, VL) and VNNI, on top of AVX2/FMA/F16C.
+    Avx512Vnni,
 }
 
+/// The environment variable that forces a lower ISA than the CPU's best
+/// (`scalar`, `avx2` or `avx512`), so every path the CPU supports can be exercised.
+pub const ISA_ENV: &str = "MULTILORA_ISA";
+
 impl Isa {
-    /// This CPU's best supported ISA, detected on the first call and cached.
+    /// The ISA the kernels use: this CPU's best, lowered by [`ISA_ENV`] when set; decided
+    /// on the first call and cached.
     pub fn get() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(Self::detect)
+        *ISA.get_or_init(|| {
+            let best = Self::detect();
+            match std::env::var(ISA_ENV) {
+                Ok(v) => match Self::parse_choice(&v, best) {
+                    Ok(isa) => isa,
+                    Err(e) => {
+                        tracing::warn!("{ISA_ENV}: {e}; using {best:?}");
+                        best
+                    }
+                },
+                Err(_) => best,
+            }
+        })
+    }
+
+    /// Every ISA this CPU can run, lowest first (tests run each).
+    pub fn supported() -> Vec<Isa> {
+        let best = Self::detect();
+        [Isa::Portable, Isa::Avx2Fma, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|isa| *isa <= best)
+            .collect()
+    }
+
+    /// `MULTILORA_ISA`'s value against the CPU's `best`: a lower or equal level, or an
+    /// error naming what is wrong.
+    pub fn parse_choice(value: &str, best: Isa) -> Result<Isa, String> {
+        let wanted = match value.trim() {
+            "scalar" | "portable" => Isa::Portable,
+            "avx2" => Isa::Avx2Fma,
+            "avx512" => Isa::Avx512Vnni,
+            other => return Err(format!("{other:?} is not scalar, avx2 or avx512")),
+        };
+        if wanted > best {
+            return Err(format!("{value} is beyond this CPU (best: {best:?})"));
+        }
+        Ok(wanted)
     }
 
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            return Isa::Avx2Fma;
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+                {
+                    return Isa::Avx512Vnni;
+                }
+                return Isa::Avx2Fma;
+            }
         }
         Isa::Portable
     }
@@ -140,8 +191,17 @@ mod tests {
         let isa = Isa::get();
         assert_eq!(isa, Isa::get());
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2Fma {
+        if isa >= Isa::Avx2Fma {
             assert!(std::arch::is_x86_feature_detected!("avx2"));
         }
+        assert!(Isa::supported().contains(&Isa::Portable));
+    }
+
+    #[test]
+    fn the_override_only_lowers() {
+        assert_eq!(Isa::parse_choice("scalar", Isa::Avx2Fma), Ok(Isa::Portable));
+        assert_eq!(Isa::parse_choice("avx2", Isa::Avx512Vnni), Ok(Isa::Avx2Fma));
+        assert!(Isa::parse_choice("avx512", Isa::Avx2Fma).is_err());
+        assert!(Isa::parse_choice("sse", Isa::Avx2Fma).is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! it. Nothing here knows about the engine: the engine drives a [`BaseModel`].
 pub mod backend;
 pub mod batch;
+pub mod block_rows;
 pub mod chat_template;
 pub mod config;
 pub mod detokenizer;

@@ -248,7 +248,7 @@ fn run(plan: &Plan, parallel: bool, f: impl Fn(&Unit) + Sync + Send) {
 /// `h[e, c0..c1] = scale * w_e * A[c0..c1] x[t_e]` for the rectangle's entries.
 fn shrink_unit(ctx: &Ctx, job: &Job, u: &Unit) {
     #[cfg(target_arch = "x86_64")]
-    if ctx.isa == Isa::Avx2Fma {
+    if ctx.isa >= Isa::Avx2Fma {
         shrink_unit_avx2(ctx, job, u);
         return;
     }
@@ -268,7 +268,7 @@ fn shrink_unit(ctx: &Ctx, job: &Job, u: &Unit) {
 /// `y[t_e, off + c0..c1] += h[e] B[c0..c1]^T` for the rectangle's entries.
 fn expand_unit(ctx: &Ctx, job: &Job, u: &Unit) {
     #[cfg(target_arch = "x86_64")]
-    if ctx.isa == Isa::Avx2Fma {
+    if ctx.isa >= Isa::Avx2Fma {
         if u.t1 - u.t0 >= SGMV_MIN_TOKENS {
             expand_sgmv_avx2(ctx, job, u);
         } else {

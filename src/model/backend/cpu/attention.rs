@@ -82,7 +82,7 @@ fn attend_one(
     shape: HeadShape,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::get() == Isa::Avx2Fma {
+    if Isa::get() >= Isa::Avx2Fma {
         // SAFETY: the CPU supports the features this copy was compiled for.
         unsafe { attend_one_avx2(q, out, pos, table, kv, layer, shape) };
         return;

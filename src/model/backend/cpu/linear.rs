@@ -65,7 +65,7 @@ impl PackedWeight {
         }
         let n_panels = self.out.div_ceil(NR);
         let y_ptr = SharedMutPtr::new(&mut y);
-        let avx2 = Isa::get() == Isa::Avx2Fma;
+        let avx2 = Isa::get() >= Isa::Avx2Fma;
         // Enough panels per task to amortise scheduling, enough tasks to balance.
         let min_len = (n_panels / (4 * rayon::current_num_threads())).max(1);
         (0..n_panels)
@@ -307,7 +307,7 @@ mod tests {
                 cols: out,
                 prefetch: Some(&p.panels[..inp * NR]),
             };
-            tile.run(m, avx2 && Isa::get() == Isa::Avx2Fma);
+            tile.run(m, avx2 && Isa::get() >= Isa::Avx2Fma);
         }
         assert_eq!(y_simd, y_scalar);
     }

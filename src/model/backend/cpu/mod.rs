@@ -7,6 +7,7 @@ pub mod attention;
 pub mod kv;
 pub mod linear;
 pub mod ops;
+pub mod quant;
 
 use super::{Backend, HeadShape, KvLayout, SitePart};
 use crate::lora::batch::LoraBatch;

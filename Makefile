@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint unit model python bench bench-micro check-cuda gpu-build clean
+.PHONY: run test lint unit model python bench bench-micro bench-peers check-cuda gpu-build clean
 
 # Demo adapters: two synthetic LoRA adapters (demo-0 rank 8, demo-1 rank 16).
 DEMO := models/demo-adapters
@@ -65,6 +65,13 @@ bench-micro: $(GGUF)
 	cargo bench --bench adapter_throughput
 	cargo bench --bench lora_kernels
 	cargo bench --bench adapter_scale
+
+# Peer benchmark against llama.cpp's llama-server, same GGUF model, CPU, base model only
+# (about 4-9 minutes; the first run also builds llama-server from the llama-cpp-python
+# sdist into target/peers/, 10-20 minutes on 2 cores). Writes bench/results/peers.md.
+# Extra `multilora serve` flags: make bench-peers SERVE_FLAGS="--dtype quantized"
+bench-peers: $(GGUF)
+	SERVE_FLAGS="$(SERVE_FLAGS)" bash scripts/bench-peers.sh
 
 clean:
 	cargo clean

@@ -33,7 +33,8 @@ fn main() {
         );
         return;
     }
-    let loaded = weights::load_llama(path.to_str().unwrap_or(MODEL), None, CpuBackend).unwrap();
+    let loaded =
+        weights::load_llama(path.to_str().unwrap_or(MODEL), None, CpuBackend::default()).unwrap();
     let model = loaded.model;
     let cfg = model.config().clone();
     let iters = if quick { 1 } else { 20 };

@@ -1,11 +1,12 @@
 //! Command line: `serve` (the server), `bench` (the load harness), `adapters synth`,
 //! `model synth` and `download` (fetch a Hub model); wiring only.
 use anyhow::{Context, Result};
+use candle_core::quantized::GgmlDType;
 use clap::{Parser, Subcommand};
 use multilora::byte_size::parse_byte_size;
 use multilora::engine::EngineConfig;
 use multilora::lora::registry::{self, RegistryConfig};
-use multilora::model::placement::{load_model_on, DTypeChoice, DeviceSpec};
+use multilora::model::placement::{load_model_on, parse_quant_type, DTypeChoice, DeviceSpec};
 use multilora::model::weights;
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
@@ -118,10 +119,15 @@ struct ServeArgs {
     /// (builds with the `cuda` feature).
     #[arg(long, env = "MULTILORA_DEVICE", default_value = "cpu")]
     device: DeviceSpec,
-    /// How base weights and activations are kept: auto (f32 on cpu, bf16 on cuda), f32,
-    /// bf16 or f16 (cuda). A quantized GGUF is dequantized on load.
+    /// How base weights are kept: f32, bf16, f16, quantized (cpu: GGUF blocks computed
+    /// on directly, a dense checkpoint quantized to --quant-type) or auto (cpu: what the
+    /// file holds; cuda: bf16). Activations are f32 on the CPU.
     #[arg(long, env = "MULTILORA_DTYPE", default_value = "auto")]
     dtype: DTypeChoice,
+    /// What --dtype quantized makes of a dense (safetensors) checkpoint: q8_0, q4_0,
+    /// q4_1, q4_k, q5_k or q6_k.
+    #[arg(long, env = "MULTILORA_QUANT_TYPE", default_value = "q8_0", value_parser = parse_quant_type)]
+    quant_type: GgmlDType,
     /// Address to listen on.
     #[arg(long, env = "MULTILORA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -315,6 +321,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.revision.as_deref(),
         args.device,
         args.dtype,
+        args.quant_type,
     )?;
     let eager = registry::collect_specs(&args.adapters, &[])?;
     let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;

@@ -75,8 +75,7 @@ impl Isa {
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") && has!("f16c") {
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
-                {
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
                     return Isa::Avx512Vnni;
                 }
                 return Isa::Avx2Fma;

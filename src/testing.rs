@@ -4,12 +4,12 @@
 //! program: a plain build leaves this module out.
 use crate::lora::peft::{AdapterWeights, BaseShape, LoraPair, LoraSite};
 use crate::model::backend::Backend;
+use crate::model::checkpoint::Checkpoint;
 use crate::model::layout::{tensor_specs, TensorKind};
 use crate::model::{CpuBackend, Llama, ModelConfig, ModelRunner};
 use crate::rng::Xoshiro256;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
 /// The `tiny` shape of `model synth` (2 layers, hidden 64, 4 heads over 2 KV heads), with
@@ -54,7 +54,7 @@ pub fn llama_from(
     weights: HashMap<String, Tensor>,
     cfg: &ModelConfig,
 ) -> Result<Llama<CpuBackend>> {
-    llama_on(CpuBackend, weights, cfg)
+    llama_on(CpuBackend::default(), weights, cfg)
 }
 
 /// A model on `backend` over `weights`: the same weights on two backends for parity.
@@ -63,8 +63,7 @@ pub fn llama_on<B: Backend>(
     weights: HashMap<String, Tensor>,
     cfg: &ModelConfig,
 ) -> Result<Llama<B>> {
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    Llama::load(backend, vb, cfg)
+    Llama::load(backend, &Checkpoint::from_tensors(weights), cfg)
 }
 
 /// Seeded random LoRA weights of `rank` at `sites` of every layer (in memory, as

@@ -232,7 +232,7 @@ fn paged_attention_matches_the_cpu() {
     };
     for dtype in [DType::F32, DType::BF16] {
         let gpu = cuda(dtype);
-        let cpu = CpuBackend;
+        let cpu = CpuBackend::default();
         let mut gkv = gpu.kv_store(layout).unwrap();
         let mut ckv = cpu.kv_store(layout).unwrap();
         // Block tables deliberately out of order.
@@ -295,7 +295,7 @@ fn rope_matches_the_cpu() {
     let mut batch = ForwardBatch::default();
     batch.push_chunk(&[0; 4], 90, &[0, 1, 2, 3, 4, 5, 6]);
     batch.push_chunk(&[0; 2], 0, &[7]);
-    let cpu = CpuBackend;
+    let cpu = CpuBackend::default();
     let cstep = cpu.begin_step(&batch, &[]).unwrap();
     let mut cx = cpu.upload(x.clone(), rows, heads * 2 * half).unwrap();
     let (cc, cs) = (

@@ -74,7 +74,8 @@ fn hf_folder_single_and_sharded_load_the_same_model() {
     for sharded in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         write_folder(dir.path(), &cfg, sharded);
-        let loaded = weights::load_llama(dir.path().to_str().unwrap(), None, CpuBackend).unwrap();
+        let loaded =
+            weights::load_llama(dir.path().to_str().unwrap(), None, CpuBackend::default()).unwrap();
         assert_eq!(loaded.model.config().num_layers, cfg.num_layers);
         assert_eq!(loaded.tokenizer.eos_token_ids(), &[2]);
         assert_eq!(

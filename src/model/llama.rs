@@ -2,16 +2,16 @@
 //! [`Backend`] seam: the linear layers run once over every scheduled token of every
 //! sequence, each with its adapter sites attached; attention is per sequence over the
 //! paged K/V. Every per-token result is independent of the rest of the batch (as far as
-//! the backend promises). Weights are read through candle's `VarBuilder` under the names
-//! of [`super::layout`].
+//! the backend promises). Weights are read from a [`Checkpoint`] under the names of
+//! [`super::layout`]; linear weights reach the backend as the checkpoint holds them
+//! (dense or quantized blocks).
 use super::backend::{Backend, HeadShape, KvLayout, SitePart};
 use super::batch::ForwardBatch;
+use super::checkpoint::{Checkpoint, HostWeight};
 use super::config::ModelConfig;
 use super::layout;
 use crate::lora::peft::{AdapterWeights, BaseShape, LoraSite};
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
-use candle_nn::VarBuilder;
 use std::sync::Arc;
 
 /// A linear layer with its adapter sites: one weight stacking the projections of
@@ -26,7 +26,7 @@ impl<B: Backend> Linear<B> {
     /// Loads the projections of `sites` of `layer`, stacked in that order.
     fn load(
         backend: &B,
-        vb: &VarBuilder,
+        ckpt: &Checkpoint,
         base: &BaseShape,
         layer: usize,
         sites: &[LoraSite],
@@ -37,7 +37,7 @@ impl<B: Backend> Linear<B> {
             let (inp, out) = base.dims(site);
             let name = layout::linear_weight(layer, site);
             weights.push(
-                vb.get((out, inp), &name)
+                ckpt.linear((out, inp), &name)
                     .with_context(|| format!("loading {name}"))?,
             );
             parts.push(SitePart {
@@ -46,7 +46,7 @@ impl<B: Backend> Linear<B> {
             });
         }
         Ok(Self {
-            weight: backend.weight(&Tensor::cat(&weights, 0)?)?,
+            weight: backend.weight(&HostWeight::stack(weights)?)?,
             parts,
         })
     }
@@ -80,22 +80,26 @@ struct DecoderLayer<B: Backend> {
 
 fn load_vector<B: Backend>(
     backend: &B,
-    vb: &VarBuilder,
+    ckpt: &Checkpoint,
     name: &str,
     n: usize,
 ) -> Result<B::Vector> {
-    backend.vector(&vb.get(n, name).with_context(|| format!("loading {name}"))?)
+    backend.vector(
+        &ckpt
+            .tensor(&[n], name)
+            .with_context(|| format!("loading {name}"))?,
+    )
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    fn load(backend: &B, vb: &VarBuilder, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+    fn load(backend: &B, ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         use LoraSite::*;
         let base = cfg.base_shape();
         let h = cfg.hidden_size;
-        let linear = |sites: &[LoraSite]| Linear::load(backend, vb, &base, layer, sites);
+        let linear = |sites: &[LoraSite]| Linear::load(backend, ckpt, &base, layer, sites);
         Ok(Self {
-            input_norm: load_vector(backend, vb, &layout::input_norm(layer), h)?,
-            post_norm: load_vector(backend, vb, &layout::post_attention_norm(layer), h)?,
+            input_norm: load_vector(backend, ckpt, &layout::input_norm(layer), h)?,
+            post_norm: load_vector(backend, ckpt, &layout::post_attention_norm(layer), h)?,
             qkv: linear(&[Q, K, V])?,
             o_proj: linear(&[O])?,
             gate_up: linear(&[Gate, Up])?,
@@ -140,22 +144,25 @@ fn rope_tables(head_dim: usize, theta: f32, max_positions: usize) -> (Vec<f32>, 
 
 impl<B: Backend> Llama<B> {
     /// Builds the model on `backend` from tensors named as in [`layout`].
-    pub fn load(backend: B, vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let embed = vb
-            .get((cfg.vocab_size, cfg.hidden_size), layout::EMBEDDING)
+    pub fn load(backend: B, ckpt: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
+        let vocab_by_hidden = (cfg.vocab_size, cfg.hidden_size);
+        let embed = ckpt
+            .tensor(&[cfg.vocab_size, cfg.hidden_size], layout::EMBEDDING)
             .context("loading the token embedding")?;
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(&backend, &vb, cfg, i))
+            .map(|i| DecoderLayer::load(&backend, ckpt, cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = load_vector(&backend, &vb, layout::FINAL_NORM, cfg.hidden_size)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            backend.weight(&embed)?
+        let norm = load_vector(&backend, ckpt, layout::FINAL_NORM, cfg.hidden_size)?;
+        let head_name = if cfg.tie_word_embeddings {
+            layout::EMBEDDING
         } else {
-            let w = vb
-                .get((cfg.vocab_size, cfg.hidden_size), layout::LM_HEAD)
-                .context("loading the LM head")?;
-            backend.weight(&w)?
+            layout::LM_HEAD
         };
+        let lm_head = backend.weight(
+            &ckpt
+                .linear(vocab_by_hidden, head_name)
+                .context("loading the LM head")?,
+        )?;
         let embed_values = embed
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod batch;
 pub mod block_rows;
 pub mod chat_template;
+pub mod checkpoint;
 pub mod config;
 pub mod detokenizer;
 pub mod layout;

@@ -1,13 +1,17 @@
 //! Where the base model runs and in what precision: the `--device` and `--dtype` flags,
 //! parsed once, and the one function that builds the model on the backend they name.
 //!
-//! Invariants: `cpu` computes in f32 (the quantized-base work adds its CPU dtypes here);
-//! `cuda[:N]` exists only in builds with the `cuda` feature and defaults to bf16 there; a
-//! combination a build cannot serve is refused at start-up with the reason, never
-//! silently changed.
-use super::backend::cpu::CpuBackend;
-use super::weights::{load_llama, LoadedModel};
-use anyhow::{bail, Result};
+//! Invariants: on `cpu`, `auto` keeps what the file holds (a quantized GGUF stays
+//! quantized, bf16/f16 safetensors stay 16-bit, anything else is f32), `quantized`
+//! computes on GGUF blocks and quantizes a dense checkpoint to `--quant-type`; `cuda[:N]`
+//! exists only in builds with the `cuda` feature, where `auto` is bf16 and `quantized` is
+//! refused (not yet on the GPU); a combination a build cannot serve is refused at
+//! start-up with the reason, never silently changed.
+use super::backend::cpu::weight::QUANT_TYPES;
+use super::backend::cpu::{CpuBackend, CpuWeightFormat};
+use super::weights::{load_llama, resolve, LoadedModel, ModelSource};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType};
 use std::fmt;
 use std::str::FromStr;
 
@@ -43,15 +47,17 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-/// `--dtype`: how the base weights and activations are kept.
+/// `--dtype`: how the base weights are kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DTypeChoice {
-    /// The device's default: f32 on the CPU, bf16 on CUDA.
+    /// What the file holds on the CPU; bf16 on CUDA.
     #[default]
     Auto,
     F32,
     Bf16,
     F16,
+    /// Quantized blocks (CPU): GGUF blocks kept, dense weights quantized at load.
+    Quantized,
 }
 
 impl FromStr for DTypeChoice {
@@ -63,42 +69,130 @@ impl FromStr for DTypeChoice {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "f16" => Ok(Self::F16),
-            _ => Err(format!("{s:?}: expected auto, f32, bf16 or f16")),
+            "quantized" => Ok(Self::Quantized),
+            _ => Err(format!("{s:?}: expected auto, f32, bf16, f16 or quantized")),
         }
     }
+}
+
+/// `--quant-type`: what `--dtype quantized` quantizes a dense checkpoint to.
+pub fn parse_quant_type(s: &str) -> Result<GgmlDType, String> {
+    QUANT_TYPES
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(s))
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = QUANT_TYPES.iter().map(|(n, _)| *n).collect();
+            format!("{s:?}: expected one of {}", names.join(", "))
+        })
 }
 
 impl DTypeChoice {
-    /// The candle dtype on `device` (`Auto` resolved).
-    pub fn resolve(self, device: DeviceSpec) -> candle_core::DType {
+    /// The CUDA dtype (`Auto` is bf16); `Quantized` is not served on CUDA yet.
+    pub fn cuda_dtype(self) -> Result<candle_core::DType> {
         use candle_core::DType;
-        match (self, device) {
-            (Self::Auto, DeviceSpec::Cpu) | (Self::F32, _) => DType::F32,
-            (Self::Auto, DeviceSpec::Cuda(_)) | (Self::Bf16, _) => DType::BF16,
-            (Self::F16, _) => DType::F16,
+        match self {
+            Self::Auto | Self::Bf16 => Ok(DType::BF16),
+            Self::F32 => Ok(DType::F32),
+            Self::F16 => Ok(DType::F16),
+            Self::Quantized => {
+                bail!("--dtype quantized is CPU-only for now; on cuda use bf16, f16 or f32")
+            }
+        }
+    }
+
+    /// The CPU weight format, `Auto` resolved against what `source` holds.
+    pub fn cpu_format(
+        self,
+        source: &ModelSource,
+        quant_type: GgmlDType,
+    ) -> Result<CpuWeightFormat> {
+        let quantized = CpuWeightFormat::Quantized {
+            dense_to: quant_type,
+        };
+        Ok(match self {
+            Self::F32 => CpuWeightFormat::F32,
+            Self::Bf16 => CpuWeightFormat::Bf16,
+            Self::F16 => CpuWeightFormat::F16,
+            Self::Quantized => quantized,
+            Self::Auto => match stored_precision(source)? {
+                Stored::Quantized => quantized,
+                Stored::Bf16 => CpuWeightFormat::Bf16,
+                Stored::F16 => CpuWeightFormat::F16,
+                Stored::F32 => CpuWeightFormat::F32,
+            },
+        })
+    }
+}
+
+/// What a checkpoint's linear weights are stored as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stored {
+    Quantized,
+    Bf16,
+    F16,
+    F32,
+}
+
+/// Reads only headers: a GGUF's tensor types (quantized if any 2-D tensor is), or a
+/// Hugging Face folder's `torch_dtype`.
+fn stored_precision(source: &ModelSource) -> Result<Stored> {
+    match source {
+        ModelSource::Gguf(path) => {
+            let mut file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let content = gguf_file::Content::read(&mut file)
+                .with_context(|| format!("reading GGUF header of {}", path.display()))?;
+            let types: Vec<GgmlDType> = content
+                .tensor_infos
+                .values()
+                .filter(|i| i.shape.rank() == 2)
+                .map(|i| i.ggml_dtype)
+                .collect();
+            Ok(if types.iter().any(|t| t.block_size() > 1) {
+                Stored::Quantized
+            } else if types.contains(&GgmlDType::BF16) {
+                Stored::Bf16
+            } else if types.contains(&GgmlDType::F16) {
+                Stored::F16
+            } else {
+                Stored::F32
+            })
+        }
+        ModelSource::HfDir(dir) => {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            Ok(match json["torch_dtype"].as_str().unwrap_or("float32") {
+                "bfloat16" => Stored::Bf16,
+                "float16" => Stored::F16,
+                _ => Stored::F32,
+            })
         }
     }
 }
 
-/// Loads `--model` onto `device` in `dtype`, ready for the engine. A quantized GGUF is
-/// dequantized on load (to f32 on the CPU, then to the device's dtype).
+/// Loads `--model` onto `device` in `dtype` (`quant_type` for a dense checkpoint under
+/// `--dtype quantized`), ready for the engine.
 pub fn load_model_on(
     model: &str,
     revision: Option<&str>,
     device: DeviceSpec,
     dtype: DTypeChoice,
+    quant_type: GgmlDType,
 ) -> Result<LoadedModel> {
-    let resolved = dtype.resolve(device);
     match device {
         DeviceSpec::Cpu => {
-            if resolved != candle_core::DType::F32 {
-                bail!(
-                    "--dtype {resolved:?} on the CPU is not supported yet: the CPU computes in f32"
-                );
-            }
-            load_llama(model, revision, CpuBackend)?.into_runner()
+            let format = dtype.cpu_format(&resolve(model, revision)?, quant_type)?;
+            tracing::info!(format = %format.name(), "CPU weight format");
+            load_llama(model, revision, CpuBackend::new(format))?.into_runner()
         }
-        DeviceSpec::Cuda(ordinal) => load_cuda(model, revision, ordinal, resolved),
+        DeviceSpec::Cuda(ordinal) => {
+            let resolved = dtype.cuda_dtype()?;
+            load_cuda(model, revision, ordinal, resolved)
+        }
     }
 }
 
@@ -137,29 +231,46 @@ mod tests {
         assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
-        assert_eq!(DTypeChoice::Auto.resolve(DeviceSpec::Cpu), DType::F32);
-        assert_eq!(DTypeChoice::Auto.resolve(DeviceSpec::Cuda(0)), DType::BF16);
+        assert_eq!(DTypeChoice::Auto.cuda_dtype().unwrap(), DType::BF16);
         assert_eq!(
-            "f16"
-                .parse::<DTypeChoice>()
-                .unwrap()
-                .resolve(DeviceSpec::Cuda(1)),
+            "f16".parse::<DTypeChoice>().unwrap().cuda_dtype().unwrap(),
             DType::F16
         );
+        assert!(DTypeChoice::Quantized.cuda_dtype().is_err());
         assert!("int4".parse::<DTypeChoice>().is_err());
+        assert_eq!(parse_quant_type("Q4_K"), Ok(GgmlDType::Q4K));
+        assert!(parse_quant_type("q3_k").unwrap_err().contains("q8_0"));
+    }
+
+    #[test]
+    fn auto_keeps_what_the_file_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = ModelSource::HfDir(dir.path().to_path_buf());
+        let q8 = GgmlDType::Q8_0;
+        for (torch, want) in [
+            ("bfloat16", CpuWeightFormat::Bf16),
+            ("float16", CpuWeightFormat::F16),
+            ("float32", CpuWeightFormat::F32),
+        ] {
+            let config = format!(r#"{{"torch_dtype": "{torch}"}}"#);
+            std::fs::write(dir.path().join("config.json"), config).unwrap();
+            assert_eq!(DTypeChoice::Auto.cpu_format(&source, q8).unwrap(), want);
+        }
+        assert_eq!(
+            DTypeChoice::Quantized.cpu_format(&source, q8).unwrap(),
+            CpuWeightFormat::Quantized { dense_to: q8 }
+        );
     }
 
     #[test]
     fn refuses_what_the_build_cannot_serve() {
-        let err = load_model_on("unused", None, DeviceSpec::Cpu, DTypeChoice::Bf16)
+        let q8 = GgmlDType::Q8_0;
+        let err = load_model_on("x", None, DeviceSpec::Cuda(0), DTypeChoice::Quantized, q8)
             .err()
             .unwrap();
-        assert!(
-            format!("{err:#}").contains("CPU computes in f32"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("CPU-only"), "{err:#}");
         if !cfg!(feature = "cuda") {
-            let err = load_model_on("unused", None, DeviceSpec::Cuda(0), DTypeChoice::Auto)
+            let err = load_model_on("x", None, DeviceSpec::Cuda(0), DTypeChoice::Auto, q8)
                 .err()
                 .unwrap();
             assert!(format!("{err:#}").contains("built without CUDA"), "{err:#}");

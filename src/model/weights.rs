@@ -1,9 +1,13 @@
 //! Finds and loads base-model weights: a local Hugging Face folder (safetensors, sharded
-//! or not), a local GGUF file (dequantized to f32, Q/K rows un-permuted to the Hugging
-//! Face layout, names mapped through [`super::layout`]), or a Hub repo id fetched and
-//! cached with hf-hub. Tensors are read on the host; the backend takes them from there.
+//! or not), a local GGUF file (2-D tensors kept as their blocks with Q/K rows un-permuted
+//! to the Hugging Face layout, vectors dequantized, names mapped through
+//! [`super::layout`]), or a Hub repo id fetched and cached with hf-hub. Tensors are read
+//! on the host into a [`Checkpoint`]; the backend takes them from there (dequantizing
+//! blocks unless it computes on them).
 use super::backend::cpu::CpuBackend;
 use super::backend::Backend;
+use super::block_rows::{unpermute_qk_order, BlockRows};
+use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
 use super::layout;
 use super::llama::Llama;
@@ -32,7 +36,7 @@ pub enum ModelSource {
 pub struct LoadedWeights {
     pub config: ModelConfig,
     pub tokenizer: TextTokenizer,
-    pub vb: VarBuilder<'static>,
+    pub checkpoint: Checkpoint,
     /// The dtype the checkpoint was stored in (informational).
     pub source_dtype: String,
 }
@@ -56,7 +60,7 @@ pub fn load_llama<B: Backend>(
     let source = resolve(model, revision)?;
     tracing::info!(?source, "loading model");
     let loaded = load(&source)?;
-    let built = Llama::load(backend, loaded.vb, &loaded.config)
+    let built = Llama::load(backend, &loaded.checkpoint, &loaded.config)
         .with_context(|| format!("building the model from {model}"))?;
     Ok(LoadedModel {
         model: built,
@@ -78,7 +82,7 @@ impl<B: Backend> LoadedModel<Llama<B>> {
 
 /// The model named by `--model`, on the CPU backend, ready for the engine.
 pub fn load_model(model: &str, revision: Option<&str>) -> Result<LoadedModel> {
-    load_llama(model, revision, CpuBackend)?.into_runner()
+    load_llama(model, revision, CpuBackend::default())?.into_runner()
 }
 
 /// Resolves `--model`: an existing local path, else a Hub repo id (downloaded into the
@@ -206,7 +210,7 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedWeights> {
     Ok(LoadedWeights {
         config,
         tokenizer,
-        vb,
+        checkpoint: Checkpoint::dense(vb),
         source_dtype: "safetensors".into(),
     })
 }
@@ -222,7 +226,8 @@ fn load_gguf(path: &Path) -> Result<LoadedWeights> {
         .unwrap_or_else(|| "model".into());
     let config = ModelConfig::from_gguf(&content, &name)?;
     let tokenizer = TextTokenizer::from_gguf(&content)?;
-    let mut tensors = HashMap::new();
+    let mut vectors = HashMap::new();
+    let mut blocks = HashMap::new();
     let mut dtypes = Vec::new();
     for (gguf_name, info) in content.tensor_infos.iter() {
         let Some((hf_name, site)) = layout::from_gguf(gguf_name) else {
@@ -233,25 +238,34 @@ fn load_gguf(path: &Path) -> Result<LoadedWeights> {
         let qt = content
             .tensor(&mut file, gguf_name, &Device::Cpu)
             .with_context(|| format!("reading GGUF tensor {gguf_name}"))?;
-        let mut t = qt
-            .dequantize(&Device::Cpu)
-            .with_context(|| format!("dequantizing {gguf_name}"))?
-            .to_dtype(DType::F32)?;
+        if qt.rank() != 2 {
+            let t = qt
+                .dequantize(&Device::Cpu)
+                .with_context(|| format!("dequantizing {gguf_name}"))?;
+            vectors.insert(hf_name, t.to_dtype(DType::F32)?);
+            continue;
+        }
+        let mut rows = BlockRows::from_qtensor(&qt).with_context(|| gguf_name.to_string())?;
+        drop(qt);
         match site {
-            Some(LoraSite::Q) => t = unpermute_qk(&t, config.num_heads)?,
-            Some(LoraSite::K) => t = unpermute_qk(&t, config.num_kv_heads)?,
+            Some(LoraSite::Q) => {
+                rows = rows.select_rows(&unpermute_qk_order(rows.rows, config.num_heads))?
+            }
+            Some(LoraSite::K) => {
+                rows = rows.select_rows(&unpermute_qk_order(rows.rows, config.num_kv_heads))?
+            }
             _ => {}
         }
-        tensors.insert(hf_name, t);
+        blocks.insert(hf_name, rows);
     }
     dtypes.sort();
     dtypes.dedup();
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(vectors, DType::F32, &Device::Cpu);
     Ok(LoadedWeights {
         config,
         tokenizer,
-        vb,
-        source_dtype: format!("gguf {} dequantized to f32", dtypes.join("/")),
+        checkpoint: Checkpoint::with_blocks(vb, blocks),
+        source_dtype: format!("gguf {}", dtypes.join("/")),
     })
 }
 

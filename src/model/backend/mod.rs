@@ -38,7 +38,7 @@
 //! # Adding a backend
 //! Implement [`Backend`] for a type that owns its device handle (e.g. a CUDA device with
 //! candle tensors as `Matrix` and bf16 weights), then build the model with
-//! `Llama::<YourBackend>::load(backend, vb, cfg)` and hand `ModelRunner::new(model)` to the
+//! `Llama::<YourBackend>::load(backend, &checkpoint, cfg)` and hand `ModelRunner::new(model)` to the
 //! engine as a `Box<dyn BaseModel>` (see `super::runner`). Nothing in the model, engine or
 //! server changes. The oracle for a new backend is the CPU backend on the same weights.
 pub mod cpu;
@@ -46,6 +46,7 @@ pub mod cpu;
 pub mod cuda;
 
 use super::batch::ForwardBatch;
+pub use super::checkpoint::HostWeight;
 use crate::lora::peft::{AdapterWeights, LoraSite};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -112,8 +113,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// A matrix from host values (`data.len() == rows * cols`).
     fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Matrix>;
-    /// A linear weight from a host tensor `[out, in]` (any float dtype).
-    fn weight(&self, w: &Tensor) -> Result<Self::Weight>;
+    /// A linear weight `[out, in]` from the checkpoint: dense values of any float dtype,
+    /// or quantized blocks (a backend that does not compute on them dequantizes them).
+    fn weight(&self, w: &HostWeight) -> Result<Self::Weight>;
     /// A vector from a host tensor `[n]` (any float dtype).
     fn vector(&self, v: &Tensor) -> Result<Self::Vector>;
     /// Empty K/V storage of `layout`.

@@ -1,15 +1,17 @@
-//! The `cpu` backend: weights, activations and the paged K/V in host memory as f32;
-//! linear layers through our pre-packed AVX2/FMA kernel (`linear`), paged attention
-//! (`attention`), row-wise ops (`ops`) and the batched LoRA kernels of
-//! `crate::lora::kernels`. Every operation gives a token bit-identical results whatever
-//! else is in the batch (on one machine and ISA).
+//! The `cpu` backend: weights, activations and the paged K/V in host memory; linear
+//! layers in the format `--dtype` chose (`weight`: f32, bf16 or f16 panels through our
+//! pre-packed AVX2/FMA kernel in `linear`, or quantized blocks through the integer
+//! kernels in `quant`), activations in f32, paged attention (`attention`), row-wise ops
+//! (`ops`) and the batched LoRA kernels of `crate::lora::kernels`. Every operation gives a
+//! token bit-identical results whatever else is in the batch (on one machine and ISA).
 pub mod attention;
 pub mod kv;
 pub mod linear;
 pub mod ops;
 pub mod quant;
+pub mod weight;
 
-use super::{Backend, HeadShape, KvLayout, SitePart};
+use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
 use crate::lora::batch::LoraBatch;
 use crate::lora::kernels::{lora_apply, SiteShape, SlotWeights};
 use crate::lora::peft::AdapterWeights;
@@ -17,12 +19,25 @@ use crate::model::batch::ForwardBatch;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 pub use kv::CpuKvStore;
-use linear::PackedWeight;
 use std::sync::Arc;
+pub use weight::{CpuWeight, CpuWeightFormat};
 
-/// The CPU backend (stateless: the kernels use rayon's global pool).
+/// The CPU backend: the weight format; the kernels use rayon's global pool.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    format: CpuWeightFormat,
+}
+
+impl CpuBackend {
+    /// A backend keeping linear weights in `format`.
+    pub fn new(format: CpuWeightFormat) -> Self {
+        Self { format }
+    }
+
+    pub fn format(&self) -> CpuWeightFormat {
+        self.format
+    }
+}
 
 /// A row-major `[rows, cols]` f32 matrix in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,7 +81,7 @@ fn host_values(t: &Tensor) -> Result<Vec<f32>> {
 
 impl Backend for CpuBackend {
     type Matrix = HostMatrix;
-    type Weight = PackedWeight;
+    type Weight = CpuWeight;
     type Vector = Vec<f32>;
     type KvStore = CpuKvStore;
     type Step = CpuStep;
@@ -76,7 +91,7 @@ impl Backend for CpuBackend {
     }
 
     fn dtype_name(&self) -> String {
-        "f32".into()
+        self.format.name()
     }
 
     fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<HostMatrix> {
@@ -88,9 +103,8 @@ impl Backend for CpuBackend {
         HostMatrix::new(data, cols)
     }
 
-    fn weight(&self, w: &Tensor) -> Result<PackedWeight> {
-        let (out, inp) = w.dims2().context("a linear weight must be [out, in]")?;
-        Ok(PackedWeight::pack(&host_values(w)?, out, inp))
+    fn weight(&self, w: &HostWeight) -> Result<CpuWeight> {
+        CpuWeight::from_host(w, self.format)
     }
 
     fn vector(&self, v: &Tensor) -> Result<Vec<f32>> {
@@ -121,7 +135,7 @@ impl Backend for CpuBackend {
         HostMatrix::new(x, h)
     }
 
-    fn linear(&self, x: &HostMatrix, w: &PackedWeight) -> Result<HostMatrix> {
+    fn linear(&self, x: &HostMatrix, w: &CpuWeight) -> Result<HostMatrix> {
         ensure!(
             x.cols == w.in_features(),
             "linear input has {} columns, the weight takes {}",

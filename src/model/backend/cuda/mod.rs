@@ -17,7 +17,7 @@ mod adapters;
 pub mod kernels;
 mod step;
 
-use super::{Backend, HeadShape, KvLayout, SitePart};
+use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
 use crate::lora::peft::AdapterWeights;
 use crate::model::batch::ForwardBatch;
 use adapters::AdapterCache;
@@ -115,9 +115,9 @@ impl Backend for CudaBackend {
         self.to_device(&Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
     }
 
-    fn weight(&self, w: &Tensor) -> Result<Tensor> {
-        w.dims2().context("a linear weight must be [out, in]")?;
-        self.to_device(w)
+    fn weight(&self, w: &HostWeight) -> Result<Tensor> {
+        w.dims()?;
+        self.to_device(&w.to_dense()?)
     }
 
     fn vector(&self, v: &Tensor) -> Result<Tensor> {

@@ -1,12 +1,17 @@
 //! Activations quantized for the integer dot products: each token row is cut into blocks
-//! of 32 values, each stored as i8 codes with one f32 scale (`x ~ scale * q`, the scale
-//! `max|x| / 127`), plus the code sums of each half that the `- m` terms of the weight
-//! blocks need.
+//! of 32 values, each stored as i16 codes with one f32 scale (`x ~ scale * q`, the scale
+//! `max|x| / 32767`), plus the code sums of each half that the `- m` terms of the weight
+//! blocks need. 16-bit codes (llama.cpp uses 8) keep the rounding of the activations
+//! about 250 times below 8-bit's: with 8-bit codes greedy decoding of the default model
+//! left f32 mode's path on 3 of 5 prompts.
 //!
 //! Invariant: a row is quantized from its own values only, with one fixed arithmetic,
 //! whatever the ISA or the batch, so the integer codes every kernel path sees for a
 //! token are the same.
 use super::gguf::BLOCK;
+
+/// The largest code magnitude.
+const CODE_MAX: f32 = 32767.0;
 
 /// The code sums of one block: values 0..16, 16..32, and all 32 (exact in f32).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -19,7 +24,7 @@ pub struct BlockSums {
 /// `rows` token rows of `cols` values (`cols` a multiple of 32), quantized.
 pub struct QuantizedActivations {
     blocks: usize,
-    qs: Vec<i8>,
+    qs: Vec<i16>,
     scales: Vec<f32>,
     sums: Vec<BlockSums>,
 }
@@ -28,7 +33,7 @@ pub struct QuantizedActivations {
 #[derive(Clone, Copy)]
 pub struct ActivationRow<'a> {
     /// `blocks * 32` codes.
-    pub qs: &'a [i8],
+    pub qs: &'a [i16],
     pub scales: &'a [f32],
     pub sums: &'a [BlockSums],
 }
@@ -38,16 +43,16 @@ impl QuantizedActivations {
     pub fn quantize(x: &[f32], cols: usize) -> Self {
         debug_assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols));
         let n_blocks = x.len() / BLOCK;
-        let mut qs = vec![0i8; x.len()];
+        let mut qs = vec![0i16; x.len()];
         let mut scales = Vec::with_capacity(n_blocks);
         let mut sums = Vec::with_capacity(n_blocks);
         for (xb, qb) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)) {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
+            let scale = amax / CODE_MAX;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let (mut lo, mut hi) = (0i32, 0i32);
             for (i, (v, q)) in xb.iter().zip(qb.iter_mut()).enumerate() {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                *q = (v * inv).round().clamp(-CODE_MAX, CODE_MAX) as i16;
                 if i < BLOCK / 2 {
                     lo += *q as i32;
                 } else {

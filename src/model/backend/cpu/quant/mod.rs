@@ -1,19 +1,20 @@
 //! Quantized linear layers for the CPU, computed on the blocks directly (llama.cpp's
 //! approach): the weights stay 4 to 8 bits per value, the activations are quantized per
-//! block of 32 to i8 ([`activation`]), and each output element is a sum over blocks of
+//! block of 32 to i16 ([`activation`]), and each output element is a sum over blocks of
 //! integer dot products scaled in f32.
 //!
 //! At load a GGUF row of Q4_0, Q4_1, Q4_K (kind `U4`, 4-bit codes), Q8_0 (`S8`), Q5_K or
 //! Q6_K (`U8`, one byte per code) is decoded ([`gguf`]) and repacked with 8 rows
 //! interleaved per block of 32 values: for each group of 8 rows and each block, the 8
 //! rows' scales (f16), then their codes arranged so that one 32-byte vector holds 4
-//! consecutive codes of each of the 8 rows. One `maddubs`/`vpdpbusd` against 4
-//! activation codes broadcast then yields a partial sum per row in each 32-bit lane, with
-//! no horizontal reduction ([`x86`]).
+//! consecutive codes of each of the 8 rows. Widened to i16, one `pmaddwd`/`vpdpwssd`
+//! against 4 activation codes broadcast yields partial sums per row in adjacent 32-bit
+//! lanes, with one horizontal add per block ([`x86`]).
 //!
 //! Invariants:
 //! - **Batch invariance and ISA agreement.** For every output element the integer block
-//!   sums are exact, and the f32 arithmetic that scales and adds them is one fixed chain
+//!   sums are exact (i32), converted to f32 once (to nearest), and the f32 arithmetic
+//!   that scales and adds them is one fixed chain
 //!   over the blocks in order (`t = d*isum - m*xsum` per half, `acc += xs * t`, with
 //!   fused multiply-adds), the same in the portable and every SIMD path. So a token's
 //!   result is bit-identical whatever else is in the batch and whichever path ran.
@@ -137,7 +138,10 @@ impl QuantWeight {
     /// As [`Self::matmul`] on `isa` (at most what the CPU has).
     pub fn matmul_on(&self, x: &[f32], t: usize, isa: Isa) -> Vec<f32> {
         assert_eq!(x.len(), t * self.inp, "input is not [t, in]");
-        debug_assert!(Isa::supported().contains(&isa), "{isa:?} is beyond this CPU");
+        debug_assert!(
+            Isa::supported().contains(&isa),
+            "{isa:?} is beyond this CPU"
+        );
         let mut y = vec![0f32; t * self.out];
         if t == 0 {
             return y;

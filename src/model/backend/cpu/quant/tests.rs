@@ -93,7 +93,11 @@ fn rows_are_bit_identical_whatever_the_batch() {
         let together = w.matmul(&x, t);
         for r in 0..t {
             let alone = w.matmul(&x[r * inp..(r + 1) * inp], 1);
-            assert_eq!(&together[r * out..(r + 1) * out], &alone[..], "{dtype:?} {r}");
+            assert_eq!(
+                &together[r * out..(r + 1) * out],
+                &alone[..],
+                "{dtype:?} {r}"
+            );
         }
     }
 }

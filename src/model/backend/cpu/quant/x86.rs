@@ -1,12 +1,15 @@
-//! The x86-64 paths of the quantized group dot product: AVX2 (`maddubs` + `madd`) and
-//! AVX-512 VNNI (`vpdpbusd` on 256-bit vectors). Both compute the same exact i32 block
-//! sums (no i16 saturation: codes are at most 63, or |128| for `S8` against activation
-//! codes of at most |127|, so a pair stays under 32,767) and then the f32 chain of the
-//! portable path, lane by lane: lane `r` of every vector is row `r` of the group.
+//! The x86-64 paths of the quantized group dot product: AVX2 (`pmaddwd`) and AVX-512
+//! VNNI (`vpdpwssd` on 256-bit vectors). Weight codes are widened to i16 and multiplied
+//! by i16 activation codes; both paths compute the same exact i32 block sums, then the f32
+//! chain of the portable path lane by lane: lane `r` of every f32 vector is row `r` of the
+//! group.
 //!
 //! Layout read here (see `super::pack`): per group-block, the f16 header (`U4`: d[8],
 //! m[8]; `S8`: d[8]; `U8`: d_lo[8], d_hi[8], m_lo[8], m_hi[8]) and the codes: 32-byte
-//! chunks whose bytes `4r..4r+4` are four consecutive codes of row `r`.
+//! chunks whose bytes `4r..4r+4` are four consecutive codes of row `r`. Widened, the low
+//! 16 bytes (rows 0-3) and the high 16 (rows 4-7) each give 16 i16; `pmaddwd` against the
+//! 4 activation codes broadcast leaves each row's sum in two adjacent i32 lanes, and one
+//! `phaddd` plus a lane permute per block puts row `r`'s sum in lane `r`.
 use super::activation::ActivationRow;
 use super::{QuantKind, BLOCK, GROUP};
 use crate::simd::Isa;
@@ -35,31 +38,62 @@ pub(super) fn group_dot(kind: QuantKind, group: &[u8], x: ActivationRow, isa: Is
     out
 }
 
-/// `acc + sum over each 4 bytes of w (unsigned) * x (signed)`, per 32-bit lane.
+/// `acc + (pairwise sums of w * x)`, per 32-bit lane (i16 inputs).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    let pairs = _mm256_maddubs_epi16(w, x);
-    _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
 }
 
 /// The same sums with one VNNI instruction.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(acc, w, x)
+    _mm256_dpwssd_epi32(acc, w, x)
 }
 
-/// Activation codes `4k..4k+4` of a block, broadcast to every lane.
-#[inline(always)]
-unsafe fn x4(xq: *const i8, k: usize) -> __m256i {
-    _mm256_set1_epi32((xq.add(4 * k) as *const i32).read_unaligned())
+/// Activation codes `4k..4k+4` of a block (four i16), broadcast to every 64-bit lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn x4(xq: *const i16, k: usize) -> __m256i {
+    _mm256_set1_epi64x((xq.add(4 * k) as *const i64).read_unaligned())
 }
 
 /// Eight f16 values at `p` as f32 lanes.
-#[inline(always)]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 unsafe fn f16x8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// Rows 0-3 and 4-7 of a 32-byte chunk of unsigned codes, widened to i16.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn widen_u8(v: __m256i) -> (__m256i, __m256i) {
+    (
+        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)),
+        _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(v)),
+    )
+}
+
+/// As [`widen_u8`] for signed codes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn widen_i8(v: __m256i) -> (__m256i, __m256i) {
+    (
+        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)),
+        _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(v)),
+    )
+}
+
+/// Row sums in lane order: `a` holds rows 0-3 and `b` rows 4-7, each row in two adjacent
+/// lanes; the result's lane `r` is row `r`'s sum, as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn row_sums(a: __m256i, b: __m256i) -> __m256 {
+    // hadd: [r0 r1 r4 r5 | r2 r3 r6 r7]; 64-bit lanes 0, 2, 1, 3 restore the order.
+    let h = _mm256_hadd_epi32(a, b);
+    _mm256_cvtepi32_ps(_mm256_permute4x64_epi64::<0b11_01_10_00>(h))
 }
 
 macro_rules! group_kernels {
@@ -77,23 +111,24 @@ macro_rules! group_kernels {
             for (b, blk) in group.chunks_exact(gbb).enumerate() {
                 let p = blk.as_ptr();
                 let xq = x.qs.as_ptr().add(b * BLOCK);
-                let mut isum = _mm256_setzero_si256();
+                let (mut sa, mut sb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                 for c in 0..4 {
                     let v = _mm256_loadu_si256(p.add(32 + 32 * c) as *const __m256i);
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
-                    isum = $dot(isum, lo, x4(xq, c));
-                    isum = $dot(isum, hi, x4(xq, 4 + c));
+                    let (lo_a, lo_b) = widen_u8(_mm256_and_si256(v, mask));
+                    let (hi_a, hi_b) = widen_u8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask));
+                    let (xl, xh) = (x4(xq, c), x4(xq, 4 + c));
+                    sa = $dot($dot(sa, lo_a, xl), hi_a, xh);
+                    sb = $dot($dot(sb, lo_b, xl), hi_b, xh);
                 }
                 let s = x.sums.get_unchecked(b);
-                let t = _mm256_mul_ps(f16x8(p), _mm256_cvtepi32_ps(isum));
+                let t = _mm256_mul_ps(f16x8(p), row_sums(sa, sb));
                 let t = _mm256_fnmadd_ps(f16x8(p.add(16)), _mm256_set1_ps(s.all), t);
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(*x.scales.get_unchecked(b)), t, acc);
             }
             _mm256_storeu_ps(out.as_mut_ptr(), acc);
         }
 
-        /// `S8`: signed codes; |w| times x with w's sign moved onto x.
+        /// `S8`: signed codes.
         ///
         /// # Safety
         /// As for the `U4` kernel.
@@ -104,13 +139,15 @@ macro_rules! group_kernels {
             for (b, blk) in group.chunks_exact(gbb).enumerate() {
                 let p = blk.as_ptr();
                 let xq = x.qs.as_ptr().add(b * BLOCK);
-                let mut isum = _mm256_setzero_si256();
+                let (mut sa, mut sb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                 for j in 0..8 {
                     let w = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
-                    let xs = _mm256_sign_epi8(x4(xq, j), w);
-                    isum = $dot(isum, _mm256_abs_epi8(w), xs);
+                    let (wa, wb) = widen_i8(w);
+                    let xj = x4(xq, j);
+                    sa = $dot(sa, wa, xj);
+                    sb = $dot(sb, wb, xj);
                 }
-                let t = _mm256_mul_ps(f16x8(p), _mm256_cvtepi32_ps(isum));
+                let t = _mm256_mul_ps(f16x8(p), row_sums(sa, sb));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(*x.scales.get_unchecked(b)), t, acc);
             }
             _mm256_storeu_ps(out.as_mut_ptr(), acc);
@@ -127,18 +164,22 @@ macro_rules! group_kernels {
             for (b, blk) in group.chunks_exact(gbb).enumerate() {
                 let p = blk.as_ptr();
                 let xq = x.qs.as_ptr().add(b * BLOCK);
-                let mut lo = _mm256_setzero_si256();
-                let mut hi = _mm256_setzero_si256();
+                let zero = _mm256_setzero_si256();
+                let (mut lo_a, mut lo_b, mut hi_a, mut hi_b) = (zero, zero, zero, zero);
                 for j in 0..4 {
                     let w_lo = _mm256_loadu_si256(p.add(64 + 32 * j) as *const __m256i);
                     let w_hi = _mm256_loadu_si256(p.add(64 + 32 * (4 + j)) as *const __m256i);
-                    lo = $dot(lo, w_lo, x4(xq, j));
-                    hi = $dot(hi, w_hi, x4(xq, 4 + j));
+                    let ((la, lb), (ha, hb)) = (widen_u8(w_lo), widen_u8(w_hi));
+                    let (xl, xh) = (x4(xq, j), x4(xq, 4 + j));
+                    lo_a = $dot(lo_a, la, xl);
+                    lo_b = $dot(lo_b, lb, xl);
+                    hi_a = $dot(hi_a, ha, xh);
+                    hi_b = $dot(hi_b, hb, xh);
                 }
                 let s = x.sums.get_unchecked(b);
-                let t = _mm256_mul_ps(f16x8(p), _mm256_cvtepi32_ps(lo));
+                let t = _mm256_mul_ps(f16x8(p), row_sums(lo_a, lo_b));
                 let t = _mm256_fnmadd_ps(f16x8(p.add(32)), _mm256_set1_ps(s.lo), t);
-                let t = _mm256_fmadd_ps(f16x8(p.add(16)), _mm256_cvtepi32_ps(hi), t);
+                let t = _mm256_fmadd_ps(f16x8(p.add(16)), row_sums(hi_a, hi_b), t);
                 let t = _mm256_fnmadd_ps(f16x8(p.add(48)), _mm256_set1_ps(s.hi), t);
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(*x.scales.get_unchecked(b)), t, acc);
             }

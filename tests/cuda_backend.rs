@@ -427,7 +427,8 @@ fn model_matches_the_cpu_in_f32_and_bf16() {
         .map(|i| (0..8 + 13 * i).map(|_| rng.range(0, 2047) as u32).collect())
         .collect();
     let slots = [-1, 0, 1, 0, 1];
-    let mut cpu = ModelRunner::new(llama_on(CpuBackend, weights.clone(), &cfg).unwrap()).unwrap();
+    let mut cpu =
+        ModelRunner::new(llama_on(CpuBackend::default(), weights.clone(), &cfg).unwrap()).unwrap();
     cpu.allocate_kv(32, BLOCK).unwrap();
     let want: Vec<(Vec<u32>, Vec<f32>)> = prompts
         .iter()

@@ -40,15 +40,22 @@ impl HostWeight {
     /// `parts` stacked row-wise: blocks when they are all blocks of one type and width,
     /// else dense values.
     pub fn stack(parts: Vec<HostWeight>) -> Result<HostWeight> {
-        let blocks: Option<Vec<BlockRows>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::Blocks(b) => Some(b.clone()),
-                Self::Dense(_) => None,
-            })
-            .collect();
-        if let Some(stacked) = blocks.as_deref().and_then(BlockRows::stack) {
-            return Ok(Self::Blocks(stacked));
+        if parts.iter().all(|p| matches!(p, Self::Blocks(_))) {
+            let blocks: Vec<BlockRows> = parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    Self::Blocks(b) => Some(b),
+                    Self::Dense(_) => None,
+                })
+                .collect();
+            if let Some(stacked) = BlockRows::stack(&blocks) {
+                return Ok(Self::Blocks(stacked));
+            }
+            let dense = blocks
+                .iter()
+                .map(BlockRows::dequantize)
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self::Dense(Tensor::cat(&dense, 0)?));
         }
         let dense = parts
             .iter()

@@ -185,14 +185,7 @@ mod tests {
             .unwrap()
             .reshape((rows, cols))
             .unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        for (_, dtype) in crate::model::backend::cpu::weight::QUANT_TYPES {
             let q = BlockRows::quantize(&t, dtype).unwrap();
             let want = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
             let kind = kind_of(dtype).unwrap();

@@ -1,14 +1,11 @@
 use super::*;
 use candle_core::{Device, Tensor};
 
-const TYPES: [GgmlDType; 6] = [
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q8_0,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
+/// Every type the kernels compute on (`--quant-type`'s list).
+const TYPES: [GgmlDType; 6] = {
+    let t = crate::model::backend::cpu::weight::QUANT_TYPES;
+    [t[0].1, t[1].1, t[2].1, t[3].1, t[4].1, t[5].1]
+};
 
 fn block_rows(out: usize, inp: usize, dtype: GgmlDType, seed: u64) -> BlockRows {
     let t = Tensor::new(crate::rng::test_data(out * inp, seed), &Device::Cpu)

@@ -61,6 +61,7 @@ bench: $(GGUF)
 # Kernel, step and serving micro-benchmarks (ratios in one run).
 bench-micro: $(GGUF)
 	cargo bench --bench decode_step
+	cargo bench --bench cpu_linear
 	cargo bench --bench grpc_throughput
 	cargo bench --bench adapter_throughput
 	cargo bench --bench lora_kernels

@@ -1,13 +1,16 @@
-//! One decode step of the real default model at batch sizes 1, 8, 32 and 64: tokens/s
-//! and the fraction of the binding roofline, with the GEMM rate and the read bandwidth
-//! measured in the same run. `cargo bench --bench decode_step` (needs `make model`).
+//! One decode step of the real default model at batch sizes 1, 8, 32 and 64, in f32 mode
+//! and in quantized mode (the file's Q4_1 blocks): tokens/s and the fraction of the
+//! binding roofline (the bytes are the weights as each mode holds them), with the GEMM
+//! rate and the read bandwidth measured in the same run, and quantized / f32 per batch.
+//! `cargo bench --bench decode_step` (needs `make model`).
 //! Under `cargo test` it runs one quick pass as a smoke test. `DECODE_STEP_BATCHES=32`
 //! selects batch sizes.
 #[path = "support/roofline.rs"]
 mod roofline;
 
 use multilora::engine::block_allocator::{Allocation, BlockAllocator};
-use multilora::model::{weights, CpuBackend, ForwardBatch, ModelConfig};
+use multilora::model::backend::cpu::CpuWeightFormat;
+use multilora::model::{weights, CpuBackend, ForwardBatch, Llama, ModelConfig};
 use roofline::{gemm_rate, median_time, read_bandwidth};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -33,20 +36,17 @@ fn main() {
         );
         return;
     }
-    let loaded =
-        weights::load_llama(path.to_str().unwrap_or(MODEL), None, CpuBackend::default()).unwrap();
-    let model = loaded.model;
-    let cfg = model.config().clone();
     let iters = if quick { 1 } else { 20 };
-    let gemm = gemm_rate(if quick { 1 } else { 10 });
-    let bw = read_bandwidth(if quick { 1 } else { 10 });
+    let rates = Rates {
+        gemm: gemm_rate(if quick { 1 } else { 10 }),
+        bandwidth: read_bandwidth(if quick { 1 } else { 10 }),
+    };
     println!(
         "threads {}  measured f32 GEMM {:.1} GFLOP/s  read bandwidth {:.1} GB/s",
         rayon::current_num_threads(),
-        gemm / 1e9,
-        bw / 1e9
+        rates.gemm / 1e9,
+        rates.bandwidth / 1e9
     );
-    println!("batch  step_ms  tokens/s  GFLOP/s  compute_roof  memory_roof  binding  fraction");
     // DECODE_STEP_BATCHES=32 (comma-separated) limits the run, e.g. for profiling.
     let batches: Vec<usize> = match std::env::var("DECODE_STEP_BATCHES") {
         Ok(list) => list
@@ -56,52 +56,98 @@ fn main() {
         Err(_) if quick => vec![1],
         Err(_) => vec![1, 8, 32, 64],
     };
-    for &b in &batches {
-        // Room for each sequence's context and one more block.
-        let num_blocks = b * (CONTEXT + BLOCK_SIZE) / BLOCK_SIZE;
-        let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
-        let mut kv = model.new_kv(num_blocks, BLOCK_SIZE).unwrap();
-        // Prefill each sequence's context once.
-        let mut tables = Vec::new();
-        for s in 0..b {
-            let mut table = Vec::new();
-            assert_eq!(alloc.allocate(&mut table, CONTEXT + 1), Allocation::Ok);
-            let tokens: Vec<u32> = (0..CONTEXT)
-                .map(|i| ((s * 31 + i * 7) % 1000) as u32)
-                .collect();
-            let mut batch = ForwardBatch::default();
-            batch.push_chunk(&tokens, 0, &table);
-            model.forward(&batch, &mut kv).unwrap();
-            tables.push(table);
-        }
-        let mut step = ForwardBatch::default();
-        for (s, table) in tables.iter().enumerate() {
-            let last = step.push_chunk(&[(s % 1000) as u32], CONTEXT, table);
-            step.logit_rows.push(last);
-        }
-        let t = median_time(iters, || {
-            model.forward(&step, &mut kv).unwrap();
-        });
-        let secs = t.as_secs_f64();
-        let attn_flops =
-            4.0 * (b * (CONTEXT + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers) as f64;
-        let flops = 2.0 * b as f64 * linear_params(&cfg) + attn_flops;
-        let bytes = 4.0 * linear_params(&cfg);
-        let compute_roof = flops / gemm;
-        let memory_roof = bytes / bw;
-        let (binding, roof) = if compute_roof > memory_roof {
-            ("compute", compute_roof)
-        } else {
-            ("memory", memory_roof)
-        };
+    let quantized = CpuWeightFormat::Quantized {
+        dense_to: candle_core::quantized::GgmlDType::Q8_0,
+    };
+    let mut tokens_per_s = Vec::new();
+    for format in [CpuWeightFormat::F32, quantized] {
+        let path = path.to_str().unwrap_or(MODEL);
+        let model = weights::load_llama(path, None, CpuBackend::new(format))
+            .unwrap()
+            .model;
         println!(
-            "{b:>5}  {:>7.2}  {:>8.1}  {:>7.1}  {:>10.2}ms  {:>9.2}ms  {binding:>7}  {:>7.0}%",
-            secs * 1e3,
-            b as f64 / secs,
-            flops / secs / 1e9,
-            compute_roof * 1e3,
-            memory_roof * 1e3,
-            100.0 * roof / secs
+            "{}: linear weights {:.1} MB",
+            format.name(),
+            model.linear_weight_bytes() as f64 / 1e6
         );
+        println!("batch  step_ms  tokens/s  GFLOP/s  compute_roof  memory_roof  binding  fraction");
+        let row: Vec<f64> = batches
+            .iter()
+            .map(|&b| {
+                let secs = step_seconds(&model, b, iters);
+                report(&model, b, secs, &rates);
+                b as f64 / secs
+            })
+            .collect();
+        tokens_per_s.push(row);
     }
+    println!("quantized / f32 tokens/s, same run:");
+    for (i, b) in batches.iter().enumerate() {
+        println!("{b:>5}  {:>5.2}", tokens_per_s[1][i] / tokens_per_s[0][i]);
+    }
+}
+
+/// The machine rates measured in this run.
+struct Rates {
+    /// f32 GEMM FLOP/s.
+    gemm: f64,
+    /// Read bytes/s.
+    bandwidth: f64,
+}
+
+/// The median time of one decode step of `b` sequences, each with `CONTEXT` tokens
+/// cached.
+fn step_seconds(model: &Llama<CpuBackend>, b: usize, iters: usize) -> f64 {
+    // Room for each sequence's context and one more block.
+    let num_blocks = b * (CONTEXT + BLOCK_SIZE) / BLOCK_SIZE;
+    let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
+    let mut kv = model.new_kv(num_blocks, BLOCK_SIZE).unwrap();
+    // Prefill each sequence's context once.
+    let mut tables = Vec::new();
+    for s in 0..b {
+        let mut table = Vec::new();
+        assert_eq!(alloc.allocate(&mut table, CONTEXT + 1), Allocation::Ok);
+        let tokens: Vec<u32> = (0..CONTEXT)
+            .map(|i| ((s * 31 + i * 7) % 1000) as u32)
+            .collect();
+        let mut batch = ForwardBatch::default();
+        batch.push_chunk(&tokens, 0, &table);
+        model.forward(&batch, &mut kv).unwrap();
+        tables.push(table);
+    }
+    let mut step = ForwardBatch::default();
+    for (s, table) in tables.iter().enumerate() {
+        let last = step.push_chunk(&[(s % 1000) as u32], CONTEXT, table);
+        step.logit_rows.push(last);
+    }
+    median_time(iters, || {
+        model.forward(&step, &mut kv).unwrap();
+    })
+    .as_secs_f64()
+}
+
+/// One row: the step against the compute roof (f32 GEMM rate) and the memory roof (the
+/// model's weight bytes at the measured bandwidth).
+fn report(model: &Llama<CpuBackend>, b: usize, secs: f64, rates: &Rates) {
+    let cfg = model.config();
+    let attn_flops =
+        4.0 * (b * (CONTEXT + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers) as f64;
+    let flops = 2.0 * b as f64 * linear_params(cfg) + attn_flops;
+    let bytes = model.linear_weight_bytes() as f64;
+    let compute_roof = flops / rates.gemm;
+    let memory_roof = bytes / rates.bandwidth;
+    let (binding, roof) = if compute_roof > memory_roof {
+        ("compute", compute_roof)
+    } else {
+        ("memory", memory_roof)
+    };
+    println!(
+        "{b:>5}  {:>7.2}  {:>8.1}  {:>7.1}  {:>10.2}ms  {:>9.2}ms  {binding:>7}  {:>7.0}%",
+        secs * 1e3,
+        b as f64 / secs,
+        flops / secs / 1e9,
+        compute_roof * 1e3,
+        memory_roof * 1e3,
+        100.0 * roof / secs
+    );
 }

@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 use multilora::byte_size::parse_byte_size;
 use multilora::engine::EngineConfig;
 use multilora::lora::registry::{self, RegistryConfig};
-use multilora::model::placement::{load_model_on, parse_quant_type, DTypeChoice, DeviceSpec};
+use multilora::model::placement::{
+    load_model_on, parse_quant_type, DTypeChoice, DeviceSpec, KvDTypeChoice, Placement,
+};
 use multilora::model::weights;
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
@@ -88,17 +90,32 @@ enum AdaptersCommand {
     },
 }
 
+/// `model synth --format`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SynthFormat {
+    Safetensors,
+    Gguf,
+}
+
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Write a random-weight Llama of a named shape (a Hugging Face folder, bf16), for
-    /// scale runs at realistic sizes without a download.
+    /// Write a random-weight Llama of a named shape (a Hugging Face folder in bf16, or a
+    /// quantized GGUF file), for scale runs at realistic sizes without a download.
     Synth {
         /// tiny, 135m (SmolLM2-135M) or 1b (Llama-3.2-1B's layout).
         #[arg(long, default_value = "1b")]
         shape: String,
-        /// The folder to write.
+        /// The folder to write (safetensors) or the file (gguf).
         #[arg(long)]
         out: std::path::PathBuf,
+        /// safetensors (a Hugging Face folder, bf16) or gguf (one file; its tokenizer is
+        /// copied from --tokenizer-from, which must then be a GGUF).
+        #[arg(long, default_value = "safetensors")]
+        format: SynthFormat,
+        /// What --format gguf quantizes the matrices to: q4_k, q8_0, q4_0, q4_1, q5_k,
+        /// q6_k (k-quants need rows that are multiples of 256).
+        #[arg(long, default_value = "q4_k", value_parser = parse_quant_type)]
+        quant_type: GgmlDType,
         /// The model whose tokenizer (and so vocabulary) the synthetic model uses.
         #[arg(long, default_value = DEFAULT_MODEL)]
         tokenizer_from: String,
@@ -128,6 +145,10 @@ struct ServeArgs {
     /// q4_1, q4_k, q5_k or q6_k.
     #[arg(long, env = "MULTILORA_QUANT_TYPE", default_value = "q8_0", value_parser = parse_quant_type)]
     quant_type: GgmlDType,
+    /// How the paged K/V cache stores values: auto (cpu: f32; cuda: the weights' dtype),
+    /// f32, or bf16 (cpu: half the K/V memory, so twice the tokens in --kv-cache-memory).
+    #[arg(long, env = "MULTILORA_KV_DTYPE", default_value = "auto")]
+    kv_dtype: KvDTypeChoice,
     /// Address to listen on.
     #[arg(long, env = "MULTILORA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -210,9 +231,11 @@ fn main() -> Result<()> {
         Command::Model(ModelCommand::Synth {
             shape,
             out,
+            format,
+            quant_type,
             tokenizer_from,
             seed,
-        }) => synth_model(&shape, &out, &tokenizer_from, seed),
+        }) => synth_model(&shape, &out, (format, quant_type), &tokenizer_from, seed),
         Command::Download { repo, revision } => {
             let source = weights::download_from_hub(&repo, revision.as_deref())?;
             if let weights::ModelSource::HfDir(dir) = source {
@@ -296,13 +319,27 @@ fn link_adapter(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn synth_model(shape: &str, out: &std::path::Path, tokenizer_from: &str, seed: u64) -> Result<()> {
+fn synth_model(
+    shape: &str,
+    out: &std::path::Path,
+    (format, quant_type): (SynthFormat, GgmlDType),
+    tokenizer_from: &str,
+    seed: u64,
+) -> Result<()> {
     use multilora::model::synth;
     let source = weights::resolve(tokenizer_from, None)?;
     let tokenizer = weights::load_tokenizer(&source)?;
     let cfg = synth::shape(shape, tokenizer.vocab_size())?;
     let start = std::time::Instant::now();
-    let params = synth::write_synthetic_model(out, &cfg, &tokenizer, seed)?;
+    let params = match (format, &source) {
+        (SynthFormat::Safetensors, _) => synth::write_synthetic_model(out, &cfg, &tokenizer, seed)?,
+        (SynthFormat::Gguf, weights::ModelSource::Gguf(path)) => {
+            synth::write_synthetic_gguf(out, &cfg, path, quant_type, seed)?
+        }
+        (SynthFormat::Gguf, _) => anyhow::bail!(
+            "--format gguf copies the tokenizer from a GGUF file; {tokenizer_from} is not one"
+        ),
+    };
     println!(
         "{}: {shape} Llama, {:.3} B parameters, written in {:.1} s",
         out.display(),
@@ -316,13 +353,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 {
         anyhow::bail!("--block-size, --max-batch-tokens and --max-running must be positive");
     }
-    let loaded = load_model_on(
-        &args.model,
-        args.revision.as_deref(),
-        args.device,
-        args.dtype,
-        args.quant_type,
-    )?;
+    let placement = Placement {
+        device: args.device,
+        dtype: args.dtype,
+        quant_type: args.quant_type,
+        kv_dtype: args.kv_dtype,
+    };
+    let loaded = load_model_on(&args.model, args.revision.as_deref(), &placement)?;
     let eager = registry::collect_specs(&args.adapters, &[])?;
     let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
     let adapters = registry::AdapterRegistry::new(RegistryConfig {

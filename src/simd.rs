@@ -110,31 +110,51 @@ impl<T> SharedMutPtr<T> {
     }
 }
 
+/// A stored value that widens exactly to f32 (f32 itself, or bf16 by a shift), so the
+/// kernels below read f32 or bf16 storage with the same arithmetic.
+pub trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// `sum_i a[i] * b[i]` with eight independent partial sums (lanes `i mod 8`, so the
 /// compiler vectorises it without FMA), added lane 0 to 7, then the tail in order. The
 /// order is fixed, so the result does not depend on the caller.
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<E: Widen>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
     let (bc, br) = b.split_at(ac.len());
     for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].widen();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ar.iter().zip(br) {
-        s += x * y;
+        s += x * y.widen();
     }
     s
 }
 
 /// `y += a * x`, element by element.
 #[inline(always)]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+pub fn axpy<E: Widen>(y: &mut [f32], a: f32, x: &[E]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+        *yi += a * xi.widen();
     }
 }
 

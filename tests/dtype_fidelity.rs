@@ -2,13 +2,15 @@
 //! issue's fidelity bar): for base and the two PEFT-trained fixture adapters, greedy ids
 //! equal to f32 mode on at least 4 of the 5 fixture prompts; the logprob each mode gives
 //! f32 mode's chosen tokens (teacher-forced on f32 mode's completion) within 0.15; and
-//! perplexity on a fixed 2,000-token English text within 2%. Prints every figure.
+//! perplexity on a fixed 2,000-token English text within 2%. Modes: the file's quantized
+//! blocks, bf16 weights, and the quantized blocks with a bf16 K/V cache. Prints every
+//! figure.
 mod common;
 
 use common::{fixture_adapter, real_model_path, repo_path};
 use multilora::engine::block_allocator::{Allocation, BlockAllocator};
 use multilora::lora::peft::{load_peft_adapter, AdapterLimits, AdapterWeights};
-use multilora::model::backend::cpu::CpuWeightFormat;
+use multilora::model::backend::cpu::{CpuWeightFormat, KvDType};
 use multilora::model::{weights, CpuBackend, ForwardBatch, Llama};
 use serde_json::Value;
 use std::sync::Arc;
@@ -19,12 +21,20 @@ const BLOCK: usize = 16;
 const CHUNK: usize = 256;
 const PERPLEXITY_TOKENS: usize = 2000;
 
-fn load(format: CpuWeightFormat) -> (Model, multilora::model::TextTokenizer) {
+fn load(backend: CpuBackend) -> (Model, multilora::model::TextTokenizer) {
     let path = real_model_path();
-    let loaded = weights::load_llama(path.to_str().unwrap(), None, CpuBackend::new(format))
+    let loaded = weights::load_llama(path.to_str().unwrap(), None, backend)
         .expect("loading the default model");
-    eprintln!("{}: {}", format.name(), loaded.source_dtype);
+    eprintln!("{}: {}", name(backend), loaded.source_dtype);
     (loaded.model, loaded.tokenizer)
+}
+
+/// The mode's name: weight format, and the K/V type when not f32.
+fn name(backend: CpuBackend) -> String {
+    match backend.kv_dtype() {
+        KvDType::F32 => backend.format().name(),
+        kv => format!("{} with {} K/V", backend.format().name(), kv.name()),
+    }
 }
 
 /// Log-softmax of `logits` at `token`, in f64.
@@ -171,12 +181,12 @@ struct Figures {
 }
 
 fn measure(
-    format: CpuWeightFormat,
+    backend: CpuBackend,
     prompts: &[Vec<u32>],
     forced: Option<&Figures>,
     text: &[u32],
 ) -> Figures {
-    let (model, _) = load(format);
+    let (model, _) = load(backend);
     let adapters = adapters_for(&model);
     let mut completions = Vec::new();
     let mut logprobs = Vec::new();
@@ -202,26 +212,28 @@ fn measure(
 #[test]
 #[ignore = "needs the real model: make test"]
 fn quantized_and_16_bit_modes_stay_close_to_f32() {
-    let (_, tokenizer) = load(CpuWeightFormat::F32);
+    let (_, tokenizer) = load(CpuBackend::default());
     let text = std::fs::read_to_string(repo_path("tests/data/perplexity-en.txt")).unwrap();
     let mut tokens = tokenizer.encode(&text).unwrap();
     assert!(tokens.len() >= PERPLEXITY_TOKENS, "{} tokens", tokens.len());
     tokens.truncate(PERPLEXITY_TOKENS);
     let prompts = fixture_prompts();
-    let reference = measure(CpuWeightFormat::F32, &prompts, None, &tokens);
+    let reference = measure(CpuBackend::default(), &prompts, None, &tokens);
     eprintln!("f32: perplexity {:.4}", reference.perplexity);
+    let quantized = CpuBackend::new(CpuWeightFormat::Quantized {
+        dense_to: candle_core::quantized::GgmlDType::Q8_0,
+    });
     let modes = [
-        CpuWeightFormat::Quantized {
-            dense_to: candle_core::quantized::GgmlDType::Q8_0,
-        },
-        CpuWeightFormat::Bf16,
+        quantized,
+        CpuBackend::new(CpuWeightFormat::Bf16),
+        quantized.with_kv_dtype(KvDType::Bf16),
     ];
-    for format in modes {
-        let got = measure(format, &prompts, Some(&reference), &tokens);
+    for backend in modes {
+        let got = measure(backend, &prompts, Some(&reference), &tokens);
         let ratio = got.perplexity / reference.perplexity;
         eprintln!(
             "{}: perplexity {:.4} ({:+.2}% of f32)",
-            format.name(),
+            name(backend),
             got.perplexity,
             (ratio - 1.0) * 100.0
         );
@@ -236,16 +248,16 @@ fn quantized_and_16_bit_modes_stay_close_to_f32() {
                 .fold(0f64, |w, (a, b)| w.max((a - b).abs()));
             eprintln!(
                 "{}: {run}: greedy ids equal on {same}/{} prompts, worst logprob difference {worst:.4}",
-                format.name(),
+                name(backend),
                 prompts.len()
             );
-            assert!(same + 1 >= prompts.len(), "{}: {run}", format.name());
-            assert!(worst <= 0.15, "{}: {run}: {worst}", format.name());
+            assert!(same + 1 >= prompts.len(), "{}: {run}", name(backend));
+            assert!(worst <= 0.15, "{}: {run}: {worst}", name(backend));
         }
         assert!(
             (ratio - 1.0).abs() <= 0.02,
             "{}: perplexity ratio {ratio}",
-            format.name()
+            name(backend)
         );
     }
 }

@@ -1,19 +1,63 @@
 //! The ragged batched forward equals each sequence run alone, across mixes of prefill
-//! chunks and decode tokens, KV block boundaries and preemption (tiny random model).
-//! On the CPU it is bit-identical: every per-token computation (packed linear layers,
-//! norms, per-sequence attention) is independent of what else is in the batch.
+//! chunks and decode tokens, KV block boundaries and preemption (small random model), in
+//! every CPU weight format (f32, bf16, f16, each quantized type) and K/V type (f32,
+//! bf16). On the CPU it is bit-identical: every per-token computation (linear layers,
+//! norms, per-sequence attention) is independent of what else is in the batch. The
+//! model's rows are multiples of 256, the k-quants' block.
+use candle_core::quantized::GgmlDType;
 use multilora::engine::block_allocator::{Allocation, BlockAllocator};
 use multilora::model::backend::cpu::kv::CpuKvStore;
-use multilora::model::{CpuBackend, ForwardBatch, Llama};
+use multilora::model::backend::cpu::weight::QUANT_TYPES;
+use multilora::model::backend::cpu::{CpuWeightFormat, KvDType};
+use multilora::model::{CpuBackend, ForwardBatch, Llama, ModelConfig};
 use multilora::rng::Xoshiro256;
-use multilora::testing::{random_llama, tiny_config};
+use multilora::testing::{llama_on, random_weights, tiny_config};
 
 const VOCAB: usize = 97;
 
 type Model = Llama<CpuBackend>;
 
-fn model() -> Model {
-    random_llama(&tiny_config(VOCAB), 7).unwrap()
+/// Two layers, hidden 256, MLP 512, 4 query heads of 64 over 2 KV heads.
+fn config() -> ModelConfig {
+    ModelConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        head_dim: 64,
+        ..tiny_config(VOCAB)
+    }
+}
+
+/// Every CPU backend configuration, named.
+fn backends() -> Vec<(String, CpuBackend)> {
+    let mut formats = vec![
+        CpuWeightFormat::F32,
+        CpuWeightFormat::Bf16,
+        CpuWeightFormat::F16,
+    ];
+    formats.extend(
+        QUANT_TYPES
+            .iter()
+            .map(|(_, t)| CpuWeightFormat::Quantized { dense_to: *t }),
+    );
+    let mut all: Vec<(String, CpuBackend)> = formats
+        .into_iter()
+        .map(|f| (f.name(), CpuBackend::new(f)))
+        .collect();
+    let bf16_kv = CpuBackend::new(CpuWeightFormat::Quantized {
+        dense_to: GgmlDType::Q4K,
+    })
+    .with_kv_dtype(KvDType::Bf16);
+    all.push(("q4_k weights, bf16 K/V".into(), bf16_kv));
+    all.push((
+        "f32 weights, bf16 K/V".into(),
+        CpuBackend::default().with_kv_dtype(KvDType::Bf16),
+    ));
+    all
+}
+
+fn model(backend: CpuBackend) -> Model {
+    let cfg = config();
+    llama_on(backend, random_weights(&cfg, 7).unwrap(), &cfg).unwrap()
 }
 
 /// A pool of `num_blocks` blocks of `block_size` tokens: the allocator for the block
@@ -73,10 +117,16 @@ struct SeqState {
 
 #[test]
 fn one_token_at_a_time_equals_full_prefill() {
-    let model = model();
+    for (name, backend) in backends() {
+        eprintln!("{name}");
+        token_by_token_matches_prefill(&model(backend));
+    }
+}
+
+fn token_by_token_matches_prefill(model: &Model) {
     let tokens: Vec<u32> = (0..37).map(|i| (i * 13 % VOCAB) as u32).collect();
-    let a = alone(&model, &tokens);
-    let b = alone_token_by_token(&model, &tokens);
+    let a = alone(model, &tokens);
+    let b = alone_token_by_token(model, &tokens);
     for (p, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(max_diff(x, y) < 1e-4, "position {p}: {}", max_diff(x, y));
         assert_eq!(x, y, "position {p}: not bit-identical");
@@ -85,15 +135,21 @@ fn one_token_at_a_time_equals_full_prefill() {
 
 #[test]
 fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
-    let model = model();
+    for (name, backend) in backends() {
+        eprintln!("{name}");
+        ragged_batches_match_alone(&model(backend), 3);
+    }
+}
+
+fn ragged_batches_match_alone(model: &Model, rounds: u64) {
     let mut rng = Xoshiro256::from_seed(42);
-    for round in 0..6 {
+    for round in 0..rounds {
         let n_seqs = 2 + below(&mut rng, 6);
         let mut seqs: Vec<SeqState> = (0..n_seqs)
             .map(|_| {
                 let len = 1 + below(&mut rng, 45);
                 let tokens: Vec<u32> = (0..len).map(|_| below(&mut rng, VOCAB) as u32).collect();
-                let reference = alone(&model, &tokens);
+                let reference = alone(model, &tokens);
                 SeqState {
                     tokens,
                     computed: 0,
@@ -103,7 +159,7 @@ fn ragged_batches_with_chunks_blocks_and_preemption_match_alone() {
             })
             .collect();
         // Block size 4 so chunks straddle block boundaries; enough blocks for all.
-        let (mut alloc, mut kv) = cache(&model, 4, 256);
+        let (mut alloc, mut kv) = cache(model, 4, 256);
         let mut preempted = 0;
         let mut steps = 0;
         while seqs.iter().any(|s| s.computed < s.tokens.len()) {

@@ -16,6 +16,7 @@ pub fn median_time(iters: usize, mut f: impl FnMut()) -> Duration {
 }
 
 /// Read bandwidth (bytes/s): a parallel sum over 512 MiB of f32.
+#[allow(dead_code)]
 pub fn read_bandwidth(iters: usize) -> f64 {
     let data = vec![1.0f32; 128 << 20];
     let t = median_time(iters, || {

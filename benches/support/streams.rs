@@ -2,6 +2,7 @@
 //! missing), the benchmark request, and a run of concurrent streams over gRPC.
 #![allow(dead_code)] // each bench uses a different subset
 use multilora::model::weights::{self, LoadedModel};
+use multilora::model::CpuBackend;
 use multilora::proto::v1 as pb;
 use pb::generation_client::GenerationClient;
 use std::time::Instant;
@@ -13,8 +14,8 @@ pub fn full_run() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
-/// The default model, or None (with a note) when `make model` has not fetched it.
-pub fn load_default_model(bench: &str) -> Option<LoadedModel> {
+/// The default model's path, or None (with a note) when `make model` has not fetched it.
+fn default_model_path(bench: &str) -> Option<String> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
     if !path.is_file() {
         eprintln!(
@@ -23,8 +24,19 @@ pub fn load_default_model(bench: &str) -> Option<LoadedModel> {
         );
         return None;
     }
-    let path = path.to_str().unwrap_or(MODEL);
-    Some(weights::load_model(path, None).unwrap())
+    Some(path.to_str().unwrap_or(MODEL).to_string())
+}
+
+/// The default model in f32, or None when it is missing.
+pub fn load_default_model(bench: &str) -> Option<LoadedModel> {
+    load_default_model_on(bench, CpuBackend::default())
+}
+
+/// The default model on `backend` (its weight format), or None when it is missing.
+pub fn load_default_model_on(bench: &str, backend: CpuBackend) -> Option<LoadedModel> {
+    let path = default_model_path(bench)?;
+    let built = weights::load_llama(&path, None, backend).unwrap();
+    Some(built.into_runner().unwrap())
 }
 
 /// A greedy, fixed-length request (ignore_eos) on `adapter` ("" = base model).

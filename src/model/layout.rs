@@ -113,6 +113,29 @@ fn gguf_site(site: LoraSite) -> &'static str {
     }
 }
 
+/// The GGUF (llama.cpp) name of a Hugging Face tensor name; the inverse of [`from_gguf`].
+pub fn to_gguf(hf: &str) -> Option<String> {
+    match hf {
+        EMBEDDING => return Some("token_embd.weight".into()),
+        FINAL_NORM => return Some("output_norm.weight".into()),
+        LM_HEAD => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let layer: usize = rest.split_once('.')?.0.parse().ok()?;
+    let module = if hf == input_norm(layer) {
+        "attn_norm"
+    } else if hf == post_attention_norm(layer) {
+        "ffn_norm"
+    } else {
+        let site = LoraSite::ALL
+            .into_iter()
+            .find(|s| linear_weight(layer, *s) == hf)?;
+        gguf_site(site)
+    };
+    Some(format!("blk.{layer}.{module}.weight"))
+}
+
 /// The Hugging Face name of a GGUF tensor, and the linear site it is (if one); None for
 /// tensors the model does not use.
 pub fn from_gguf(gguf: &str) -> Option<(String, Option<LoraSite>)> {
@@ -154,6 +177,12 @@ mod tests {
             Some("model.layers.0.post_attention_layernorm.weight")
         );
         assert_eq!(from_gguf("rope_freqs.weight"), None);
+        let cfg = crate::model::synth::shape("tiny", 100).unwrap();
+        for spec in tensor_specs(&cfg) {
+            let gguf = to_gguf(&spec.name).unwrap();
+            assert_eq!(from_gguf(&gguf).map(|n| n.0), Some(spec.name), "{gguf}");
+        }
+        assert_eq!(to_gguf("model.layers.0.mlp.nothing.weight"), None);
         assert_eq!(from_gguf("blk.x.attn_q.weight"), None);
     }
 

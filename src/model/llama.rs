@@ -213,6 +213,23 @@ impl<B: Backend> Llama<B> {
             .kv_store(self.kv_layout(num_blocks, block_size))
     }
 
+    /// Bytes of every linear layer's weights and the LM head: what one decode step reads
+    /// (the memory roofline's numerator).
+    pub fn linear_weight_bytes(&self) -> usize {
+        let b = &self.backend;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.qkv, &l.o_proj, &l.gate_up, &l.down_proj]
+                    .iter()
+                    .map(|lin| b.weight_bytes(&lin.weight))
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + b.weight_bytes(&self.lm_head)
+    }
+
     /// Bytes of K/V one token takes in this backend's storage.
     pub fn kv_bytes_per_token(&self) -> usize {
         self.backend.kv_bytes_per_token(&self.kv_layout(0, 1))

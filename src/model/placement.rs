@@ -1,5 +1,6 @@
-//! Where the base model runs and in what precision: the `--device` and `--dtype` flags,
-//! parsed once, and the one function that builds the model on the backend they name.
+//! Where the base model runs and in what precision: the `--device`, `--dtype`,
+//! `--quant-type` and `--kv-dtype` flags, parsed once into a [`Placement`], and the one
+//! function that builds the model on the backend they name.
 //!
 //! Invariants: on `cpu`, `auto` keeps what the file holds (a quantized GGUF stays
 //! quantized, bf16/f16 safetensors stay 16-bit, anything else is f32), `quantized`
@@ -8,7 +9,7 @@
 //! refused (not yet on the GPU); a combination a build cannot serve is refused at
 //! start-up with the reason, never silently changed.
 use super::backend::cpu::weight::QUANT_TYPES;
-use super::backend::cpu::{CpuBackend, CpuWeightFormat};
+use super::backend::cpu::{CpuBackend, CpuWeightFormat, KvDType};
 use super::weights::{load_llama, resolve, LoadedModel, ModelSource};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType};
@@ -174,23 +175,98 @@ fn stored_precision(source: &ModelSource) -> Result<Stored> {
     }
 }
 
-/// Loads `--model` onto `device` in `dtype` (`quant_type` for a dense checkpoint under
-/// `--dtype quantized`), ready for the engine.
+/// `--kv-dtype`: how the paged K/V cache stores values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDTypeChoice {
+    /// f32 on the CPU (exact); the weights' dtype on CUDA.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl FromStr for KvDTypeChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("{s:?}: expected auto, f32 or bf16")),
+        }
+    }
+}
+
+impl KvDTypeChoice {
+    /// The CPU cache's value type.
+    pub fn cpu(self) -> KvDType {
+        match self {
+            Self::Auto | Self::F32 => KvDType::F32,
+            Self::Bf16 => KvDType::Bf16,
+        }
+    }
+
+    /// Checks the choice against the CUDA weights' dtype: the CUDA cache holds K/V in
+    /// that dtype, so only `auto` or that same dtype are served.
+    pub fn check_cuda(self, weights: candle_core::DType) -> Result<()> {
+        use candle_core::DType;
+        let wanted = match self {
+            Self::Auto => return Ok(()),
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        };
+        if wanted != weights {
+            bail!(
+                "--kv-dtype {}: on cuda the K/V cache holds the weights' dtype ({weights:?}); \
+                 use --kv-dtype auto or match --dtype",
+                wanted.as_str()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where and in what precision the base model runs: the `--device`, `--dtype`,
+/// `--quant-type` and `--kv-dtype` flags together.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    pub device: DeviceSpec,
+    pub dtype: DTypeChoice,
+    /// What `--dtype quantized` makes of a dense checkpoint.
+    pub quant_type: GgmlDType,
+    pub kv_dtype: KvDTypeChoice,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            device: DeviceSpec::Cpu,
+            dtype: DTypeChoice::Auto,
+            quant_type: GgmlDType::Q8_0,
+            kv_dtype: KvDTypeChoice::Auto,
+        }
+    }
+}
+
+/// Loads `--model` as `placement` says, ready for the engine.
 pub fn load_model_on(
     model: &str,
     revision: Option<&str>,
-    device: DeviceSpec,
-    dtype: DTypeChoice,
-    quant_type: GgmlDType,
+    placement: &Placement,
 ) -> Result<LoadedModel> {
-    match device {
+    match placement.device {
         DeviceSpec::Cpu => {
-            let format = dtype.cpu_format(&resolve(model, revision)?, quant_type)?;
-            tracing::info!(format = %format.name(), "CPU weight format");
-            load_llama(model, revision, CpuBackend::new(format))?.into_runner()
+            let source = resolve(model, revision)?;
+            let format = placement.dtype.cpu_format(&source, placement.quant_type)?;
+            let kv = placement.kv_dtype.cpu();
+            tracing::info!(format = %format.name(), kv = kv.name(), "CPU weight and K/V formats");
+            let backend = CpuBackend::new(format).with_kv_dtype(kv);
+            load_llama(model, revision, backend)?.into_runner()
         }
         DeviceSpec::Cuda(ordinal) => {
-            let resolved = dtype.cuda_dtype()?;
+            let resolved = placement.dtype.cuda_dtype()?;
+            placement.kv_dtype.check_cuda(resolved)?;
             load_cuda(model, revision, ordinal, resolved)
         }
     }
@@ -264,16 +340,29 @@ mod tests {
 
     #[test]
     fn refuses_what_the_build_cannot_serve() {
-        let q8 = GgmlDType::Q8_0;
-        let err = load_model_on("x", None, DeviceSpec::Cuda(0), DTypeChoice::Quantized, q8)
-            .err()
-            .unwrap();
-        assert!(format!("{err:#}").contains("CPU-only"), "{err:#}");
+        let on_cuda = |dtype, kv_dtype| Placement {
+            device: DeviceSpec::Cuda(0),
+            dtype,
+            kv_dtype,
+            ..Placement::default()
+        };
+        let load = |p: Placement| format!("{:#}", load_model_on("x", None, &p).err().unwrap());
+        let auto = KvDTypeChoice::Auto;
+        let err = load(on_cuda(DTypeChoice::Quantized, auto));
+        assert!(err.contains("CPU-only"), "{err}");
+        let err = load(on_cuda(DTypeChoice::Bf16, KvDTypeChoice::F32));
+        assert!(err.contains("--kv-dtype f32"), "{err}");
         if !cfg!(feature = "cuda") {
-            let err = load_model_on("x", None, DeviceSpec::Cuda(0), DTypeChoice::Auto, q8)
-                .err()
-                .unwrap();
-            assert!(format!("{err:#}").contains("built without CUDA"), "{err:#}");
+            let err = load(on_cuda(DTypeChoice::Auto, KvDTypeChoice::Bf16));
+            assert!(err.contains("built without CUDA"), "{err}");
         }
+    }
+
+    #[test]
+    fn parses_kv_dtypes() {
+        assert_eq!("bf16".parse(), Ok(KvDTypeChoice::Bf16));
+        assert_eq!(KvDTypeChoice::Auto.cpu(), KvDType::F32);
+        assert_eq!(KvDTypeChoice::Bf16.cpu(), KvDType::Bf16);
+        assert!("fp8".parse::<KvDTypeChoice>().unwrap_err().contains("bf16"));
     }
 }

@@ -1,11 +1,17 @@
 //! Synthetic base models for scale runs: a Hugging Face Llama folder (`config.json`,
-//! tokenizer files, `model.safetensors` in bf16) of a named shape with seeded random
-//! weights, written tensor by tensor so a 1B-class model needs no download and little RAM.
+//! tokenizer files, `model.safetensors` in bf16) or a quantized GGUF file of a named
+//! shape with seeded random weights, written tensor by tensor so a 1B-class model needs
+//! no download and little RAM. Both formats hold the same values for a seed (the GGUF's
+//! before quantization).
 use super::config::ModelConfig;
-use super::layout::{tensor_specs, TensorKind, TensorSpec};
+use super::layout::{tensor_specs, to_gguf, TensorKind, TensorSpec};
 use super::tokenizer::TextTokenizer;
+use super::weights::permute_qk;
+use crate::lora::peft::LoraSite;
 use crate::rng::Xoshiro256;
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde_json::json;
 use std::io::{BufWriter, Write};
@@ -165,6 +171,129 @@ pub fn write_synthetic_model(
     w.flush().with_context(write_err)?;
     drop(w);
     std::fs::rename(&tmp_path, &final_path)
+        .with_context(|| format!("renaming {} into place", tmp_path.display()))?;
+    Ok(specs.iter().map(|t| t.len()).sum())
+}
+
+/// One tensor's seeded values (the bf16 values of [`tensor_bytes`]) as an f32 tensor.
+fn tensor_values(spec: &TensorSpec, seed: u64, index: usize) -> Result<Tensor> {
+    let values: Vec<f32> = tensor_bytes(spec, seed, index)
+        .chunks_exact(2)
+        .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+        .collect();
+    Ok(Tensor::from_vec(
+        values,
+        spec.shape.as_slice(),
+        &Device::Cpu,
+    )?)
+}
+
+/// The llama metadata of `cfg`, as llama.cpp's converter writes it.
+fn gguf_llama_metadata(cfg: &ModelConfig) -> Vec<(String, gguf_file::Value)> {
+    use gguf_file::Value::{String as S, F32, U32};
+    let u = |v: usize| U32(v as u32);
+    vec![
+        ("general.architecture".into(), S("llama".into())),
+        ("general.name".into(), S(cfg.name.clone())),
+        (
+            "llama.context_length".into(),
+            u(cfg.max_position_embeddings),
+        ),
+        ("llama.embedding_length".into(), u(cfg.hidden_size)),
+        ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
+        ("llama.block_count".into(), u(cfg.num_layers)),
+        ("llama.attention.head_count".into(), u(cfg.num_heads)),
+        ("llama.attention.head_count_kv".into(), u(cfg.num_kv_heads)),
+        ("llama.rope.dimension_count".into(), u(cfg.head_dim)),
+        ("llama.vocab_size".into(), u(cfg.vocab_size)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            F32(cfg.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base".into(), F32(cfg.rope_theta)),
+    ]
+}
+
+/// One tensor as the GGUF holds it: norms in f32; matrices quantized to `dtype`, Q/K rows
+/// permuted as llama.cpp's converter does (the loader undoes it).
+fn gguf_tensor(
+    cfg: &ModelConfig,
+    spec: &TensorSpec,
+    dtype: GgmlDType,
+    seed: u64,
+    index: usize,
+) -> Result<QTensor> {
+    let t = tensor_values(spec, seed, index)?;
+    if spec.shape.len() != 2 {
+        return Ok(QTensor::quantize(&t, GgmlDType::F32)?);
+    }
+    let t = match spec.kind {
+        TensorKind::Linear(LoraSite::Q) => permute_qk(&t, cfg.num_heads)?,
+        TensorKind::Linear(LoraSite::K) => permute_qk(&t, cfg.num_kv_heads)?,
+        _ => t,
+    };
+    QTensor::quantize(&t, dtype).with_context(|| format!("quantizing {} to {dtype:?}", spec.name))
+}
+
+/// Writes a GGUF file at `path`: `cfg` with the seeded weights of
+/// [`write_synthetic_model`], matrices quantized to `dtype` (whose block must divide the
+/// rows), and the tokenizer (`tokenizer.*` metadata) of the GGUF `tokenizer_from`.
+/// Returns the parameter count.
+pub fn write_synthetic_gguf(
+    path: &Path,
+    cfg: &ModelConfig,
+    tokenizer_from: &Path,
+    dtype: GgmlDType,
+    seed: u64,
+) -> Result<usize> {
+    let mut source = std::fs::File::open(tokenizer_from)
+        .with_context(|| format!("opening {}", tokenizer_from.display()))?;
+    let content = gguf_file::Content::read(&mut source)
+        .with_context(|| format!("reading GGUF header of {}", tokenizer_from.display()))?;
+    let vocab = TextTokenizer::from_gguf(&content)?.vocab_size();
+    if cfg.vocab_size < vocab {
+        bail!(
+            "vocabulary {} is smaller than the tokenizer's {vocab}",
+            cfg.vocab_size
+        );
+    }
+    let mut metadata = gguf_llama_metadata(cfg);
+    let mut tokenizer: Vec<_> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    tokenizer.sort_by(|a, b| a.0.cmp(&b.0));
+    metadata.extend(tokenizer);
+    let specs = tensor_specs(cfg);
+    let tensors = specs
+        .par_iter()
+        .enumerate()
+        .map(|(index, spec)| {
+            let name =
+                to_gguf(&spec.name).with_context(|| format!("no GGUF name for {}", spec.name))?;
+            Ok((name, gguf_tensor(cfg, spec, dtype, seed, index)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    // Written under a temporary name and renamed, as for the safetensors folder.
+    let tmp_path = path.with_extension("gguf.partial");
+    let file = std::fs::File::create(&tmp_path)
+        .with_context(|| format!("creating {}", tmp_path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    gguf_file::write(&mut w, &metadata, &tensors)
+        .with_context(|| format!("writing {}", tmp_path.display()))?;
+    w.flush()
+        .with_context(|| format!("writing {}", tmp_path.display()))?;
+    drop(w);
+    std::fs::rename(&tmp_path, path)
         .with_context(|| format!("renaming {} into place", tmp_path.display()))?;
     Ok(specs.iter().map(|t| t.len()).sum())
 }

@@ -116,3 +116,45 @@ fn bf16_rounds_to_nearest_even() {
     // Just above halfway rounds up.
     assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3F81);
 }
+
+/// Logits after a short prompt of the model at `path`, loaded in f32 mode.
+fn prompt_logits(path: &Path) -> Vec<f32> {
+    let backend = crate::model::CpuBackend::default();
+    let loaded = weights::load_llama(path.to_str().unwrap(), None, backend).unwrap();
+    let model = loaded.model;
+    let mut kv = model.new_kv(2, 16).unwrap();
+    let mut batch = ForwardBatch::default();
+    let last = batch.push_chunk(&[5, 9, 77, 3, 200, 14, 15, 92], 0, &[0]);
+    batch.logit_rows.push(last);
+    model.forward(&batch, &mut kv).unwrap()
+}
+
+#[test]
+#[ignore = "needs the real model (its GGUF tokenizer): make test"]
+fn gguf_holds_the_same_model_as_the_folder() {
+    let gguf_source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let source = weights::resolve(gguf_source.to_str().unwrap(), None).unwrap();
+    let tok = weights::load_tokenizer(&source).unwrap();
+    let cfg = shape("tiny", tok.vocab_size()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("folder");
+    write_synthetic_model(&folder, &cfg, &tok, 11).unwrap();
+    let file = dir.path().join("tiny.gguf");
+    let params = write_synthetic_gguf(&file, &cfg, &gguf_source, GgmlDType::Q8_0, 11).unwrap();
+    assert_eq!(params, parameter_count(&cfg));
+    let want = prompt_logits(&folder);
+    let got = prompt_logits(&file);
+    // Q8_0 rounds each weight by at most half a step of max|w|/127: the logits move a
+    // little; a wrong Q/K order or tensor name would move them by their whole range.
+    let range = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = want
+        .iter()
+        .zip(&got)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst < 0.05 * range, "worst {worst} of range {range}");
+    // Q8_0 holds 34 bytes per 32 values, bf16 64.
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(size(&file) < size(&folder.join("model.safetensors")));
+}

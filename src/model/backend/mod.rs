@@ -116,6 +116,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A linear weight `[out, in]` from the checkpoint: dense values of any float dtype,
     /// or quantized blocks (a backend that does not compute on them dequantizes them).
     fn weight(&self, w: &HostWeight) -> Result<Self::Weight>;
+    /// Bytes a weight holds (what a step reads to compute with it).
+    fn weight_bytes(&self, w: &Self::Weight) -> usize;
     /// A vector from a host tensor `[n]` (any float dtype).
     fn vector(&self, v: &Tensor) -> Result<Self::Vector>;
     /// Empty K/V storage of `layout`.

@@ -1,9 +1,10 @@
 //! Paged causal attention over a ragged batch on the CPU: each sequence's chunk of
 //! queries attends to its own cached keys and values, read through its block table.
-//! f32, parallel over tokens; each query row's result depends only on its own sequence
+//! f32 arithmetic over an f32 or bf16 cache (bf16 values widened exactly as they are
+//! read), parallel over tokens; each query row's result depends only on its own sequence
 //! (one fixed order of operations), so it is the same whatever else is in the batch.
-use super::kv::CpuKvStore;
-use crate::model::backend::HeadShape;
+use super::kv::{slot_offset, CpuKvStore, KvLayers, KvValue, LayerKv};
+use crate::model::backend::{HeadShape, KvLayout};
 use crate::model::batch::ForwardBatch;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Isa;
@@ -41,53 +42,89 @@ pub fn paged_attention(
             chunk.context_len + chunk.len
         );
     }
+    let layout = kv.layout();
+    match kv.layers_mut() {
+        KvLayers::F32(layers) => write_rows(batch, k, v, layout, &mut layers[layer]),
+        KvLayers::Bf16(layers) => write_rows(batch, k, v, layout, &mut layers[layer]),
+    }
+    Ok(match kv.layers() {
+        KvLayers::F32(layers) => attend_all(batch, q, layout, &layers[layer], shape),
+        KvLayers::Bf16(layers) => attend_all(batch, q, layout, &layers[layer], shape),
+    })
+}
+
+/// Stores the step's K and V rows at their positions.
+fn write_rows<E: KvValue>(
+    batch: &ForwardBatch,
+    k: &[f32],
+    v: &[f32],
+    layout: KvLayout,
+    lkv: &mut LayerKv<E>,
+) {
+    let kv_row = layout.slot_len();
     for chunk in &batch.chunks {
         for i in 0..chunk.len {
             let t = chunk.start + i;
-            let off = kv.slot_offset(&chunk.block_table, chunk.context_len + i);
-            let lkv = kv.layer_mut(layer);
-            lkv.k[off..off + kv_row].copy_from_slice(&k[t * kv_row..(t + 1) * kv_row]);
-            lkv.v[off..off + kv_row].copy_from_slice(&v[t * kv_row..(t + 1) * kv_row]);
+            let off = slot_offset(layout, &chunk.block_table, chunk.context_len + i);
+            let rows = [(&mut lkv.k, k), (&mut lkv.v, v)];
+            for (dst, src) in rows {
+                for (d, s) in dst[off..off + kv_row].iter_mut().zip(&src[t * kv_row..]) {
+                    *d = E::narrow(*s);
+                }
+            }
         }
     }
-    let mut out = vec![0f32; t * q_row];
+}
+
+/// Attention of every query row of the batch against one layer's cache.
+fn attend_all<E: KvValue>(
+    batch: &ForwardBatch,
+    q: &[f32],
+    layout: KvLayout,
+    lkv: &LayerKv<E>,
+    shape: HeadShape,
+) -> Vec<f32> {
+    let q_row = shape.num_heads * shape.head_dim;
+    let mut out = vec![0f32; batch.tokens.len() * q_row];
     let row_chunk = batch.row_chunks();
-    let kv = &*kv;
     out.par_chunks_mut(q_row)
         .enumerate()
         .for_each(|(t, out_row)| {
             let chunk = &batch.chunks[row_chunk[t]];
             let pos = chunk.context_len + (t - chunk.start);
-            attend_one(
-                &q[t * q_row..(t + 1) * q_row],
-                out_row,
+            let query = Query {
+                q: &q[t * q_row..(t + 1) * q_row],
                 pos,
-                &chunk.block_table,
-                kv,
-                layer,
-                shape,
-            );
+                table: &chunk.block_table,
+            };
+            attend_one(query, out_row, layout, lkv, shape);
         });
-    Ok(out)
+    out
+}
+
+/// One query row (all heads) and where its sequence's positions are.
+#[derive(Clone, Copy)]
+struct Query<'a> {
+    q: &'a [f32],
+    pos: usize,
+    table: &'a [u32],
 }
 
 /// One query row (all heads) at position `pos` against cached positions `0..=pos`.
-fn attend_one(
-    q: &[f32],
+fn attend_one<E: KvValue>(
+    query: Query,
     out: &mut [f32],
-    pos: usize,
-    table: &[u32],
-    kv: &CpuKvStore,
-    layer: usize,
+    layout: KvLayout,
+    lkv: &LayerKv<E>,
     shape: HeadShape,
 ) {
     #[cfg(target_arch = "x86_64")]
     if Isa::get() >= Isa::Avx2Fma {
         // SAFETY: the CPU supports the features this copy was compiled for.
-        unsafe { attend_one_avx2(q, out, pos, table, kv, layer, shape) };
+        unsafe { attend_one_avx2(query, out, layout, lkv, shape) };
         return;
     }
-    attend_one_generic(q, out, pos, table, kv, layer, shape);
+    attend_one_generic(query, out, layout, lkv, shape);
 }
 
 /// [`attend_one_generic`] compiled for AVX2/FMA (the same operations in the same order).
@@ -96,38 +133,34 @@ fn attend_one(
 /// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_one_avx2(
-    q: &[f32],
+unsafe fn attend_one_avx2<E: KvValue>(
+    query: Query,
     out: &mut [f32],
-    pos: usize,
-    table: &[u32],
-    kv: &CpuKvStore,
-    layer: usize,
+    layout: KvLayout,
+    lkv: &LayerKv<E>,
     shape: HeadShape,
 ) {
-    attend_one_generic(q, out, pos, table, kv, layer, shape)
+    attend_one_generic(query, out, layout, lkv, shape)
 }
 
 /// One pass over the cached positions for all heads at once: each position's K (then V)
 /// row of every KV head is contiguous, so the cache is read sequentially, once.
 #[inline(always)]
-fn attend_one_generic(
-    q: &[f32],
+fn attend_one_generic<E: KvValue>(
+    query: Query,
     out: &mut [f32],
-    pos: usize,
-    table: &[u32],
-    kv: &CpuKvStore,
-    layer: usize,
+    layout: KvLayout,
+    lkv: &LayerKv<E>,
     shape: HeadShape,
 ) {
+    let Query { q, pos, table } = query;
     let hd = shape.head_dim;
     let heads = shape.num_heads;
     let group = heads / shape.num_kv_heads;
     let kv_row = shape.num_kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let lkv = kv.layer(layer);
     let n = pos + 1;
-    let offsets: Vec<usize> = (0..n).map(|j| kv.slot_offset(table, j)).collect();
+    let offsets: Vec<usize> = (0..n).map(|j| slot_offset(layout, table, j)).collect();
     let mut scores = vec![0f32; n * heads];
     for (j, &off) in offsets.iter().enumerate() {
         let k = &lkv.k[off..off + kv_row];

@@ -1,31 +1,100 @@
-//! The CPU backend's paged K/V storage: for every layer, one f32 buffer of K and one of V,
-//! `[num_blocks * block_size, kv_heads, head_dim]`, addressed through block tables. Which
-//! blocks a sequence owns is the engine's business (its block allocator); this type only
-//! stores values. Invariant: every buffer holds exactly the layout's slots.
+//! The CPU backend's paged K/V storage: for every layer, one buffer of K and one of V,
+//! `[num_blocks * block_size, kv_heads, head_dim]`, addressed through block tables, in
+//! f32 (the default, exact) or bf16 (`--kv-dtype bf16`: half the memory; values rounded
+//! to nearest-even when written, widened exactly when read). Which blocks a sequence
+//! owns is the engine's business (its block allocator); this type only stores values.
+//! Invariant: every buffer holds exactly the layout's slots, all in one element type.
 use crate::model::backend::KvLayout;
+use crate::simd::Widen;
+use half::bf16;
+
+/// How the cache stores K and V values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDType {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl KvDType {
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A value the cache can hold: written from f32, read back as f32.
+pub trait KvValue: Widen + Default + Send + Sync + 'static {
+    fn narrow(v: f32) -> Self;
+}
+
+impl KvValue for f32 {
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+}
+
+impl KvValue for bf16 {
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
 
 /// K and V of one layer.
-pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+pub struct LayerKv<E> {
+    pub k: Vec<E>,
+    pub v: Vec<E>,
+}
+
+/// Every layer's K and V, in one element type.
+pub enum KvLayers {
+    F32(Vec<LayerKv<f32>>),
+    Bf16(Vec<LayerKv<bf16>>),
+}
+
+fn zeroed<E: KvValue>(layers: usize, values: usize) -> Vec<LayerKv<E>> {
+    (0..layers)
+        .map(|_| LayerKv {
+            k: vec![E::default(); values],
+            v: vec![E::default(); values],
+        })
+        .collect()
+}
+
+/// Index of the first value of position `pos`'s slot in a layer's K or V of `layout`,
+/// through the sequence's block `table`.
+#[inline]
+pub fn slot_offset(layout: KvLayout, table: &[u32], pos: usize) -> usize {
+    let bs = layout.block_size;
+    (table[pos / bs] as usize * bs + pos % bs) * layout.slot_len()
 }
 
 /// Paged K/V storage in host memory.
 pub struct CpuKvStore {
     layout: KvLayout,
-    layers: Vec<LayerKv>,
+    layers: KvLayers,
 }
 
 impl CpuKvStore {
-    /// Zeroed storage for `layout`.
-    pub fn new(layout: KvLayout) -> Self {
+    /// Zeroed storage for `layout`, holding values as `dtype`.
+    pub fn new(layout: KvLayout, dtype: KvDType) -> Self {
         let values = layout.num_blocks * layout.block_size * layout.slot_len();
-        let layers = (0..layout.num_layers)
-            .map(|_| LayerKv {
-                k: vec![0.0; values],
-                v: vec![0.0; values],
-            })
-            .collect();
+        let layers = match dtype {
+            KvDType::F32 => KvLayers::F32(zeroed(layout.num_layers, values)),
+            KvDType::Bf16 => KvLayers::Bf16(zeroed(layout.num_layers, values)),
+        };
         Self { layout, layers }
     }
 
@@ -33,12 +102,18 @@ impl CpuKvStore {
         self.layout
     }
 
+    pub fn dtype(&self) -> KvDType {
+        match self.layers {
+            KvLayers::F32(_) => KvDType::F32,
+            KvLayers::Bf16(_) => KvDType::Bf16,
+        }
+    }
+
     /// Index of the first value of position `pos`'s slot in a layer's K or V, through
     /// the sequence's block `table`.
     #[inline]
     pub fn slot_offset(&self, table: &[u32], pos: usize) -> usize {
-        let bs = self.layout.block_size;
-        (table[pos / bs] as usize * bs + pos % bs) * self.layout.slot_len()
+        slot_offset(self.layout, table, pos)
     }
 
     /// Whether every position `0..positions` of `table` addresses a block of this store.
@@ -50,11 +125,38 @@ impl CpuKvStore {
                 .all(|&b| (b as usize) < self.layout.num_blocks)
     }
 
-    pub fn layer(&self, layer: usize) -> &LayerKv {
-        &self.layers[layer]
+    pub fn layers(&self) -> &KvLayers {
+        &self.layers
     }
 
-    pub fn layer_mut(&mut self, layer: usize) -> &mut LayerKv {
-        &mut self.layers[layer]
+    pub fn layers_mut(&mut self) -> &mut KvLayers {
+        &mut self.layers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_halves_the_bytes_and_rounds_to_nearest() {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 2,
+            num_blocks: 3,
+        };
+        let store = CpuKvStore::new(layout, KvDType::Bf16);
+        assert_eq!(store.dtype(), KvDType::Bf16);
+        let KvLayers::Bf16(layers) = store.layers() else {
+            panic!("not bf16")
+        };
+        assert_eq!((layers.len(), layers[1].k.len()), (2, 24));
+        assert_eq!(KvDType::Bf16.size() * 2, KvDType::F32.size());
+        // 1 + 2^-8 lies halfway between two bf16 values: to even (1.0); just above: up.
+        assert_eq!(bf16::narrow(1.0 + 1.0 / 256.0).widen(), 1.0);
+        let up = 1.0 + 1.0 / 256.0 + 1.0 / 1024.0;
+        assert_eq!(bf16::narrow(up).widen(), 1.0 + 1.0 / 128.0);
     }
 }

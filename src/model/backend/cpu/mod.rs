@@ -18,24 +18,38 @@ use crate::lora::peft::AdapterWeights;
 use crate::model::batch::ForwardBatch;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
-pub use kv::CpuKvStore;
+pub use kv::{CpuKvStore, KvDType};
 use std::sync::Arc;
 pub use weight::{CpuWeight, CpuWeightFormat};
 
-/// The CPU backend: the weight format; the kernels use rayon's global pool.
+/// The CPU backend: the weight format and the K/V cache's value type; the kernels use
+/// rayon's global pool.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend {
     format: CpuWeightFormat,
+    kv_dtype: KvDType,
 }
 
 impl CpuBackend {
-    /// A backend keeping linear weights in `format`.
+    /// A backend keeping linear weights in `format` and K/V in f32.
     pub fn new(format: CpuWeightFormat) -> Self {
-        Self { format }
+        Self {
+            format,
+            kv_dtype: KvDType::F32,
+        }
+    }
+
+    /// The same backend with its K/V cache in `kv_dtype`.
+    pub fn with_kv_dtype(self, kv_dtype: KvDType) -> Self {
+        Self { kv_dtype, ..self }
     }
 
     pub fn format(&self) -> CpuWeightFormat {
         self.format
+    }
+
+    pub fn kv_dtype(&self) -> KvDType {
+        self.kv_dtype
     }
 }
 
@@ -107,16 +121,20 @@ impl Backend for CpuBackend {
         CpuWeight::from_host(w, self.format)
     }
 
+    fn weight_bytes(&self, w: &CpuWeight) -> usize {
+        w.bytes()
+    }
+
     fn vector(&self, v: &Tensor) -> Result<Vec<f32>> {
         host_values(v)
     }
 
     fn kv_store(&self, layout: KvLayout) -> Result<CpuKvStore> {
-        Ok(CpuKvStore::new(layout))
+        Ok(CpuKvStore::new(layout, self.kv_dtype))
     }
 
     fn kv_bytes_per_token(&self, layout: &KvLayout) -> usize {
-        layout.values_per_token() * std::mem::size_of::<f32>()
+        layout.values_per_token() * self.kv_dtype.size()
     }
 
     fn embed(

@@ -120,6 +120,10 @@ impl Backend for CudaBackend {
         self.to_device(&w.to_dense()?)
     }
 
+    fn weight_bytes(&self, w: &Tensor) -> usize {
+        w.elem_count() * w.dtype().size_in_bytes()
+    }
+
     fn vector(&self, v: &Tensor) -> Result<Tensor> {
         self.to_device(v)
     }

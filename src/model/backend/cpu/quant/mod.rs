@@ -39,6 +39,9 @@ use rayon::prelude::*;
 /// Rows interleaved per group.
 pub const GROUP: usize = 8;
 
+/// Tokens per tile of the SIMD kernels: each weight block is unpacked once per tile.
+const TILE: usize = 4;
+
 /// How the codes of a block are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantKind {
@@ -157,14 +160,24 @@ impl QuantWeight {
             .for_each(|g| {
                 let group = &self.data[g * group_bytes..(g + 1) * group_bytes];
                 let cols = GROUP.min(self.out - g * GROUP);
-                for tok in 0..t {
-                    let acc = group_dot(self.kind, group, acts.row(tok), isa);
+                let write = |tok: usize, acc: &[f32; GROUP]| {
                     // SAFETY: columns g*8..g*8+cols of every row belong to this task
                     // alone; `y` outlives the parallel loop.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(y_ptr.at(tok * self.out + g * GROUP), cols)
                     };
                     dst.copy_from_slice(&acc[..cols]);
+                };
+                let mut tok = 0;
+                while tok + TILE <= t {
+                    let xs: [ActivationRow; TILE] = std::array::from_fn(|k| acts.row(tok + k));
+                    for (k, acc) in group_dots(self.kind, group, &xs, isa).iter().enumerate() {
+                        write(tok + k, acc);
+                    }
+                    tok += TILE;
+                }
+                for tok in tok..t {
+                    write(tok, &group_dots(self.kind, group, &[acts.row(tok)], isa)[0]);
                 }
             });
         y
@@ -260,14 +273,19 @@ fn unpack(kind: QuantKind, r: usize, src: &[u8]) -> DecodedBlock {
     b
 }
 
-/// The 8 outputs of one group for one token, on `isa`.
-fn group_dot(kind: QuantKind, group: &[u8], x: ActivationRow, isa: Isa) -> [f32; GROUP] {
+/// The 8 outputs of one group for each of `N` tokens, on `isa`.
+fn group_dots<const N: usize>(
+    kind: QuantKind,
+    group: &[u8],
+    xs: &[ActivationRow; N],
+    isa: Isa,
+) -> [[f32; GROUP]; N] {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2Fma {
-        return x86::group_dot(kind, group, x, isa);
+        return x86::group_dots(kind, group, xs, isa);
     }
     let _ = isa;
-    group_dot_portable(kind, group, x)
+    std::array::from_fn(|k| group_dot_portable(kind, group, xs[k]))
 }
 
 /// The portable path: per block, the exact integer sums of each row, then the same f32

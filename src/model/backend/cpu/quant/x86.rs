@@ -9,30 +9,41 @@
 //! chunks whose bytes `4r..4r+4` are four consecutive codes of row `r`. Widened, the low
 //! 16 bytes (rows 0-3) and the high 16 (rows 4-7) each give 16 i16; `pmaddwd` against the
 //! 4 activation codes broadcast leaves each row's sum in two adjacent i32 lanes, and one
-//! `phaddd` plus a lane permute per block puts row `r`'s sum in lane `r`.
+//! `phaddd` plus a lane permute per block puts row `r`'s sum in lane `r`. The kernels
+//! take a tile of `N` tokens: each chunk of codes is widened once and multiplied by the
+//! activations of every token of the tile (the widening costs about as much as the
+//! products, so a tile of 4 roughly halves a batch's work).
 use super::activation::ActivationRow;
 use super::{QuantKind, BLOCK, GROUP};
 use crate::simd::Isa;
 use std::arch::x86_64::*;
 
-/// The 8 outputs of one group for one token.
-pub(super) fn group_dot(kind: QuantKind, group: &[u8], x: ActivationRow, isa: Isa) -> [f32; GROUP] {
+/// The 8 outputs of one group for each of `N` tokens: the weight codes of a block are
+/// widened once and used for every token of the tile.
+pub(super) fn group_dots<const N: usize>(
+    kind: QuantKind,
+    group: &[u8],
+    xs: &[ActivationRow; N],
+    isa: Isa,
+) -> [[f32; GROUP]; N] {
     assert!(isa >= Isa::Avx2Fma, "x86 paths need AVX2");
     let blocks = group.len() / kind.group_block_bytes();
-    assert!(x.qs.len() >= blocks * BLOCK && x.scales.len() >= blocks && x.sums.len() >= blocks);
-    let mut out = [0f32; GROUP];
+    for x in xs {
+        assert!(x.qs.len() >= blocks * BLOCK && x.scales.len() >= blocks && x.sums.len() >= blocks);
+    }
+    let mut out = [[0f32; GROUP]; N];
     let vnni = isa >= Isa::Avx512Vnni;
     // SAFETY: `isa` is at most what this CPU has (`Isa`'s invariant), so the features
     // each function enables are present; the group holds `blocks` whole group-blocks and
-    // `x` at least `blocks` blocks (checked above).
+    // every row of `xs` at least `blocks` blocks (checked above).
     unsafe {
         match (kind, vnni) {
-            (QuantKind::U4, false) => u4_avx2(group, x, &mut out),
-            (QuantKind::U4, true) => u4_vnni(group, x, &mut out),
-            (QuantKind::S8, false) => s8_avx2(group, x, &mut out),
-            (QuantKind::S8, true) => s8_vnni(group, x, &mut out),
-            (QuantKind::U8, false) => u8_avx2(group, x, &mut out),
-            (QuantKind::U8, true) => u8_vnni(group, x, &mut out),
+            (QuantKind::U4, false) => u4_avx2(group, xs, &mut out),
+            (QuantKind::U4, true) => u4_vnni(group, xs, &mut out),
+            (QuantKind::S8, false) => s8_avx2(group, xs, &mut out),
+            (QuantKind::S8, true) => s8_vnni(group, xs, &mut out),
+            (QuantKind::U8, false) => u8_avx2(group, xs, &mut out),
+            (QuantKind::U8, true) => u8_vnni(group, xs, &mut out),
         }
     }
     out
@@ -101,31 +112,44 @@ macro_rules! group_kernels {
         /// `U4`: per block, codes from 4 chunks (low nibbles: codes 4c.., high: 16+4c..).
         ///
         /// # Safety
-        /// The enabled features are present; `group` is whole group-blocks and `x` has
-        /// at least as many blocks.
+        /// The enabled features are present; `group` is whole group-blocks and each row
+        /// of `xs` has at least as many blocks.
         #[target_feature(enable = $features)]
-        unsafe fn $u4(group: &[u8], x: ActivationRow, out: &mut [f32; GROUP]) {
+        unsafe fn $u4<const N: usize>(
+            group: &[u8],
+            xs: &[ActivationRow; N],
+            out: &mut [[f32; GROUP]; N],
+        ) {
             let mask = _mm256_set1_epi8(0x0F);
-            let mut acc = _mm256_setzero_ps();
+            let zero = _mm256_setzero_si256();
+            let mut acc = [_mm256_setzero_ps(); N];
             let gbb = QuantKind::U4.group_block_bytes();
             for (b, blk) in group.chunks_exact(gbb).enumerate() {
                 let p = blk.as_ptr();
-                let xq = x.qs.as_ptr().add(b * BLOCK);
-                let (mut sa, mut sb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                let (mut sa, mut sb) = ([zero; N], [zero; N]);
                 for c in 0..4 {
                     let v = _mm256_loadu_si256(p.add(32 + 32 * c) as *const __m256i);
                     let (lo_a, lo_b) = widen_u8(_mm256_and_si256(v, mask));
                     let (hi_a, hi_b) = widen_u8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask));
-                    let (xl, xh) = (x4(xq, c), x4(xq, 4 + c));
-                    sa = $dot($dot(sa, lo_a, xl), hi_a, xh);
-                    sb = $dot($dot(sb, lo_b, xl), hi_b, xh);
+                    for k in 0..N {
+                        let xq = xs[k].qs.as_ptr().add(b * BLOCK);
+                        let (xl, xh) = (x4(xq, c), x4(xq, 4 + c));
+                        sa[k] = $dot($dot(sa[k], lo_a, xl), hi_a, xh);
+                        sb[k] = $dot($dot(sb[k], lo_b, xl), hi_b, xh);
+                    }
                 }
-                let s = x.sums.get_unchecked(b);
-                let t = _mm256_mul_ps(f16x8(p), row_sums(sa, sb));
-                let t = _mm256_fnmadd_ps(f16x8(p.add(16)), _mm256_set1_ps(s.all), t);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(*x.scales.get_unchecked(b)), t, acc);
+                let (d, m) = (f16x8(p), f16x8(p.add(16)));
+                for k in 0..N {
+                    let s = xs[k].sums.get_unchecked(b);
+                    let t = _mm256_mul_ps(d, row_sums(sa[k], sb[k]));
+                    let t = _mm256_fnmadd_ps(m, _mm256_set1_ps(s.all), t);
+                    let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
+                    acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
+                }
             }
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+            for k in 0..N {
+                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+            }
         }
 
         /// `S8`: signed codes.
@@ -133,24 +157,36 @@ macro_rules! group_kernels {
         /// # Safety
         /// As for the `U4` kernel.
         #[target_feature(enable = $features)]
-        unsafe fn $s8(group: &[u8], x: ActivationRow, out: &mut [f32; GROUP]) {
-            let mut acc = _mm256_setzero_ps();
+        unsafe fn $s8<const N: usize>(
+            group: &[u8],
+            xs: &[ActivationRow; N],
+            out: &mut [[f32; GROUP]; N],
+        ) {
+            let zero = _mm256_setzero_si256();
+            let mut acc = [_mm256_setzero_ps(); N];
             let gbb = QuantKind::S8.group_block_bytes();
             for (b, blk) in group.chunks_exact(gbb).enumerate() {
                 let p = blk.as_ptr();
-                let xq = x.qs.as_ptr().add(b * BLOCK);
-                let (mut sa, mut sb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                let (mut sa, mut sb) = ([zero; N], [zero; N]);
                 for j in 0..8 {
                     let w = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
                     let (wa, wb) = widen_i8(w);
-                    let xj = x4(xq, j);
-                    sa = $dot(sa, wa, xj);
-                    sb = $dot(sb, wb, xj);
+                    for k in 0..N {
+                        let xj = x4(xs[k].qs.as_ptr().add(b * BLOCK), j);
+                        sa[k] = $dot(sa[k], wa, xj);
+                        sb[k] = $dot(sb[k], wb, xj);
+                    }
                 }
-                let t = _mm256_mul_ps(f16x8(p), row_sums(sa, sb));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(*x.scales.get_unchecked(b)), t, acc);
+                let d = f16x8(p);
+                for k in 0..N {
+                    let t = _mm256_mul_ps(d, row_sums(sa[k], sb[k]));
+                    let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
+                    acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
+                }
             }
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+            for k in 0..N {
+                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+            }
         }
 
         /// `U8`: byte codes, (d, m) per half of 16 values.
@@ -158,32 +194,46 @@ macro_rules! group_kernels {
         /// # Safety
         /// As for the `U4` kernel.
         #[target_feature(enable = $features)]
-        unsafe fn $u8(group: &[u8], x: ActivationRow, out: &mut [f32; GROUP]) {
-            let mut acc = _mm256_setzero_ps();
+        unsafe fn $u8<const N: usize>(
+            group: &[u8],
+            xs: &[ActivationRow; N],
+            out: &mut [[f32; GROUP]; N],
+        ) {
+            let zero = _mm256_setzero_si256();
+            let mut acc = [_mm256_setzero_ps(); N];
             let gbb = QuantKind::U8.group_block_bytes();
             for (b, blk) in group.chunks_exact(gbb).enumerate() {
                 let p = blk.as_ptr();
-                let xq = x.qs.as_ptr().add(b * BLOCK);
-                let zero = _mm256_setzero_si256();
-                let (mut lo_a, mut lo_b, mut hi_a, mut hi_b) = (zero, zero, zero, zero);
+                let (mut lo_a, mut lo_b) = ([zero; N], [zero; N]);
+                let (mut hi_a, mut hi_b) = ([zero; N], [zero; N]);
                 for j in 0..4 {
                     let w_lo = _mm256_loadu_si256(p.add(64 + 32 * j) as *const __m256i);
                     let w_hi = _mm256_loadu_si256(p.add(64 + 32 * (4 + j)) as *const __m256i);
                     let ((la, lb), (ha, hb)) = (widen_u8(w_lo), widen_u8(w_hi));
-                    let (xl, xh) = (x4(xq, j), x4(xq, 4 + j));
-                    lo_a = $dot(lo_a, la, xl);
-                    lo_b = $dot(lo_b, lb, xl);
-                    hi_a = $dot(hi_a, ha, xh);
-                    hi_b = $dot(hi_b, hb, xh);
+                    for k in 0..N {
+                        let xq = xs[k].qs.as_ptr().add(b * BLOCK);
+                        let (xl, xh) = (x4(xq, j), x4(xq, 4 + j));
+                        lo_a[k] = $dot(lo_a[k], la, xl);
+                        lo_b[k] = $dot(lo_b[k], lb, xl);
+                        hi_a[k] = $dot(hi_a[k], ha, xh);
+                        hi_b[k] = $dot(hi_b[k], hb, xh);
+                    }
                 }
-                let s = x.sums.get_unchecked(b);
-                let t = _mm256_mul_ps(f16x8(p), row_sums(lo_a, lo_b));
-                let t = _mm256_fnmadd_ps(f16x8(p.add(32)), _mm256_set1_ps(s.lo), t);
-                let t = _mm256_fmadd_ps(f16x8(p.add(16)), row_sums(hi_a, hi_b), t);
-                let t = _mm256_fnmadd_ps(f16x8(p.add(48)), _mm256_set1_ps(s.hi), t);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(*x.scales.get_unchecked(b)), t, acc);
+                let (d_lo, d_hi) = (f16x8(p), f16x8(p.add(16)));
+                let (m_lo, m_hi) = (f16x8(p.add(32)), f16x8(p.add(48)));
+                for k in 0..N {
+                    let s = xs[k].sums.get_unchecked(b);
+                    let t = _mm256_mul_ps(d_lo, row_sums(lo_a[k], lo_b[k]));
+                    let t = _mm256_fnmadd_ps(m_lo, _mm256_set1_ps(s.lo), t);
+                    let t = _mm256_fmadd_ps(d_hi, row_sums(hi_a[k], hi_b[k]), t);
+                    let t = _mm256_fnmadd_ps(m_hi, _mm256_set1_ps(s.hi), t);
+                    let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
+                    acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
+                }
             }
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+            for k in 0..N {
+                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+            }
         }
     };
 }

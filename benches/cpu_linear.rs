@@ -1,6 +1,7 @@
 //! CPU linear kernels by weight format, on the default model's shapes: f32 panels (the
 //! reference), bf16 panels, our quantized kernels (Q4_1, Q8_0, Q4_K) and candle's
-//! `QMatMul` on the same quantized tensor, at 1, 4 and 32 tokens. Prints time per call
+//! `QMatMul` on the same quantized tensor, at 1, 4 and 32 tokens (Q4_K only where rows
+//! are multiples of 256). Prints time per call
 //! and each format's speed relative to f32 panels measured in the same run, with the
 //! bytes each format reads per call. `cargo bench --bench cpu_linear`; under `cargo test`
 //! one quick pass is a smoke test.
@@ -15,13 +16,17 @@ use multilora::model::block_rows::BlockRows;
 use multilora::rng::test_data as data;
 use roofline::median_time;
 
-/// `(out, in)`: SmolLM2-135M's q/o, k/v, gate/up, down projections and its LM head.
-const SHAPES: [(usize, usize); 5] = [
+/// `(out, in)`: SmolLM2-135M's q/o, k/v, gate/up and down projections and its LM head,
+/// then the synthetic 1B's q/o, gate/up and down projections.
+const SHAPES: [(usize, usize); 8] = [
     (576, 576),
     (192, 576),
     (1536, 576),
     (576, 1536),
     (49152, 576),
+    (2048, 2048),
+    (8192, 2048),
+    (2048, 8192),
 ];
 
 const QUANT: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K];
@@ -68,6 +73,9 @@ fn main() {
             });
             row("bf16", bf16_panels.bytes(), us);
             for dtype in QUANT {
+                if inp % dtype.block_size() != 0 {
+                    continue; // k-quants need rows of whole 256-value blocks
+                }
                 let rows = BlockRows::quantize(&wt, dtype).expect("quantize");
                 let ours = QuantWeight::from_block_rows(&rows)
                     .expect("repack")

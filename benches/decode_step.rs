@@ -4,7 +4,7 @@
 //! rate and the read bandwidth measured in the same run, and quantized / f32 per batch.
 //! `cargo bench --bench decode_step` (needs `make model`).
 //! Under `cargo test` it runs one quick pass as a smoke test. `DECODE_STEP_BATCHES=32`
-//! selects batch sizes.
+//! selects batch sizes; `DECODE_STEP_MODEL=path` another model.
 #[path = "support/roofline.rs"]
 mod roofline;
 
@@ -28,7 +28,11 @@ fn linear_params(c: &ModelConfig) -> f64 {
 
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
+    // DECODE_STEP_MODEL=path runs another model (e.g. a `model synth --format gguf` 1B).
+    let path = match std::env::var("DECODE_STEP_MODEL") {
+        Ok(p) => std::path::PathBuf::from(p),
+        Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL),
+    };
     if !path.is_file() {
         eprintln!(
             "decode_step: {} missing (run `make model`); skipping",

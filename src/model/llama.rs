@@ -113,7 +113,7 @@ pub struct Llama<B: Backend> {
     backend: B,
     cfg: ModelConfig,
     /// `[vocab, hidden]`.
-    embedding: B::Matrix,
+    embedding: B::Embedding,
     layers: Vec<DecoderLayer<B>>,
     norm: B::Vector,
     /// `[vocab, hidden]`; the embedding matrix again when tied.
@@ -146,9 +146,11 @@ impl<B: Backend> Llama<B> {
     /// Builds the model on `backend` from tensors named as in [`layout`].
     pub fn load(backend: B, ckpt: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
         let vocab_by_hidden = (cfg.vocab_size, cfg.hidden_size);
-        let embed = ckpt
-            .tensor(&[cfg.vocab_size, cfg.hidden_size], layout::EMBEDDING)
-            .context("loading the token embedding")?;
+        let embedding = backend.embedding(
+            &ckpt
+                .linear(vocab_by_hidden, layout::EMBEDDING)
+                .context("loading the token embedding")?,
+        )?;
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(&backend, ckpt, cfg, i))
             .collect::<Result<Vec<_>>>()?;
@@ -163,11 +165,6 @@ impl<B: Backend> Llama<B> {
                 .linear(vocab_by_hidden, head_name)
                 .context("loading the LM head")?,
         )?;
-        let embed_values = embed
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let embedding = backend.upload(embed_values, cfg.vocab_size, cfg.hidden_size)?;
         let max = cfg.max_position_embeddings;
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_theta, max);
         let half = cfg.head_dim / 2;

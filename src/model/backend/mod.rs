@@ -101,6 +101,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Weight: Send + Sync;
     /// A vector (RMS-norm weights).
     type Vector: Send + Sync;
+    /// The token embedding table `[vocab, hidden]`, for [`Backend::embed`].
+    type Embedding: Send + Sync;
     /// The paged K/V storage of every layer.
     type KvStore: Send;
     /// One step's batch metadata and adapters, prepared for this backend's kernels.
@@ -116,6 +118,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A linear weight `[out, in]` from the checkpoint: dense values of any float dtype,
     /// or quantized blocks (a backend that does not compute on them dequantizes them).
     fn weight(&self, w: &HostWeight) -> Result<Self::Weight>;
+    /// The token embedding table from the checkpoint (dense or blocks, as for
+    /// [`Backend::weight`]).
+    fn embedding(&self, w: &HostWeight) -> Result<Self::Embedding>;
     /// Bytes a weight holds (what a step reads to compute with it).
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
     /// A vector from a host tensor `[n]` (any float dtype).
@@ -131,7 +136,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         &self,
         step: &Self::Step,
         batch: &ForwardBatch,
-        table: &Self::Matrix,
+        table: &Self::Embedding,
     ) -> Result<Self::Matrix>;
     /// `x W^T`: `[t, in]` -> `[t, out]`.
     fn linear(&self, x: &Self::Matrix, w: &Self::Weight) -> Result<Self::Matrix>;

@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 pub use kv::{CpuKvStore, KvDType};
 use std::sync::Arc;
-pub use weight::{CpuWeight, CpuWeightFormat};
+pub use weight::{CpuEmbedding, CpuWeight, CpuWeightFormat};
 
 /// The CPU backend: the weight format and the K/V cache's value type; the kernels use
 /// rayon's global pool.
@@ -97,6 +97,7 @@ impl Backend for CpuBackend {
     type Matrix = HostMatrix;
     type Weight = CpuWeight;
     type Vector = Vec<f32>;
+    type Embedding = CpuEmbedding;
     type KvStore = CpuKvStore;
     type Step = CpuStep;
 
@@ -121,6 +122,10 @@ impl Backend for CpuBackend {
         CpuWeight::from_host(w, self.format)
     }
 
+    fn embedding(&self, w: &HostWeight) -> Result<CpuEmbedding> {
+        CpuEmbedding::from_host(w, self.format)
+    }
+
     fn weight_bytes(&self, w: &CpuWeight) -> usize {
         w.bytes()
     }
@@ -141,15 +146,15 @@ impl Backend for CpuBackend {
         &self,
         _step: &CpuStep,
         batch: &ForwardBatch,
-        table: &HostMatrix,
+        table: &CpuEmbedding,
     ) -> Result<HostMatrix> {
-        let h = table.cols;
-        let mut x = Vec::with_capacity(batch.tokens.len() * h);
+        let mut x = Vec::new();
         for &id in &batch.tokens {
             let id = id as usize;
             ensure!(id < table.rows(), "token id {id} is outside the embedding");
-            x.extend_from_slice(&table.data[id * h..(id + 1) * h]);
+            table.push_row(id, &mut x);
         }
+        let h = x.len() / batch.tokens.len().max(1);
         HostMatrix::new(x, h)
     }
 

@@ -1,6 +1,7 @@
-//! How the CPU backend keeps a linear weight, decided once at load by `--dtype`: dense
-//! panels (f32, bf16 or f16; [`super::linear`]) or quantized blocks computed on directly
-//! ([`super::quant`]).
+//! How the CPU backend keeps a linear weight and the token embedding, decided once at
+//! load by `--dtype`: dense panels (f32, bf16 or f16; [`super::linear`]) or quantized
+//! blocks computed on directly ([`super::quant`]); the embedding is f32 rows, or its
+//! blocks in quantized mode (a looked-up row is dequantized).
 //!
 //! Invariants: in `f32` mode every weight is f32 whatever the file holds (the oracle
 //! mode); in `bf16`/`f16` mode every weight is rounded once to that type; in `quantized`
@@ -9,6 +10,7 @@
 //! that is not whole blocks) stays dense in f32, logged once per weight.
 use super::linear::{PackedWeight, PanelType};
 use super::quant::QuantWeight;
+use super::HostMatrix;
 use crate::model::block_rows::BlockRows;
 use crate::model::checkpoint::HostWeight;
 use anyhow::Result;
@@ -61,6 +63,87 @@ pub fn quant_type_name(t: GgmlDType) -> String {
         .unwrap_or_else(|| format!("{t:?}").to_lowercase())
 }
 
+/// `w` as blocks for the quantized kernels: the file's blocks, or dense values quantized
+/// to `dense_to`; None (with a warning) where the kernels do not take them.
+fn quantized(w: &HostWeight, dense_to: GgmlDType) -> Result<Option<QuantWeight>> {
+    let (out, inp) = w.dims()?;
+    let blocks = match w {
+        HostWeight::Blocks(b) => Some(b.clone()),
+        HostWeight::Dense(t) if inp.is_multiple_of(dense_to.block_size()) => {
+            Some(BlockRows::quantize(t, dense_to)?)
+        }
+        HostWeight::Dense(_) => None,
+    };
+    match blocks.as_ref().map(QuantWeight::from_block_rows) {
+        Some(Ok(Some(q))) => Ok(Some(q)),
+        Some(Err(e)) => Err(e),
+        _ => {
+            tracing::warn!(
+                out,
+                inp,
+                "a {} weight the quantized kernels do not take stays f32",
+                blocks
+                    .map(|b| quant_type_name(b.dtype))
+                    .unwrap_or_else(|| "dense".into())
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// The token embedding table on the CPU: f32 rows, or (quantized mode) the blocks, each
+/// looked-up row dequantized to the values the quantized kernels see.
+pub enum CpuEmbedding {
+    Dense(HostMatrix),
+    Quantized(QuantWeight),
+}
+
+impl CpuEmbedding {
+    /// Takes a checkpoint's `[vocab, hidden]` table in `format` (blocks only in quantized
+    /// mode; f32 otherwise).
+    pub fn from_host(w: &HostWeight, format: CpuWeightFormat) -> Result<Self> {
+        if let CpuWeightFormat::Quantized { dense_to } = format {
+            if let Some(q) = quantized(w, dense_to)? {
+                return Ok(Self::Quantized(q));
+            }
+        }
+        let (_, cols) = w.dims()?;
+        let values = w.to_dense()?.to_dtype(DType::F32)?.flatten_all()?;
+        Ok(Self::Dense(HostMatrix::new(
+            values.to_vec1::<f32>()?,
+            cols,
+        )?))
+    }
+
+    /// Rows (the vocabulary).
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Dense(m) => m.rows(),
+            Self::Quantized(q) => q.out_features(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(m) => m.data.len() * std::mem::size_of::<f32>(),
+            Self::Quantized(q) => q.bytes(),
+        }
+    }
+
+    /// Appends row `id` (`< rows()`) to `out`.
+    pub fn push_row(&self, id: usize, out: &mut Vec<f32>) {
+        match self {
+            Self::Dense(m) => out.extend_from_slice(&m.data[id * m.cols..(id + 1) * m.cols]),
+            Self::Quantized(q) => {
+                let start = out.len();
+                out.resize(start + q.in_features(), 0.0);
+                q.dequantize_row(id, &mut out[start..]);
+            }
+        }
+    }
+}
+
 /// A linear weight on the CPU.
 pub enum CpuWeight {
     Dense(PackedWeight),
@@ -84,30 +167,10 @@ impl CpuWeight {
             CpuWeightFormat::F32 => dense(PanelType::F32),
             CpuWeightFormat::Bf16 => dense(PanelType::Bf16),
             CpuWeightFormat::F16 => dense(PanelType::F16),
-            CpuWeightFormat::Quantized { dense_to } => {
-                let blocks = match w {
-                    HostWeight::Blocks(b) => Some(b.clone()),
-                    HostWeight::Dense(t) if inp.is_multiple_of(dense_to.block_size()) => {
-                        Some(BlockRows::quantize(t, dense_to)?)
-                    }
-                    HostWeight::Dense(_) => None,
-                };
-                match blocks.as_ref().map(QuantWeight::from_block_rows) {
-                    Some(Ok(Some(q))) => Ok(Self::Quantized(q)),
-                    Some(Err(e)) => Err(e),
-                    _ => {
-                        tracing::warn!(
-                            out,
-                            inp,
-                            "a {} weight the quantized kernels do not take stays f32",
-                            blocks
-                                .map(|b| quant_type_name(b.dtype))
-                                .unwrap_or_else(|| "dense".into())
-                        );
-                        dense(PanelType::F32)
-                    }
-                }
-            }
+            CpuWeightFormat::Quantized { dense_to } => match quantized(w, dense_to)? {
+                Some(q) => Ok(Self::Quantized(q)),
+                None => dense(PanelType::F32),
+            },
         }
     }
 

@@ -95,6 +95,7 @@ impl Backend for CudaBackend {
     type Matrix = Tensor;
     type Weight = Tensor;
     type Vector = Tensor;
+    type Embedding = Tensor;
     type KvStore = CudaKvStore;
     type Step = CudaStep;
 
@@ -118,6 +119,10 @@ impl Backend for CudaBackend {
     fn weight(&self, w: &HostWeight) -> Result<Tensor> {
         w.dims()?;
         self.to_device(&w.to_dense()?)
+    }
+
+    fn embedding(&self, w: &HostWeight) -> Result<Tensor> {
+        self.weight(w)
     }
 
     fn weight_bytes(&self, w: &Tensor) -> usize {

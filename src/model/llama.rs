@@ -146,11 +146,6 @@ impl<B: Backend> Llama<B> {
     /// Builds the model on `backend` from tensors named as in [`layout`].
     pub fn load(backend: B, ckpt: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
         let vocab_by_hidden = (cfg.vocab_size, cfg.hidden_size);
-        let embedding = backend.embedding(
-            &ckpt
-                .linear(vocab_by_hidden, layout::EMBEDDING)
-                .context("loading the token embedding")?,
-        )?;
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(&backend, ckpt, cfg, i))
             .collect::<Result<Vec<_>>>()?;
@@ -164,6 +159,12 @@ impl<B: Backend> Llama<B> {
             &ckpt
                 .linear(vocab_by_hidden, head_name)
                 .context("loading the LM head")?,
+        )?;
+        let embedding = backend.embedding(
+            &ckpt
+                .linear(vocab_by_hidden, layout::EMBEDDING)
+                .context("loading the token embedding")?,
+            cfg.tie_word_embeddings.then_some(&lm_head),
         )?;
         let max = cfg.max_position_embeddings;
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_theta, max);

@@ -119,8 +119,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// or quantized blocks (a backend that does not compute on them dequantizes them).
     fn weight(&self, w: &HostWeight) -> Result<Self::Weight>;
     /// The token embedding table from the checkpoint (dense or blocks, as for
-    /// [`Backend::weight`]).
-    fn embedding(&self, w: &HostWeight) -> Result<Self::Embedding>;
+    /// [`Backend::weight`]). `tied_head` is the LM head built from the same tensor when
+    /// the embeddings are tied: a backend may share its storage instead of a copy.
+    fn embedding(
+        &self,
+        w: &HostWeight,
+        tied_head: Option<&Self::Weight>,
+    ) -> Result<Self::Embedding>;
     /// Bytes a weight holds (what a step reads to compute with it).
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
     /// A vector from a host tensor `[n]` (any float dtype).

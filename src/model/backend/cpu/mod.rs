@@ -122,7 +122,10 @@ impl Backend for CpuBackend {
         CpuWeight::from_host(w, self.format)
     }
 
-    fn embedding(&self, w: &HostWeight) -> Result<CpuEmbedding> {
+    fn embedding(&self, w: &HostWeight, tied_head: Option<&CpuWeight>) -> Result<CpuEmbedding> {
+        if let Some(CpuWeight::Quantized(q)) = tied_head {
+            return Ok(CpuEmbedding::Quantized(Arc::clone(q)));
+        }
         CpuEmbedding::from_host(w, self.format)
     }
 
@@ -148,13 +151,13 @@ impl Backend for CpuBackend {
         batch: &ForwardBatch,
         table: &CpuEmbedding,
     ) -> Result<HostMatrix> {
-        let mut x = Vec::new();
+        let h = table.cols();
+        let mut x = Vec::with_capacity(batch.tokens.len() * h);
         for &id in &batch.tokens {
             let id = id as usize;
             ensure!(id < table.rows(), "token id {id} is outside the embedding");
             table.push_row(id, &mut x);
         }
-        let h = x.len() / batch.tokens.len().max(1);
         HostMatrix::new(x, h)
     }
 

@@ -16,6 +16,7 @@ use crate::model::checkpoint::HostWeight;
 use anyhow::Result;
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
+use std::sync::Arc;
 
 /// What the CPU backend stores its linear weights as.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,10 +93,11 @@ fn quantized(w: &HostWeight, dense_to: GgmlDType) -> Result<Option<QuantWeight>>
 }
 
 /// The token embedding table on the CPU: f32 rows, or (quantized mode) the blocks, each
-/// looked-up row dequantized to the values the quantized kernels see.
+/// looked-up row dequantized to the values the quantized kernels see; a tied LM head's
+/// blocks are shared, not held twice.
 pub enum CpuEmbedding {
     Dense(HostMatrix),
-    Quantized(QuantWeight),
+    Quantized(Arc<QuantWeight>),
 }
 
 impl CpuEmbedding {
@@ -104,7 +106,7 @@ impl CpuEmbedding {
     pub fn from_host(w: &HostWeight, format: CpuWeightFormat) -> Result<Self> {
         if let CpuWeightFormat::Quantized { dense_to } = format {
             if let Some(q) = quantized(w, dense_to)? {
-                return Ok(Self::Quantized(q));
+                return Ok(Self::Quantized(Arc::new(q)));
             }
         }
         let (_, cols) = w.dims()?;
@@ -113,6 +115,14 @@ impl CpuEmbedding {
             values.to_vec1::<f32>()?,
             cols,
         )?))
+    }
+
+    /// Values per row (the hidden size).
+    pub fn cols(&self) -> usize {
+        match self {
+            Self::Dense(m) => m.cols(),
+            Self::Quantized(q) => q.in_features(),
+        }
     }
 
     /// Rows (the vocabulary).
@@ -147,7 +157,7 @@ impl CpuEmbedding {
 /// A linear weight on the CPU.
 pub enum CpuWeight {
     Dense(PackedWeight),
-    Quantized(QuantWeight),
+    Quantized(Arc<QuantWeight>),
 }
 
 impl CpuWeight {
@@ -168,7 +178,7 @@ impl CpuWeight {
             CpuWeightFormat::Bf16 => dense(PanelType::Bf16),
             CpuWeightFormat::F16 => dense(PanelType::F16),
             CpuWeightFormat::Quantized { dense_to } => match quantized(w, dense_to)? {
-                Some(q) => Ok(Self::Quantized(q)),
+                Some(q) => Ok(Self::Quantized(Arc::new(q))),
                 None => dense(PanelType::F32),
             },
         }

@@ -121,8 +121,12 @@ impl Backend for CudaBackend {
         self.to_device(&w.to_dense()?)
     }
 
-    fn embedding(&self, w: &HostWeight) -> Result<Tensor> {
-        self.weight(w)
+    fn embedding(&self, w: &HostWeight, tied_head: Option<&Tensor>) -> Result<Tensor> {
+        match tied_head {
+            // The same values in the same dtype: share the device memory.
+            Some(head) => Ok(head.clone()),
+            None => self.weight(w),
+        }
     }
 
     fn weight_bytes(&self, w: &Tensor) -> usize {

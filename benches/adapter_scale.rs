@@ -135,7 +135,7 @@ fn main() {
         };
         write_synthetic_adapter(&dir.path().join(format!("f{f}")), &base, &spec).unwrap();
     }
-    let registry = AdapterRegistry::new(RegistryConfig::new(base));
+    let registry = AdapterRegistry::new(RegistryConfig::for_model(loaded.model.as_ref()));
     for (prefix, n) in [("few", 8), ("many", many)] {
         for i in 0..n {
             let folder = dir.path().join(format!("f{}", i % FOLDERS.min(many)));

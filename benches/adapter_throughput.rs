@@ -62,7 +62,8 @@ fn run_mode(quick: bool, format: CpuWeightFormat) -> Option<[f64; 3]> {
         adapter_bytes = write_synthetic_adapter(&p, &base, &spec(i as u64)).unwrap();
         specs.push((format!("synth-{i}"), p.to_string_lossy().to_string()));
     }
-    let registry = AdapterRegistry::with_adapters(RegistryConfig::new(base), &specs).unwrap();
+    let registry_cfg = RegistryConfig::for_model(loaded.model.as_ref());
+    let registry = AdapterRegistry::with_adapters(registry_cfg, &specs).unwrap();
     let cfg = loaded.model.config().clone();
     let service = start_engine(
         loaded.model,

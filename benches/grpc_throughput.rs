@@ -15,7 +15,7 @@ fn main() {
     let Some(loaded) = load_default_model("grpc_throughput") else {
         return;
     };
-    let registry = AdapterRegistry::new(RegistryConfig::new(loaded.model.base_shape()));
+    let registry = AdapterRegistry::new(RegistryConfig::for_model(loaded.model.as_ref()));
     let service = start_engine(
         loaded.model,
         loaded.tokenizer,

@@ -5,13 +5,17 @@
 //! `cold` weights (a fresh adapter set each run, from an arena larger than the last-level
 //! cache, as a model's 30 layers x 7 sites are) against the memory roofline: bytes of A,
 //! B, x and y touched over the read bandwidth measured in the same run (512 MiB parallel
-//! read). `cargo bench --bench lora_kernels` (`LORA_BENCH=decode/4096` selects rows);
-//! under `cargo test` one tiny pass only.
+//! read). `cold bf16` is ours on cold weights stored in bf16 (as the bf16 and quantized
+//! base modes store adapters), and `bf16 gain` its speedup over cold f32 in the same run.
+//! `cargo bench --bench lora_kernels` (`LORA_BENCH=decode/4096` selects rows); under
+//! `cargo test` one tiny pass only.
 #[path = "support/roofline.rs"]
 mod roofline;
 
+use half::bf16;
 use multilora::lora::batch::LoraBatch;
 use multilora::lora::kernels::{lora_apply, lora_apply_reference, SiteShape, SlotWeights};
+use multilora::lora::values::LoraView;
 use roofline::read_bandwidth;
 use std::time::{Duration, Instant};
 
@@ -27,21 +31,24 @@ struct Config {
 }
 
 impl Config {
-    /// f32 values of one adapter set: A and B per adapter.
+    /// Values of one adapter set: A and B per adapter.
     fn set_len(&self) -> usize {
         2 * self.adapters * self.rank * self.hidden
     }
 
     /// The slot table over one adapter set laid out in `w` (`set_len` values).
-    fn slots<'a>(&self, w: &'a [f32]) -> Vec<Option<SlotWeights<'a>>> {
+    fn slots<'a, E>(&self, w: &'a [E]) -> Vec<Option<SlotWeights<'a>>>
+    where
+        &'a [E]: Into<LoraView<'a>>,
+    {
         w.chunks_exact(2 * self.rank * self.hidden)
             .map(|ab| {
                 let (a, b) = ab.split_at(self.rank * self.hidden);
                 Some(SlotWeights {
                     rank: self.rank,
                     scale: 2.0,
-                    a,
-                    b,
+                    a: a.into(),
+                    b: b.into(),
                 })
             })
             .collect()
@@ -56,13 +63,13 @@ fn pattern(n: usize, seed: usize) -> Vec<f32> {
 
 /// Weights for `cold` runs, allocated once for the whole run; a cursor hands out the
 /// least recently used region next.
-struct Arena {
-    data: Vec<f32>,
+struct Arena<E> {
+    data: Vec<E>,
     cursor: usize,
 }
 
-impl Arena {
-    fn next(&mut self, len: usize) -> &[f32] {
+impl<E> Arena<E> {
+    fn next(&mut self, len: usize) -> &[E] {
         if self.cursor + len > self.data.len() {
             self.cursor = 0;
         }
@@ -75,7 +82,30 @@ struct Row {
     ref_ms: f64,
     hot_ms: f64,
     cold_ms: f64,
+    cold_bf16_ms: f64,
     bytes: f64,
+}
+
+/// The median time of `run` over fresh slot tables from `arena`.
+fn cold_median<E>(
+    iters: usize,
+    c: &Config,
+    arena: &mut Arena<E>,
+    run: &mut impl FnMut(&[Option<SlotWeights>]),
+) -> Duration
+where
+    for<'a> &'a [E]: Into<LoraView<'a>>,
+{
+    let mut times: Vec<Duration> = (0..iters)
+        .map(|_| {
+            let slots = c.slots(arena.next(c.set_len()));
+            let t = Instant::now();
+            run(&slots);
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[iters / 2]
 }
 
 /// Medians of `f(false)` and `f(true)`, timed in alternating blocks of `BLOCK` runs (each
@@ -100,7 +130,10 @@ fn paired_medians(iters: usize, mut f: impl FnMut(bool)) -> (Duration, Duration)
     (a[iters / 2], b[iters / 2])
 }
 
-fn measure(c: &Config, iters: usize, arena: Option<&mut Arena>) -> Row {
+/// The two arenas of cold weights: f32 and bf16.
+type Arenas = (Arena<f32>, Arena<bf16>);
+
+fn measure(c: &Config, iters: usize, arenas: Option<&mut Arenas>) -> Row {
     let h = c.hidden;
     // Sequences are contiguous: adapter k owns tokens [k*T/n, (k+1)*T/n).
     let per = c.tokens / c.adapters;
@@ -124,20 +157,15 @@ fn measure(c: &Config, iters: usize, arena: Option<&mut Arena>) -> Row {
             lora_apply_reference(&batch, &x, &mut y, shape, &hot_slots).unwrap()
         }
     });
-    let cold_t = match arena {
-        Some(arena) => {
-            let mut times: Vec<Duration> = (0..iters)
-                .map(|_| {
-                    let slots = c.slots(arena.next(c.set_len()));
-                    let t = Instant::now();
-                    lora_apply(&batch, &x, &mut y, shape, &slots).unwrap();
-                    t.elapsed()
-                })
-                .collect();
-            times.sort();
-            times[iters / 2]
-        }
-        None => hot_t,
+    let mut run = |slots: &[Option<SlotWeights>]| {
+        lora_apply(&batch, &x, &mut y, shape, slots).unwrap();
+    };
+    let (cold_t, cold_bf16_t) = match arenas {
+        Some((f32s, bf16s)) => (
+            cold_median(iters, c, f32s, &mut run),
+            cold_median(iters, c, bf16s, &mut run),
+        ),
+        None => (hot_t, hot_t),
     };
     std::hint::black_box(&y);
     // A and B once each, x read, y read and written.
@@ -146,6 +174,7 @@ fn measure(c: &Config, iters: usize, arena: Option<&mut Arena>) -> Row {
         ref_ms: ref_t.as_secs_f64() * 1e3,
         hot_ms: hot_t.as_secs_f64() * 1e3,
         cold_ms: cold_t.as_secs_f64() * 1e3,
+        cold_bf16_ms: cold_bf16_t.as_secs_f64() * 1e3,
         bytes,
     }
 }
@@ -184,9 +213,19 @@ fn main() {
     let iters = if quick { 1 } else { 31 };
     let configs = configs(quick);
     let bw = read_bandwidth(if quick { 1 } else { 10 });
-    let mut arena = (!quick).then(|| Arena {
-        data: pattern(COLD_BYTES / 4, 3),
-        cursor: 0,
+    let mut arenas: Option<Arenas> = (!quick).then(|| {
+        let f32s = Arena {
+            data: pattern(COLD_BYTES / 4, 3),
+            cursor: 0,
+        };
+        let bf16s = Arena {
+            data: pattern(COLD_BYTES / 2, 4)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect(),
+            cursor: 0,
+        };
+        (f32s, bf16s)
     });
     // One untimed pass first, so the allocator is in its steady state for the reference's
     // temporaries (as in a long-running server) before anything is timed.
@@ -199,7 +238,7 @@ fn main() {
         bw / 1e9
     );
     println!(
-        "{:<8} {:>6} {:>4} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8}",
+        "{:<8} {:>6} {:>4} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9}",
         "shape",
         "hidden",
         "rank",
@@ -209,13 +248,15 @@ fn main() {
         "speedup",
         "cold_ms",
         "cold_GB/s",
-        "fraction"
+        "fraction",
+        "bf16_ms",
+        "bf16 gain"
     );
     for c in &configs {
-        let row = measure(c, iters, arena.as_mut());
+        let row = measure(c, iters, arenas.as_mut());
         let cold_bw = row.bytes / (row.cold_ms / 1e3);
         println!(
-            "{:<8} {:>6} {:>4} {:>6.1} {:>9.3} {:>9.3} {:>7.1}x {:>9.3} {:>9.1} {:>8.2}",
+            "{:<8} {:>6} {:>4} {:>6.1} {:>9.3} {:>9.3} {:>7.1}x {:>9.3} {:>9.1} {:>8.2} {:>9.3} {:>8.2}x",
             c.name,
             c.hidden,
             c.rank,
@@ -225,7 +266,9 @@ fn main() {
             row.ref_ms / row.hot_ms,
             row.cold_ms,
             cold_bw / 1e9,
-            cold_bw / bw
+            cold_bw / bw,
+            row.cold_bf16_ms,
+            row.cold_ms / row.cold_bf16_ms
         );
     }
 }

@@ -364,7 +364,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
     let adapters = registry::AdapterRegistry::new(RegistryConfig {
         host_memory: args.adapter_host_memory,
-        ..RegistryConfig::new(loaded.model.base_shape())
+        ..RegistryConfig::for_model(loaded.model.as_ref())
     });
     for (name, source) in eager.iter().chain(&lazy) {
         adapters.register(name, source)?;

@@ -111,9 +111,25 @@ impl<T> SharedMutPtr<T> {
 }
 
 /// A stored value that widens exactly to f32 (f32 itself, or bf16 by a shift), so the
-/// kernels below read f32 or bf16 storage with the same arithmetic.
-pub trait Widen: Copy {
+/// kernels read f32 or bf16 storage with the same arithmetic: [`Widen::widen`] for the
+/// portable code, the `load` functions for the AVX2 tiles (8 lanes of f32).
+pub trait Widen: Copy + Send + Sync {
     fn widen(self) -> f32;
+
+    /// Eight values from `p`, widened.
+    ///
+    /// # Safety
+    /// Only called from code compiled with AVX2 (it is inlined there); 8 readable values
+    /// at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// The first `n` values from `p`, widened, the other lanes zero.
+    ///
+    /// # Safety
+    /// As [`Widen::load8`], with `n <= 8` readable values at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load_partial(p: *const Self, n: usize) -> std::arch::x86_64::__m256;
 }
 
 impl Widen for f32 {
@@ -121,12 +137,40 @@ impl Widen for f32 {
     fn widen(self) -> f32 {
         self
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_partial(p: *const f32, n: usize) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_maskload_ps(p, avx2::mask(n))
+    }
 }
 
 impl Widen for half::bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let v = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_partial(p: *const half::bf16, n: usize) -> std::arch::x86_64::__m256 {
+        let mut tail = [half::bf16::ZERO; 8];
+        std::ptr::copy_nonoverlapping(p, tail.as_mut_ptr(), n);
+        Self::load8(tail.as_ptr())
     }
 }
 

@@ -3,6 +3,7 @@
 //! examples of this crate turn on) for the tests in `tests/`. Not part of the served
 //! program: a plain build leaves this module out.
 use crate::lora::peft::{AdapterWeights, BaseShape, LoraPair, LoraSite};
+use crate::lora::values::LoraValues;
 use crate::model::backend::Backend;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::layout::{tensor_specs, TensorKind};
@@ -86,8 +87,8 @@ pub fn random_adapter(
                 Some(LoraPair {
                     rank,
                     scale: 16.0 / rank as f32,
-                    a,
-                    b,
+                    a: LoraValues::F32(a),
+                    b: LoraValues::F32(b),
                 })
             })
         })
@@ -110,5 +111,15 @@ pub fn random_llama(cfg: &ModelConfig, seed: u64) -> Result<Llama<CpuBackend>> {
 
 /// A random CPU model ready for the engine.
 pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<Box<dyn crate::model::BaseModel>> {
-    Ok(Box::new(ModelRunner::new(random_llama(cfg, seed)?)?))
+    random_model_on(CpuBackend::default(), cfg, seed)
+}
+
+/// A random model on `backend` (its weight format and K/V type), ready for the engine.
+pub fn random_model_on(
+    backend: CpuBackend,
+    cfg: &ModelConfig,
+    seed: u64,
+) -> Result<Box<dyn crate::model::BaseModel>> {
+    let model = llama_on(backend, random_weights(cfg, seed)?, cfg)?;
+    Ok(Box::new(ModelRunner::new(model)?))
 }

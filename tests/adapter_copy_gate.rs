@@ -43,6 +43,9 @@ impl BaseModel for DelayedCopies {
     fn dtype_name(&self) -> String {
         self.inner.dtype_name()
     }
+    fn adapter_dtype(&self) -> multilora::lora::values::AdapterDType {
+        self.inner.adapter_dtype()
+    }
     fn kv_bytes_per_token(&self) -> usize {
         self.inner.kv_bytes_per_token()
     }

@@ -10,6 +10,7 @@ use candle_core::DType;
 use multilora::lora::batch::LoraBatch;
 use multilora::lora::kernels::{lora_apply_reference, SiteShape, SlotWeights};
 use multilora::lora::peft::{AdapterWeights, BaseShape, LoraSite};
+use multilora::lora::values::LoraValues;
 use multilora::model::backend::cpu::CpuBackend;
 use multilora::model::backend::cuda::CudaBackend;
 use multilora::model::backend::{Backend, HeadShape, KvLayout, SitePart};
@@ -34,8 +35,8 @@ fn round(values: &[f32], dtype: DType) -> Vec<f32> {
 fn round_adapter(a: &AdapterWeights, dtype: DType) -> AdapterWeights {
     let mut a = a.clone();
     for pair in a.layers.iter_mut().flatten().flatten() {
-        pair.a = round(&pair.a, dtype);
-        pair.b = round(&pair.b, dtype);
+        pair.a = LoraValues::F32(round(&pair.a.to_f32(), dtype));
+        pair.b = LoraValues::F32(round(&pair.b.to_f32(), dtype));
     }
     a
 }
@@ -115,8 +116,8 @@ fn lora_case(dtype: DType, n: usize, hidden: usize, ranks: &[usize], runs: &[usi
                     .map(|p| SlotWeights {
                         rank: p.rank,
                         scale: p.scale,
-                        a: &p.a,
-                        b: &p.b,
+                        a: p.a.view(),
+                        b: p.b.view(),
                     })
             })
             .collect();

@@ -3,14 +3,16 @@
 //! equal to f32 mode on at least 4 of the 5 fixture prompts; the logprob each mode gives
 //! f32 mode's chosen tokens (teacher-forced on f32 mode's completion) within 0.15; and
 //! perplexity on a fixed 2,000-token English text within 2%. Modes: the file's quantized
-//! blocks, bf16 weights, and the quantized blocks with a bf16 K/V cache. Prints every
-//! figure.
+//! blocks, bf16 weights, and the quantized blocks with a bf16 K/V cache; the adapters are
+//! stored as each mode stores them (bf16 beside the bf16 and quantized bases). Prints
+//! every figure.
 mod common;
 
 use common::{fixture_adapter, real_model_path, repo_path};
 use multilora::engine::block_allocator::{Allocation, BlockAllocator};
 use multilora::lora::peft::{load_peft_adapter, AdapterLimits, AdapterWeights};
 use multilora::model::backend::cpu::{CpuWeightFormat, KvDType};
+use multilora::model::backend::Backend;
 use multilora::model::{weights, CpuBackend, ForwardBatch, Llama};
 use serde_json::Value;
 use std::sync::Arc;
@@ -145,6 +147,7 @@ fn adapters_for(model: &Model) -> Vec<Arc<AdapterWeights>> {
                 &fixture_adapter(name),
                 &model.base_shape(),
                 &AdapterLimits::default(),
+                model.backend().adapter_dtype(),
             );
             Arc::new(w.unwrap())
         })

@@ -2,8 +2,11 @@
 //! shapes, ranks, slot maps and stacked outputs, plus the exact properties: tokens and
 //! columns a site does not own stay bit-identical, a token's result does not depend on
 //! the rest of the batch or on the thread count, and bad arguments are refused by name.
+//! Each adapter's matrices are stored in f32 or bf16 at random (the reference widens the
+//! same stored values), so every property holds for both and for batches that mix them.
 use multilora::lora::batch::LoraBatch;
 use multilora::lora::kernels::{lora_apply, lora_apply_reference, SiteShape, SlotWeights};
+use multilora::lora::values::{AdapterDType, LoraValues, LoraView};
 use multilora::rng::Xoshiro256;
 
 /// Draws the cases need beyond the shared generator's own.
@@ -26,12 +29,13 @@ impl Draws for Xoshiro256 {
     }
 }
 
-/// One adapter's weights at the site under test.
+/// One adapter's weights at the site under test, stored in f32 or bf16 (drawn per
+/// adapter, so batches mix both).
 struct Adapter {
     rank: usize,
     scale: f32,
-    a: Vec<f32>,
-    b: Vec<f32>,
+    a: LoraValues,
+    b: LoraValues,
 }
 
 struct Case {
@@ -49,11 +53,20 @@ impl Case {
         let adapters = ranks
             .iter()
             .map(|r| {
-                r.map(|rank| Adapter {
-                    rank,
-                    scale: rng.range(1, 40) as f32 / 10.0,
-                    a: rng.symmetric_vec(rank * inp, 1.0 / (inp as f32).sqrt()),
-                    b: rng.symmetric_vec(out * rank, 1.0 / (rank as f32).sqrt()),
+                r.map(|rank| {
+                    let dtype = if rng.chance(0.5) {
+                        AdapterDType::Bf16
+                    } else {
+                        AdapterDType::F32
+                    };
+                    let a = rng.symmetric_vec(rank * inp, 1.0 / (inp as f32).sqrt());
+                    let b = rng.symmetric_vec(out * rank, 1.0 / (rank as f32).sqrt());
+                    Adapter {
+                        rank,
+                        scale: rng.range(1, 40) as f32 / 10.0,
+                        a: LoraValues::from_f32(a, dtype),
+                        b: LoraValues::from_f32(b, dtype),
+                    }
                 })
             })
             .collect();
@@ -73,8 +86,8 @@ impl Case {
                 a.as_ref().map(|a| SlotWeights {
                     rank: a.rank,
                     scale: a.scale,
-                    a: &a.a,
-                    b: &a.b,
+                    a: a.a.view(),
+                    b: a.b.view(),
                 })
             })
             .collect()
@@ -344,17 +357,16 @@ fn strided_input_is_gathered_first() {
             continue;
         };
         let view = &big[r * wide + col0..];
+        let (a, b) = (ad.a.to_f32(), ad.b.to_f32());
         let h: Vec<f64> = (0..ad.rank)
             .map(|k| {
                 (0..inp)
-                    .map(|i| ad.a[k * inp + i] as f64 * view[i] as f64)
+                    .map(|i| a[k * inp + i] as f64 * view[i] as f64)
                     .sum()
             })
             .collect();
         for o in 0..out {
-            let d: f64 = (0..ad.rank)
-                .map(|k| ad.b[o * ad.rank + k] as f64 * h[k])
-                .sum();
+            let d: f64 = (0..ad.rank).map(|k| b[o * ad.rank + k] as f64 * h[k]).sum();
             let want = case.y0[r * out + o] as f64 + ad.scale as f64 * d;
             let g = got[r * out + o] as f64;
             assert!(
@@ -403,14 +415,14 @@ fn bad_arguments_are_refused_by_name() {
     });
     assert!(err(b, &case.x, 16, shape, &bad).contains("slot 1: lora_A has 48 elements"));
     bad[1] = Some(SlotWeights {
-        b: &[0.0; 5],
+        b: LoraView::F32(&[0.0; 5]),
         ..slots[1].unwrap()
     });
     assert!(err(b, &case.x, 16, shape, &bad).contains("slot 1: lora_B has 5 elements"));
     bad[1] = Some(SlotWeights {
         rank: 0,
-        a: &[],
-        b: &[],
+        a: LoraView::F32(&[]),
+        b: LoraView::F32(&[]),
         scale: 1.0,
     });
     assert!(err(b, &case.x, 16, shape, &bad).contains("rank is 0"));

@@ -1,14 +1,19 @@
 //! LoRA through the model on the tiny random Llama: a token with an adapter gets the
 //! same logits as a model whose weights have the adapter merged in (W + scale * B A),
-//! a token without one is bit-identical to the base model, whatever the batch mixes.
+//! a token without one is bit-identical to the base model, whatever the batch mixes; and
+//! adapters stored in bf16 on a quantized base keep every token's logits batch-invariant.
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use multilora::engine::block_allocator::{Allocation, BlockAllocator};
 use multilora::lora::peft::{
     load_peft_adapter, AdapterLimits, AdapterWeights, CONFIG_FILE, WEIGHTS_FILE,
 };
+use multilora::lora::values::AdapterDType;
+use multilora::model::backend::cpu::CpuWeightFormat;
+use multilora::model::backend::Backend;
 use multilora::model::{CpuBackend, ForwardBatch, Llama, ModelConfig};
 use multilora::rng::Xoshiro256;
-use multilora::testing::{llama_from, random_llama, random_weights, tiny_config};
+use multilora::testing::{llama_from, llama_on, random_llama, random_weights, tiny_config};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -123,6 +128,7 @@ fn adapter_tokens_match_merged_weights_and_base_tokens_are_untouched() {
                 &dir.path().join(n),
                 &base.base_shape(),
                 &AdapterLimits::default(),
+                AdapterDType::F32,
             );
             Arc::new(w.unwrap())
         })
@@ -171,4 +177,81 @@ fn adapter_tokens_match_merged_weights_and_base_tokens_are_untouched() {
         .zip(&mixed[0])
         .fold(0f32, |d, (p, q)| d.max((p - q).abs()));
     assert!(moved > 1e-2, "adapter a barely changes logits: {moved}");
+}
+
+/// Adapters as the quantized base mode stores them (bf16, half the bytes): each token's
+/// logits are bit-identical alone or in a mixed batch (base tokens included), and close
+/// to the same adapters stored in f32 on the same quantized base.
+#[test]
+fn bf16_adapters_on_a_quantized_base_are_batch_invariant() {
+    let cfg = tiny_config(VOCAB);
+    let backend = CpuBackend::new(CpuWeightFormat::Quantized {
+        dense_to: GgmlDType::Q8_0,
+    });
+    assert_eq!(backend.adapter_dtype(), AdapterDType::Bf16);
+    let base = llama_on(backend, random_weights(&cfg, 3).unwrap(), &cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    write_adapter(&dir.path().join("a"), &cfg, 4, 8.0, &all, 1);
+    write_adapter(
+        &dir.path().join("b"),
+        &cfg,
+        2,
+        8.0,
+        &["q_proj", "v_proj"],
+        2,
+    );
+    let load = |dtype| -> Vec<Arc<AdapterWeights>> {
+        ["a", "b"]
+            .iter()
+            .map(|n| {
+                let limits = AdapterLimits::default();
+                let w = load_peft_adapter(&dir.path().join(n), &base.base_shape(), &limits, dtype);
+                Arc::new(w.unwrap())
+            })
+            .collect()
+    };
+    let (bf16s, f32s) = (load(AdapterDType::Bf16), load(AdapterDType::F32));
+    assert_eq!(2 * bf16s[0].bytes, f32s[0].bytes);
+    let none: Vec<Arc<AdapterWeights>> = Vec::new();
+    let s1: Vec<u32> = (0..9).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let s2: Vec<u32> = (0..5).map(|i| (i * 11 % VOCAB) as u32).collect();
+    let s3: Vec<u32> = (0..6).map(|i| (i * 5 % VOCAB) as u32).collect();
+    let mixed = run(
+        &base,
+        &bf16s,
+        &[(s1.clone(), 0), (s2.clone(), -1), (s3.clone(), 1)],
+    );
+    let mut alone = run(&base, &bf16s, &[(s1.clone(), 0)]);
+    alone.extend(run(&base, &none, &[(s2.clone(), -1)]));
+    alone.extend(run(&base, &bf16s, &[(s3.clone(), 1)]));
+    assert_eq!(mixed.len(), alone.len());
+    for (i, (m, a)) in mixed.iter().zip(&alone).enumerate() {
+        assert_eq!(m, a, "row {i} differs between the mixed batch and alone");
+    }
+    // bf16 storage rounds each adapter value by at most 2^-9 relative: the logits move
+    // far less than the adapter itself moves them.
+    let with_f32 = run(&base, &f32s, &[(s1.clone(), 0)]);
+    let plain = run(&base, &none, &[(s1.clone(), -1)]);
+    let max_diff = |x: &[Vec<f32>], y: &[Vec<f32>]| {
+        let rows = x.iter().zip(y);
+        rows.flat_map(|(p, q)| p.iter().zip(q).map(|(a, b)| (a - b).abs()))
+            .fold(0f32, f32::max)
+    };
+    let rounding = max_diff(&alone[..s1.len()], &with_f32);
+    let effect = max_diff(&plain, &with_f32);
+    eprintln!("bf16 storage moves logits by {rounding}; the adapter moves them by {effect}");
+    assert!(effect > 1e-2, "adapter a barely changes logits: {effect}");
+    assert!(
+        rounding < effect / 50.0,
+        "bf16 storage moves logits by {rounding}, the adapter itself by {effect}"
+    );
 }

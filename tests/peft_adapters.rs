@@ -4,9 +4,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use multilora::lora::peft::{
-    load_peft_adapter, AdapterError, AdapterLimits, AdapterWeights, BaseShape, LoraSite,
-    CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
+    estimate_adapter_bytes, load_peft_adapter, AdapterError, AdapterLimits, AdapterWeights,
+    BaseShape, LoraSite, CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
 };
+use multilora::lora::values::{AdapterDType, LoraValues};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -109,7 +110,7 @@ fn qv_folder() -> TempDir {
 }
 
 fn load(dir: &Path) -> Result<AdapterWeights, AdapterError> {
-    load_peft_adapter(dir, &TINY, &AdapterLimits::default())
+    load_peft_adapter(dir, &TINY, &AdapterLimits::default(), AdapterDType::F32)
 }
 
 #[track_caller]
@@ -159,14 +160,19 @@ fn assert_matches_file(dir: &Path, w: &AdapterWeights, layer: usize, site: LoraS
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert_eq!(ours, &theirs, "{half} of layer {layer} {site:?}");
+        assert_eq!(
+            ours,
+            &LoraValues::F32(theirs),
+            "{half} of layer {layer} {site:?}"
+        );
     }
 }
 
 #[test]
 fn alpha_fixture_r8_q_v() {
     let dir = fixture("alpha-lora-r8-qv");
-    let w = load_peft_adapter(&dir, &SMOLLM2, &AdapterLimits::default()).unwrap();
+    let w =
+        load_peft_adapter(&dir, &SMOLLM2, &AdapterLimits::default(), AdapterDType::F32).unwrap();
     assert_eq!(w.rank_max, 8);
     assert_eq!(w.target_modules, vec!["q_proj", "v_proj"]);
     assert_eq!(w.layers.len(), 30);
@@ -189,7 +195,8 @@ fn alpha_fixture_r8_q_v() {
 #[test]
 fn beta_fixture_r16_all_sites() {
     let dir = fixture("beta-lora-r16-all");
-    let w = load_peft_adapter(&dir, &SMOLLM2, &AdapterLimits::default()).unwrap();
+    let w =
+        load_peft_adapter(&dir, &SMOLLM2, &AdapterLimits::default(), AdapterDType::F32).unwrap();
     assert_eq!(w.rank_max, 16);
     let names = [
         "down_proj",
@@ -217,6 +224,67 @@ fn beta_fixture_r16_all_sites() {
     assert_matches_file(&dir, &w, 0, LoraSite::K);
 }
 
+/// Stored as bf16 (the bf16 and quantized base modes): half the bytes, each value the
+/// f32 value rounded to nearest-even, and the header estimate agrees.
+#[test]
+fn beta_fixture_stored_as_bf16() {
+    let dir = fixture("beta-lora-r16-all");
+    let f32s =
+        load_peft_adapter(&dir, &SMOLLM2, &AdapterLimits::default(), AdapterDType::F32).unwrap();
+    let bf16s = load_peft_adapter(
+        &dir,
+        &SMOLLM2,
+        &AdapterLimits::default(),
+        AdapterDType::Bf16,
+    )
+    .unwrap();
+    assert_eq!(bf16s.bytes * 2, f32s.bytes);
+    let estimate = |dtype| estimate_adapter_bytes(&dir, &AdapterLimits::default(), dtype);
+    assert_eq!(estimate(AdapterDType::Bf16).unwrap(), bf16s.bytes);
+    assert_eq!(estimate(AdapterDType::F32).unwrap(), f32s.bytes);
+    for (row32, row16) in f32s.layers.iter().zip(&bf16s.layers) {
+        for (p32, p16) in row32.iter().flatten().zip(row16.iter().flatten()) {
+            assert_eq!((p16.rank, p16.scale), (p32.rank, p32.scale));
+            for (v32, v16) in [(&p32.a, &p16.a), (&p32.b, &p16.b)] {
+                let LoraValues::Bf16(v16) = v16 else {
+                    panic!("stored as {:?}", v16.dtype())
+                };
+                let want: Vec<half::bf16> = v32
+                    .to_f32()
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v))
+                    .collect();
+                assert_eq!(v16, &want);
+            }
+        }
+    }
+    assert_eq!(
+        bf16s.stored_as(AdapterDType::Bf16).layers[3][2]
+            .as_ref()
+            .unwrap()
+            .a,
+        bf16s.layers[3][2].as_ref().unwrap().a
+    );
+}
+
+/// A finite f32 value that rounds past bf16's largest is refused, naming the tensor.
+#[test]
+fn values_that_overflow_bf16_are_invalid() {
+    let mut tensors = pairs(&[0, 1], &[LoraSite::Q, LoraSite::V], 4);
+    let k = key(1, LoraSite::Q, "lora_A");
+    tensors.retain(|(name, _)| *name != k);
+    tensors.push((k, Tensor::full(f32::MAX, (4, 8), &Device::Cpu).unwrap()));
+    let dir = folder(&config(json!({})), tensors);
+    assert!(load(dir.path()).is_ok(), "fine in f32");
+    let got = load_peft_adapter(
+        dir.path(),
+        &TINY,
+        &AdapterLimits::default(),
+        AdapterDType::Bf16,
+    );
+    expect_invalid(got, "non-finite value inf");
+}
+
 // ---------------------------------------------------------------- accepted variants
 
 #[test]
@@ -229,8 +297,8 @@ fn plain_list_loads_with_scale_alpha_over_r() {
     );
     let q = w.layers[1][LoraSite::Q.index()].as_ref().unwrap();
     assert_eq!((q.rank, q.scale), (4, 2.0));
-    assert_eq!(q.a, values(4 * 8, 7.0));
-    assert_eq!(q.b, values(8 * 4, 7.5));
+    assert_eq!(q.a, LoraValues::F32(values(4 * 8, 7.0)));
+    assert_eq!(q.b, LoraValues::F32(values(8 * 4, 7.5)));
     assert_eq!(w.bytes, 2 * (4 * 8 + 8 * 4 + 4 * 8 + 4 * 4) * 4);
 }
 
@@ -351,7 +419,7 @@ fn default_infix_keys_load() {
     let w = load(folder(&config(json!({})), tensors).path()).unwrap();
     assert_eq!(
         w.layers[1][LoraSite::V.index()].as_ref().unwrap().a,
-        values(4 * 8, 9.0)
+        LoraValues::F32(values(4 * 8, 9.0))
     );
 }
 
@@ -401,8 +469,12 @@ fn f16_and_bf16_tensors_are_converted() {
         let w = load(folder(&config(json!({})), tensors).path()).unwrap();
         let q = w.layers[0][LoraSite::Q.index()].as_ref().unwrap();
         assert!(first.ends_with("lora_A.weight"));
-        assert_eq!(q.a, expected, "{dtype:?}");
-        assert_ne!(q.a, values(32, 0.0), "{dtype:?} must round");
+        assert_eq!(q.a, LoraValues::F32(expected), "{dtype:?}");
+        assert_ne!(
+            q.a,
+            LoraValues::F32(values(32, 0.0)),
+            "{dtype:?} must round"
+        );
     }
 }
 
@@ -611,7 +683,7 @@ fn header_length_over_the_limit_is_refused_before_reading() {
         ..AdapterLimits::default()
     };
     expect_invalid(
-        load_peft_adapter(dir.path(), &TINY, &limits),
+        load_peft_adapter(dir.path(), &TINY, &limits, AdapterDType::F32),
         "header length",
     );
     // A header claiming 1 TiB in a tiny file is refused by the default limit.
@@ -628,7 +700,10 @@ fn file_size_over_the_limit_is_refused() {
         max_file_bytes: 100,
         ..AdapterLimits::default()
     };
-    expect_invalid(load_peft_adapter(dir.path(), &TINY, &limits), WEIGHTS_FILE);
+    expect_invalid(
+        load_peft_adapter(dir.path(), &TINY, &limits, AdapterDType::F32),
+        WEIGHTS_FILE,
+    );
 }
 
 #[test]

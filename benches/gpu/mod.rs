@@ -114,10 +114,10 @@ fn device_pairs(
             let g = a.layers[0][LoraSite::Gate.index()].as_ref().expect("gate");
             let u = a.layers[0][LoraSite::Up.index()].as_ref().expect("up");
             Ok((
-                t(&g.a, g.rank, 4096)?,
-                t(&g.b, 11008, g.rank)?,
-                t(&u.a, u.rank, 4096)?,
-                t(&u.b, 11008, u.rank)?,
+                t(&g.a.to_f32(), g.rank, 4096)?,
+                t(&g.b.to_f32(), 11008, g.rank)?,
+                t(&u.a.to_f32(), u.rank, 4096)?,
+                t(&u.b.to_f32(), 11008, u.rank)?,
             ))
         })
         .collect()

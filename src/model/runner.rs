@@ -11,6 +11,7 @@ use super::batch::ForwardBatch;
 use super::config::ModelConfig;
 use super::llama::Llama;
 use crate::lora::peft::{AdapterWeights, BaseShape};
+use crate::lora::values::AdapterDType;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
@@ -28,6 +29,10 @@ pub trait BaseModel: Send {
 
     /// How the weights are computed on ("f32").
     fn dtype_name(&self) -> String;
+
+    /// How adapters for this model are stored in host memory (see
+    /// [`Backend::adapter_dtype`]); the registry loads them so.
+    fn adapter_dtype(&self) -> AdapterDType;
 
     /// Bytes of K/V storage one token takes.
     fn kv_bytes_per_token(&self) -> usize;
@@ -79,6 +84,10 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
 
     fn dtype_name(&self) -> String {
         self.model.backend().dtype_name()
+    }
+
+    fn adapter_dtype(&self) -> AdapterDType {
+        self.model.backend().adapter_dtype()
     }
 
     fn kv_bytes_per_token(&self) -> usize {

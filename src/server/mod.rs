@@ -10,7 +10,7 @@ use crate::engine::{self, sampler::SamplingParams, EngineConfig, EngineHandle};
 use crate::lora::registry::AdapterRegistry;
 use crate::model::{BaseModel, TextTokenizer};
 use crate::proto::v1 as pb;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use generation::GenerationService;
 use pb::adapters_server::AdaptersServer;
 use pb::generation_server::GenerationServer;
@@ -47,6 +47,15 @@ pub fn start_engine(
     dtype_note: &str,
 ) -> Result<GenerationService> {
     let cfg = model.config().clone();
+    let (stored, wanted) = (adapters.config().adapter_dtype, model.adapter_dtype());
+    ensure!(
+        stored == wanted,
+        "the adapter registry stores adapters as {} but this {} base wants {} \
+         (build its config with RegistryConfig::for_model)",
+        stored.name(),
+        model.dtype_name(),
+        wanted.name()
+    );
     let device = model.device_name();
     let dtype = format!("{} ({dtype_note})", model.dtype_name());
     let tokenizer = Arc::new(tokenizer);

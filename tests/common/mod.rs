@@ -7,11 +7,11 @@
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::BaseShape;
 use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
-use multilora::model::{weights, BaseModel, ModelConfig, TextTokenizer};
+use multilora::model::{weights, BaseModel, CpuBackend, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
 use multilora::server::generation::GenerationService;
 use multilora::server::{start_engine, RunningServer, ServerOptions};
-use multilora::testing::{random_model, tiny_config};
+use multilora::testing::{random_model_on, tiny_config};
 use pb::adapters_client::AdaptersClient;
 use pb::generation_client::GenerationClient;
 use std::path::PathBuf;
@@ -34,8 +34,13 @@ pub fn fixture_adapter(name: &str) -> PathBuf {
 /// Which base model a test server runs.
 #[derive(Clone, Debug)]
 enum Base {
-    /// Seeded random weights of this shape, with the byte-level test tokenizer.
-    Random { cfg: ModelConfig, seed: u64 },
+    /// Seeded random weights of this shape on a CPU backend (f32 unless changed by
+    /// [`TestServer::cpu_backend`]), with the byte-level test tokenizer.
+    Random {
+        cfg: ModelConfig,
+        seed: u64,
+        backend: CpuBackend,
+    },
     /// The real default model (`make model` fetches it).
     Real,
 }
@@ -100,7 +105,19 @@ impl TestServer {
 
     /// A random model of shape `cfg` (vocabulary [`TINY_VOCAB`]) from `seed`.
     pub fn random(cfg: ModelConfig, seed: u64) -> Self {
-        Self::with_base(Base::Random { cfg, seed })
+        Self::with_base(Base::Random {
+            cfg,
+            seed,
+            backend: CpuBackend::default(),
+        })
+    }
+
+    /// A random model kept in `backend`'s weight format (e.g. quantized blocks).
+    pub fn cpu_backend(mut self, cpu: CpuBackend) -> Self {
+        if let Base::Random { backend, .. } = &mut self.base {
+            *backend = cpu;
+        }
+        self
     }
 
     /// The real default model.
@@ -166,8 +183,8 @@ impl TestServer {
         wrap: impl FnOnce(Box<dyn BaseModel>) -> Box<dyn BaseModel>,
     ) -> GenerationService {
         let (model, tokenizer, dtype) = match &self.base {
-            Base::Random { cfg, seed } => (
-                random_model(cfg, *seed).unwrap(),
+            Base::Random { cfg, seed, backend } => (
+                random_model_on(*backend, cfg, *seed).unwrap(),
                 TextTokenizer::byte_level_for_tests().unwrap(),
                 "random".to_string(),
             ),
@@ -178,7 +195,7 @@ impl TestServer {
             }
         };
         let model = wrap(model);
-        let mut cfg = RegistryConfig::new(model.base_shape());
+        let mut cfg = RegistryConfig::for_model(model.as_ref());
         if let Some(bytes) = self.host_memory {
             cfg.host_memory = bytes;
         }

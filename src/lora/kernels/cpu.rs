@@ -12,6 +12,10 @@
 //! `[out, rank]` rows in registers and reads each `B` exactly once. The shrink is a
 //! dot-product tile (up to 3 tokens x 4 rank rows) along `in` in both cases.
 //!
+//! Storage: `A` and `B` are read as the adapter stores them (f32, or bf16 widened exactly
+//! in registers), always with f32 accumulation, so a bf16 adapter computes what its
+//! widened f32 values would.
+//!
 //! Batch invariance: every element has one fixed summation order whatever the batch
 //! (tile sizes, SGMV or BGMV, thread split), so a token's result is bit-identical alone or
 //! in any batch, like the base model's packed linear layers (on one machine and ISA).
@@ -32,7 +36,8 @@ use rayon::prelude::*;
 
 use super::{SiteShape, SlotWeights};
 use crate::lora::batch::LoraBatch;
-use crate::simd::{dot, Isa, SharedMutPtr};
+use crate::lora::values::LoraView;
+use crate::simd::{dot, Isa, SharedMutPtr, Widen};
 
 /// Rectangles with at least this many tokens use the packed (SGMV) expand.
 const SGMV_MIN_TOKENS: usize = 16;
@@ -247,9 +252,17 @@ fn run(plan: &Plan, parallel: bool, f: impl Fn(&Unit) + Sync + Send) {
 
 /// `h[e, c0..c1] = scale * w_e * A[c0..c1] x[t_e]` for the rectangle's entries.
 fn shrink_unit(ctx: &Ctx, job: &Job, u: &Unit) {
+    match job.w.a {
+        LoraView::F32(a) => shrink_rows(ctx, job, u, a),
+        LoraView::Bf16(a) => shrink_rows(ctx, job, u, a),
+    }
+}
+
+/// [`shrink_unit`] on `A` stored as `E`.
+fn shrink_rows<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, a: &[E]) {
     #[cfg(target_arch = "x86_64")]
     if ctx.isa >= Isa::Avx2Fma {
-        shrink_unit_avx2(ctx, job, u);
+        shrink_unit_avx2(ctx, job, u, a);
         return;
     }
     let (inp, r) = (ctx.shape.in_features, job.w.rank);
@@ -258,7 +271,7 @@ fn shrink_unit(ctx: &Ctx, job: &Job, u: &Unit) {
         let xr = &ctx.x[t * inp..(t + 1) * inp];
         let s = job.w.scale * job.weights[e];
         for rr in u.c0..u.c1 {
-            let v = s * dot(&job.w.a[rr * inp..(rr + 1) * inp], xr);
+            let v = s * dot(xr, &a[rr * inp..(rr + 1) * inp]);
             // SAFETY: (e, rr) lies in this rectangle of this job's block of `h`.
             unsafe { *ctx.h.0.add(job.h + e * r + rr) = v };
         }
@@ -267,12 +280,20 @@ fn shrink_unit(ctx: &Ctx, job: &Job, u: &Unit) {
 
 /// `y[t_e, off + c0..c1] += h[e] B[c0..c1]^T` for the rectangle's entries.
 fn expand_unit(ctx: &Ctx, job: &Job, u: &Unit) {
+    match job.w.b {
+        LoraView::F32(b) => expand_cols(ctx, job, u, b),
+        LoraView::Bf16(b) => expand_cols(ctx, job, u, b),
+    }
+}
+
+/// [`expand_unit`] on `B` stored as `E`.
+fn expand_cols<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E]) {
     #[cfg(target_arch = "x86_64")]
     if ctx.isa >= Isa::Avx2Fma {
         if u.t1 - u.t0 >= SGMV_MIN_TOKENS {
-            expand_sgmv_avx2(ctx, job, u);
+            expand_sgmv_avx2(ctx, job, u, b);
         } else {
-            expand_bgmv_avx2(ctx, job, u);
+            expand_bgmv_avx2(ctx, job, u, b);
         }
         return;
     }
@@ -286,7 +307,7 @@ fn expand_unit(ctx: &Ctx, job: &Job, u: &Unit) {
         // or by the shrink phase, which has ended) and nobody writes it now.
         let h = unsafe { std::slice::from_raw_parts(ctx.h.0.add(job.h + e * r), r) };
         for c in u.c0..u.c1 {
-            let v = dot(&job.w.b[c * r..(c + 1) * r], h);
+            let v = dot(h, &b[c * r..(c + 1) * r]);
             // SAFETY: row t, site column c belongs to this rectangle (module invariants).
             unsafe { *ctx.y.0.add(t * y_stride + y_offset + c) += v };
         }
@@ -294,15 +315,15 @@ fn expand_unit(ctx: &Ctx, job: &Job, u: &Unit) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn shrink_unit_avx2(ctx: &Ctx, job: &Job, u: &Unit) {
+fn shrink_unit_avx2<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, a: &[E]) {
     // Rank rows outer: the tile's rows of A stay in cache across the token blocks.
     for r0 in (u.c0..u.c1).step_by(SHRINK_R) {
         let rr = SHRINK_R.min(u.c1 - r0);
         for e0 in (u.t0..u.t1).step_by(SHRINK_M) {
             match SHRINK_M.min(u.t1 - e0) {
-                1 => shrink_tile::<1>(ctx, job, e0, r0, rr),
-                2 => shrink_tile::<2>(ctx, job, e0, r0, rr),
-                _ => shrink_tile::<3>(ctx, job, e0, r0, rr),
+                1 => shrink_tile::<1, E>(ctx, job, e0, r0, rr, a),
+                2 => shrink_tile::<2, E>(ctx, job, e0, r0, rr, a),
+                _ => shrink_tile::<3, E>(ctx, job, e0, r0, rr, a),
             }
         }
     }
@@ -310,7 +331,14 @@ fn shrink_unit_avx2(ctx: &Ctx, job: &Job, u: &Unit) {
 
 /// M entries from `e0` x rank rows `r0..r0 + rr`.
 #[cfg(target_arch = "x86_64")]
-fn shrink_tile<const M: usize>(ctx: &Ctx, job: &Job, e0: usize, r0: usize, rr: usize) {
+fn shrink_tile<const M: usize, E: Widen>(
+    ctx: &Ctx,
+    job: &Job,
+    e0: usize,
+    r0: usize,
+    rr: usize,
+    a: &[E],
+) {
     let (inp, r) = (ctx.shape.in_features, job.w.rank);
     let mut xs = [std::ptr::null::<f32>(); M];
     let mut hs = [std::ptr::null_mut::<f32>(); M];
@@ -323,15 +351,15 @@ fn shrink_tile<const M: usize>(ctx: &Ctx, job: &Job, e0: usize, r0: usize, rr: u
         hs[m] = ctx.h.0.wrapping_add(job.h + e * r + r0);
         scale[m] = job.w.scale * job.weights[e];
     }
-    let a = job.w.a[r0 * inp..(r0 + rr) * inp].as_ptr();
+    let a = a[r0 * inp..(r0 + rr) * inp].as_ptr();
     // SAFETY: the CPU has AVX2/FMA (`Isa::get`); x rows and A rows r0..r0+rr have `inp`
     // values (validated lengths); the h elements belong to this rectangle.
     unsafe {
         match rr {
-            1 => avx2::shrink_tile::<M, 1>(&xs, a, inp, &hs, &scale),
-            2 => avx2::shrink_tile::<M, 2>(&xs, a, inp, &hs, &scale),
-            3 => avx2::shrink_tile::<M, 3>(&xs, a, inp, &hs, &scale),
-            _ => avx2::shrink_tile::<M, 4>(&xs, a, inp, &hs, &scale),
+            1 => avx2::shrink_tile::<M, 1, E>(&xs, a, inp, &hs, &scale),
+            2 => avx2::shrink_tile::<M, 2, E>(&xs, a, inp, &hs, &scale),
+            3 => avx2::shrink_tile::<M, 3, E>(&xs, a, inp, &hs, &scale),
+            _ => avx2::shrink_tile::<M, 4, E>(&xs, a, inp, &hs, &scale),
         }
     }
 }
@@ -363,20 +391,20 @@ fn tile_rows<const M: usize>(
 /// BGMV expand: per 8 site columns, the rectangle's tokens (4 at a time) against `B`
 /// transposed in registers straight from its `[out, rank]` rows.
 #[cfg(target_arch = "x86_64")]
-fn expand_bgmv_avx2(ctx: &Ctx, job: &Job, u: &Unit) {
+fn expand_bgmv_avx2<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E]) {
     let r = job.w.rank;
     for c0 in (u.c0..u.c1).step_by(8) {
         let rows = 8.min(u.c1 - c0);
-        let b = job.w.b[c0 * r..(c0 + rows) * r].as_ptr();
+        let b = b[c0 * r..(c0 + rows) * r].as_ptr();
         for e0 in (u.t0..u.t1).step_by(4) {
             // SAFETY: AVX2/FMA present; `rows` rows of r values at b; h rows complete;
             // the `rows` y elements of each token belong to this rectangle.
             unsafe {
                 match 4.min(u.t1 - e0) {
-                    1 => bgmv::<1>(ctx, job, e0, c0, b, rows),
-                    2 => bgmv::<2>(ctx, job, e0, c0, b, rows),
-                    3 => bgmv::<3>(ctx, job, e0, c0, b, rows),
-                    _ => bgmv::<4>(ctx, job, e0, c0, b, rows),
+                    1 => bgmv::<1, E>(ctx, job, e0, c0, b, rows),
+                    2 => bgmv::<2, E>(ctx, job, e0, c0, b, rows),
+                    3 => bgmv::<3, E>(ctx, job, e0, c0, b, rows),
+                    _ => bgmv::<4, E>(ctx, job, e0, c0, b, rows),
                 }
             }
         }
@@ -386,27 +414,27 @@ fn expand_bgmv_avx2(ctx: &Ctx, job: &Job, u: &Unit) {
 /// # Safety
 /// As `avx2::bgmv_tile`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn bgmv<const M: usize>(
+unsafe fn bgmv<const M: usize, E: Widen>(
     ctx: &Ctx,
     job: &Job,
     e0: usize,
     c0: usize,
-    b: *const f32,
+    b: *const E,
     rows: usize,
 ) {
     let (hs, ys) = tile_rows::<M>(ctx, job, e0, c0);
-    avx2::bgmv_tile::<M>(b, job.w.rank, rows, &hs, &ys)
+    avx2::bgmv_tile::<M, E>(b, job.w.rank, rows, &hs, &ys)
 }
 
 /// SGMV expand: per panel of `NR` site columns, pack `B^T` once (`[rank, NR]`), then run
 /// every token tile of the rectangle against it.
 #[cfg(target_arch = "x86_64")]
-fn expand_sgmv_avx2(ctx: &Ctx, job: &Job, u: &Unit) {
+fn expand_sgmv_avx2<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E]) {
     let r = job.w.rank;
     with_scratch(&PANEL, r * NR, |panel| {
         for c0 in (u.c0..u.c1).step_by(NR) {
             let cols = NR.min(u.c1 - c0);
-            let b = job.w.b[c0 * r..(c0 + cols) * r].as_ptr();
+            let b = b[c0 * r..(c0 + cols) * r].as_ptr();
             // SAFETY: AVX2/FMA present; `cols` rows of r values at b; the panel has
             // r x NR values.
             unsafe { avx2::pack_panel(b, r, cols, panel) };
@@ -446,23 +474,37 @@ unsafe fn sgmv<const M: usize>(
 mod tests {
     use super::*;
     use crate::lora::kernels::{lora_apply_reference, validate};
+    use crate::lora::values::{AdapterDType, LoraValues};
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
         crate::rng::test_data(n, seed as u64)
     }
 
-    /// Runs both ISAs and the reference on one case and compares.
+    /// Runs both ISAs and the reference on one case and compares, with the adapter
+    /// matrices stored in f32 and in bf16 (the reference widens the same stored values).
     fn check(batch: &LoraBatch, shape: SiteShape, ranks: &[usize], seed: u32) {
+        for dtype in [AdapterDType::F32, AdapterDType::Bf16] {
+            check_stored(batch, shape, ranks, seed, dtype);
+        }
+    }
+
+    fn check_stored(
+        batch: &LoraBatch,
+        shape: SiteShape,
+        ranks: &[usize],
+        seed: u32,
+        dtype: AdapterDType,
+    ) {
         let t = batch.num_tokens();
         let (inp, out) = (shape.in_features, shape.out_features);
         let x = data(t * inp, seed);
-        let ws: Vec<(Vec<f32>, Vec<f32>)> = ranks
+        let ws: Vec<(LoraValues, LoraValues)> = ranks
             .iter()
             .enumerate()
             .map(|(i, &r)| {
                 (
-                    data(r * inp, seed + 7 * i as u32 + 1),
-                    data(out * r, seed + 3),
+                    LoraValues::from_f32(data(r * inp, seed + 7 * i as u32 + 1), dtype),
+                    LoraValues::from_f32(data(out * r, seed + 3), dtype),
                 )
             })
             .collect();
@@ -473,8 +515,8 @@ mod tests {
                 (rank > 0).then_some(SlotWeights {
                     rank,
                     scale: 0.5,
-                    a,
-                    b,
+                    a: a.view(),
+                    b: b.view(),
                 })
             })
             .collect();
@@ -489,7 +531,7 @@ mod tests {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-4 * (1.0 + max),
-                    "{isa:?} elem {i}: {g} vs {w}"
+                    "{isa:?} {dtype:?} elem {i}: {g} vs {w}"
                 );
             }
         }

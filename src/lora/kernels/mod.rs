@@ -10,25 +10,27 @@
 //! every adapter entry `(s, w)` of token t (today: one entry, `w = 1`, when `slot[t] >= 0`).
 //! Invariants: tokens without an adapter, slots without weights at this site and the
 //! columns outside `[y_offset, y_offset + out)` are never written (bit-identical); ranks
-//! are never padded; accumulation is in f32.
+//! are never padded; accumulation is in f32, whatever the matrices' storage type.
 mod cpu;
 pub mod reference;
 
 use anyhow::{bail, ensure, Result};
 
 use crate::lora::batch::LoraBatch;
+use crate::lora::values::LoraView;
 
 pub use reference::lora_apply_reference;
 
-/// One adapter slot's weights for one site, as the kernels read them.
+/// One adapter slot's weights for one site, as the kernels read them (each matrix f32 or
+/// bf16, as stored).
 #[derive(Clone, Copy, Debug)]
 pub struct SlotWeights<'a> {
     pub rank: usize,
     pub scale: f32,
     /// `[rank, in]`, row-major (PEFT `lora_A`).
-    pub a: &'a [f32],
+    pub a: LoraView<'a>,
     /// `[out, rank]`, row-major (PEFT `lora_B`).
-    pub b: &'a [f32],
+    pub b: LoraView<'a>,
 }
 
 /// The site's shape and where its columns sit in y.

@@ -35,8 +35,8 @@ pub fn lora_apply_reference(
             rows.extend_from_slice(&x[t * inp..(t + 1) * inp]);
         }
         let xs = Tensor::from_vec(rows, (tokens.len(), inp), &dev)?;
-        let a = Tensor::from_slice(w.a, (w.rank, inp), &dev)?;
-        let b = Tensor::from_slice(w.b, (out, w.rank), &dev)?;
+        let a = Tensor::from_slice(&w.a.to_f32(), (w.rank, inp), &dev)?;
+        let b = Tensor::from_slice(&w.b.to_f32(), (out, w.rank), &dev)?;
         let delta = xs.matmul(&a.t()?)?.matmul(&b.t()?)?;
         let delta = delta.flatten_all()?.to_vec1::<f32>()?;
         for (k, (&t, &wt)) in tokens.iter().zip(weights).enumerate() {

@@ -13,6 +13,8 @@ mod tensors;
 
 use config::{LoraConfig, RawConfig};
 use std::path::Path;
+
+use crate::lora::values::{AdapterDType, LoraValues};
 use tensors::{assemble, SafeTensors};
 
 /// The seven Llama linear sites, in this order.
@@ -103,15 +105,15 @@ impl BaseShape {
     }
 }
 
-/// One site's low-rank pair, f32, row-major, ready for kernels.
+/// One site's low-rank pair, row-major, in the adapter storage type, ready for kernels.
 #[derive(Clone, Debug)]
 pub struct LoraPair {
     pub rank: usize,
     pub scale: f32,
     /// `[rank, in]`
-    pub a: Vec<f32>,
+    pub a: LoraValues,
     /// `[out, rank]`
-    pub b: Vec<f32>,
+    pub b: LoraValues,
 }
 
 #[derive(Clone, Debug)]
@@ -121,8 +123,42 @@ pub struct AdapterWeights {
     pub target_modules: Vec<String>,
     /// `layers[l][site.index()]`
     pub layers: Vec<[Option<LoraPair>; 7]>,
-    /// f32 bytes held.
+    /// Bytes held (every pair's values in the storage type).
     pub bytes: usize,
+}
+
+impl AdapterWeights {
+    /// The same adapter with its matrices stored as `dtype` (rounded to nearest-even
+    /// for bf16; exact from bf16 to f32).
+    pub fn stored_as(&self, dtype: AdapterDType) -> AdapterWeights {
+        let convert = |v: &LoraValues| LoraValues::from_f32(v.to_f32().into_owned(), dtype);
+        let layers: Vec<[Option<LoraPair>; 7]> = self
+            .layers
+            .iter()
+            .map(|row| {
+                std::array::from_fn(|i| {
+                    row[i].as_ref().map(|p| LoraPair {
+                        rank: p.rank,
+                        scale: p.scale,
+                        a: convert(&p.a),
+                        b: convert(&p.b),
+                    })
+                })
+            })
+            .collect();
+        let bytes = layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.a.bytes() + p.b.bytes())
+            .sum();
+        AdapterWeights {
+            rank_max: self.rank_max,
+            target_modules: self.target_modules.clone(),
+            layers,
+            bytes,
+        }
+    }
 }
 
 /// Bounds on what a folder may make us read.
@@ -161,10 +197,14 @@ pub use folder::{CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE};
 /// What PEFT prefixes every key of a causal LM's adapter with.
 pub const KEY_PREFIX: &str = "base_model.model.";
 
-/// The f32 bytes the adapter in `dir` will take once loaded, from its safetensors
+/// The bytes the adapter in `dir` will take once loaded as `dtype`, from its safetensors
 /// header alone (an upper bound: tensors the loader skips are counted too). Lets a
 /// caller reserve memory before reading the weights.
-pub fn estimate_adapter_bytes(dir: &Path, limits: &AdapterLimits) -> Result<usize, AdapterError> {
+pub fn estimate_adapter_bytes(
+    dir: &Path,
+    limits: &AdapterLimits,
+    dtype: AdapterDType,
+) -> Result<usize, AdapterError> {
     use std::io::Read;
     let path = dir.join(WEIGHTS_FILE);
     let io = |e: std::io::Error| AdapterError::Io(format!("{}: {e}", path.display()));
@@ -201,14 +241,16 @@ pub fn estimate_adapter_bytes(dir: &Path, limits: &AdapterLimits) -> Result<usiz
             .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: {name} has a bad shape")))?;
         floats = floats.saturating_add(numel);
     }
-    Ok(floats.saturating_mul(4))
+    Ok(floats.saturating_mul(dtype.size()))
 }
 
-/// Loads and validates the PEFT LoRA folder `dir` against `base`.
+/// Loads and validates the PEFT LoRA folder `dir` against `base`, its matrices stored as
+/// `dtype`.
 pub fn load_peft_adapter(
     dir: &Path,
     base: &BaseShape,
     limits: &AdapterLimits,
+    dtype: AdapterDType,
 ) -> Result<AdapterWeights, AdapterError> {
     if !dir.is_dir() {
         return Err(AdapterError::Io(format!(
@@ -237,5 +279,5 @@ pub fn load_peft_adapter(
         )));
     }
     let file = SafeTensors::read(&weights_path, limits)?;
-    assemble(&plan, &file, base)
+    assemble(&plan, &file, base, dtype)
 }

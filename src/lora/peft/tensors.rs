@@ -1,5 +1,6 @@
 //! `adapter_model.safetensors` reading and the per-tensor checks that build the weights.
-//! Owns header and data parsing within [`AdapterLimits`], dtype conversion to f32,
+//! Owns header and data parsing within [`AdapterLimits`], dtype conversion to the
+//! adapter storage type,
 //! tensor-key parsing, and the shape, size and finiteness checks that assemble
 //! [`AdapterWeights`] from the config's plan.
 use super::config::Plan;
@@ -12,6 +13,7 @@ use std::io::Read;
 use std::path::Path;
 
 use super::KEY_PREFIX;
+use crate::lora::values::{AdapterDType, LoraValues};
 
 /// One tensor's header entry; `start..end` indexes the data section.
 struct TensorInfo {
@@ -229,8 +231,9 @@ pub(super) fn assemble(
     plan: &Plan,
     file: &SafeTensors,
     base: &BaseShape,
+    dtype: AdapterDType,
 ) -> Result<AdapterWeights, AdapterError> {
-    let mut halves: HashMap<(usize, usize, bool), Vec<f32>> = HashMap::new();
+    let mut halves: HashMap<(usize, usize, bool), LoraValues> = HashMap::new();
     for t in &file.tensors {
         let (layer, site, half) = parse_key(&t.name, base.num_layers)?;
         let Some(sp) = plan[layer][site.index()] else {
@@ -270,11 +273,12 @@ pub(super) fn assemble(
                 t.dtype
             )));
         }
-        let values = to_f32(&t.dtype, &file.data[t.start..t.end]);
-        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        let values = LoraValues::from_f32(to_f32(&t.dtype, &file.data[t.start..t.end]), dtype);
+        if let Some((i, v)) = values.first_non_finite() {
             return Err(Invalid(format!(
-                "tensor {}: non-finite value {v} at element {i}",
-                t.name
+                "tensor {}: non-finite value {v} at element {i} (as {})",
+                t.name,
+                dtype.name()
             )));
         }
         if halves
@@ -303,7 +307,7 @@ pub(super) fn assemble(
             };
             let (a, b) = (take(true)?, take(false)?);
             rank_max = rank_max.max(sp.rank);
-            bytes += (a.len() + b.len()) * std::mem::size_of::<f32>();
+            bytes += a.bytes() + b.bytes();
             names.push(site.module_name().to_string());
             row[site.index()] = Some(LoraPair {
                 rank: sp.rank,

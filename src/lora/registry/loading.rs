@@ -293,7 +293,7 @@ fn locate(source: &str, cfg: &RegistryConfig) -> Result<(PathBuf, usize), Reques
     let dir = AdapterSource::parse(source)
         .and_then(|s| s.materialize())
         .map_err(|e| RequestError::invalid("source", format!("{e:#}")))?;
-    let bytes = estimate_adapter_bytes(&dir, &cfg.limits)
+    let bytes = estimate_adapter_bytes(&dir, &cfg.limits, cfg.adapter_dtype)
         .map_err(|e| RequestError::invalid("source", format!("{e} (from {})", dir.display())))?;
     Ok((dir, bytes))
 }
@@ -304,7 +304,7 @@ fn read_weights(
     cfg: &RegistryConfig,
     max: usize,
 ) -> Result<AdapterWeights, RequestError> {
-    let w = load_peft_adapter(dir, &cfg.base, &cfg.limits)
+    let w = load_peft_adapter(dir, &cfg.base, &cfg.limits, cfg.adapter_dtype)
         .map_err(|e| RequestError::invalid("source", format!("{e} (from {})", dir.display())))?;
     if w.bytes > max {
         return Err(too_large(&dir.display().to_string(), w.bytes, max));

@@ -23,6 +23,7 @@ use super::peft::{
     estimate_adapter_bytes, load_peft_adapter, AdapterLimits, AdapterWeights, BaseShape,
 };
 use crate::error::RequestError;
+use crate::lora::values::AdapterDType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -38,14 +39,27 @@ pub struct RegistryConfig {
     /// Bytes of adapter weights kept in host memory (every live version counts).
     pub host_memory: usize,
     pub limits: AdapterLimits,
+    /// How adapter matrices are stored: the base model's choice
+    /// ([`crate::model::BaseModel::adapter_dtype`]).
+    pub adapter_dtype: AdapterDType,
 }
 
 impl RegistryConfig {
+    /// Defaults for a base of this shape, adapters in f32.
     pub fn new(base: BaseShape) -> Self {
         Self {
             base,
             host_memory: 4 << 30,
             limits: AdapterLimits::default(),
+            adapter_dtype: AdapterDType::F32,
+        }
+    }
+
+    /// Defaults for serving on `model`: its shape and its adapter storage type.
+    pub fn for_model(model: &dyn crate::model::BaseModel) -> Self {
+        Self {
+            adapter_dtype: model.adapter_dtype(),
+            ..Self::new(model.base_shape())
         }
     }
 }

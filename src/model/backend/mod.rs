@@ -48,6 +48,7 @@ pub mod cuda;
 use super::batch::ForwardBatch;
 pub use super::checkpoint::HostWeight;
 use crate::lora::peft::{AdapterWeights, LoraSite};
+use crate::lora::values::AdapterDType;
 use anyhow::Result;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -112,6 +113,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn device_name(&self) -> String;
     /// How the weights are stored, for users ("f32").
     fn dtype_name(&self) -> String;
+    /// How adapter matrices should be stored in host memory for this backend's weights:
+    /// f32 beside f32 weights (exact parity), bf16 beside narrower ones.
+    fn adapter_dtype(&self) -> AdapterDType {
+        AdapterDType::F32
+    }
 
     /// A matrix from host values (`data.len() == rows * cols`).
     fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Matrix>;

@@ -1,10 +1,13 @@
 //! The AVX2/FMA tiles of the CPU LoRA kernels (x86_64; callers check the CPU first).
+//! The adapter matrices (`A`, `B`) are read as stored (f32 or bf16, widened exactly in
+//! registers); activations, `h` and `y` are f32.
 //!
 //! Invariant: every output element is one fixed chain whatever the tile. Shrink: 8
 //! lane-wise FMA chains along `in`, in order, then `hsum`. Expand: one scalar FMA chain
 //! along the rank, in order. So a token's delta does not depend on the batch (tile sizes,
 //! SGMV vs BGMV, thread split).
 use crate::simd::avx2::{hsum, mask};
+use crate::simd::Widen;
 use std::arch::x86_64::*;
 
 /// `h[m][r] = scale[m] * sum_i x[m][i] * A[r][i]` for M tokens x R rank rows.
@@ -13,9 +16,9 @@ use std::arch::x86_64::*;
 /// AVX2/FMA present; each `x[m]` has n readable values, A has R rows of n readable
 /// values at stride n, each `h[m]` has R writable values no other thread touches.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn shrink_tile<const M: usize, const R: usize>(
+pub(super) unsafe fn shrink_tile<const M: usize, const R: usize, E: Widen>(
     x: &[*const f32; M],
-    a: *const f32,
+    a: *const E,
     n: usize,
     h: &[*mut f32; M],
     scale: &[f32; M],
@@ -25,7 +28,7 @@ pub(super) unsafe fn shrink_tile<const M: usize, const R: usize>(
     let mut i = 0;
     while i + 8 <= n {
         for (r, v) in av.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(a.add(r * n + i));
+            *v = E::load8(a.add(r * n + i));
         }
         for (accm, xm) in acc.iter_mut().zip(x) {
             let xv = _mm256_loadu_ps(xm.add(i));
@@ -38,7 +41,7 @@ pub(super) unsafe fn shrink_tile<const M: usize, const R: usize>(
     if i < n {
         let mk = mask(n - i);
         for (r, v) in av.iter_mut().enumerate() {
-            *v = _mm256_maskload_ps(a.add(r * n + i), mk);
+            *v = E::load_partial(a.add(r * n + i), n - i);
         }
         for (accm, xm) in acc.iter_mut().zip(x) {
             let xv = _mm256_maskload_ps(xm.add(i), mk);
@@ -62,15 +65,20 @@ pub(super) unsafe fn shrink_tile<const M: usize, const R: usize>(
 /// readable values at `b + j * r`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn load_bt8(b: *const f32, r: usize, rows: usize, k0: usize, n: usize) -> [__m256; 8] {
+unsafe fn load_bt8<E: Widen>(
+    b: *const E,
+    r: usize,
+    rows: usize,
+    k0: usize,
+    n: usize,
+) -> [__m256; 8] {
     let mut v = [_mm256_setzero_ps(); 8];
-    let mk = mask(n);
     for (j, vj) in v.iter_mut().enumerate().take(rows) {
         let p = b.add(j * r + k0);
         *vj = if n == 8 {
-            _mm256_loadu_ps(p)
+            E::load8(p)
         } else {
-            _mm256_maskload_ps(p, mk)
+            E::load_partial(p, n)
         };
     }
     let t0 = _mm256_unpacklo_ps(v[0], v[1]);
@@ -107,8 +115,8 @@ unsafe fn load_bt8(b: *const f32, r: usize, rows: usize, k0: usize, n: usize) ->
 /// AVX2/FMA present; `rows` rows of r readable values at `b`; r at each `h[m]`; `rows`
 /// writable values at each `y[m]` that no other thread touches.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn bgmv_tile<const M: usize>(
-    b: *const f32,
+pub(super) unsafe fn bgmv_tile<const M: usize, E: Widen>(
+    b: *const E,
     r: usize,
     rows: usize,
     h: &[*const f32; M],
@@ -141,7 +149,7 @@ pub(super) unsafe fn bgmv_tile<const M: usize>(
 /// # Safety
 /// AVX2/FMA present; `cols` rows of r readable values at `b`; `panel.len() >= r * 16`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn pack_panel(b: *const f32, r: usize, cols: usize, panel: &mut [f32]) {
+pub(super) unsafe fn pack_panel<E: Widen>(b: *const E, r: usize, cols: usize, panel: &mut [f32]) {
     let p = panel.as_mut_ptr();
     let (lo, hi) = (cols.min(8), cols.saturating_sub(8));
     for k0 in (0..r).step_by(8) {

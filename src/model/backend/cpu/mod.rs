@@ -15,6 +15,7 @@ use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
 use crate::lora::batch::LoraBatch;
 use crate::lora::kernels::{lora_apply, SiteShape, SlotWeights};
 use crate::lora::peft::AdapterWeights;
+use crate::lora::values::AdapterDType;
 use crate::model::batch::ForwardBatch;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
@@ -107,6 +108,13 @@ impl Backend for CpuBackend {
 
     fn dtype_name(&self) -> String {
         self.format.name()
+    }
+
+    fn adapter_dtype(&self) -> AdapterDType {
+        match self.format {
+            CpuWeightFormat::F32 => AdapterDType::F32,
+            _ => AdapterDType::Bf16,
+        }
     }
 
     fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<HostMatrix> {
@@ -314,8 +322,8 @@ impl Backend for CpuBackend {
                     Some(SlotWeights {
                         rank: pair.rank,
                         scale: pair.scale,
-                        a: &pair.a,
-                        b: &pair.b,
+                        a: pair.a.view(),
+                        b: pair.b.view(),
                     })
                 })
                 .collect();

@@ -71,7 +71,9 @@ impl DeviceAdapter {
     /// Converts and copies `w` on `stream`; returns once the copy has finished.
     fn upload(w: &AdapterWeights, dtype: DType, stream: &Arc<CudaStream>) -> Result<Self> {
         let align = 16 / dtype.size_in_bytes();
-        let mut host: Vec<f32> = Vec::with_capacity(w.bytes / 4 + 64);
+        let pairs = w.layers.iter().flatten().flatten();
+        let values: usize = pairs.map(|p| p.a.len() + p.b.len()).sum();
+        let mut host: Vec<f32> = Vec::with_capacity(values + 64);
         let mut place = |values: &[f32]| {
             host.resize(host.len().next_multiple_of(align), 0.0);
             let at = host.len();
@@ -84,7 +86,7 @@ impl DeviceAdapter {
             .flatten()
             .map(|pair| {
                 pair.as_ref()
-                    .map(|p| (place(&p.a), place(&p.b), p.rank, p.scale))
+                    .map(|p| (place(&p.a.to_f32()), place(&p.b.to_f32()), p.rank, p.scale))
             })
             .collect();
         host.resize(host.len().max(1), 0.0);

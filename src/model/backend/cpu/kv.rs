@@ -2,10 +2,13 @@
 //! `[num_blocks * block_size, kv_heads, head_dim]`, addressed through block tables, in
 //! f32 (the default, exact) or bf16 (`--kv-dtype bf16`: half the memory; values rounded
 //! to nearest-even when written, widened exactly when read). Which blocks a sequence
-//! owns is the engine's business (its block allocator); this type only stores values.
+//! owns is the engine's business (its block allocator); this type only stores values,
+//! in fresh anonymous memory that becomes resident as blocks are written.
 //! Invariant: every buffer holds exactly the layout's slots, all in one element type.
+use super::zeroed::{ZeroIsValid, ZeroedBuffer};
 use crate::model::backend::KvLayout;
 use crate::simd::Widen;
+use anyhow::Result;
 use half::bf16;
 
 /// How the cache stores K and V values.
@@ -34,7 +37,7 @@ impl KvDType {
 }
 
 /// A value the cache can hold: written from f32, read back as f32.
-pub trait KvValue: Widen + Default + Send + Sync + 'static {
+pub trait KvValue: Widen + ZeroIsValid + Default {
     fn narrow(v: f32) -> Self;
 }
 
@@ -52,10 +55,10 @@ impl KvValue for bf16 {
     }
 }
 
-/// K and V of one layer.
+/// K and V of one layer, each in its own zeroed mapping (resident as it fills).
 pub struct LayerKv<E> {
-    pub k: Vec<E>,
-    pub v: Vec<E>,
+    pub k: ZeroedBuffer<E>,
+    pub v: ZeroedBuffer<E>,
 }
 
 /// Every layer's K and V, in one element type.
@@ -64,11 +67,13 @@ pub enum KvLayers {
     Bf16(Vec<LayerKv<bf16>>),
 }
 
-fn zeroed<E: KvValue>(layers: usize, values: usize) -> Vec<LayerKv<E>> {
+fn zeroed<E: KvValue>(layers: usize, values: usize) -> Result<Vec<LayerKv<E>>> {
     (0..layers)
-        .map(|_| LayerKv {
-            k: vec![E::default(); values],
-            v: vec![E::default(); values],
+        .map(|_| {
+            Ok(LayerKv {
+                k: ZeroedBuffer::new(values)?,
+                v: ZeroedBuffer::new(values)?,
+            })
         })
         .collect()
 }
@@ -88,14 +93,15 @@ pub struct CpuKvStore {
 }
 
 impl CpuKvStore {
-    /// Zeroed storage for `layout`, holding values as `dtype`.
-    pub fn new(layout: KvLayout, dtype: KvDType) -> Self {
+    /// Zeroed storage for `layout`, holding values as `dtype`; memory becomes resident
+    /// as blocks are written.
+    pub fn new(layout: KvLayout, dtype: KvDType) -> Result<Self> {
         let values = layout.num_blocks * layout.block_size * layout.slot_len();
         let layers = match dtype {
-            KvDType::F32 => KvLayers::F32(zeroed(layout.num_layers, values)),
-            KvDType::Bf16 => KvLayers::Bf16(zeroed(layout.num_layers, values)),
+            KvDType::F32 => KvLayers::F32(zeroed(layout.num_layers, values)?),
+            KvDType::Bf16 => KvLayers::Bf16(zeroed(layout.num_layers, values)?),
         };
-        Self { layout, layers }
+        Ok(Self { layout, layers })
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -147,7 +153,7 @@ mod tests {
             block_size: 2,
             num_blocks: 3,
         };
-        let store = CpuKvStore::new(layout, KvDType::Bf16);
+        let store = CpuKvStore::new(layout, KvDType::Bf16).unwrap();
         assert_eq!(store.dtype(), KvDType::Bf16);
         let KvLayers::Bf16(layers) = store.layers() else {
             panic!("not bf16")

@@ -10,6 +10,7 @@ pub mod linear;
 pub mod ops;
 pub mod quant;
 pub mod weight;
+pub mod zeroed;
 
 use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
 use crate::lora::batch::LoraBatch;
@@ -146,7 +147,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_store(&self, layout: KvLayout) -> Result<CpuKvStore> {
-        Ok(CpuKvStore::new(layout, self.kv_dtype))
+        CpuKvStore::new(layout, self.kv_dtype)
     }
 
     fn kv_bytes_per_token(&self, layout: &KvLayout) -> usize {

@@ -115,7 +115,10 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
         batch: &ForwardBatch,
         adapters: &[Arc<AdapterWeights>],
     ) -> Result<Vec<f32>> {
-        self.model
-            .forward_with_adapters(batch, &mut self.kv, adapters)
+        let this = &mut *self;
+        B::run_step(move || {
+            this.model
+                .forward_with_adapters(batch, &mut this.kv, adapters)
+        })
     }
 }

@@ -196,6 +196,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// The matrix's values on the host, row-major.
     fn to_host(&self, x: Self::Matrix) -> Result<Vec<f32>>;
 
+    /// Runs one whole step `f` where this backend's operations are cheapest to launch.
+    /// The CPU backend runs it on a thread of its worker pool, so each operation's
+    /// parallel region starts there instead of waking the pool from outside and waiting
+    /// for it (a sleep and a wake-up per operation, hundreds per step).
+    fn run_step<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
     /// Prepares one step: the batch's metadata and its adapters (`batch.slots[t]` is
     /// token t's index into `adapters`, or -1 for the base model alone). The caller
     /// checked every slot, position and token id is in range.

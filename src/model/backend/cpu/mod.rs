@@ -287,6 +287,12 @@ impl Backend for CpuBackend {
         Ok(x.data)
     }
 
+    fn run_step<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        // From outside the pool this runs `f` on one of its workers (the caller blocks
+        // once); from inside, on the current thread.
+        rayon::scope(|_| f())
+    }
+
     fn begin_step(
         &self,
         batch: &ForwardBatch,

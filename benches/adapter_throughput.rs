@@ -1,9 +1,11 @@
 //! End-to-end output tokens/s through gRPC on the real default model for 32 concurrent
 //! streams: (a) all on the base model, (b) all on one adapter, (c) each on its own
-//! adapter (synthetic, r16 on q, k, v, o). Reports (b)/(a) and (c)/(a) next to the
-//! ratio the rooflines predict from the bytes and FLOPs the adapters add to a step, in
-//! f32 mode and in quantized mode (the file's Q4_1 blocks), then each case's quantized /
-//! f32 ratio, all in one run. `cargo bench --bench adapter_throughput`; under
+//! adapter (synthetic, r16 on q, k, v, o), (d) each on its own adapter of the heavy mix
+//! (a third each LoRA r8 on q, v; LoRA r16 on every linear layer; rsLoRA r32 on every
+//! linear layer). Reports each case over (a) next to the ratio the rooflines predict
+//! from the bytes and FLOPs the adapters add to a step, in f32 mode (adapters in f32)
+//! and in quantized mode (the file's Q4_1 blocks, adapters in bf16), then each case's
+//! quantized / f32 ratio, all in one run. `cargo bench --bench adapter_throughput`; under
 //! `cargo test` one short pass.
 #[path = "support/roofline.rs"]
 mod roofline;
@@ -12,7 +14,7 @@ mod roofline;
 mod streams;
 
 use multilora::engine::EngineConfig;
-use multilora::lora::peft::LoraSite;
+use multilora::lora::peft::{BaseShape, LoraSite, CONFIG_FILE};
 use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
 use multilora::model::backend::cpu::CpuWeightFormat;
@@ -34,34 +36,45 @@ fn main() {
     }
     println!("quantized / f32, same run:");
     let (f32_mode, q_mode) = (&figures[0].1, &figures[1].1);
-    for (i, case) in ["(a) base only", "(b) one adapter", "(c) distinct adapters"]
-        .iter()
-        .enumerate()
-    {
+    let cases = [
+        "(a) base only",
+        "(b) one adapter",
+        "(c) distinct adapters",
+        "(d) heavy mix",
+    ];
+    for (i, case) in cases.iter().enumerate() {
         println!("{case:<22} {:>6.2}", q_mode[i] / f32_mode[i]);
     }
 }
 
-/// The three cases' tokens/s with the base model in `format`; None if it is missing.
-fn run_mode(quick: bool, format: CpuWeightFormat) -> Option<[f64; 3]> {
+/// The four cases' tokens/s with the base model in `format`; None if it is missing.
+fn run_mode(quick: bool, format: CpuWeightFormat) -> Option<[f64; 4]> {
     let loaded = load_default_model_on("adapter_throughput", CpuBackend::new(format))?;
     let streams = if quick { 2 } else { 32 };
     let max_new = if quick { 4 } else { 96 };
     let base = loaded.model.base_shape();
     let dir = tempfile::tempdir().unwrap();
-    let spec = |seed| SynthSpec {
-        rank: 16,
-        alpha: 32.0,
-        sites: vec![LoraSite::Q, LoraSite::K, LoraSite::V, LoraSite::O],
-        seed,
-    };
+    let qkvo = vec![LoraSite::Q, LoraSite::K, LoraSite::V, LoraSite::O];
     let mut specs = Vec::new();
     let mut adapter_bytes = 0;
     for i in 0..streams {
         let p = dir.path().join(format!("synth-{i}"));
-        adapter_bytes = write_synthetic_adapter(&p, &base, &spec(i as u64)).unwrap();
+        let spec = SynthSpec {
+            rank: 16,
+            alpha: 32.0,
+            sites: qkvo.clone(),
+            seed: i as u64,
+        };
+        adapter_bytes = write_synthetic_adapter(&p, &base, &spec).unwrap();
         specs.push((format!("synth-{i}"), p.to_string_lossy().to_string()));
     }
+    let mut heavy_bytes = Vec::new();
+    for i in 0..streams {
+        let p = dir.path().join(format!("heavy-{i}"));
+        heavy_bytes.push(write_heavy_adapter(&p, &base, i));
+        specs.push((format!("heavy-{i}"), p.to_string_lossy().to_string()));
+    }
+    let stored = loaded.model.adapter_dtype();
     let registry_cfg = RegistryConfig::for_model(loaded.model.as_ref());
     let registry = AdapterRegistry::with_adapters(registry_cfg, &specs).unwrap();
     let cfg = loaded.model.config().clone();
@@ -80,29 +93,62 @@ fn run_mode(quick: bool, format: CpuWeightFormat) -> Option<[f64; 3]> {
             .await
             .unwrap();
         let ep = server.endpoint();
+        let names = |prefix: &str| -> Vec<String> {
+            (0..streams).map(|i| format!("{prefix}-{i}")).collect()
+        };
         let base_only: Vec<String> = vec![String::new(); streams];
         let one: Vec<String> = vec!["synth-0".into(); streams];
-        let distinct: Vec<String> = (0..streams).map(|i| format!("synth-{i}")).collect();
         let _ = run_streams(&ep, &base_only[..1], 2).await; // warm
-        let a = run_streams(&ep, &base_only, max_new)
-            .await
-            .tokens_per_second();
-        let b = run_streams(&ep, &one, max_new).await.tokens_per_second();
-        let c = run_streams(&ep, &distinct, max_new)
-            .await
-            .tokens_per_second();
+        let mut tps = [0.0; 4];
+        for (t, adapters) in tps
+            .iter_mut()
+            .zip([base_only, one, names("synth"), names("heavy")])
+        {
+            *t = run_streams(&ep, &adapters, max_new)
+                .await
+                .tokens_per_second();
+        }
         server.stop().await.unwrap();
-        [a, b, c]
+        tps
     });
     let run = Run {
         mode: format.name(),
         streams,
         max_new,
         adapter_bytes,
+        heavy_bytes,
+        stored_size: stored.size(),
         bandwidth,
     };
     report(&run, &cfg, tps);
     Some(tps)
+}
+
+/// Heavy-mix adapter `i`, by `i mod 3`: LoRA r8 on q and v, LoRA r16 on every linear
+/// layer, or rsLoRA r32 on every linear layer (scale alpha / sqrt(r)). Returns its f32
+/// bytes.
+fn write_heavy_adapter(dir: &std::path::Path, base: &BaseShape, i: usize) -> usize {
+    let (rank, sites, rslora) = match i % 3 {
+        0 => (8, vec![LoraSite::Q, LoraSite::V], false),
+        1 => (16, LoraSite::ALL.to_vec(), false),
+        _ => (32, LoraSite::ALL.to_vec(), true),
+    };
+    let spec = SynthSpec {
+        rank,
+        alpha: 2.0 * rank as f32,
+        sites,
+        seed: 1000 + i as u64,
+    };
+    let bytes = write_synthetic_adapter(dir, base, &spec).unwrap();
+    if rslora {
+        // `SynthSpec` writes plain LoRA; rsLoRA only changes the config's scaling.
+        let path = dir.join(CONFIG_FILE);
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["use_rslora"] = true.into();
+        std::fs::write(&path, config.to_string()).unwrap();
+    }
+    bytes
 }
 
 /// What one mode's run was, for its report.
@@ -110,15 +156,20 @@ struct Run {
     mode: String,
     streams: usize,
     max_new: u32,
+    /// f32 bytes of one r16 q,k,v,o adapter.
     adapter_bytes: usize,
+    /// f32 bytes of each heavy-mix adapter.
+    heavy_bytes: Vec<usize>,
+    /// Bytes of one stored adapter value in this mode (4: f32, 2: bf16).
+    stored_size: usize,
     bandwidth: f64,
 }
 
-/// Prints the three cases next to the roofline prediction from the measured base step:
+/// Prints the four cases next to the roofline prediction from the measured base step:
 /// the adapters add FLOPs (2 * params per token, against the base's 2 * params per
-/// token) and bytes (each distinct adapter's A and B read once per step, at the measured
-/// bandwidth).
-fn report(run: &Run, cfg: &ModelConfig, [a, b, c]: [f64; 3]) {
+/// token) and bytes (each distinct adapter's A and B, as stored, read once per step at
+/// the measured bandwidth).
+fn report(run: &Run, cfg: &ModelConfig, [a, b, c, d]: [f64; 4]) {
     let linear_params = {
         let h = cfg.hidden_size;
         let q = cfg.num_heads * cfg.head_dim;
@@ -127,31 +178,38 @@ fn report(run: &Run, cfg: &ModelConfig, [a, b, c]: [f64; 3]) {
             + cfg.vocab_size * h) as f64
     };
     let step = run.streams as f64 / a;
-    let flops_share = (run.adapter_bytes as f64 / 4.0) / linear_params;
-    let predict = |distinct: usize| {
-        let extra = step * flops_share + (distinct * run.adapter_bytes) as f64 / run.bandwidth;
+    // Extra time per step: `values` adapter parameters per token on average (FLOPs, as
+    // a share of the base's), and `f32_bytes` of distinct adapters read as stored.
+    let predict = |values: f64, f32_bytes: usize| {
+        let stored = (f32_bytes * run.stored_size / 4) as f64;
+        let extra = step * values / linear_params + stored / run.bandwidth;
         step / (step + extra)
     };
+    let one = run.adapter_bytes;
+    let heavy_total: usize = run.heavy_bytes.iter().sum();
+    let heavy_mean = heavy_total as f64 / run.heavy_bytes.len() as f64 / 4.0;
     println!(
-        "{}: {} streams x {} tokens, adapters r16 on q,k,v,o ({:.1} MB each)",
+        "{}: {} streams x {} tokens, adapters r16 on q,k,v,o ({:.1} MB each as stored); \
+         heavy mix {:.1} MB in all",
         run.mode,
         run.streams,
         run.max_new,
-        run.adapter_bytes as f64 / 1e6
+        (one * run.stored_size / 4) as f64 / 1e6,
+        (heavy_total * run.stored_size / 4) as f64 / 1e6
     );
     println!("case                   tokens/s  ratio_to_base  roofline_prediction");
-    println!(
-        "(a) base only          {a:>8.1}  {:>13.2}  {:>19.2}",
-        1.0, 1.0
+    let row = |name: &str, tps: f64, predicted: f64| {
+        println!(
+            "{name:<22} {tps:>8.1}  {:>13.2}  {predicted:>19.2}",
+            tps / a
+        );
+    };
+    row("(a) base only", a, 1.0);
+    row("(b) one adapter", b, predict(one as f64 / 4.0, one));
+    row(
+        "(c) distinct adapters",
+        c,
+        predict(one as f64 / 4.0, run.streams * one),
     );
-    println!(
-        "(b) one adapter        {b:>8.1}  {:>13.2}  {:>19.2}",
-        b / a,
-        predict(1)
-    );
-    println!(
-        "(c) distinct adapters  {c:>8.1}  {:>13.2}  {:>19.2}",
-        c / a,
-        predict(run.streams)
-    );
+    row("(d) heavy mix", d, predict(heavy_mean, heavy_total));
 }

@@ -30,12 +30,12 @@ done
 # shellcheck disable=SC2086
 "$BIN" serve --model "$MODEL" --listen "127.0.0.1:$PORT" \
   --adapter-dir "$ADAPTERS/many" --adapter-dir "$ADAPTERS/few" ${SERVE_FLAGS:-} \
-  > "$OUT/adapter-scale-server.log" 2>&1 &
+  > target/adapter-scale-server.log 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
   (exec 3<> "/dev/tcp/127.0.0.1/$PORT") 2> /dev/null && break
-  kill -0 $pid 2> /dev/null || { cat "$OUT/adapter-scale-server.log"; exit 1; }
+  kill -0 $pid 2> /dev/null || { cat target/adapter-scale-server.log; exit 1; }
   sleep 0.5
 done
 run() { # NAME COUNT

@@ -98,41 +98,47 @@ fn run(model: &Model, adapters: &[Arc<AdapterWeights>], seqs: &[(Vec<u32>, i32)]
     logits.chunks(VOCAB).map(|r| r.to_vec()).collect()
 }
 
+/// Every linear site of a layer.
+const ALL_SITES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Adapter `a` (rank 4 on every site) and `b` (rank 2 on q and v) under `dir`; returns
+/// their tensors.
+fn write_two_adapters(
+    dir: &Path,
+    cfg: &ModelConfig,
+) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+    let a = write_adapter(&dir.join("a"), cfg, 4, 8.0, &ALL_SITES, 1);
+    let b = write_adapter(&dir.join("b"), cfg, 2, 8.0, &["q_proj", "v_proj"], 2);
+    (a, b)
+}
+
+/// Adapters `a` and `b` under `dir`, loaded for `model` and stored as `dtype`.
+fn load_two_adapters(dir: &Path, model: &Model, dtype: AdapterDType) -> Vec<Arc<AdapterWeights>> {
+    ["a", "b"]
+        .iter()
+        .map(|n| {
+            let limits = AdapterLimits::default();
+            let w = load_peft_adapter(&dir.join(n), &model.base_shape(), &limits, dtype);
+            Arc::new(w.unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn adapter_tokens_match_merged_weights_and_base_tokens_are_untouched() {
     let cfg = tiny_config(VOCAB);
     let base = random_llama(&cfg, 3).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    let a = write_adapter(&dir.path().join("a"), &cfg, 4, 8.0, &all, 1);
-    let b = write_adapter(
-        &dir.path().join("b"),
-        &cfg,
-        2,
-        8.0,
-        &["q_proj", "v_proj"],
-        2,
-    );
-    let registry: Vec<Arc<AdapterWeights>> = ["a", "b"]
-        .iter()
-        .map(|n| {
-            let w = load_peft_adapter(
-                &dir.path().join(n),
-                &base.base_shape(),
-                &AdapterLimits::default(),
-                AdapterDType::F32,
-            );
-            Arc::new(w.unwrap())
-        })
-        .collect();
+    let (a, b) = write_two_adapters(dir.path(), &cfg);
+    let registry = load_two_adapters(dir.path(), &base, AdapterDType::F32);
     let none: Vec<Arc<AdapterWeights>> = Vec::new();
     let merged_a = merged(&cfg, &a, 2.0);
     let merged_b = merged(&cfg, &b, 4.0);
@@ -191,34 +197,8 @@ fn bf16_adapters_on_a_quantized_base_are_batch_invariant() {
     assert_eq!(backend.adapter_dtype(), AdapterDType::Bf16);
     let base = llama_on(backend, random_weights(&cfg, 3).unwrap(), &cfg).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    write_adapter(&dir.path().join("a"), &cfg, 4, 8.0, &all, 1);
-    write_adapter(
-        &dir.path().join("b"),
-        &cfg,
-        2,
-        8.0,
-        &["q_proj", "v_proj"],
-        2,
-    );
-    let load = |dtype| -> Vec<Arc<AdapterWeights>> {
-        ["a", "b"]
-            .iter()
-            .map(|n| {
-                let limits = AdapterLimits::default();
-                let w = load_peft_adapter(&dir.path().join(n), &base.base_shape(), &limits, dtype);
-                Arc::new(w.unwrap())
-            })
-            .collect()
-    };
+    write_two_adapters(dir.path(), &cfg);
+    let load = |dtype| load_two_adapters(dir.path(), &base, dtype);
     let (bf16s, f32s) = (load(AdapterDType::Bf16), load(AdapterDType::F32));
     assert_eq!(2 * bf16s[0].bytes, f32s[0].bytes);
     let none: Vec<Arc<AdapterWeights>> = Vec::new();

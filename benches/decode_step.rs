@@ -2,6 +2,7 @@
 //! and in quantized mode (the file's Q4_1 blocks): tokens/s and the fraction of the
 //! binding roofline (the bytes are the weights as each mode holds them), with the GEMM
 //! rate and the read bandwidth measured in the same run, and quantized / f32 per batch.
+//! Each step runs as the server runs it, on a worker of the CPU kernels' pool.
 //! `cargo bench --bench decode_step` (needs `make model`).
 //! Under `cargo test` it runs one quick pass as a smoke test. `DECODE_STEP_BATCHES=32`
 //! selects batch sizes; `DECODE_STEP_MODEL=path` another model.
@@ -10,6 +11,7 @@ mod roofline;
 
 use multilora::engine::block_allocator::{Allocation, BlockAllocator};
 use multilora::model::backend::cpu::CpuWeightFormat;
+use multilora::model::backend::Backend;
 use multilora::model::{weights, CpuBackend, ForwardBatch, Llama, ModelConfig};
 use roofline::{gemm_rate, median_time, read_bandwidth};
 
@@ -124,8 +126,9 @@ fn step_seconds(model: &Llama<CpuBackend>, b: usize, iters: usize) -> f64 {
         let last = step.push_chunk(&[(s % 1000) as u32], CONTEXT, table);
         step.logit_rows.push(last);
     }
+    // As the server runs a step: on a worker of the kernels' pool (`Backend::run_step`).
     median_time(iters, || {
-        model.forward(&step, &mut kv).unwrap();
+        CpuBackend::run_step(|| model.forward(&step, &mut kv)).unwrap();
     })
     .as_secs_f64()
 }

@@ -136,12 +136,6 @@ impl<'a> From<&'a [f32]> for LoraView<'a> {
     }
 }
 
-impl<'a> From<&'a Vec<f32>> for LoraView<'a> {
-    fn from(v: &'a Vec<f32>) -> Self {
-        LoraView::F32(v)
-    }
-}
-
 impl<'a> From<&'a [bf16]> for LoraView<'a> {
     fn from(v: &'a [bf16]) -> Self {
         LoraView::Bf16(v)

@@ -127,40 +127,6 @@ pub struct AdapterWeights {
     pub bytes: usize,
 }
 
-impl AdapterWeights {
-    /// The same adapter with its matrices stored as `dtype` (rounded to nearest-even
-    /// for bf16; exact from bf16 to f32).
-    pub fn stored_as(&self, dtype: AdapterDType) -> AdapterWeights {
-        let convert = |v: &LoraValues| LoraValues::from_f32(v.to_f32().into_owned(), dtype);
-        let layers: Vec<[Option<LoraPair>; 7]> = self
-            .layers
-            .iter()
-            .map(|row| {
-                std::array::from_fn(|i| {
-                    row[i].as_ref().map(|p| LoraPair {
-                        rank: p.rank,
-                        scale: p.scale,
-                        a: convert(&p.a),
-                        b: convert(&p.b),
-                    })
-                })
-            })
-            .collect();
-        let bytes = layers
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|p| p.a.bytes() + p.b.bytes())
-            .sum();
-        AdapterWeights {
-            rank_max: self.rank_max,
-            target_modules: self.target_modules.clone(),
-            layers,
-            bytes,
-        }
-    }
-}
-
 /// Bounds on what a folder may make us read.
 #[derive(Clone, Copy, Debug)]
 pub struct AdapterLimits {

@@ -37,7 +37,7 @@ impl KvDType {
 }
 
 /// A value the cache can hold: written from f32, read back as f32.
-pub trait KvValue: Widen + ZeroIsValid + Default {
+pub trait KvValue: Widen + ZeroIsValid {
     fn narrow(v: f32) -> Self;
 }
 

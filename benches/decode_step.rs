@@ -5,7 +5,8 @@
 //! Each step runs as the server runs it, on a worker of the CPU kernels' pool.
 //! `cargo bench --bench decode_step` (needs `make model`).
 //! Under `cargo test` it runs one quick pass as a smoke test. `DECODE_STEP_BATCHES=32`
-//! selects batch sizes; `DECODE_STEP_MODEL=path` another model.
+//! selects batch sizes; `DECODE_STEP_MODEL=path` another model; `DECODE_STEP_FORMATS=f32`
+//! or `quantized` one mode.
 #[path = "support/roofline.rs"]
 mod roofline;
 
@@ -65,8 +66,13 @@ fn main() {
     let quantized = CpuWeightFormat::Quantized {
         dense_to: candle_core::quantized::GgmlDType::Q8_0,
     };
+    // DECODE_STEP_FORMATS=quantized (or f32) runs one mode only, e.g. for profiling.
+    let only = std::env::var("DECODE_STEP_FORMATS").ok();
+    let formats = [CpuWeightFormat::F32, quantized]
+        .into_iter()
+        .filter(|f| only.as_deref().is_none_or(|o| f.name().starts_with(o)));
     let mut tokens_per_s = Vec::new();
-    for format in [CpuWeightFormat::F32, quantized] {
+    for format in formats {
         let path = path.to_str().unwrap_or(MODEL);
         let model = weights::load_llama(path, None, CpuBackend::new(format))
             .unwrap()
@@ -86,6 +92,9 @@ fn main() {
             })
             .collect();
         tokens_per_s.push(row);
+    }
+    if tokens_per_s.len() < 2 {
+        return;
     }
     println!("quantized / f32 tokens/s, same run:");
     for (i, b) in batches.iter().enumerate() {

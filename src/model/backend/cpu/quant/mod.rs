@@ -4,12 +4,13 @@
 //! integer dot products scaled in f32.
 //!
 //! At load a GGUF row of Q4_0, Q4_1, Q4_K (kind `U4`, 4-bit codes), Q8_0 (`S8`), Q5_K or
-//! Q6_K (`U8`, one byte per code) is decoded ([`gguf`]) and repacked with 8 rows
-//! interleaved per block of 32 values: for each group of 8 rows and each block, the 8
-//! rows' scales (f16), then their codes arranged so that one 32-byte vector holds 4
-//! consecutive codes of each of the 8 rows. Widened to i16, one `pmaddwd`/`vpdpwssd`
-//! against 4 activation codes broadcast yields partial sums per row in adjacent 32-bit
-//! lanes, with one horizontal add per block ([`x86`]).
+//! Q6_K (`U8`, one byte per code) is decoded ([`gguf`]) and repacked with 16 rows
+//! interleaved per block of 32 values: for each group of 16 rows and each block, the 16
+//! rows' scales (f16), then their codes in 64-byte chunks whose 32-bit lane `r` holds 4
+//! consecutive codes of row `r`. AVX-512 VNNI multiplies a chunk as it is by 4
+//! activation bytes broadcast (`vpdpbusd`: each row's partial sum lands in its own
+//! lane, [`avx512`]); AVX2 widens each half chunk (8 rows) to i16 for `pmaddwd`
+//! ([`x86`]).
 //!
 //! Invariants:
 //! - **Batch invariance and ISA agreement.** For every output element the integer block
@@ -21,8 +22,10 @@
 //! - Scales are stored as f16: exact for Q4_0, Q4_1, Q8_0 (f16 in the file too); the
 //!   k-quants' per-block products `d * sc` and `dmin * m` are rounded once to f16
 //!   (relative 2^-11 each: at most about 1% of a 4-bit quantization step).
-//! - Rows past `out` (padding to a group of 8) have zero scales and are never written out.
+//! - Rows past `out` (padding to a group of 16) have zero scales and are never written out.
 pub mod activation;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod gguf;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -37,7 +40,10 @@ use half::f16;
 use rayon::prelude::*;
 
 /// Rows interleaved per group.
-pub const GROUP: usize = 8;
+pub const GROUP: usize = 16;
+
+/// Bytes of one chunk of codes: 4 bytes of each row of a group.
+const CHUNK: usize = 4 * GROUP;
 
 /// Tokens per tile of the SIMD kernels: each weight block is unpacked once per tile.
 const TILE: usize = 4;
@@ -63,7 +69,7 @@ impl QuantKind {
         }
     }
 
-    /// Bytes of one group-block: the header and the codes of 8 rows x 32 values.
+    /// Bytes of one group-block: the header and the codes of 16 rows x 32 values.
     pub fn group_block_bytes(self) -> usize {
         let codes = match self {
             Self::U4 => GROUP * BLOCK / 2,
@@ -160,24 +166,20 @@ impl QuantWeight {
             .for_each(|g| {
                 let group = &self.data[g * group_bytes..(g + 1) * group_bytes];
                 let cols = GROUP.min(self.out - g * GROUP);
-                let write = |tok: usize, acc: &[f32; GROUP]| {
-                    // SAFETY: columns g*8..g*8+cols of every row belong to this task
-                    // alone; `y` outlives the parallel loop.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(y_ptr.at(tok * self.out + g * GROUP), cols)
-                    };
-                    dst.copy_from_slice(&acc[..cols]);
-                };
+                let dst = |tok: usize| y_ptr.at(tok * self.out + g * GROUP);
                 let mut tok = 0;
                 while tok + TILE <= t {
                     let xs: [ActivationRow; TILE] = std::array::from_fn(|k| acts.row(tok + k));
-                    for (k, acc) in group_dots(self.kind, group, &xs, isa).iter().enumerate() {
-                        write(tok + k, acc);
-                    }
+                    // SAFETY: columns g*16..g*16+cols of every row belong to this task
+                    // alone; `y` outlives the parallel loop.
+                    let out = unsafe { TileOut::new(std::array::from_fn(|k| dst(tok + k)), cols) };
+                    group_dots(self.kind, group, &xs, out, isa);
                     tok += TILE;
                 }
                 for tok in tok..t {
-                    write(tok, &group_dots(self.kind, group, &[acts.row(tok)], isa)[0]);
+                    // SAFETY: as above.
+                    let out = unsafe { TileOut::new([dst(tok)], cols) };
+                    group_dots(self.kind, group, &[acts.row(tok)], out, isa);
                 }
             });
         y
@@ -209,17 +211,17 @@ fn get_f16(src: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([src[2 * i], src[2 * i + 1]]).to_f32()
 }
 
-/// Where code `i` (0..32) of row `r` (0..8) lives in the codes of a group-block, and
+/// Where code `i` (0..32) of row `r` (0..16) lives in the codes of a group-block, and
 /// whether it is the high nibble (`U4` only).
 fn code_position(kind: QuantKind, r: usize, i: usize) -> (usize, bool) {
     match kind {
-        // Chunk c (32 bytes) holds codes 4c..4c+4 (low nibbles) and 16+4c.. (high).
+        // Chunk c holds codes 4c..4c+4 (low nibbles) and 16+4c.. (high).
         QuantKind::U4 => {
             let (high, k) = (i >= 16, i % 16);
-            (32 * (k / 4) + 4 * r + k % 4, high)
+            (CHUNK * (k / 4) + 4 * r + k % 4, high)
         }
-        // Chunk j (32 bytes) holds codes 4j..4j+4 of each row.
-        QuantKind::S8 | QuantKind::U8 => (32 * (i / 4) + 4 * r + i % 4, false),
+        // Chunk j holds codes 4j..4j+4 of each row.
+        QuantKind::S8 | QuantKind::U8 => (CHUNK * (i / 4) + 4 * r + i % 4, false),
     }
 }
 
@@ -245,7 +247,7 @@ fn pack(kind: QuantKind, r: usize, b: &DecodedBlock, dst: &mut [u8]) {
     }
 }
 
-/// Reads row `r` of one group-block back.
+/// Reads row `r` (0..16) of one group-block back.
 fn unpack(kind: QuantKind, r: usize, src: &[u8]) -> DecodedBlock {
     let (header, codes) = src.split_at(kind.header_bytes());
     let mut b = DecodedBlock::default();
@@ -273,19 +275,50 @@ fn unpack(kind: QuantKind, r: usize, src: &[u8]) -> DecodedBlock {
     b
 }
 
-/// The 8 outputs of one group for each of `N` tokens, on `isa`.
+/// Where the outputs of one group for a tile of `N` tokens go: the first `cols` (1 to
+/// 16) of the group's values for token `k` at `ptrs[k]`.
+#[derive(Clone, Copy)]
+struct TileOut<const N: usize> {
+    ptrs: [*mut f32; N],
+    cols: usize,
+}
+
+impl<const N: usize> TileOut<N> {
+    /// # Safety
+    /// Each pointer is valid for writing `cols` f32 values, which nothing else reads or
+    /// writes until the `TileOut` and its copies are gone.
+    unsafe fn new(ptrs: [*mut f32; N], cols: usize) -> Self {
+        debug_assert!((1..=GROUP).contains(&cols));
+        Self { ptrs, cols }
+    }
+
+    /// Writes the first `cols` of `values` for token `k`.
+    fn write(&self, k: usize, values: &[f32; GROUP]) {
+        // SAFETY: `new`'s contract; `cols <= GROUP`.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptrs[k], self.cols) }
+    }
+}
+
+/// The 16 outputs of one group for each of `N` tokens, on `isa`, written to `out`.
 fn group_dots<const N: usize>(
     kind: QuantKind,
     group: &[u8],
     xs: &[ActivationRow; N],
+    out: TileOut<N>,
     isa: Isa,
-) -> [[f32; GROUP]; N] {
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        return avx512::group_dots(kind, group, xs, out, isa);
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2Fma {
-        return x86::group_dots(kind, group, xs, isa);
+        return x86::group_dots(kind, group, xs, out, isa);
     }
     let _ = isa;
-    std::array::from_fn(|k| group_dot_portable(kind, group, xs[k]))
+    for (k, x) in xs.iter().enumerate() {
+        out.write(k, &group_dot_portable(kind, group, *x));
+    }
 }
 
 /// The portable path: per block, the exact integer sums of each row, then the same f32

@@ -1,66 +1,80 @@
-//! The x86-64 paths of the quantized group dot product: AVX2 (`pmaddwd`) and AVX-512
-//! VNNI (`vpdpwssd` on 256-bit vectors). Weight codes are widened to i16 and multiplied
-//! by i16 activation codes; both paths compute the same exact i32 block sums, then the f32
-//! chain of the portable path lane by lane: lane `r` of every f32 vector is row `r` of the
-//! group.
+//! The AVX2 path of the quantized group dot product (`pmaddwd`). Weight codes are
+//! widened to i16 and multiplied by i16 activation codes; it computes the same exact
+//! i32 block sums as every path, then the f32 chain of the portable path lane by lane.
 //!
-//! Layout read here (see `super::pack`): per group-block, the f16 header (`U4`: d[8],
-//! m[8]; `S8`: d[8]; `U8`: d_lo[8], d_hi[8], m_lo[8], m_hi[8]) and the codes: 32-byte
-//! chunks whose bytes `4r..4r+4` are four consecutive codes of row `r`. Widened, the low
-//! 16 bytes (rows 0-3) and the high 16 (rows 4-7) each give 16 i16; `pmaddwd` against the
-//! 4 activation codes broadcast leaves each row's sum in two adjacent i32 lanes, and one
-//! `phaddd` plus a lane permute per block puts row `r`'s sum in lane `r`. The kernels
-//! take a tile of `N` tokens: each chunk of codes is widened once and multiplied by the
-//! activations of every token of the tile (the widening costs about as much as the
-//! products, so a tile of 4 roughly halves a batch's work).
+//! Layout read here (see `super::pack`): per group-block, the f16 header (vectors of 16
+//! values: `U4`: d, m; `S8`: d; `U8`: d_lo, d_hi, m_lo, m_hi) and the codes: 64-byte
+//! chunks whose bytes `4r..4r+4` are four consecutive codes of row `r`. A group is
+//! computed as two halves of 8 rows (32 bytes of each chunk, 8 values of each header
+//! vector); lane `r` of every f32 vector is row `8h + r`. Widened, the low 16 bytes of
+//! a half chunk (rows 0-3) and the high 16 (rows 4-7) each give 16 i16; `pmaddwd`
+//! against the 4 activation codes broadcast leaves each row's sum in two adjacent i32
+//! lanes, and one `phaddd` plus a lane permute per block puts row `r`'s sum in lane
+//! `r`. The kernels take a tile of `N` tokens: each chunk of codes is widened once and
+//! multiplied by the activations of every token of the tile (the widening costs about
+//! as much as the products, so a tile of 4 roughly halves a batch's work).
 use super::activation::ActivationRow;
-use super::{QuantKind, BLOCK, GROUP};
+use super::{QuantKind, TileOut, BLOCK, CHUNK, GROUP};
 use crate::simd::Isa;
 use std::arch::x86_64::*;
 
-/// The 8 outputs of one group for each of `N` tokens: the weight codes of a block are
-/// widened once and used for every token of the tile.
+/// Rows per half group.
+const HALF: usize = GROUP / 2;
+
+/// The 16 outputs of one group for each of `N` tokens, written to `out`: the weight
+/// codes of a block are widened once and used for every token of the tile.
 pub(super) fn group_dots<const N: usize>(
     kind: QuantKind,
     group: &[u8],
     xs: &[ActivationRow; N],
+    out: TileOut<N>,
     isa: Isa,
-) -> [[f32; GROUP]; N] {
-    assert!(isa >= Isa::Avx2Fma, "x86 paths need AVX2");
+) {
+    assert!(isa >= Isa::Avx2Fma, "the AVX2 path needs AVX2");
     let blocks = group.len() / kind.group_block_bytes();
     for x in xs {
         assert!(x.qs.len() >= blocks * BLOCK && x.scales.len() >= blocks && x.sums.len() >= blocks);
     }
-    let mut out = [[0f32; GROUP]; N];
-    let vnni = isa >= Isa::Avx512Vnni;
     // SAFETY: `isa` is at most what this CPU has (`Isa`'s invariant), so the features
     // each function enables are present; the group holds `blocks` whole group-blocks and
-    // every row of `xs` at least `blocks` blocks (checked above).
+    // every row of `xs` at least `blocks` blocks (checked above); `out` is valid for its
+    // columns (`TileOut`'s contract).
     unsafe {
-        match (kind, vnni) {
-            (QuantKind::U4, false) => u4_avx2(group, xs, &mut out),
-            (QuantKind::U4, true) => u4_vnni(group, xs, &mut out),
-            (QuantKind::S8, false) => s8_avx2(group, xs, &mut out),
-            (QuantKind::S8, true) => s8_vnni(group, xs, &mut out),
-            (QuantKind::U8, false) => u8_avx2(group, xs, &mut out),
-            (QuantKind::U8, true) => u8_vnni(group, xs, &mut out),
+        for h in 0..2 {
+            match kind {
+                QuantKind::U4 => u4_avx2(group, xs, h, out),
+                QuantKind::S8 => s8_avx2(group, xs, h, out),
+                QuantKind::U8 => u8_avx2(group, xs, h, out),
+            }
         }
     }
-    out
+}
+
+/// Stores each token's 8 lanes as columns `8h..8h + 8`, those below `out.cols`.
+///
+/// # Safety
+/// AVX is present; `out` is valid for its columns (`TileOut`'s contract).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store<const N: usize>(out: TileOut<N>, h: usize, acc: &[__m256; N]) {
+    let n = out.cols.saturating_sub(HALF * h).min(HALF);
+    for (ptr, a) in out.ptrs.iter().zip(acc) {
+        let dst = ptr.add(HALF * h);
+        if n == HALF {
+            _mm256_storeu_ps(dst, *a);
+        } else if n > 0 {
+            let mut lanes = [0f32; HALF];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
+        }
+    }
 }
 
 /// `acc + (pairwise sums of w * x)`, per 32-bit lane (i16 inputs).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
     _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
-}
-
-/// The same sums with one VNNI instruction.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpwssd_epi32(acc, w, x)
 }
 
 /// Activation codes `4k..4k+4` of a block (four i16), broadcast to every 64-bit lane.
@@ -107,142 +121,142 @@ unsafe fn row_sums(a: __m256i, b: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_permute4x64_epi64::<0b11_01_10_00>(h))
 }
 
-macro_rules! group_kernels {
-    ($features:literal, $dot:ident, $u4:ident, $s8:ident, $u8:ident) => {
-        /// `U4`: per block, codes from 4 chunks (low nibbles: codes 4c.., high: 16+4c..).
-        ///
-        /// # Safety
-        /// The enabled features are present; `group` is whole group-blocks and each row
-        /// of `xs` has at least as many blocks.
-        #[target_feature(enable = $features)]
-        unsafe fn $u4<const N: usize>(
-            group: &[u8],
-            xs: &[ActivationRow; N],
-            out: &mut [[f32; GROUP]; N],
-        ) {
-            let mask = _mm256_set1_epi8(0x0F);
-            let zero = _mm256_setzero_si256();
-            let mut acc = [_mm256_setzero_ps(); N];
-            let gbb = QuantKind::U4.group_block_bytes();
-            for (b, blk) in group.chunks_exact(gbb).enumerate() {
-                let p = blk.as_ptr();
-                let (mut sa, mut sb) = ([zero; N], [zero; N]);
-                for c in 0..4 {
-                    let v = _mm256_loadu_si256(p.add(32 + 32 * c) as *const __m256i);
-                    let (lo_a, lo_b) = widen_u8(_mm256_and_si256(v, mask));
-                    let (hi_a, hi_b) = widen_u8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask));
-                    for k in 0..N {
-                        let xq = xs[k].qs.as_ptr().add(b * BLOCK);
-                        let (xl, xh) = (x4(xq, c), x4(xq, 4 + c));
-                        sa[k] = $dot($dot(sa[k], lo_a, xl), hi_a, xh);
-                        sb[k] = $dot($dot(sb[k], lo_b, xl), hi_b, xh);
-                    }
-                }
-                let (d, m) = (f16x8(p), f16x8(p.add(16)));
-                for k in 0..N {
-                    let s = xs[k].sums.get_unchecked(b);
-                    let t = _mm256_mul_ps(d, row_sums(sa[k], sb[k]));
-                    let t = _mm256_fnmadd_ps(m, _mm256_set1_ps(s.all), t);
-                    let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
-                    acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
-                }
-            }
-            for k in 0..N {
-                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
-            }
-        }
-
-        /// `S8`: signed codes.
-        ///
-        /// # Safety
-        /// As for the `U4` kernel.
-        #[target_feature(enable = $features)]
-        unsafe fn $s8<const N: usize>(
-            group: &[u8],
-            xs: &[ActivationRow; N],
-            out: &mut [[f32; GROUP]; N],
-        ) {
-            let zero = _mm256_setzero_si256();
-            let mut acc = [_mm256_setzero_ps(); N];
-            let gbb = QuantKind::S8.group_block_bytes();
-            for (b, blk) in group.chunks_exact(gbb).enumerate() {
-                let p = blk.as_ptr();
-                let (mut sa, mut sb) = ([zero; N], [zero; N]);
-                for j in 0..8 {
-                    let w = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
-                    let (wa, wb) = widen_i8(w);
-                    for k in 0..N {
-                        let xj = x4(xs[k].qs.as_ptr().add(b * BLOCK), j);
-                        sa[k] = $dot(sa[k], wa, xj);
-                        sb[k] = $dot(sb[k], wb, xj);
-                    }
-                }
-                let d = f16x8(p);
-                for k in 0..N {
-                    let t = _mm256_mul_ps(d, row_sums(sa[k], sb[k]));
-                    let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
-                    acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
-                }
-            }
-            for k in 0..N {
-                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
-            }
-        }
-
-        /// `U8`: byte codes, (d, m) per half of 16 values.
-        ///
-        /// # Safety
-        /// As for the `U4` kernel.
-        #[target_feature(enable = $features)]
-        unsafe fn $u8<const N: usize>(
-            group: &[u8],
-            xs: &[ActivationRow; N],
-            out: &mut [[f32; GROUP]; N],
-        ) {
-            let zero = _mm256_setzero_si256();
-            let mut acc = [_mm256_setzero_ps(); N];
-            let gbb = QuantKind::U8.group_block_bytes();
-            for (b, blk) in group.chunks_exact(gbb).enumerate() {
-                let p = blk.as_ptr();
-                let (mut lo_a, mut lo_b) = ([zero; N], [zero; N]);
-                let (mut hi_a, mut hi_b) = ([zero; N], [zero; N]);
-                for j in 0..4 {
-                    let w_lo = _mm256_loadu_si256(p.add(64 + 32 * j) as *const __m256i);
-                    let w_hi = _mm256_loadu_si256(p.add(64 + 32 * (4 + j)) as *const __m256i);
-                    let ((la, lb), (ha, hb)) = (widen_u8(w_lo), widen_u8(w_hi));
-                    for k in 0..N {
-                        let xq = xs[k].qs.as_ptr().add(b * BLOCK);
-                        let (xl, xh) = (x4(xq, j), x4(xq, 4 + j));
-                        lo_a[k] = $dot(lo_a[k], la, xl);
-                        lo_b[k] = $dot(lo_b[k], lb, xl);
-                        hi_a[k] = $dot(hi_a[k], ha, xh);
-                        hi_b[k] = $dot(hi_b[k], hb, xh);
-                    }
-                }
-                let (d_lo, d_hi) = (f16x8(p), f16x8(p.add(16)));
-                let (m_lo, m_hi) = (f16x8(p.add(32)), f16x8(p.add(48)));
-                for k in 0..N {
-                    let s = xs[k].sums.get_unchecked(b);
-                    let t = _mm256_mul_ps(d_lo, row_sums(lo_a[k], lo_b[k]));
-                    let t = _mm256_fnmadd_ps(m_lo, _mm256_set1_ps(s.lo), t);
-                    let t = _mm256_fmadd_ps(d_hi, row_sums(hi_a[k], hi_b[k]), t);
-                    let t = _mm256_fnmadd_ps(m_hi, _mm256_set1_ps(s.hi), t);
-                    let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
-                    acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
-                }
-            }
-            for k in 0..N {
-                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
-            }
-        }
-    };
+/// Eight f16 values of header vector `v` (16 values each) for half `h` of the group.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn header(p: *const u8, v: usize, h: usize) -> __m256 {
+    f16x8(p.add(2 * (GROUP * v + HALF * h)))
 }
 
-group_kernels!("avx2,fma,f16c", dot_avx2, u4_avx2, s8_avx2, u8_avx2);
-group_kernels!(
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    dot_vnni,
-    u4_vnni,
-    s8_vnni,
-    u8_vnni
-);
+/// Half `h` (32 bytes) of chunk `c` of the codes that start at `codes`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn half_chunk(codes: *const u8, c: usize, h: usize) -> __m256i {
+    _mm256_loadu_si256(codes.add(CHUNK * c + 32 * h) as *const __m256i)
+}
+
+/// `U4`: per block, codes from 4 chunks (low nibbles: codes 4c.., high: 16+4c..), for
+/// rows `8h..8h + 8`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are present; `group` is whole group-blocks, each row of `xs` has
+/// at least as many blocks, and `out` is valid for its columns.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn u4_avx2<const N: usize>(
+    group: &[u8],
+    xs: &[ActivationRow; N],
+    h: usize,
+    out: TileOut<N>,
+) {
+    let mask = _mm256_set1_epi8(0x0F);
+    let zero = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_ps(); N];
+    let gbb = QuantKind::U4.group_block_bytes();
+    for (b, blk) in group.chunks_exact(gbb).enumerate() {
+        let p = blk.as_ptr();
+        let codes = p.add(QuantKind::U4.header_bytes());
+        let (mut sa, mut sb) = ([zero; N], [zero; N]);
+        for c in 0..4 {
+            let v = half_chunk(codes, c, h);
+            let (lo_a, lo_b) = widen_u8(_mm256_and_si256(v, mask));
+            let (hi_a, hi_b) = widen_u8(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask));
+            for k in 0..N {
+                let xq = xs[k].qs.as_ptr().add(b * BLOCK);
+                let (xl, xh) = (x4(xq, c), x4(xq, 4 + c));
+                sa[k] = dot(dot(sa[k], lo_a, xl), hi_a, xh);
+                sb[k] = dot(dot(sb[k], lo_b, xl), hi_b, xh);
+            }
+        }
+        let (d, m) = (header(p, 0, h), header(p, 1, h));
+        for k in 0..N {
+            let s = xs[k].sums.get_unchecked(b);
+            let t = _mm256_mul_ps(d, row_sums(sa[k], sb[k]));
+            let t = _mm256_fnmadd_ps(m, _mm256_set1_ps(s.all), t);
+            let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
+            acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
+        }
+    }
+    store(out, h, &acc);
+}
+
+/// `S8`: signed codes, for rows `8h..8h + 8`.
+///
+/// # Safety
+/// As for [`u4_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn s8_avx2<const N: usize>(
+    group: &[u8],
+    xs: &[ActivationRow; N],
+    h: usize,
+    out: TileOut<N>,
+) {
+    let zero = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_ps(); N];
+    let gbb = QuantKind::S8.group_block_bytes();
+    for (b, blk) in group.chunks_exact(gbb).enumerate() {
+        let p = blk.as_ptr();
+        let codes = p.add(QuantKind::S8.header_bytes());
+        let (mut sa, mut sb) = ([zero; N], [zero; N]);
+        for j in 0..8 {
+            let (wa, wb) = widen_i8(half_chunk(codes, j, h));
+            for k in 0..N {
+                let xj = x4(xs[k].qs.as_ptr().add(b * BLOCK), j);
+                sa[k] = dot(sa[k], wa, xj);
+                sb[k] = dot(sb[k], wb, xj);
+            }
+        }
+        let d = header(p, 0, h);
+        for k in 0..N {
+            let t = _mm256_mul_ps(d, row_sums(sa[k], sb[k]));
+            let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
+            acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
+        }
+    }
+    store(out, h, &acc);
+}
+
+/// `U8`: byte codes, (d, m) per half of 16 values, for rows `8h..8h + 8`.
+///
+/// # Safety
+/// As for [`u4_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn u8_avx2<const N: usize>(
+    group: &[u8],
+    xs: &[ActivationRow; N],
+    h: usize,
+    out: TileOut<N>,
+) {
+    let zero = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_ps(); N];
+    let gbb = QuantKind::U8.group_block_bytes();
+    for (b, blk) in group.chunks_exact(gbb).enumerate() {
+        let p = blk.as_ptr();
+        let codes = p.add(QuantKind::U8.header_bytes());
+        let (mut lo_a, mut lo_b) = ([zero; N], [zero; N]);
+        let (mut hi_a, mut hi_b) = ([zero; N], [zero; N]);
+        for j in 0..4 {
+            let (la, lb) = widen_u8(half_chunk(codes, j, h));
+            let (ha, hb) = widen_u8(half_chunk(codes, 4 + j, h));
+            for k in 0..N {
+                let xq = xs[k].qs.as_ptr().add(b * BLOCK);
+                let (xl, xh) = (x4(xq, j), x4(xq, 4 + j));
+                lo_a[k] = dot(lo_a[k], la, xl);
+                lo_b[k] = dot(lo_b[k], lb, xl);
+                hi_a[k] = dot(hi_a[k], ha, xh);
+                hi_b[k] = dot(hi_b[k], hb, xh);
+            }
+        }
+        let (d_lo, d_hi) = (header(p, 0, h), header(p, 1, h));
+        let (m_lo, m_hi) = (header(p, 2, h), header(p, 3, h));
+        for k in 0..N {
+            let s = xs[k].sums.get_unchecked(b);
+            let t = _mm256_mul_ps(d_lo, row_sums(lo_a[k], lo_b[k]));
+            let t = _mm256_fnmadd_ps(m_lo, _mm256_set1_ps(s.lo), t);
+            let t = _mm256_fmadd_ps(d_hi, row_sums(hi_a[k], hi_b[k]), t);
+            let t = _mm256_fnmadd_ps(m_hi, _mm256_set1_ps(s.hi), t);
+            let xscale = _mm256_set1_ps(*xs[k].scales.get_unchecked(b));
+            acc[k] = _mm256_fmadd_ps(xscale, t, acc[k]);
+        }
+    }
+    store(out, h, &acc);
+}

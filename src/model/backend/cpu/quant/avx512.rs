@@ -26,7 +26,12 @@ pub(super) fn group_dots<const N: usize>(
     isa: Isa,
 ) {
     assert!(isa >= Isa::Avx512Vnni, "the VNNI path needs AVX-512 VNNI");
-    let blocks = group.len() / kind.group_block_bytes();
+    let blocks = xs[0].scales.len();
+    assert_eq!(
+        group.len(),
+        kind.group_bytes(blocks),
+        "a group of {blocks} blocks"
+    );
     for x in xs {
         let codes = blocks * BLOCK;
         assert!(x.lo.len() >= codes && x.hi.len() >= codes);
@@ -38,9 +43,9 @@ pub(super) fn group_dots<const N: usize>(
     // columns (`TileOut`'s contract).
     unsafe {
         match kind {
-            QuantKind::U4 => u4(group, xs, out),
-            QuantKind::S8 => s8(group, xs, out),
-            QuantKind::U8 => u8(group, xs, out),
+            QuantKind::U4 | QuantKind::K4 => u4(kind, group, blocks, xs, out),
+            QuantKind::S8 => s8(group, blocks, xs, out),
+            QuantKind::U8 => u8(group, blocks, xs, out),
         }
     }
 }
@@ -70,6 +75,13 @@ unsafe fn x4(bytes: *const i8, j: usize) -> __m512i {
 #[inline]
 unsafe fn header(p: *const u8, v: usize) -> __m512 {
     _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * GROUP * v) as *const __m256i))
+}
+
+/// Sixteen bytes at `p` as f32 lanes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn bytes_f32(p: *const u8) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)))
 }
 
 /// Chunk `c` of the codes that start at `codes`.
@@ -107,26 +119,39 @@ unsafe fn bytes_of(x: &ActivationRow, b: usize) -> (*const i8, *const i8) {
     (x.lo.as_ptr().add(b * BLOCK), x.hi.as_ptr().add(b * BLOCK))
 }
 
-/// `U4`: chunk `c`'s low nibbles are codes `4c..4c+4`, its high nibbles `16+4c..`.
+/// `U4` and `K4`: chunk `c`'s low nibbles are codes `4c..4c+4`, its high nibbles `16+4c..`.
 ///
 /// # Safety
 /// AVX-512 F/BW/VNNI, AVX2, FMA and F16C are present; `group` is whole group-blocks,
 /// each row of `xs` has at least as many blocks, and `out` is valid for its columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn u4<const N: usize>(group: &[u8], xs: &[ActivationRow; N], out: TileOut<N>) {
+unsafe fn u4<const N: usize>(
+    kind: QuantKind,
+    group: &[u8],
+    blocks: usize,
+    xs: &[ActivationRow; N],
+    out: TileOut<N>,
+) {
     let mask = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); N];
-    let gbb = QuantKind::U4.group_block_bytes();
-    for (b, blk) in group.chunks_exact(gbb).enumerate() {
-        let p = blk.as_ptr();
-        let codes = p.add(QuantKind::U4.header_bytes());
+    for b in 0..blocks {
+        let p = group.as_ptr().add(kind.block_offset(b));
+        let codes = p.add(kind.header_bytes());
         let mut w = [_mm512_setzero_si512(); 8];
         for c in 0..4 {
             let v = chunk(codes, c);
             w[c] = _mm512_and_si512(v, mask);
             w[4 + c] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
         }
-        let (d, m) = (header(p, 0), header(p, 1));
+        let (d, m) = match kind {
+            QuantKind::K4 => {
+                // Exact: an f16 times a 6-bit integer.
+                let sup = group.as_ptr().add(kind.super_offset(b));
+                let d = _mm512_mul_ps(header(sup, 0), bytes_f32(p));
+                (d, _mm512_mul_ps(header(sup, 1), bytes_f32(p.add(GROUP))))
+            }
+            _ => (header(p, 0), header(p, 1)),
+        };
         for k in 0..N {
             let (lo, hi) = bytes_of(&xs[k], b);
             let s = xs[k].sums.get_unchecked(b);
@@ -144,12 +169,16 @@ unsafe fn u4<const N: usize>(group: &[u8], xs: &[ActivationRow; N], out: TileOut
 /// # Safety
 /// As for [`u4`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn s8<const N: usize>(group: &[u8], xs: &[ActivationRow; N], out: TileOut<N>) {
+unsafe fn s8<const N: usize>(
+    group: &[u8],
+    blocks: usize,
+    xs: &[ActivationRow; N],
+    out: TileOut<N>,
+) {
     let flip = _mm512_set1_epi8(i8::MIN);
     let mut acc = [_mm512_setzero_ps(); N];
-    let gbb = QuantKind::S8.group_block_bytes();
-    for (b, blk) in group.chunks_exact(gbb).enumerate() {
-        let p = blk.as_ptr();
+    for b in 0..blocks {
+        let p = group.as_ptr().add(QuantKind::S8.block_offset(b));
         let codes = p.add(QuantKind::S8.header_bytes());
         let mut w = [_mm512_setzero_si512(); 8];
         for (j, wj) in w.iter_mut().enumerate() {
@@ -174,11 +203,15 @@ unsafe fn s8<const N: usize>(group: &[u8], xs: &[ActivationRow; N], out: TileOut
 /// # Safety
 /// As for [`u4`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn u8<const N: usize>(group: &[u8], xs: &[ActivationRow; N], out: TileOut<N>) {
+unsafe fn u8<const N: usize>(
+    group: &[u8],
+    blocks: usize,
+    xs: &[ActivationRow; N],
+    out: TileOut<N>,
+) {
     let mut acc = [_mm512_setzero_ps(); N];
-    let gbb = QuantKind::U8.group_block_bytes();
-    for (b, blk) in group.chunks_exact(gbb).enumerate() {
-        let p = blk.as_ptr();
+    for b in 0..blocks {
+        let p = group.as_ptr().add(QuantKind::U8.block_offset(b));
         let codes = p.add(QuantKind::U8.header_bytes());
         let mut w = [_mm512_setzero_si512(); 8];
         for (j, wj) in w.iter_mut().enumerate() {

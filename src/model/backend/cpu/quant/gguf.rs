@@ -27,7 +27,8 @@ pub struct DecodedBlock {
 /// The CPU kind a GGUF type is decoded into, or `None` if it is not one we compute on.
 pub fn kind_of(dtype: GgmlDType) -> Option<QuantKind> {
     match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Some(QuantKind::U4),
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 => Some(QuantKind::U4),
+        GgmlDType::Q4K => Some(QuantKind::K4),
         GgmlDType::Q8_0 => Some(QuantKind::S8),
         GgmlDType::Q5K | GgmlDType::Q6K => Some(QuantKind::U8),
         _ => None,
@@ -101,6 +102,33 @@ fn k_scale(b: &[u8], j: usize) -> (f32, f32) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
     let (sc, m) = scale_min_k4(j, &b[4..16]);
     (d * sc as f32, dmin * m as f32)
+}
+
+/// The scales of one Q4_K super-block as the file holds them: block `j`'s are
+/// `d * sc[j]` and `dmin * m[j]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct K4Scales {
+    pub d: f32,
+    pub dmin: f32,
+    pub sc: [u8; 8],
+    pub m: [u8; 8],
+}
+
+/// The super-block scales of a row of Q4_K blocks.
+pub fn q4k_scales(row: &[u8]) -> Vec<K4Scales> {
+    row.chunks_exact(GgmlDType::Q4K.type_size())
+        .map(|b| {
+            let mut s = K4Scales {
+                d: f16_at(b, 0),
+                dmin: f16_at(b, 2),
+                ..K4Scales::default()
+            };
+            for j in 0..8 {
+                (s.sc[j], s.m[j]) = scale_min_k4(j, &b[4..16]);
+            }
+            s
+        })
+        .collect()
 }
 
 /// Q4_K: 256 values; per 64, 32 bytes whose low nibbles are sub-block 2c and high

@@ -3,8 +3,8 @@
 //! block of 32 to i16 ([`activation`]), and each output element is a sum over blocks of
 //! integer dot products scaled in f32.
 //!
-//! At load a GGUF row of Q4_0, Q4_1, Q4_K (kind `U4`, 4-bit codes), Q8_0 (`S8`), Q5_K or
-//! Q6_K (`U8`, one byte per code) is decoded ([`gguf`]) and repacked with 16 rows
+//! At load a GGUF row of Q4_0, Q4_1 (kind `U4`, 4-bit codes), Q4_K (`K4`, 4-bit codes
+//! under integer scales), Q8_0 (`S8`), Q5_K or Q6_K (`U8`, one byte per code) is decoded ([`gguf`]) and repacked with 16 rows
 //! interleaved per block of 32 values: for each group of 16 rows and each block, the 16
 //! rows' scales (f16), then their codes in 64-byte chunks whose 32-bit lane `r` holds 4
 //! consecutive codes of row `r`. AVX-512 VNNI multiplies a chunk as it is by 4
@@ -19,9 +19,11 @@
 //!   over the blocks in order (`t = d*isum - m*xsum` per half, `acc += xs * t`, with
 //!   fused multiply-adds), the same in the portable and every SIMD path. So a token's
 //!   result is bit-identical whatever else is in the batch and whichever path ran.
-//! - Scales are stored as f16: exact for Q4_0, Q4_1, Q8_0 (f16 in the file too); the
-//!   k-quants' per-block products `d * sc` and `dmin * m` are rounded once to f16
-//!   (relative 2^-11 each: at most about 1% of a 4-bit quantization step).
+//! - Scales are exact for Q4_0, Q4_1, Q8_0 (f16 as in the file) and Q4_K (kind `K4`: its
+//!   6-bit integer scales per block and f16 super-block scales as in the file, their
+//!   products `d * sc` and `dmin * m` exact in f32, as ggml computes them); the other
+//!   k-quants' products are rounded once to f16 (relative 2^-11 each: at most about 1%
+//!   of a quantization step).
 //! - Rows past `out` (padding to a group of 16) have zero scales and are never written out.
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
@@ -48,11 +50,19 @@ const CHUNK: usize = 4 * GROUP;
 /// Tokens per tile of the SIMD kernels: each weight block is unpacked once per tile.
 const TILE: usize = 4;
 
+/// Blocks per k-quant super-block.
+const SUPER: usize = 8;
+
 /// How the codes of a block are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantKind {
-    /// 4-bit unsigned codes, one (d, m) per block: Q4_0, Q4_1, Q4_K.
+    /// 4-bit unsigned codes, one (d, m) per block in f16: Q4_0, Q4_1.
     U4,
+    /// 4-bit unsigned codes as `U4`, with one u8 (sc, m) per block and one f16
+    /// (d, dmin) per super-block of 8 blocks, the block's scales being `d * sc` and
+    /// `dmin * m`: Q4_K. The super-block header (`d[16]`, `dmin[16]`) precedes each
+    /// run of 8 group-blocks.
+    K4,
     /// i8 codes, one d per block: Q8_0.
     S8,
     /// Unsigned codes up to 63 in a byte, (d, m) per half block: Q5_K, Q6_K.
@@ -64,6 +74,7 @@ impl QuantKind {
     fn header_bytes(self) -> usize {
         match self {
             Self::U4 => 2 * GROUP * 2,
+            Self::K4 => 2 * GROUP,
             Self::S8 => GROUP * 2,
             Self::U8 => 4 * GROUP * 2,
         }
@@ -72,10 +83,37 @@ impl QuantKind {
     /// Bytes of one group-block: the header and the codes of 16 rows x 32 values.
     pub fn group_block_bytes(self) -> usize {
         let codes = match self {
-            Self::U4 => GROUP * BLOCK / 2,
+            Self::U4 | Self::K4 => GROUP * BLOCK / 2,
             Self::S8 | Self::U8 => GROUP * BLOCK,
         };
         self.header_bytes() + codes
+    }
+
+    /// Bytes of the header before each super-block's group-blocks (`K4` only).
+    fn super_header_bytes(self) -> usize {
+        match self {
+            Self::K4 => 2 * GROUP * 2,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of a group of `blocks` blocks per row (`K4`: a multiple of 8).
+    fn group_bytes(self, blocks: usize) -> usize {
+        blocks * self.group_block_bytes() + blocks / SUPER * self.super_header_bytes()
+    }
+
+    /// Where group-block `b` starts in its group.
+    fn block_offset(self, b: usize) -> usize {
+        let supers = match self {
+            Self::K4 => b / SUPER + 1,
+            _ => 0,
+        };
+        b * self.group_block_bytes() + supers * self.super_header_bytes()
+    }
+
+    /// Where the super-block header of group-block `b` starts in its group (`K4`).
+    fn super_offset(self, b: usize) -> usize {
+        b / SUPER * (SUPER * self.group_block_bytes() + self.super_header_bytes())
     }
 }
 
@@ -85,7 +123,7 @@ pub struct QuantWeight {
     source: GgmlDType,
     out: usize,
     inp: usize,
-    /// `ceil(out / 8)` groups of `inp / 32` group-blocks.
+    /// `ceil(out / 16)` groups of `inp / 32` group-blocks (and super-block headers).
     data: Vec<u8>,
 }
 
@@ -96,20 +134,24 @@ impl QuantWeight {
             return Ok(None);
         };
         let (out, inp) = (rows.rows, rows.cols);
-        if !inp.is_multiple_of(BLOCK) {
+        if !inp.is_multiple_of(rows.dtype.block_size()) || !inp.is_multiple_of(BLOCK) {
             bail!("{out}x{inp} {:?}: rows are not whole blocks", rows.dtype);
         }
         let blocks = inp / BLOCK;
         let gbb = kind.group_block_bytes();
-        let groups = out.div_ceil(GROUP);
-        let mut data = vec![0u8; groups * blocks * gbb];
+        let group_bytes = kind.group_bytes(blocks);
+        let mut data = vec![0u8; out.div_ceil(GROUP) * group_bytes];
         let mut decoded = Vec::with_capacity(blocks);
         for r in 0..out {
             gguf::decode_row(rows.dtype, rows.row(r), &mut decoded)
                 .with_context(|| format!("row {r}"))?;
-            let group = &mut data[r / GROUP * blocks * gbb..(r / GROUP + 1) * blocks * gbb];
+            let group = &mut data[r / GROUP * group_bytes..(r / GROUP + 1) * group_bytes];
             for (b, block) in decoded.iter().enumerate() {
-                pack(kind, r % GROUP, block, &mut group[b * gbb..(b + 1) * gbb]);
+                let at = kind.block_offset(b);
+                pack(kind, r % GROUP, block, &mut group[at..at + gbb]);
+            }
+            if kind == QuantKind::K4 {
+                pack_k4_scales(r % GROUP, &gguf::q4k_scales(rows.row(r)), group);
             }
         }
         Ok(Some(Self {
@@ -157,7 +199,7 @@ impl QuantWeight {
         }
         let acts = QuantizedActivations::quantize(x, self.inp);
         let groups = self.out.div_ceil(GROUP);
-        let group_bytes = self.inp / BLOCK * self.kind.group_block_bytes();
+        let group_bytes = self.kind.group_bytes(self.inp / BLOCK);
         let y_ptr = SharedMutPtr::new(&mut y);
         let min_len = (groups / (4 * rayon::current_num_threads())).max(1);
         (0..groups)
@@ -187,11 +229,10 @@ impl QuantWeight {
 
     /// The values of row `r` (for embedding lookups and tests), as the kernels see them.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let gbb = self.kind.group_block_bytes();
-        let blocks = self.inp / BLOCK;
-        let group = &self.data[r / GROUP * blocks * gbb..];
+        let group_bytes = self.kind.group_bytes(self.inp / BLOCK);
+        let group = &self.data[r / GROUP * group_bytes..(r / GROUP + 1) * group_bytes];
         for (b, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let block = unpack(self.kind, r % GROUP, &group[b * gbb..(b + 1) * gbb]);
+            let block = unpack(self.kind, r % GROUP, group, b);
             for (i, v) in chunk.iter_mut().enumerate() {
                 let code = match self.kind {
                     QuantKind::S8 => block.q[i] as i8 as f32,
@@ -216,7 +257,7 @@ fn get_f16(src: &[u8], i: usize) -> f32 {
 fn code_position(kind: QuantKind, r: usize, i: usize) -> (usize, bool) {
     match kind {
         // Chunk c holds codes 4c..4c+4 (low nibbles) and 16+4c.. (high).
-        QuantKind::U4 => {
+        QuantKind::U4 | QuantKind::K4 => {
             let (high, k) = (i >= 16, i % 16);
             (CHUNK * (k / 4) + 4 * r + k % 4, high)
         }
@@ -240,6 +281,7 @@ fn pack(kind: QuantKind, r: usize, b: &DecodedBlock, dst: &mut [u8]) {
                 put_f16(header, (2 + h) * GROUP + r, b.m[h]);
             }
         }
+        QuantKind::K4 => {} // integer scales: `pack_k4_scales`
     }
     for (i, &q) in b.q.iter().enumerate() {
         let (at, high) = code_position(kind, r, i);
@@ -247,32 +289,54 @@ fn pack(kind: QuantKind, r: usize, b: &DecodedBlock, dst: &mut [u8]) {
     }
 }
 
-/// Reads row `r` (0..16) of one group-block back.
-fn unpack(kind: QuantKind, r: usize, src: &[u8]) -> DecodedBlock {
-    let (header, codes) = src.split_at(kind.header_bytes());
-    let mut b = DecodedBlock::default();
+/// Writes row `r`'s Q4_K scales into its group: per super-block `d` and `dmin` (f16, as
+/// in the file), per block `sc` and `m` (bytes).
+fn pack_k4_scales(r: usize, scales: &[gguf::K4Scales], group: &mut [u8]) {
+    let kind = QuantKind::K4;
+    for (s, k) in scales.iter().enumerate() {
+        let at = kind.super_offset(s * SUPER);
+        put_f16(&mut group[at..], r, k.d);
+        put_f16(&mut group[at..], GROUP + r, k.dmin);
+        for j in 0..SUPER {
+            let header = &mut group[kind.block_offset(s * SUPER + j)..];
+            (header[r], header[GROUP + r]) = (k.sc[j], k.m[j]);
+        }
+    }
+}
+
+/// Reads row `r` (0..16) of group-block `b` of `group` back.
+fn unpack(kind: QuantKind, r: usize, group: &[u8], b: usize) -> DecodedBlock {
+    let at = kind.block_offset(b);
+    let (header, codes) = group[at..at + kind.group_block_bytes()].split_at(kind.header_bytes());
+    let mut out = DecodedBlock::default();
     match kind {
         QuantKind::U4 => {
-            b.d = [get_f16(header, r); 2];
-            b.m = [get_f16(header, GROUP + r); 2];
+            out.d = [get_f16(header, r); 2];
+            out.m = [get_f16(header, GROUP + r); 2];
         }
-        QuantKind::S8 => b.d = [get_f16(header, r); 2],
+        QuantKind::K4 => {
+            // Exact products (an f16 times a 6-bit integer), as every path computes them.
+            let sup = &group[kind.super_offset(b)..];
+            out.d = [get_f16(sup, r) * header[r] as f32; 2];
+            out.m = [get_f16(sup, GROUP + r) * header[GROUP + r] as f32; 2];
+        }
+        QuantKind::S8 => out.d = [get_f16(header, r); 2],
         QuantKind::U8 => {
             for h in 0..2 {
-                b.d[h] = get_f16(header, h * GROUP + r);
-                b.m[h] = get_f16(header, (2 + h) * GROUP + r);
+                out.d[h] = get_f16(header, h * GROUP + r);
+                out.m[h] = get_f16(header, (2 + h) * GROUP + r);
             }
         }
     }
-    for (i, q) in b.q.iter_mut().enumerate() {
+    for (i, q) in out.q.iter_mut().enumerate() {
         let (at, high) = code_position(kind, r, i);
         *q = match (kind, high) {
-            (QuantKind::U4, true) => codes[at] >> 4,
-            (QuantKind::U4, false) => codes[at] & 0x0F,
+            (QuantKind::U4 | QuantKind::K4, true) => codes[at] >> 4,
+            (QuantKind::U4 | QuantKind::K4, false) => codes[at] & 0x0F,
             _ => codes[at],
         };
     }
-    b
+    out
 }
 
 /// Where the outputs of one group for a tile of `N` tokens go: the first `cols` (1 to
@@ -324,13 +388,12 @@ fn group_dots<const N: usize>(
 /// The portable path: per block, the exact integer sums of each row, then the same f32
 /// chain as the SIMD paths.
 fn group_dot_portable(kind: QuantKind, group: &[u8], x: ActivationRow) -> [f32; GROUP] {
-    let gbb = kind.group_block_bytes();
     let mut acc = [0f32; GROUP];
-    for (b, block) in group.chunks_exact(gbb).enumerate() {
+    for b in 0..x.scales.len() {
         let xq = &x.qs[b * BLOCK..(b + 1) * BLOCK];
         let (xs, sums) = (x.scales[b], x.sums[b]);
         for (r, a) in acc.iter_mut().enumerate() {
-            let w = unpack(kind, r, block);
+            let w = unpack(kind, r, group, b);
             let dot = |range: std::ops::Range<usize>| -> f32 {
                 let s: i32 = range
                     .map(|i| {
@@ -344,7 +407,9 @@ fn group_dot_portable(kind: QuantKind, group: &[u8], x: ActivationRow) -> [f32; 
                 s as f32
             };
             let t = match kind {
-                QuantKind::U4 => (-w.m[0]).mul_add(sums.all, w.d[0] * dot(0..BLOCK)),
+                QuantKind::U4 | QuantKind::K4 => {
+                    (-w.m[0]).mul_add(sums.all, w.d[0] * dot(0..BLOCK))
+                }
                 QuantKind::S8 => w.d[0] * dot(0..BLOCK),
                 QuantKind::U8 => {
                     let t = (-w.m[0]).mul_add(sums.lo, w.d[0] * dot(0..16));

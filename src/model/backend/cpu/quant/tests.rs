@@ -107,11 +107,11 @@ fn repacked_rows_read_back_as_the_file_holds_them() {
         let dense = rows.dequantize().unwrap().to_vec2::<f32>().unwrap();
         let w = QuantWeight::from_block_rows(&rows).unwrap().unwrap();
         let mut row = vec![0f32; inp];
-        let exact = !matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        let exact = !matches!(dtype, GgmlDType::Q5K | GgmlDType::Q6K);
         for (o, d) in dense.iter().enumerate() {
             w.dequantize_row(o, &mut row);
-            // Exact (one f32 rounding) but for the f16 rounding of the k-quants' block
-            // scale and min: 2^-11 of each of d * q and m, each at most twice the row max.
+            // Exact (one f32 rounding) but for the f16 rounding of Q5_K's and Q6_K's
+            // block scale and min: 2^-11 of each of d * q and m, each at most twice the row max.
             let max = d.iter().fold(0f32, |a, v| a.max(v.abs()));
             let tol = if exact { 1e-6 } else { max / 512.0 };
             for (a, b) in row.iter().zip(d) {

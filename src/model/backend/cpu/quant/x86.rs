@@ -31,7 +31,12 @@ pub(super) fn group_dots<const N: usize>(
     isa: Isa,
 ) {
     assert!(isa >= Isa::Avx2Fma, "the AVX2 path needs AVX2");
-    let blocks = group.len() / kind.group_block_bytes();
+    let blocks = xs[0].scales.len();
+    assert_eq!(
+        group.len(),
+        kind.group_bytes(blocks),
+        "a group of {blocks} blocks"
+    );
     for x in xs {
         assert!(x.qs.len() >= blocks * BLOCK && x.scales.len() >= blocks && x.sums.len() >= blocks);
     }
@@ -42,9 +47,9 @@ pub(super) fn group_dots<const N: usize>(
     unsafe {
         for h in 0..2 {
             match kind {
-                QuantKind::U4 => u4_avx2(group, xs, h, out),
-                QuantKind::S8 => s8_avx2(group, xs, h, out),
-                QuantKind::U8 => u8_avx2(group, xs, h, out),
+                QuantKind::U4 | QuantKind::K4 => u4_avx2(kind, group, blocks, xs, h, out),
+                QuantKind::S8 => s8_avx2(group, blocks, xs, h, out),
+                QuantKind::U8 => u8_avx2(group, blocks, xs, h, out),
             }
         }
     }
@@ -128,6 +133,13 @@ unsafe fn header(p: *const u8, v: usize, h: usize) -> __m256 {
     f16x8(p.add(2 * (GROUP * v + HALF * h)))
 }
 
+/// Eight bytes at `p` as f32 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bytes_f32(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+}
+
 /// Half `h` (32 bytes) of chunk `c` of the codes that start at `codes`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -135,7 +147,7 @@ unsafe fn half_chunk(codes: *const u8, c: usize, h: usize) -> __m256i {
     _mm256_loadu_si256(codes.add(CHUNK * c + 32 * h) as *const __m256i)
 }
 
-/// `U4`: per block, codes from 4 chunks (low nibbles: codes 4c.., high: 16+4c..), for
+/// `U4` and `K4`: per block, codes from 4 chunks (low nibbles: codes 4c.., high: 16+4c..), for
 /// rows `8h..8h + 8`.
 ///
 /// # Safety
@@ -143,7 +155,9 @@ unsafe fn half_chunk(codes: *const u8, c: usize, h: usize) -> __m256i {
 /// at least as many blocks, and `out` is valid for its columns.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn u4_avx2<const N: usize>(
+    kind: QuantKind,
     group: &[u8],
+    blocks: usize,
     xs: &[ActivationRow; N],
     h: usize,
     out: TileOut<N>,
@@ -151,10 +165,9 @@ unsafe fn u4_avx2<const N: usize>(
     let mask = _mm256_set1_epi8(0x0F);
     let zero = _mm256_setzero_si256();
     let mut acc = [_mm256_setzero_ps(); N];
-    let gbb = QuantKind::U4.group_block_bytes();
-    for (b, blk) in group.chunks_exact(gbb).enumerate() {
-        let p = blk.as_ptr();
-        let codes = p.add(QuantKind::U4.header_bytes());
+    for b in 0..blocks {
+        let p = group.as_ptr().add(kind.block_offset(b));
+        let codes = p.add(kind.header_bytes());
         let (mut sa, mut sb) = ([zero; N], [zero; N]);
         for c in 0..4 {
             let v = half_chunk(codes, c, h);
@@ -167,7 +180,16 @@ unsafe fn u4_avx2<const N: usize>(
                 sb[k] = dot(dot(sb[k], lo_b, xl), hi_b, xh);
             }
         }
-        let (d, m) = (header(p, 0, h), header(p, 1, h));
+        let (d, m) = match kind {
+            QuantKind::K4 => {
+                // Exact: an f16 times a 6-bit integer.
+                let sup = group.as_ptr().add(kind.super_offset(b));
+                let d = _mm256_mul_ps(header(sup, 0, h), bytes_f32(p.add(HALF * h)));
+                let m = header(sup, 1, h);
+                (d, _mm256_mul_ps(m, bytes_f32(p.add(GROUP + HALF * h))))
+            }
+            _ => (header(p, 0, h), header(p, 1, h)),
+        };
         for k in 0..N {
             let s = xs[k].sums.get_unchecked(b);
             let t = _mm256_mul_ps(d, row_sums(sa[k], sb[k]));
@@ -186,15 +208,15 @@ unsafe fn u4_avx2<const N: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn s8_avx2<const N: usize>(
     group: &[u8],
+    blocks: usize,
     xs: &[ActivationRow; N],
     h: usize,
     out: TileOut<N>,
 ) {
     let zero = _mm256_setzero_si256();
     let mut acc = [_mm256_setzero_ps(); N];
-    let gbb = QuantKind::S8.group_block_bytes();
-    for (b, blk) in group.chunks_exact(gbb).enumerate() {
-        let p = blk.as_ptr();
+    for b in 0..blocks {
+        let p = group.as_ptr().add(QuantKind::S8.block_offset(b));
         let codes = p.add(QuantKind::S8.header_bytes());
         let (mut sa, mut sb) = ([zero; N], [zero; N]);
         for j in 0..8 {
@@ -222,15 +244,15 @@ unsafe fn s8_avx2<const N: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn u8_avx2<const N: usize>(
     group: &[u8],
+    blocks: usize,
     xs: &[ActivationRow; N],
     h: usize,
     out: TileOut<N>,
 ) {
     let zero = _mm256_setzero_si256();
     let mut acc = [_mm256_setzero_ps(); N];
-    let gbb = QuantKind::U8.group_block_bytes();
-    for (b, blk) in group.chunks_exact(gbb).enumerate() {
-        let p = blk.as_ptr();
+    for b in 0..blocks {
+        let p = group.as_ptr().add(QuantKind::U8.block_offset(b));
         let codes = p.add(QuantKind::U8.header_bytes());
         let (mut lo_a, mut lo_b) = ([zero; N], [zero; N]);
         let (mut hi_a, mut hi_b) = ([zero; N], [zero; N]);

@@ -99,7 +99,9 @@ fn run_mode(quick: bool, format: CpuWeightFormat) -> Option<[f64; 4]> {
         };
         let base_only: Vec<String> = vec![String::new(); streams];
         let one: Vec<String> = vec!["synth-0".into(); streams];
-        let _ = run_streams(&ep, &base_only[..1], 2).await; // warm
+        // Warm: one unmeasured round of the first case, so that its K/V blocks (fresh
+        // memory, faulted in on first write) are not charged to the first case.
+        let _ = run_streams(&ep, &base_only, max_new).await;
         let mut tps = [0.0; 4];
         for (t, adapters) in tps
             .iter_mut()

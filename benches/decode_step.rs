@@ -43,7 +43,12 @@ fn main() {
         );
         return;
     }
-    let iters = if quick { 1 } else { 20 };
+    // DECODE_STEP_ITERS=200 measures longer (e.g. to profile the steps, not the set-up).
+    let iters = match std::env::var("DECODE_STEP_ITERS") {
+        Ok(n) => n.parse().unwrap_or(20),
+        Err(_) if quick => 1,
+        Err(_) => 20,
+    };
     let rates = Rates {
         gemm: gemm_rate(if quick { 1 } else { 10 }),
         bandwidth: read_bandwidth(if quick { 1 } else { 10 }),

@@ -101,8 +101,16 @@ fn quantize_block(x: &[f32], q: &mut [i16], lo: &mut [i8], hi: &mut [i8]) -> (f3
     let scale = amax / CODE_MAX;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     for (v, q) in x.iter().zip(q.iter_mut()) {
+        let r = (v * inv + ROUNDING) - ROUNDING;
         // NaN (a non-finite row) becomes 0.
-        *q = ((v * inv + ROUNDING) - ROUNDING).clamp(-CODE_MAX, CODE_MAX) as i16;
+        let r = if r.is_nan() {
+            0.0
+        } else {
+            r.clamp(-CODE_MAX, CODE_MAX)
+        };
+        // SAFETY: `r` is an integer (or 0) within i16's range, not NaN; the unchecked
+        // conversion lets the loop vectorize where `as` would saturate element by element.
+        *q = unsafe { r.to_int_unchecked::<i32>() } as i16;
     }
     for ((q, l), h) in q.iter().zip(lo.iter_mut()).zip(hi.iter_mut()) {
         (*l, *h) = split(*q);

@@ -157,6 +157,11 @@ mod tests {
         for i in 0..64 {
             assert_eq!(256 * row.hi[i] as i32 + row.lo[i] as i32, row.qs[i] as i32);
         }
+        let mut with_nan = [0.5f32; 32];
+        with_nan[3] = f32::NAN;
+        let a = QuantizedActivations::quantize(&with_nan, 32);
+        assert_eq!(a.row(0).qs[3], 0, "a NaN value's code is 0");
+        assert_eq!(a.row(0).qs[4] as f32, CODE_MAX);
         for q in [
             -32639i16, -32638, -129, -128, -1, 0, 127, 128, 255, 256, 32639,
         ] {

@@ -13,7 +13,7 @@
 //! row `r` of the group). The kernels take a tile of `N` tokens: the codes of a block
 //! are loaded and unpacked once for every token of the tile.
 use super::activation::ActivationRow;
-use super::{QuantKind, TileOut, BLOCK, CHUNK, GROUP};
+use super::{tile_blocks, QuantKind, TileOut, BLOCK, CHUNK, GROUP};
 use crate::simd::Isa;
 use std::arch::x86_64::*;
 
@@ -26,17 +26,7 @@ pub(super) fn group_dots<const N: usize>(
     isa: Isa,
 ) {
     assert!(isa >= Isa::Avx512Vnni, "the VNNI path needs AVX-512 VNNI");
-    let blocks = xs[0].scales.len();
-    assert_eq!(
-        group.len(),
-        kind.group_bytes(blocks),
-        "a group of {blocks} blocks"
-    );
-    for x in xs {
-        let codes = blocks * BLOCK;
-        assert!(x.lo.len() >= codes && x.hi.len() >= codes);
-        assert!(x.scales.len() >= blocks && x.sums.len() >= blocks);
-    }
+    let blocks = tile_blocks(kind, group, xs);
     // SAFETY: `isa` is at most what this CPU has (`Isa`'s invariant), so the features
     // each function enables are present; the group holds `blocks` whole group-blocks and
     // every row of `xs` at least `blocks` blocks (checked above); `out` is valid for its

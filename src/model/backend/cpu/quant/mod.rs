@@ -363,6 +363,24 @@ impl<const N: usize> TileOut<N> {
     }
 }
 
+/// The blocks per row of a tile: checks that `group` is whole group-blocks for the rows
+/// of `xs` and that every row holds all of its codes (whole and split), scales and sums,
+/// which the SIMD kernels then read without bounds checks.
+fn tile_blocks<const N: usize>(kind: QuantKind, group: &[u8], xs: &[ActivationRow; N]) -> usize {
+    let blocks = xs[0].scales.len();
+    assert_eq!(
+        group.len(),
+        kind.group_bytes(blocks),
+        "a group of {blocks} blocks"
+    );
+    let codes = blocks * BLOCK;
+    for x in xs {
+        assert!(x.qs.len() >= codes && x.lo.len() >= codes && x.hi.len() >= codes);
+        assert!(x.scales.len() >= blocks && x.sums.len() >= blocks);
+    }
+    blocks
+}
+
 /// The 16 outputs of one group for each of `N` tokens, on `isa`, written to `out`.
 fn group_dots<const N: usize>(
     kind: QuantKind,

@@ -14,7 +14,7 @@
 //! multiplied by the activations of every token of the tile (the widening costs about
 //! as much as the products, so a tile of 4 roughly halves a batch's work).
 use super::activation::ActivationRow;
-use super::{QuantKind, TileOut, BLOCK, CHUNK, GROUP};
+use super::{tile_blocks, QuantKind, TileOut, BLOCK, CHUNK, GROUP};
 use crate::simd::Isa;
 use std::arch::x86_64::*;
 
@@ -31,15 +31,7 @@ pub(super) fn group_dots<const N: usize>(
     isa: Isa,
 ) {
     assert!(isa >= Isa::Avx2Fma, "the AVX2 path needs AVX2");
-    let blocks = xs[0].scales.len();
-    assert_eq!(
-        group.len(),
-        kind.group_bytes(blocks),
-        "a group of {blocks} blocks"
-    );
-    for x in xs {
-        assert!(x.qs.len() >= blocks * BLOCK && x.scales.len() >= blocks && x.sums.len() >= blocks);
-    }
+    let blocks = tile_blocks(kind, group, xs);
     // SAFETY: `isa` is at most what this CPU has (`Isa`'s invariant), so the features
     // each function enables are present; the group holds `blocks` whole group-blocks and
     // every row of `xs` at least `blocks` blocks (checked above); `out` is valid for its

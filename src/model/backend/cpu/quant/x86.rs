@@ -3,7 +3,8 @@
 //! i32 block sums as every path, then the f32 chain of the portable path lane by lane.
 //!
 //! Layout read here (see `super::pack`): per group-block, the f16 header (vectors of 16
-//! values: `U4`: d, m; `S8`: d; `U8`: d_lo, d_hi, m_lo, m_hi) and the codes: 64-byte
+//! values: `U4`: d, m; `S8`: d; `U8`: d_lo, d_hi, m_lo, m_hi; `K4`: 16 bytes sc and 16
+//! bytes m instead, times its super-block's f16 d and dmin) and the codes: 64-byte
 //! chunks whose bytes `4r..4r+4` are four consecutive codes of row `r`. A group is
 //! computed as two halves of 8 rows (32 bytes of each chunk, 8 values of each header
 //! vector); lane `r` of every f32 vector is row `8h + r`. Widened, the low 16 bytes of

@@ -88,6 +88,7 @@ fn main() {
     // 1. Cold load time.
     let r16 = dir.path().join("r16-all");
     let spec = SynthSpec {
+        kind: Default::default(),
         rank: 16,
         alpha: 32.0,
         sites: LoraSite::ALL.to_vec(),
@@ -128,6 +129,7 @@ fn main() {
     };
     for f in 0..FOLDERS.min(many) {
         let spec = SynthSpec {
+            kind: Default::default(),
             rank: [8, 16][f % 2],
             alpha: 16.0,
             sites: vec![LoraSite::Q, LoraSite::V],

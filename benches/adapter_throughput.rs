@@ -61,6 +61,7 @@ fn run_mode(quick: bool, format: CpuWeightFormat) -> Option<[f64; 4]> {
     for i in 0..streams {
         let p = dir.path().join(format!("synth-{i}"));
         let spec = SynthSpec {
+            kind: Default::default(),
             rank: 16,
             alpha: 32.0,
             sites: qkvo.clone(),
@@ -149,6 +150,7 @@ fn write_heavy_adapter(dir: &std::path::Path, base: &BaseShape, i: usize) -> usi
         _ => (32, LoraSite::ALL.to_vec(), true),
     };
     let spec = SynthSpec {
+        kind: Default::default(),
         rank,
         alpha: 2.0 * rank as f32,
         sites,

@@ -61,7 +61,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdaptersCommand {
-    /// Write synthetic PEFT LoRA adapters (seeded random weights) for a base model.
+    /// Write synthetic PEFT adapters (seeded random weights) for a base model.
     Synth {
         /// The base model (as for `serve --model`) whose shapes the adapters fit.
         #[arg(long, default_value = DEFAULT_MODEL)]
@@ -76,6 +76,9 @@ enum AdaptersCommand {
         /// Ranks, used in turn (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "16")]
         ranks: Vec<usize>,
+        /// PEFT types, used in turn (comma-separated, from lora, dora, ia3).
+        #[arg(long = "type", value_delimiter = ',', default_value = "lora")]
+        types: Vec<String>,
         /// Target modules (comma-separated, from q,k,v,o,gate,up,down).
         #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
         targets: Vec<String>,
@@ -213,6 +216,7 @@ fn main() -> Result<()> {
             count,
             prefix,
             ranks,
+            types,
             targets,
             seed,
             distinct,
@@ -223,6 +227,7 @@ fn main() -> Result<()> {
                 count,
                 prefix: &prefix,
                 ranks: &ranks,
+                types: &types,
                 distinct,
             },
             &targets,
@@ -251,6 +256,7 @@ struct AdapterSet<'a> {
     count: usize,
     prefix: &'a str,
     ranks: &'a [usize],
+    types: &'a [String],
     distinct: usize,
 }
 
@@ -265,9 +271,10 @@ fn synth_adapters(
         count,
         prefix,
         ranks,
+        types,
         distinct,
     } = set;
-    use multilora::lora::peft::LoraSite;
+    use multilora::lora::peft::{AdapterKind, LoraSite};
     use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
     let base = weights::read_config(&weights::resolve(model, None)?)?.base_shape();
     let sites = targets
@@ -285,21 +292,41 @@ fn synth_adapters(
     if !distinct.is_multiple_of(ranks.len()) {
         anyhow::bail!("--distinct must be a multiple of the number of --ranks");
     }
+    let kinds = types
+        .iter()
+        .map(|t| match t.to_lowercase().as_str() {
+            "lora" => Ok(AdapterKind::Lora),
+            "dora" => Ok(AdapterKind::Dora),
+            "ia3" => Ok(AdapterKind::Ia3),
+            other => anyhow::bail!("--type: unknown type {other:?} (lora, dora or ia3)"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if kinds.is_empty() || !distinct.is_multiple_of(kinds.len()) {
+        anyhow::bail!(
+            "--type: give one or more types; --distinct must be a multiple of their number"
+        );
+    }
     for i in 0..count {
         let rank = ranks[i % ranks.len()];
+        let kind = kinds[i % kinds.len()];
         let dir = out.join(format!("{prefix}-{i}"));
         if distinct > 0 && i >= distinct {
             link_adapter(&out.join(format!("{prefix}-{}", i % distinct)), &dir)?;
             continue;
         }
         let spec = SynthSpec {
+            kind,
             rank,
             alpha: 2.0 * rank as f32,
             sites: sites.clone(),
             seed: seed.wrapping_add(i as u64),
         };
         let bytes = write_synthetic_adapter(&dir, &base, &spec)?;
-        println!("{} rank {rank} {bytes} bytes", dir.display());
+        println!(
+            "{} {} rank {rank} {bytes} bytes",
+            dir.display(),
+            kind.name()
+        );
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! and (through the `test-support` cargo feature, which integration tests, benches and
 //! examples of this crate turn on) for the tests in `tests/`. Not part of the served
 //! program: a plain build leaves this module out.
-use crate::lora::peft::{AdapterWeights, BaseShape, LoraPair, LoraSite};
+use crate::lora::peft::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite};
 use crate::lora::values::LoraValues;
 use crate::model::backend::Backend;
 use crate::model::checkpoint::Checkpoint;
@@ -97,9 +97,11 @@ pub fn random_adapter(
         sites.iter().map(|s| s.module_name().to_string()).collect();
     target_modules.sort();
     AdapterWeights {
+        kind: AdapterKind::Lora,
         rank_max: rank,
         target_modules,
         layers,
+        scales: Vec::new(),
         bytes,
     }
 }

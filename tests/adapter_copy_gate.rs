@@ -87,6 +87,7 @@ fn server(dir: &std::path::Path) -> TestServer {
     let base = server.base_shape();
     for (i, name) in ["a", "b"].into_iter().enumerate() {
         let spec = SynthSpec {
+            kind: Default::default(),
             rank: 8,
             alpha: 16.0,
             sites: LoraSite::ALL.to_vec(),

@@ -21,6 +21,7 @@ async fn server_with_adapters(dir: &std::path::Path) -> multilora::server::Runni
     for i in 0..2 {
         let p = dir.join(format!("good-{i}"));
         let spec = SynthSpec {
+            kind: Default::default(),
             rank: 4,
             alpha: 16.0,
             sites: vec![LoraSite::Q, LoraSite::V, LoraSite::Down],
@@ -204,6 +205,7 @@ fn churn_sources(dir: &std::path::Path, n: u64) -> String {
     let base = TestServer::tiny().base_shape();
     for i in 0..n {
         let spec = SynthSpec {
+            kind: Default::default(),
             rank: 2,
             alpha: 4.0,
             sites: vec![LoraSite::Q, LoraSite::O],

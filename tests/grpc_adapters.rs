@@ -35,6 +35,7 @@ fn server(dir: &std::path::Path) -> TestServer {
     {
         let p = dir.join(format!("good-{i}"));
         let spec = SynthSpec {
+            kind: Default::default(),
             rank,
             alpha: 4.0 * rank as f32,
             sites,
@@ -49,6 +50,7 @@ fn server(dir: &std::path::Path) -> TestServer {
         &bad,
         &base,
         &SynthSpec {
+            kind: Default::default(),
             rank: 2,
             alpha: 2.0,
             sites: vec![LoraSite::Q],

@@ -53,6 +53,7 @@ fn synth(
 ) -> String {
     let p = dir.join(name);
     let spec = SynthSpec {
+        kind: Default::default(),
         rank,
         alpha: 2.0 * rank as f32,
         sites: sites.to_vec(),
@@ -395,6 +396,7 @@ async fn a_working_set_larger_than_the_active_pool_serves_correctly_with_evictio
     let one = {
         let probe = dir.path().join("probe");
         let spec = SynthSpec {
+            kind: Default::default(),
             rank: 4,
             alpha: 8.0,
             sites: vec![LoraSite::Q, LoraSite::V],

@@ -17,6 +17,7 @@ async fn ten_thousand_adapter_folders_register_without_loading() {
     let scratch = tempfile::tempdir().unwrap();
     let real = scratch.path().join("real");
     let spec = SynthSpec {
+        kind: Default::default(),
         rank: 4,
         alpha: 8.0,
         sites: vec![LoraSite::Q, LoraSite::V],

@@ -3,147 +3,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::peft_folders::*;
 use multilora::lora::peft::{
     estimate_adapter_bytes, load_peft_adapter, AdapterError, AdapterLimits, AdapterWeights,
-    BaseShape, LoraSite, CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
+    LoraSite, CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE,
 };
 use multilora::lora::values::{AdapterDType, LoraValues};
-use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use tempfile::TempDir;
-
-const SMOLLM2: BaseShape = BaseShape {
-    num_layers: 30,
-    hidden_size: 576,
-    q_out: 576,
-    kv_out: 192,
-    intermediate_size: 1536,
-};
-
-const TINY: BaseShape = BaseShape {
-    num_layers: 2,
-    hidden_size: 8,
-    q_out: 8,
-    kv_out: 4,
-    intermediate_size: 12,
-};
-
-fn fixture(name: &str) -> PathBuf {
-    let dir = common::fixture_adapter(name);
-    assert!(dir.is_dir(), "fixture folder {} is missing", dir.display());
-    dir
-}
-
-fn key(layer: usize, site: LoraSite, half: &str) -> String {
-    format!("base_model.model.{}.{half}.weight", site.module_path(layer))
-}
-
-fn values(n: usize, seed: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as f32 + 1.0) * 0.37 + seed).sin() * 0.1)
-        .collect()
-}
-
-fn tensor(shape: (usize, usize), seed: f32, dtype: DType) -> Tensor {
-    let t = Tensor::from_vec(values(shape.0 * shape.1, seed), shape, &Device::Cpu).unwrap();
-    t.to_dtype(dtype).unwrap()
-}
-
-/// The A and B tensors of one site at `rank`.
-fn pair(layer: usize, site: LoraSite, rank: usize, dtype: DType) -> Vec<(String, Tensor)> {
-    let (inp, out) = TINY.dims(site);
-    let seed = (layer * 7 + site.index()) as f32;
-    vec![
-        (key(layer, site, "lora_A"), tensor((rank, inp), seed, dtype)),
-        (
-            key(layer, site, "lora_B"),
-            tensor((out, rank), seed + 0.5, dtype),
-        ),
-    ]
-}
-
-/// Pairs for `sites` on every layer of `layers`.
-fn pairs(layers: &[usize], sites: &[LoraSite], rank: usize) -> Vec<(String, Tensor)> {
-    let mut all = Vec::new();
-    for &layer in layers {
-        for &site in sites {
-            all.extend(pair(layer, site, rank, DType::F32));
-        }
-    }
-    all
-}
-
-/// `{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}`
-/// with `extra` merged over it (a null value removes the field).
-fn config(extra: Value) -> Value {
-    let mut c = json!({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none", "use_dora": false,
-        "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
-    });
-    let map = c.as_object_mut().unwrap();
-    for (k, v) in extra.as_object().unwrap() {
-        if v.is_null() {
-            map.remove(k);
-        } else {
-            map.insert(k.clone(), v.clone());
-        }
-    }
-    c
-}
-
-fn folder(config: &Value, tensors: Vec<(String, Tensor)>) -> TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let text = serde_json::to_string_pretty(config).unwrap();
-    std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, dir.path().join(WEIGHTS_FILE)).unwrap();
-    dir
-}
-
-/// A valid q_proj+v_proj adapter at rank 4 on both tiny layers.
-fn qv_folder() -> TempDir {
-    folder(
-        &config(json!({})),
-        pairs(&[0, 1], &[LoraSite::Q, LoraSite::V], 4),
-    )
-}
-
-fn load(dir: &Path) -> Result<AdapterWeights, AdapterError> {
-    load_peft_adapter(dir, &TINY, &AdapterLimits::default(), AdapterDType::F32)
-}
-
-#[track_caller]
-fn expect_invalid(result: Result<AdapterWeights, AdapterError>, needle: &str) {
-    match result {
-        Err(AdapterError::Invalid(m)) => {
-            assert!(m.contains(needle), "{m:?} should name {needle:?}")
-        }
-        other => panic!("expected Invalid naming {needle:?}, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn expect_unsupported(result: Result<AdapterWeights, AdapterError>, needle: &str) {
-    match result {
-        Err(AdapterError::Unsupported(m)) => {
-            assert!(m.contains(needle), "{m:?} should name {needle:?}")
-        }
-        other => panic!("expected Unsupported naming {needle:?}, got {other:?}"),
-    }
-}
-
-fn sites_of(w: &AdapterWeights, layer: usize) -> Vec<LoraSite> {
-    LoraSite::ALL
-        .into_iter()
-        .filter(|s| w.layers[layer][s.index()].is_some())
-        .collect()
-}
-
-fn f32_bytes(w: &AdapterWeights) -> usize {
-    let pairs = w.layers.iter().flatten().flatten();
-    pairs.map(|p| (p.a.len() + p.b.len()) * 4).sum()
-}
+use serde_json::json;
+use std::path::Path;
 
 // ---------------------------------------------------------------- real PEFT fixtures
 
@@ -563,7 +430,10 @@ fn unknown_target_modules_are_refused() {
 #[test]
 fn refused_features_are_named() {
     let cases = [
-        (json!({"use_dora": true}), "use_dora"),
+        (
+            json!({"use_dora": true}),
+            "DoRA without the served base weights",
+        ),
         (json!({"modules_to_save": ["lm_head"]}), "modules_to_save"),
         (json!({"lora_bias": true}), "lora_bias"),
         (json!({"bias": "lora_only"}), "bias"),
@@ -586,7 +456,7 @@ fn refused_features_are_named() {
             "trainable_token_indices",
         ),
         (json!({"init_lora_weights": "pissa"}), "init_lora_weights"),
-        (json!({"peft_type": "IA3"}), "peft_type"),
+        (json!({"peft_type": "LOHA"}), "peft_type"),
     ];
     for (extra, field) in cases {
         let dir = folder(
@@ -598,12 +468,19 @@ fn refused_features_are_named() {
 }
 
 #[test]
-fn dora_and_embedding_tensors_are_refused() {
+fn a_magnitude_without_use_dora_is_an_unexpected_key() {
+    let mut tensors = pairs(&[0, 1], &[LoraSite::Q, LoraSite::V], 4);
+    let stray = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector";
+    tensors.push((stray.to_string(), tensor((1, 8), 0.0, DType::F32)));
+    expect_invalid(
+        load(folder(&config(json!({})), tensors).path()),
+        "use_dora is not set",
+    );
+}
+
+#[test]
+fn embedding_and_bias_tensors_are_refused() {
     for (stray, needle) in [
-        (
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
-            "lora_magnitude_vector",
-        ),
         (
             "base_model.model.model.embed_tokens.lora_embedding_A",
             "lora_embedding_A",

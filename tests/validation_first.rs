@@ -14,6 +14,7 @@ use tonic::Code;
 fn synth(dir: &std::path::Path, name: &str, rank: usize, sites: &[LoraSite]) -> std::path::PathBuf {
     let path = dir.join(name);
     let spec = SynthSpec {
+        kind: Default::default(),
         rank,
         alpha: 2.0 * rank as f32,
         sites: sites.to_vec(),

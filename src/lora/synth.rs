@@ -1,7 +1,11 @@
-//! Synthetic PEFT LoRA adapters for benchmarks and load tests: a PEFT folder
-//! (`adapter_config.json` + `adapter_model.safetensors`) with seeded random weights
-//! large enough to change outputs visibly, for any base shape.
-use super::peft::{BaseShape, LoraSite, CONFIG_FILE, WEIGHTS_FILE};
+//! Synthetic PEFT adapters for benchmarks and load tests: a PEFT folder
+//! (`adapter_config.json` + `adapter_model.safetensors`) of any served [`AdapterKind`]
+//! with seeded random weights large enough to change outputs visibly, for any base
+//! shape. DoRA magnitudes are drawn near 1 (the row norm of a weight with entries of
+//! std `1/sqrt(in)`), not from a base model, so on a real base their scales are
+//! arbitrary; (IA)³ vectors are drawn in `1 +- 0.2`, `down_proj` feed-forward as PEFT's
+//! Llama default.
+use super::peft::{AdapterKind, BaseShape, LoraSite, CONFIG_FILE, WEIGHTS_FILE};
 use crate::rng::Xoshiro256;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -11,6 +15,8 @@ use std::path::Path;
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct SynthSpec {
+    pub kind: AdapterKind,
+    /// Ignored for (IA)³.
     pub rank: usize,
     pub alpha: f32,
     pub sites: Vec<LoraSite>,
@@ -35,12 +41,28 @@ pub fn synthetic_pair(
 pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -> Result<usize> {
     let mut rng = Xoshiro256::from_seed(spec.seed);
     let mut tensors = HashMap::new();
-    let mut bytes = 0;
     for layer in 0..base.num_layers {
         for &site in &spec.sites {
             let (inp, out) = base.dims(site);
+            if spec.kind == AdapterKind::Ia3 {
+                let l = rng.symmetric_vec(inp.max(out), 0.2);
+                let (shape, n) = if site == LoraSite::Down {
+                    ((1, inp), inp)
+                } else {
+                    ((out, 1), out)
+                };
+                let l: Vec<f32> = l[..n].iter().map(|v| 1.0 + v).collect();
+                tensors.insert(
+                    format!(
+                        "{}{}.ia3_l",
+                        super::peft::KEY_PREFIX,
+                        site.module_path(layer)
+                    ),
+                    Tensor::from_vec(l, shape, &Device::Cpu)?,
+                );
+                continue;
+            }
             let (a, b) = synthetic_pair(&mut rng, spec.rank, inp, out);
-            bytes += 4 * (a.len() + b.len());
             tensors.insert(
                 site.peft_key(layer, "lora_A"),
                 Tensor::from_vec(a, (spec.rank, inp), &Device::Cpu)?,
@@ -49,26 +71,61 @@ pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -
                 site.peft_key(layer, "lora_B"),
                 Tensor::from_vec(b, (out, spec.rank), &Device::Cpu)?,
             );
+            if spec.kind == AdapterKind::Dora {
+                let m: Vec<f32> = rng
+                    .symmetric_vec(out, 0.1)
+                    .iter()
+                    .map(|v| 1.0 + v)
+                    .collect();
+                tensors.insert(
+                    format!(
+                        "{}{}.lora_magnitude_vector",
+                        super::peft::KEY_PREFIX,
+                        site.module_path(layer)
+                    ),
+                    Tensor::from_vec(m, out, &Device::Cpu)?,
+                );
+            }
         }
     }
+    let bytes = tensors.values().map(|t| 4 * t.elem_count()).sum();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))
         .with_context(|| format!("writing {}", dir.display()))?;
+    std::fs::write(dir.join(CONFIG_FILE), config(spec).to_string())
+        .with_context(|| format!("writing {}/{CONFIG_FILE}", dir.display()))?;
+    Ok(bytes)
+}
+
+/// The `adapter_config.json` of `spec`.
+fn config(spec: &SynthSpec) -> serde_json::Value {
     let targets: Vec<&str> = spec.sites.iter().map(|s| s.module_name()).collect();
-    let config = serde_json::json!({
+    if spec.kind == AdapterKind::Ia3 {
+        let feedforward: Vec<&str> = targets
+            .iter()
+            .copied()
+            .filter(|t| *t == "down_proj")
+            .collect();
+        return serde_json::json!({
+            "peft_type": "IA3",
+            "task_type": "CAUSAL_LM",
+            "target_modules": targets,
+            "feedforward_modules": feedforward,
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+        });
+    }
+    serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "target_modules": targets,
         "bias": "none",
-        "use_dora": false,
+        "use_dora": spec.kind == AdapterKind::Dora,
         "use_rslora": false,
         "lora_dropout": 0.0,
         "fan_in_fan_out": false,
         "inference_mode": true,
-    });
-    std::fs::write(dir.join(CONFIG_FILE), config.to_string())
-        .with_context(|| format!("writing {}/{CONFIG_FILE}", dir.display()))?;
-    Ok(bytes)
+    })
 }

@@ -10,8 +10,9 @@ use super::batch::ForwardBatch;
 use super::checkpoint::{Checkpoint, HostWeight};
 use super::config::ModelConfig;
 use super::layout;
-use crate::lora::peft::{AdapterWeights, BaseShape, LoraSite};
+use crate::lora::peft::{AdapterKind, AdapterWeights, BaseShape, LoraSite, ServedBase};
 use anyhow::{bail, Context, Result};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// A linear layer with its adapter sites: one weight stacking the projections of
@@ -59,6 +60,8 @@ impl<B: Backend> Linear<B> {
         layer: usize,
         x: &B::Matrix,
     ) -> Result<B::Matrix> {
+        let scaled = backend.adapter_input(step, layer, &self.parts, x)?;
+        let x = scaled.as_ref().unwrap_or(x);
         let mut y = backend.linear(x, &self.weight)?;
         backend.lora(step, layer, &self.parts, x, &mut y)?;
         Ok(y)
@@ -108,13 +111,56 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
+/// A model's linear weights as its backend serves them, shared with adapter loads.
+struct ServedLlama<B: Backend> {
+    backend: Arc<B>,
+    layers: Arc<[DecoderLayer<B>]>,
+}
+
+impl<B: Backend> ServedBase for ServedLlama<B> {
+    fn weight_rows(&self, layer: usize, site: LoraSite, rows: Range<usize>) -> Result<Vec<f32>> {
+        use LoraSite::*;
+        let l = self
+            .layers
+            .get(layer)
+            .with_context(|| format!("layer {layer} of {}", self.layers.len()))?;
+        let linear = match site {
+            Q | K | V => &l.qkv,
+            O => &l.o_proj,
+            Gate | Up => &l.gate_up,
+            Down => &l.down_proj,
+        };
+        let mut offset = 0;
+        for part in &linear.parts {
+            if part.site == site {
+                if rows.end > part.out_features || rows.start > rows.end {
+                    bail!(
+                        "rows {rows:?} of {} ({} rows)",
+                        site.module_name(),
+                        part.out_features
+                    );
+                }
+                let stacked = offset + rows.start..offset + rows.end;
+                return self.backend.weight_rows(&linear.weight, stacked);
+            }
+            offset += part.out_features;
+        }
+        bail!("layer {layer} has no {}", site.module_name())
+    }
+
+    fn serves(&self, kind: AdapterKind) -> bool {
+        self.backend.serves(kind)
+    }
+}
+
 /// The resident base model on backend `B`.
 pub struct Llama<B: Backend> {
-    backend: B,
+    /// Shared with [`ServedLlama`] (adapter loads read the weights back from it).
+    backend: Arc<B>,
     cfg: ModelConfig,
     /// `[vocab, hidden]`.
     embedding: B::Embedding,
-    layers: Vec<DecoderLayer<B>>,
+    layers: Arc<[DecoderLayer<B>]>,
     norm: B::Vector,
     /// `[vocab, hidden]`; the embedding matrix again when tied.
     lm_head: B::Weight,
@@ -148,7 +194,7 @@ impl<B: Backend> Llama<B> {
         let vocab_by_hidden = (cfg.vocab_size, cfg.hidden_size);
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(&backend, ckpt, cfg, i))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Arc<[_]>>>()?;
         let norm = load_vector(&backend, ckpt, layout::FINAL_NORM, cfg.hidden_size)?;
         let head_name = if cfg.tie_word_embeddings {
             layout::EMBEDDING
@@ -172,7 +218,7 @@ impl<B: Backend> Llama<B> {
         Ok(Self {
             rope_cos: backend.upload(cos, max, half)?,
             rope_sin: backend.upload(sin, max, half)?,
-            backend,
+            backend: Arc::new(backend),
             cfg: cfg.clone(),
             embedding,
             layers,
@@ -192,6 +238,14 @@ impl<B: Backend> Llama<B> {
     /// Dimensions adapters are validated against.
     pub fn base_shape(&self) -> BaseShape {
         self.cfg.base_shape()
+    }
+
+    /// The weights as served, for adapter loads on other threads (DoRA's norms).
+    pub fn served_base(&self) -> Arc<dyn ServedBase> {
+        Arc::new(ServedLlama {
+            backend: self.backend.clone(),
+            layers: self.layers.clone(),
+        })
     }
 
     /// The paged K/V layout of this model with `num_blocks` blocks of `block_size`.

@@ -10,7 +10,7 @@ use super::backend::Backend;
 use super::batch::ForwardBatch;
 use super::config::ModelConfig;
 use super::llama::Llama;
-use crate::lora::peft::{AdapterWeights, BaseShape};
+use crate::lora::peft::{AdapterWeights, BaseShape, ServedBase};
 use crate::lora::values::AdapterDType;
 use anyhow::{Context, Result};
 use std::sync::Arc;
@@ -36,6 +36,12 @@ pub trait BaseModel: Send {
 
     /// Bytes of K/V storage one token takes.
     fn kv_bytes_per_token(&self) -> usize;
+
+    /// The weights as served, for adapter loads that need them (DoRA) and to say which
+    /// adapter kinds the backend applies; None where they cannot be read back.
+    fn served_base(&self) -> Option<Arc<dyn ServedBase>> {
+        None
+    }
 
     /// (Re)creates the paged K/V storage: `num_blocks` blocks of `block_size` tokens.
     /// Anything stored before is gone.
@@ -92,6 +98,10 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
 
     fn kv_bytes_per_token(&self) -> usize {
         self.model.kv_bytes_per_token()
+    }
+
+    fn served_base(&self) -> Option<Arc<dyn ServedBase>> {
+        Some(self.model.served_base())
     }
 
     fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {

@@ -71,6 +71,7 @@ fn info_to_pb(i: AdapterInfo, waiting_in_queue: usize) -> pb::AdapterInfo {
         load_time_s: i.load_time.as_secs_f64(),
         last_used_s: i.last_used_ms as f64 / 1e3,
         error: i.error,
+        peft_type: i.kind.map_or("", |k| k.name()).to_string(),
     }
 }
 
@@ -146,6 +147,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
                 } else {
                     AdapterState::Host
                 },
+                kind: Some(version.weights.kind),
                 rank: version.weights.rank_max,
                 target_modules: version.weights.target_modules.clone(),
                 bytes: version.bytes(),

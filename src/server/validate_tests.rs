@@ -152,6 +152,7 @@ async fn the_adapters_share_of_the_pool_is_checked_after_the_lease() {
     let cfg = crate::testing::tiny_config(259);
     let dir = tempfile::tempdir().unwrap();
     let spec = SynthSpec {
+        kind: Default::default(),
         rank: 4,
         alpha: 8.0,
         sites: vec![LoraSite::Q],

@@ -4,6 +4,8 @@
 //! the fixtures' paths, and stream collection.
 #![allow(dead_code)]
 
+pub mod peft_folders;
+
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::BaseShape;
 use multilora::lora::registry::{AdapterRegistry, RegistryConfig};

@@ -1,8 +1,9 @@
 //! Batched low-rank (LoRA) kernels over the ragged batch on host memory: `lora_apply`
 //! validates one site's call once and dispatches to the fast CPU kernels (`cpu.rs`);
-//! `reference.rs` is the slow obvious oracle. The CPU backend's `Backend::lora` calls
-//! `lora_apply`; another backend brings its own kernels with the same semantics, checked
-//! against the same oracle.
+//! `reference.rs` is the slow obvious oracle; `scale.rs` applies the per-token column
+//! scales of DoRA and (IA)³. The CPU backend's `Backend::lora` calls `lora_apply` then
+//! `scale_output`; another backend brings its own kernels with the same semantics,
+//! checked against the same oracle.
 //!
 //! Semantics, for input `x: [T, in]` (row-major, contiguous) and output rows of stride
 //! `y_stride` whose site columns start at `y_offset`:
@@ -13,6 +14,7 @@
 //! are never padded; accumulation is in f32, whatever the matrices' storage type.
 mod cpu;
 pub mod reference;
+mod scale;
 
 use anyhow::{bail, ensure, Result};
 
@@ -20,6 +22,7 @@ use crate::lora::batch::LoraBatch;
 use crate::lora::values::LoraView;
 
 pub use reference::lora_apply_reference;
+pub use scale::{scale_input, scale_output};
 
 /// One adapter slot's weights for one site, as the kernels read them (each matrix f32 or
 /// bf16, as stored).

@@ -3,7 +3,7 @@
 //! `exclude_modules`, `layers_to_transform`/`layers_pattern`, `rank_pattern`/`alpha_pattern`
 //! and scaling) and the refusal of PEFT features we do not implement.
 use super::AdapterError::{self, Invalid, Unsupported};
-use super::{BaseShape, LoraSite};
+use super::{AdapterKind, BaseShape, LoraSite};
 use regex::Regex;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -21,7 +21,7 @@ pub(super) struct RawConfig {
 
 impl RawConfig {
     /// A field, with JSON null read as absent (PEFT's `None`).
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
         self.fields.get(key).filter(|v| !v.is_null())
     }
 }
@@ -157,21 +157,26 @@ pub(super) struct SitePlan {
 
 pub(super) type Plan = Vec<[Option<SitePlan>; 7]>;
 
+/// Which module names a config selects: `target_modules`, `exclude_modules` and
+/// `layers_to_transform`/`layers_pattern`, with PEFT's rules (shared by every method).
+pub(super) struct ModuleMatch {
+    targets: Selector,
+    exclude: Option<Selector>,
+    layers: Option<LayerFilter>,
+}
+
 /// The parts of a LoRA config that decide which weights exist and how they scale.
 pub(super) struct LoraConfig {
     r: usize,
     alpha: f64,
     use_rslora: bool,
-    targets: Selector,
-    exclude: Option<Selector>,
-    layers: Option<LayerFilter>,
+    modules: ModuleMatch,
     rank_pattern: Vec<(Regex, usize)>,
     alpha_pattern: Vec<(Regex, f64)>,
 }
 
 /// Fields that change what an adapter computes and that we do not implement, with why.
-const REFUSED_FIELDS: [(&str, &str); 14] = [
-    ("use_dora", "DoRA adapters are not supported"),
+const REFUSED_FIELDS: [(&str, &str); 13] = [
     (
         "modules_to_save",
         "fully trained extra modules are not supported",
@@ -203,7 +208,7 @@ const REFUSED_FIELDS: [(&str, &str); 14] = [
 ];
 
 /// Set in the Python sense: not null, false, 0, "" or empty.
-fn is_set(value: &Value) -> bool {
+pub(super) fn is_set(value: &Value) -> bool {
     match value {
         Value::Null => false,
         Value::Bool(b) => *b,
@@ -214,80 +219,66 @@ fn is_set(value: &Value) -> bool {
     }
 }
 
-impl LoraConfig {
-    pub(super) fn parse(raw: &RawConfig) -> Result<LoraConfig, AdapterError> {
-        match raw.get("peft_type") {
-            None => return Err(Invalid("config: missing peft_type".into())),
-            Some(Value::String(s)) if s == "LORA" => {}
-            Some(other) => {
-                return Err(Unsupported(format!(
-                    "peft_type {other} (only LORA adapters are served)"
-                )))
-            }
+impl RawConfig {
+    /// `peft_type`, which every config must have.
+    pub(super) fn peft_type(&self) -> Result<&str, AdapterError> {
+        match self.get("peft_type") {
+            None => Err(Invalid("config: missing peft_type".into())),
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(Invalid(format!(
+                "config: peft_type must be a string, not {other}"
+            ))),
         }
-        refuse_unsupported(raw)?;
-        let r = match raw.get("r") {
-            None => return Err(Invalid("config: missing r".into())),
-            Some(v) => positive_int("r", v)?,
-        };
-        let alpha = raw
-            .get("lora_alpha")
-            .map_or(Ok(8.0), |v| number("lora_alpha", v))?;
-        let use_rslora = match raw.get("use_rslora") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
-                return Err(Invalid(format!(
-                    "config: use_rslora must be a boolean, not {other}"
-                )))
-            }
-        };
-        // PEFT's default for model_type "llama" when target_modules is None.
+    }
+}
+
+impl ModuleMatch {
+    /// `target_modules` (PEFT's default for Llama, `default_targets`, when absent),
+    /// `exclude_modules` and, if `with_layers`, the layer filter.
+    pub(super) fn parse(
+        raw: &RawConfig,
+        default_targets: &[&str],
+        with_layers: bool,
+    ) -> Result<ModuleMatch, AdapterError> {
         let targets = match raw.get("target_modules") {
-            None => Selector::Names(vec!["q_proj".into(), "v_proj".into()]),
+            None => Selector::Names(default_targets.iter().map(|s| s.to_string()).collect()),
             Some(v) => Selector::parse("target_modules", v)?,
         };
         let exclude = match raw.get("exclude_modules") {
             Some(v) if is_set(v) => Some(Selector::parse("exclude_modules", v)?),
             _ => None,
         };
-        let layers = layer_filter(raw, &targets)?;
-        let rank_pattern = patterns("rank_pattern", &raw.rank_pattern, positive_int)?;
-        let alpha_pattern = patterns("alpha_pattern", &raw.alpha_pattern, number)?;
-        Ok(LoraConfig {
-            r,
-            alpha,
-            use_rslora,
+        let layers = if with_layers {
+            layer_filter(raw, &targets)?
+        } else {
+            None
+        };
+        Ok(ModuleMatch {
             targets,
             exclude,
             layers,
-            rank_pattern,
-            alpha_pattern,
         })
     }
 
-    /// Which (layer, site) pairs PEFT would wrap, with their rank and scale.
-    pub(super) fn plan(&self, base: &BaseShape) -> Result<Plan, AdapterError> {
+    /// `selects` for every (layer, site) of the base: `[layer][site.index()]`; an error
+    /// when a listed target is unknown or nothing is selected.
+    pub(super) fn selected(&self, base: &BaseShape) -> Result<Vec<[bool; 7]>, AdapterError> {
         self.check_known_targets(base)?;
-        let mut plan: Plan = vec![[None; 7]; base.num_layers];
-        for (layer, sites) in plan.iter_mut().enumerate() {
-            for site in LoraSite::ALL {
-                let path = site.module_path(layer);
-                if self.selects(&path) {
-                    sites[site.index()] = Some(self.site_plan(&path));
-                }
-            }
-        }
-        if plan.iter().all(|sites| sites.iter().all(Option::is_none)) {
+        let selected: Vec<[bool; 7]> = (0..base.num_layers)
+            .map(|layer| {
+                std::array::from_fn(|i| self.selects(&LoraSite::ALL[i].module_path(layer)))
+            })
+            .collect();
+        if !selected.iter().flatten().any(|&s| s) {
             return Err(Invalid(
                 "config: target_modules selects no linear module of the base model".into(),
             ));
         }
-        Ok(plan)
+        Ok(selected)
     }
 
     /// PEFT's `check_target_module_exists` for one module name.
-    fn selects(&self, path: &str) -> bool {
+    pub(super) fn selects(&self, path: &str) -> bool {
         if self.exclude.as_ref().is_some_and(|e| e.matches(path)) {
             return false;
         }
@@ -297,30 +288,6 @@ impl LoraConfig {
                 self.targets.matches(path) && self.layers.as_ref().is_none_or(|f| f.accepts(path))
             }
             other => other.matches(path),
-        }
-    }
-
-    /// `get_pattern_key`: the first pattern key (in file order) matching the end of the name
-    /// on a dot boundary overrides `r` / `lora_alpha`.
-    fn site_plan(&self, path: &str) -> SitePlan {
-        let rank = self
-            .rank_pattern
-            .iter()
-            .find(|(re, _)| re.is_match(path))
-            .map_or(self.r, |p| p.1);
-        let alpha = self
-            .alpha_pattern
-            .iter()
-            .find(|(re, _)| re.is_match(path))
-            .map_or(self.alpha, |p| p.1);
-        let denominator = if self.use_rslora {
-            (rank as f64).sqrt()
-        } else {
-            rank as f64
-        };
-        SitePlan {
-            rank,
-            scale: (alpha / denominator) as f32,
         }
     }
 
@@ -361,6 +328,93 @@ impl LoraConfig {
             Selector::AllLinear => {}
         }
         Ok(())
+    }
+}
+
+impl LoraConfig {
+    /// LoRA, or DoRA when `use_dora` is set.
+    pub(super) fn kind(raw: &RawConfig) -> Result<AdapterKind, AdapterError> {
+        match raw.get("use_dora") {
+            None | Some(Value::Bool(false)) => Ok(AdapterKind::Lora),
+            Some(Value::Bool(true)) => Ok(AdapterKind::Dora),
+            Some(other) => Err(Invalid(format!(
+                "config: use_dora must be a boolean, not {other}"
+            ))),
+        }
+    }
+
+    pub(super) fn parse(raw: &RawConfig) -> Result<LoraConfig, AdapterError> {
+        if raw.peft_type()? != "LORA" {
+            return Err(Invalid("config: peft_type is not LORA".into()));
+        }
+        refuse_unsupported(raw)?;
+        let r = match raw.get("r") {
+            None => return Err(Invalid("config: missing r".into())),
+            Some(v) => positive_int("r", v)?,
+        };
+        let alpha = raw
+            .get("lora_alpha")
+            .map_or(Ok(8.0), |v| number("lora_alpha", v))?;
+        let use_rslora = match raw.get("use_rslora") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(Invalid(format!(
+                    "config: use_rslora must be a boolean, not {other}"
+                )))
+            }
+        };
+        // PEFT's default for model_type "llama" when target_modules is None.
+        let modules = ModuleMatch::parse(raw, &["q_proj", "v_proj"], true)?;
+        let rank_pattern = patterns("rank_pattern", &raw.rank_pattern, positive_int)?;
+        let alpha_pattern = patterns("alpha_pattern", &raw.alpha_pattern, number)?;
+        Ok(LoraConfig {
+            r,
+            alpha,
+            use_rslora,
+            modules,
+            rank_pattern,
+            alpha_pattern,
+        })
+    }
+
+    /// Which (layer, site) pairs PEFT would wrap, with their rank and scale.
+    pub(super) fn plan(&self, base: &BaseShape) -> Result<Plan, AdapterError> {
+        let selected = self.modules.selected(base)?;
+        Ok(selected
+            .iter()
+            .enumerate()
+            .map(|(layer, sites)| {
+                std::array::from_fn(|i| {
+                    let site = LoraSite::ALL[i];
+                    sites[i].then(|| self.site_plan(&site.module_path(layer)))
+                })
+            })
+            .collect())
+    }
+
+    /// `get_pattern_key`: the first pattern key (in file order) matching the end of the name
+    /// on a dot boundary overrides `r` / `lora_alpha`.
+    fn site_plan(&self, path: &str) -> SitePlan {
+        let rank = self
+            .rank_pattern
+            .iter()
+            .find(|(re, _)| re.is_match(path))
+            .map_or(self.r, |p| p.1);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(re, _)| re.is_match(path))
+            .map_or(self.alpha, |p| p.1);
+        let denominator = if self.use_rslora {
+            (rank as f64).sqrt()
+        } else {
+            rank as f64
+        };
+        SitePlan {
+            rank,
+            scale: (alpha / denominator) as f32,
+        }
     }
 }
 
@@ -545,10 +599,10 @@ mod tests {
             r#"{"peft_type":"LORA","r":8,"layers_to_transform":[0],
                "target_modules":["q_proj","model.layers.1.self_attn.v_proj"]}"#,
         );
-        assert!(c.selects("model.layers.0.self_attn.q_proj"));
-        assert!(!c.selects("model.layers.1.self_attn.q_proj"));
-        assert!(c.selects("model.layers.1.self_attn.v_proj"));
-        assert!(!c.selects("model.layers.0.self_attn.v_proj"));
+        assert!(c.modules.selects("model.layers.0.self_attn.q_proj"));
+        assert!(!c.modules.selects("model.layers.1.self_attn.q_proj"));
+        assert!(c.modules.selects("model.layers.1.self_attn.v_proj"));
+        assert!(!c.modules.selects("model.layers.0.self_attn.v_proj"));
     }
 
     #[test]
@@ -556,11 +610,11 @@ mod tests {
         let c = config(
             r#"{"peft_type":"LORA","r":8,"layers_to_transform":1,"layers_pattern":"layers","target_modules":["o_proj"]}"#,
         );
-        assert!(c.selects("model.layers.1.self_attn.o_proj"));
-        assert!(!c.selects("model.layers.0.self_attn.o_proj"));
+        assert!(c.modules.selects("model.layers.1.self_attn.o_proj"));
+        assert!(!c.modules.selects("model.layers.0.self_attn.o_proj"));
         let c = config(
             r#"{"peft_type":"LORA","r":8,"layers_to_transform":[1],"layers_pattern":["h"],"target_modules":["o_proj"]}"#,
         );
-        assert!(!c.selects("model.layers.1.self_attn.o_proj"));
+        assert!(!c.modules.selects("model.layers.1.self_attn.o_proj"));
     }
 }

@@ -1,17 +1,23 @@
-//! PEFT LoRA adapters: the public types and [`load_peft_adapter`], the entry point.
-//! It turns a folder (`adapter_config.json` + `adapter_model.safetensors`) into validated
-//! f32 [`AdapterWeights`]. Invariants: module selection, `layers_to_transform`, rank/alpha
-//! patterns and scaling follow PEFT exactly; a (layer, site) holds a [`LoraPair`] iff the
-//! config targets it, with `a = [rank, in]`, `b = [out, rank]` and only finite values; any
-//! PEFT feature not implemented is refused by name, never ignored; `.bin` pickles are never
-//! opened; header and file sizes are bounded before anything is read. `config` reads
-//! `adapter_config.json` and applies PEFT's matching rules; `tensors` reads and checks the
-//! safetensors file and assembles the pairs.
+//! PEFT adapters: the public types and [`load_peft_adapter`], the entry point. It turns
+//! a folder (`adapter_config.json` + `adapter_model.safetensors`) into validated
+//! [`AdapterWeights`] of one [`AdapterKind`]: LoRA (rsLoRA too), DoRA or (IA)³.
+//! Invariants: module selection, `layers_to_transform`, rank/alpha patterns and scaling
+//! follow PEFT exactly; a (layer, site) holds a [`LoraPair`] iff the config targets it
+//! (LoRA, DoRA), with `a = [rank, in]`, `b = [out, rank]`, and a [`SiteScale`] iff the
+//! adapter multiplies that site's input or output (DoRA, (IA)³); every value is finite;
+//! any PEFT feature not implemented is refused by name, never ignored; `.bin` pickles are
+//! never opened; header and file sizes are bounded before anything is read. `config`
+//! reads `adapter_config.json` and applies PEFT's matching rules; `tensors` reads and
+//! checks the safetensors file and assembles the pairs; `dora` turns DoRA's magnitudes
+//! into output scales against the served base weights; `ia3` reads (IA)³ folders.
 mod config;
+mod dora;
 pub mod folder;
+mod ia3;
 mod tensors;
 
 use config::{LoraConfig, RawConfig};
+use std::ops::Range;
 use std::path::Path;
 
 use crate::lora::values::{AdapterDType, LoraValues};
@@ -116,15 +122,87 @@ pub struct LoraPair {
     pub b: LoraValues,
 }
 
+/// The PEFT method an adapter was trained with, as the server serves it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AdapterKind {
+    /// LoRA (rsLoRA included): `y += s B A x`.
+    #[default]
+    Lora,
+    /// DoRA: LoRA, then each output column times `m / ||W + s B A||` (per row of W).
+    Dora,
+    /// (IA)³: each site's output (or, for feed-forward modules, input) times a vector.
+    Ia3,
+}
+
+impl AdapterKind {
+    /// PEFT's name of the method (`peft_type`, or `DORA` for LoRA with `use_dora`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AdapterKind::Lora => "LORA",
+            AdapterKind::Dora => "DORA",
+            AdapterKind::Ia3 => "IA3",
+        }
+    }
+}
+
+/// A per-column multiplier an adapter applies at one site, per token of that adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SiteScale {
+    /// `y[o] *= v[o]` after the base linear and any LoRA delta (`[out]`): DoRA's
+    /// `m / ||W + s B A||`, or (IA)³ on a module that is not feed-forward.
+    Output(Vec<f32>),
+    /// `x[i] *= v[i]` before the base linear (`[in]`): (IA)³ on a feed-forward module.
+    Input(Vec<f32>),
+}
+
+impl SiteScale {
+    pub fn values(&self) -> &[f32] {
+        match self {
+            SiteScale::Output(v) | SiteScale::Input(v) => v,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AdapterWeights {
+    pub kind: AdapterKind,
     pub rank_max: usize,
     /// Site module names that have weights, sorted.
     pub target_modules: Vec<String>,
     /// `layers[l][site.index()]`
     pub layers: Vec<[Option<LoraPair>; 7]>,
-    /// Bytes held (every pair's values in the storage type).
+    /// `scales[l][site.index()]`; empty when no site scales anything (LoRA).
+    pub scales: Vec<[Option<SiteScale>; 7]>,
+    /// Bytes held (every pair's values in the storage type, every scale in f32).
     pub bytes: usize,
+}
+
+impl AdapterWeights {
+    /// The scale of `site` at `layer`, if the adapter has one there.
+    pub fn scale(&self, layer: usize, site: LoraSite) -> Option<&SiteScale> {
+        self.scales.get(layer)?[site.index()].as_ref()
+    }
+}
+
+/// What loading an adapter may need from the base model as it is served, beyond its
+/// shape: DoRA's norms are taken over the weights the kernels compute with.
+pub trait ServedBase: Send + Sync {
+    /// Rows `rows` of the `[out, in]` weight of `site` at `layer`, row-major, with the
+    /// values the backend computes with (after any rounding or quantization).
+    fn weight_rows(
+        &self,
+        layer: usize,
+        site: LoraSite,
+        rows: Range<usize>,
+    ) -> anyhow::Result<Vec<f32>>;
+    /// Whether this backend's steps apply adapters of `kind`.
+    fn serves(&self, kind: AdapterKind) -> bool;
+}
+
+impl std::fmt::Debug for dyn ServedBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServedBase")
+    }
 }
 
 /// Bounds on what a folder may make us read.
@@ -210,13 +288,26 @@ pub fn estimate_adapter_bytes(
     Ok(floats.saturating_mul(dtype.size()))
 }
 
-/// Loads and validates the PEFT LoRA folder `dir` against `base`, its matrices stored as
-/// `dtype`.
+/// Loads and validates the PEFT folder `dir` against `base`, its matrices stored as
+/// `dtype`, without the served weights (so a DoRA folder is refused).
 pub fn load_peft_adapter(
     dir: &Path,
     base: &BaseShape,
     limits: &AdapterLimits,
     dtype: AdapterDType,
+) -> Result<AdapterWeights, AdapterError> {
+    load_peft_adapter_served(dir, base, limits, dtype, None)
+}
+
+/// Loads and validates the PEFT folder `dir` against `base`, its matrices stored as
+/// `dtype`; `served` (the base as its backend computes with it) is needed for DoRA, and
+/// refuses any kind its backend does not apply.
+pub fn load_peft_adapter_served(
+    dir: &Path,
+    base: &BaseShape,
+    limits: &AdapterLimits,
+    dtype: AdapterDType,
+    served: Option<&dyn ServedBase>,
 ) -> Result<AdapterWeights, AdapterError> {
     if !dir.is_dir() {
         return Err(AdapterError::Io(format!(
@@ -229,8 +320,6 @@ pub fn load_peft_adapter(
         .map_err(|e| AdapterError::Io(format!("cannot read {}: {e}", config_path.display())))?;
     let raw: RawConfig =
         serde_json::from_str(&text).map_err(|e| Invalid(format!("{CONFIG_FILE}: {e}")))?;
-    let config = LoraConfig::parse(&raw)?;
-    let plan = config.plan(base)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {
         if dir.join(PICKLE_WEIGHTS_FILE).exists() {
@@ -244,6 +333,37 @@ pub fn load_peft_adapter(
             weights_path.display()
         )));
     }
+    let kind = match raw.peft_type()? {
+        "LORA" => LoraConfig::kind(&raw)?,
+        "IA3" => AdapterKind::Ia3,
+        other => {
+            return Err(Unsupported(format!(
+                "peft_type \"{other}\" (LORA, DoRA and IA3 adapters are served)"
+            )))
+        }
+    };
+    if served.is_some_and(|s| !s.serves(kind)) {
+        return Err(Unsupported(format!(
+            "{} adapters on this backend (its kernels apply LoRA only)",
+            kind.name()
+        )));
+    }
+    if kind == AdapterKind::Ia3 {
+        let plan = ia3::Ia3Config::parse(&raw)?.plan(base)?;
+        let file = SafeTensors::read(&weights_path, limits)?;
+        return ia3::assemble(&plan, &file, base);
+    }
+    if kind == AdapterKind::Dora && served.is_none() {
+        return Err(Unsupported(
+            "DoRA without the served base weights (its norms are taken over them)".into(),
+        ));
+    }
+    let config = LoraConfig::parse(&raw)?;
+    let plan = config.plan(base)?;
     let file = SafeTensors::read(&weights_path, limits)?;
-    assemble(&plan, &file, base, dtype)
+    let mut weights = assemble(&plan, &file, base, dtype, kind)?;
+    if let Some(served) = served.filter(|_| kind == AdapterKind::Dora) {
+        dora::output_scales(&mut weights, served)?;
+    }
+    Ok(weights)
 }

@@ -5,7 +5,10 @@
 //! [`AdapterWeights`] from the config's plan.
 use super::config::Plan;
 use super::AdapterError::{self, Invalid, Unsupported};
-use super::{AdapterLimits, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE};
+use super::{
+    AdapterKind, AdapterLimits, AdapterWeights, BaseShape, LoraPair, LoraSite, SiteScale,
+    CONFIG_FILE,
+};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,10 +19,10 @@ use super::KEY_PREFIX;
 use crate::lora::values::{AdapterDType, LoraValues};
 
 /// One tensor's header entry; `start..end` indexes the data section.
-struct TensorInfo {
-    name: String,
+pub(super) struct TensorInfo {
+    pub(super) name: String,
     dtype: String,
-    shape: Vec<usize>,
+    pub(super) shape: Vec<usize>,
     start: usize,
     end: usize,
 }
@@ -27,7 +30,7 @@ struct TensorInfo {
 /// A safetensors file read whole, its header checked for bounds and consistency.
 pub(super) struct SafeTensors {
     data: Vec<u8>,
-    tensors: Vec<TensorInfo>,
+    pub(super) tensors: Vec<TensorInfo>,
 }
 
 impl SafeTensors {
@@ -168,11 +171,30 @@ fn f16_to_f32(h: u16) -> f32 {
 
 // ---------------------------------------------------------------- assembly
 
-/// Which half of a pair a key holds.
+/// What a LoRA-family key holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Half {
     A,
     B,
+    /// DoRA's `lora_magnitude_vector` (`[out]`).
+    Magnitude,
+}
+
+/// Splits `base_model.model.model.layers.{layer}.{parent}.{site}.{rest}` into its layer,
+/// site and `rest`; None for any other name (or a layer beyond `num_layers`).
+pub(super) fn split_key(name: &str, num_layers: usize) -> Option<(usize, LoraSite, &str)> {
+    let module = name
+        .strip_prefix(KEY_PREFIX)?
+        .strip_prefix("model.layers.")?;
+    let (layer, module) = module.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (parent, module) = module.split_once('.')?;
+    let (site_name, rest) = module.split_once('.')?;
+    let site = LoraSite::ALL
+        .into_iter()
+        .find(|s| s.module_name() == site_name && s.parent() == parent)?;
+    (layer < num_layers && name == format!("{KEY_PREFIX}{}.{rest}", site.module_path(layer)))
+        .then_some((layer, site, rest))
 }
 
 /// Maps a tensor name to its (layer, site, half), refusing non-LoRA tensors by name.
@@ -184,56 +206,81 @@ fn parse_key(name: &str, num_layers: usize) -> Result<(usize, LoraSite, Half), A
             )));
         }
     }
-    if name.contains("lora_magnitude_vector") {
-        return Err(Unsupported(format!(
-            "DoRA (lora_magnitude_vector in key {name})"
-        )));
-    }
     if name.ends_with(".lora_B.bias") || name.ends_with(".lora_B.default.bias") {
         return Err(Unsupported(format!("lora_bias (key {name})")));
     }
     let unexpected = || Invalid(format!("unexpected key {name}"));
-    let module = name.strip_prefix(KEY_PREFIX).ok_or_else(unexpected)?;
-    let suffixes = [
-        (".lora_A.weight", Half::A),
-        (".lora_A.default.weight", Half::A),
-        (".lora_B.weight", Half::B),
-        (".lora_B.default.weight", Half::B),
-    ];
-    let (module, half) = suffixes
-        .iter()
-        .find_map(|(suffix, half)| module.strip_suffix(suffix).map(|m| (m, *half)))
-        .ok_or_else(unexpected)?;
-    let parts: Vec<&str> = module.split('.').collect();
-    let [model, layers, layer, parent, site_name] = parts.as_slice() else {
-        return Err(unexpected());
+    let (layer, site, rest) = split_key(name, num_layers).ok_or_else(unexpected)?;
+    let half = match rest {
+        "lora_A.weight" | "lora_A.default.weight" => Half::A,
+        "lora_B.weight" | "lora_B.default.weight" => Half::B,
+        "lora_magnitude_vector"
+        | "lora_magnitude_vector.weight"
+        | "lora_magnitude_vector.default.weight" => Half::Magnitude,
+        _ => return Err(unexpected()),
     };
-    let layer: usize = layer.parse().map_err(|_| unexpected())?;
-    let site = LoraSite::ALL
-        .into_iter()
-        .find(|s| s.module_name() == *site_name && s.parent() == *parent);
-    match site {
-        Some(site)
-            if *model == "model" && *layers == "layers" && module == site.module_path(layer) =>
-        {
-            if layer < num_layers {
-                Ok((layer, site, half))
-            } else {
-                Err(unexpected())
+    Ok((layer, site, half))
+}
+
+impl TensorInfo {
+    /// The tensor's values in f32, after checking its dtype (F32, F16 or BF16), that its
+    /// shape is `expected` and its byte length matches. Finiteness is the caller's check.
+    pub(super) fn values(
+        &self,
+        file: &SafeTensors,
+        expected: &[usize],
+    ) -> Result<Vec<f32>, AdapterError> {
+        let elem = match self.dtype.as_str() {
+            "F32" => 4,
+            "F16" | "BF16" => 2,
+            other => {
+                return Err(Invalid(format!(
+                    "tensor {}: dtype {other} is not accepted (F32, F16 or BF16)",
+                    self.name
+                )))
             }
+        };
+        if self.shape != expected {
+            return Err(Invalid(format!(
+                "tensor {}: shape {:?}, expected {expected:?}",
+                self.name, self.shape
+            )));
         }
-        _ => Err(unexpected()),
+        if self.end - self.start != expected.iter().product::<usize>() * elem {
+            return Err(Invalid(format!(
+                "tensor {}: {} data bytes do not match shape {expected:?} {}",
+                self.name,
+                self.end - self.start,
+                self.dtype
+            )));
+        }
+        Ok(to_f32(&self.dtype, &file.data[self.start..self.end]))
     }
 }
 
-/// Checks every tensor against the plan and the base shape; builds the weights.
+/// `values` when all are finite, else an error naming the tensor and element.
+pub(super) fn finite(name: &str, values: Vec<f32>) -> Result<Vec<f32>, AdapterError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Invalid(format!(
+            "tensor {name}: non-finite value {} at element {i}",
+            values[i]
+        ))),
+        None => Ok(values),
+    }
+}
+
+/// Checks every tensor against the plan and the base shape; builds the weights. A DoRA
+/// adapter's magnitudes `m` are kept as its output scales, to be divided by the norms
+/// of the served weights (`super::dora`).
 pub(super) fn assemble(
     plan: &Plan,
     file: &SafeTensors,
     base: &BaseShape,
     dtype: AdapterDType,
+    kind: AdapterKind,
 ) -> Result<AdapterWeights, AdapterError> {
     let mut halves: HashMap<(usize, usize, bool), LoraValues> = HashMap::new();
+    let mut magnitudes: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
     for t in &file.tensors {
         let (layer, site, half) = parse_key(&t.name, base.num_layers)?;
         let Some(sp) = plan[layer][site.index()] else {
@@ -244,71 +291,80 @@ pub(super) fn assemble(
             )));
         };
         let (inp, out) = base.dims(site);
-        let expected = if half == Half::A {
-            [sp.rank, inp]
-        } else {
-            [out, sp.rank]
-        };
-        let elem = match t.dtype.as_str() {
-            "F32" => 4,
-            "F16" | "BF16" => 2,
-            other => {
+        let expected = match half {
+            Half::A => vec![sp.rank, inp],
+            Half::B => vec![out, sp.rank],
+            Half::Magnitude if kind == AdapterKind::Dora => vec![out],
+            Half::Magnitude => {
                 return Err(Invalid(format!(
-                    "tensor {}: dtype {other} is not accepted (F32, F16 or BF16)",
+                    "unexpected key {} (a DoRA magnitude, but use_dora is not set)",
                     t.name
                 )))
             }
         };
-        if t.shape != expected {
+        if half != Half::Magnitude && t.shape != expected {
             return Err(Invalid(format!(
                 "tensor {}: shape {:?}, expected {expected:?} (rank {} from r/rank_pattern)",
                 t.name, t.shape, sp.rank
             )));
         }
-        if t.end - t.start != expected[0] * expected[1] * elem {
-            return Err(Invalid(format!(
-                "tensor {}: {} data bytes do not match shape {expected:?} {}",
-                t.name,
-                t.end - t.start,
-                t.dtype
-            )));
-        }
-        let values = LoraValues::from_f32(to_f32(&t.dtype, &file.data[t.start..t.end]), dtype);
-        if let Some((i, v)) = values.first_non_finite() {
-            return Err(Invalid(format!(
-                "tensor {}: non-finite value {v} at element {i} (as {})",
-                t.name,
-                dtype.name()
-            )));
-        }
-        if halves
-            .insert((layer, site.index(), half == Half::A), values)
-            .is_some()
-        {
+        let f32s = t.values(file, &expected)?;
+        let duplicate = if half == Half::Magnitude {
+            let m = finite(&t.name, f32s)?;
+            magnitudes.insert((layer, site.index()), m).is_some()
+        } else {
+            let values = LoraValues::from_f32(f32s, dtype);
+            if let Some((i, v)) = values.first_non_finite() {
+                return Err(Invalid(format!(
+                    "tensor {}: non-finite value {v} at element {i} (as {})",
+                    t.name,
+                    dtype.name()
+                )));
+            }
+            halves
+                .insert((layer, site.index(), half == Half::A), values)
+                .is_some()
+        };
+        if duplicate {
             return Err(Invalid(format!("duplicate tensor for key {}", t.name)));
         }
     }
-    let mut layers: Vec<[Option<LoraPair>; 7]> = Vec::with_capacity(base.num_layers);
-    let (mut rank_max, mut bytes, mut names) = (0, 0, Vec::new());
+    let mut weights = AdapterWeights {
+        kind,
+        rank_max: 0,
+        target_modules: Vec::new(),
+        layers: Vec::with_capacity(base.num_layers),
+        scales: Vec::new(),
+        bytes: 0,
+    };
     for (layer, sites) in plan.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);
+        let mut scales: [Option<SiteScale>; 7] = std::array::from_fn(|_| None);
         for site in LoraSite::ALL {
             let Some(sp) = sites[site.index()] else {
                 continue;
             };
+            let missing = |what: &str| {
+                Invalid(format!(
+                    "missing key {KEY_PREFIX}{}.{what}",
+                    site.module_path(layer)
+                ))
+            };
             let mut take = |is_a: bool| {
-                halves.remove(&(layer, site.index(), is_a)).ok_or_else(|| {
-                    let half = if is_a { "lora_A" } else { "lora_B" };
-                    Invalid(format!(
-                        "missing key {KEY_PREFIX}{}.{half}.weight",
-                        site.module_path(layer)
-                    ))
-                })
+                let half = if is_a { "lora_A" } else { "lora_B" };
+                let found = halves.remove(&(layer, site.index(), is_a));
+                found.ok_or_else(|| missing(&format!("{half}.weight")))
             };
             let (a, b) = (take(true)?, take(false)?);
-            rank_max = rank_max.max(sp.rank);
-            bytes += a.bytes() + b.bytes();
-            names.push(site.module_name().to_string());
+            if kind == AdapterKind::Dora {
+                let m = magnitudes.remove(&(layer, site.index()));
+                let m = m.ok_or_else(|| missing("lora_magnitude_vector"))?;
+                weights.bytes += 4 * m.len();
+                scales[site.index()] = Some(SiteScale::Output(m));
+            }
+            weights.rank_max = weights.rank_max.max(sp.rank);
+            weights.bytes += a.bytes() + b.bytes();
+            weights.target_modules.push(site.module_name().to_string());
             row[site.index()] = Some(LoraPair {
                 rank: sp.rank,
                 scale: sp.scale,
@@ -316,16 +372,14 @@ pub(super) fn assemble(
                 b,
             });
         }
-        layers.push(row);
+        weights.layers.push(row);
+        if kind == AdapterKind::Dora {
+            weights.scales.push(scales);
+        }
     }
-    names.sort();
-    names.dedup();
-    Ok(AdapterWeights {
-        rank_max,
-        target_modules: names,
-        layers,
-        bytes,
-    })
+    weights.target_modules.sort();
+    weights.target_modules.dedup();
+    Ok(weights)
 }
 
 #[cfg(test)]

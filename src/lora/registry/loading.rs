@@ -304,7 +304,8 @@ fn read_weights(
     cfg: &RegistryConfig,
     max: usize,
 ) -> Result<AdapterWeights, RequestError> {
-    let w = load_peft_adapter(dir, &cfg.base, &cfg.limits, cfg.adapter_dtype)
+    let served = cfg.served.as_deref();
+    let w = load_peft_adapter_served(dir, &cfg.base, &cfg.limits, cfg.adapter_dtype, served)
         .map_err(|e| RequestError::invalid("source", format!("{e} (from {})", dir.display())))?;
     if w.bytes > max {
         return Err(too_large(&dir.display().to_string(), w.bytes, max));

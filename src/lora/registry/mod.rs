@@ -20,7 +20,8 @@ pub use source::{collect_specs, validate_name, AdapterSource};
 pub use version::{AdapterEvent, AdapterLease, AdapterVersion, EventKind};
 
 use super::peft::{
-    estimate_adapter_bytes, load_peft_adapter, AdapterLimits, AdapterWeights, BaseShape,
+    estimate_adapter_bytes, load_peft_adapter_served, AdapterKind, AdapterLimits, AdapterWeights,
+    BaseShape, ServedBase,
 };
 use crate::error::RequestError;
 use crate::lora::values::AdapterDType;
@@ -42,6 +43,10 @@ pub struct RegistryConfig {
     /// How adapter matrices are stored: the base model's choice
     /// ([`crate::model::BaseModel::adapter_dtype`]).
     pub adapter_dtype: AdapterDType,
+    /// The base weights as served ([`crate::model::BaseModel::served_base`]): DoRA
+    /// needs them, and they say which adapter kinds the backend applies. Without them
+    /// DoRA is refused.
+    pub served: Option<Arc<dyn ServedBase>>,
 }
 
 impl RegistryConfig {
@@ -52,6 +57,7 @@ impl RegistryConfig {
             host_memory: 4 << 30,
             limits: AdapterLimits::default(),
             adapter_dtype: AdapterDType::F32,
+            served: None,
         }
     }
 
@@ -59,6 +65,7 @@ impl RegistryConfig {
     pub fn for_model(model: &dyn crate::model::BaseModel) -> Self {
         Self {
             adapter_dtype: model.adapter_dtype(),
+            served: model.served_base(),
             ..Self::new(model.base_shape())
         }
     }
@@ -83,6 +90,8 @@ pub struct AdapterInfo {
     pub source: String,
     pub version: u64,
     pub state: AdapterState,
+    /// The PEFT method of the loaded version (None while none is loaded).
+    pub kind: Option<AdapterKind>,
     pub rank: usize,
     pub target_modules: Vec<String>,
     pub bytes: usize,
@@ -494,6 +503,7 @@ impl Entry {
             source: self.source.clone(),
             version: self.version,
             state,
+            kind: None,
             rank: 0,
             target_modules: vec![],
             bytes: 0,
@@ -506,6 +516,7 @@ impl Entry {
         };
         if let Some(v) = &self.current {
             info.version = v.version;
+            info.kind = Some(v.weights.kind);
             info.rank = v.weights.rank_max;
             info.target_modules = v.weights.target_modules.clone();
             info.bytes = v.bytes();

@@ -12,6 +12,7 @@ fn base() -> BaseShape {
 fn adapter(dir: &Path, name: &str, rank: usize, seed: u64) -> (String, usize) {
     let p = dir.join(name);
     let spec = SynthSpec {
+        kind: Default::default(),
         rank,
         alpha: 2.0 * rank as f32,
         sites: vec![LoraSite::Q, LoraSite::V],

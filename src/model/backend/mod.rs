@@ -21,9 +21,13 @@
 //!   operation of that step that needs them gets both the batch and this
 //!   [`Backend::Step`].
 //! - **Adapters.** [`Backend::lora`] adds, for one linear layer, the deltas of each of its
-//!   [`SitePart`]s (the layer's output columns are the parts' columns, in order). Tokens
-//!   of slot -1, slots without weights at a site, and columns of other parts are left
-//!   bit-identical. Slots index `adapters` as given to `begin_step`.
+//!   [`SitePart`]s (the layer's output columns are the parts' columns, in order), then
+//!   multiplies the columns of each part by its adapters' output scales (DoRA, (IA)³);
+//!   [`Backend::adapter_input`] multiplies the input rows by their adapters' input scales
+//!   ((IA)³ on feed-forward modules) before the linear. Tokens of slot -1, slots without
+//!   weights at a site, and columns of other parts are left bit-identical. Slots index
+//!   `adapters` as given to `begin_step`. A backend says which [`AdapterKind`]s it applies
+//!   ([`Backend::serves`]); the registry refuses the others at load.
 //! - **Paged K/V.** [`Backend::kv_store`] allocates the storage of a [`KvLayout`]; its
 //!   blocks are addressed through the block tables of the batch's chunks, which the
 //!   caller (the engine's block allocator) guarantees are in range and not shared by two
@@ -47,10 +51,11 @@ pub mod cuda;
 
 use super::batch::ForwardBatch;
 pub use super::checkpoint::HostWeight;
-use crate::lora::peft::{AdapterWeights, LoraSite};
+use crate::lora::peft::{AdapterKind, AdapterWeights, LoraSite};
 use crate::lora::values::AdapterDType;
 use anyhow::Result;
 use candle_core::Tensor;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Head layout of one attention call.
@@ -134,6 +139,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Embedding>;
     /// Bytes a weight holds (what a step reads to compute with it).
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
+    /// Rows `rows` of `w` (`[rows.len(), in]`, row-major f32) with the values
+    /// [`Backend::linear`] computes with: what DoRA's norms are taken over.
+    fn weight_rows(&self, _w: &Self::Weight, _rows: Range<usize>) -> Result<Vec<f32>> {
+        anyhow::bail!(
+            "the {} backend cannot read its weights back",
+            self.device_name()
+        )
+    }
+    /// Whether this backend's steps apply adapters of `kind` (output and input scales
+    /// as well as LoRA deltas). LoRA alone unless a backend says more.
+    fn serves(&self, kind: AdapterKind) -> bool {
+        kind == AdapterKind::Lora
+    }
     /// A vector from a host tensor `[n]` (any float dtype).
     fn vector(&self, v: &Tensor) -> Result<Self::Vector>;
     /// Empty K/V storage of `layout`.
@@ -220,8 +238,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn prepare_adapter(&self, _adapter: &Arc<AdapterWeights>) -> bool {
         true
     }
+    /// `x` (`[t, in]`, the input of the linear layer of `parts`) with each token's row
+    /// multiplied by its adapter's input scale at those sites, or None when no token of
+    /// the step has one there (the caller then uses `x`). A backend that serves only LoRA
+    /// has none.
+    fn adapter_input(
+        &self,
+        _step: &Self::Step,
+        _layer: usize,
+        _parts: &[SitePart],
+        _x: &Self::Matrix,
+    ) -> Result<Option<Self::Matrix>> {
+        Ok(None)
+    }
     /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
-    /// parts' widths]`), for input `x` (`[t, in]`).
+    /// parts' widths]`), for input `x` (`[t, in]`), then multiplies those columns by each
+    /// token's adapter output scale at that part's site.
     fn lora(
         &self,
         step: &Self::Step,

@@ -106,6 +106,24 @@ impl PackedWeight {
         self.inp
     }
 
+    /// Row `o` (`< out`) of the matrix, as stored (widened to f32), into `row` (`[in]`).
+    pub fn row(&self, o: usize, row: &mut [f32]) {
+        let size = self.ty.bytes();
+        let Some(panel) = self.panel(o / NR) else {
+            return;
+        };
+        let c = o % NR;
+        for (i, v) in row.iter_mut().enumerate().take(self.inp) {
+            let at = (i * NR + c) * size;
+            let b = &panel[at..at + size];
+            *v = match self.ty {
+                PanelType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                PanelType::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                PanelType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            };
+        }
+    }
+
     pub fn out_features(&self) -> usize {
         self.out
     }

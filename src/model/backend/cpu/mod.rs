@@ -2,7 +2,8 @@
 //! layers in the format `--dtype` chose (`weight`: f32, bf16 or f16 panels through our
 //! pre-packed AVX2/FMA kernel in `linear`, or quantized blocks through the integer
 //! kernels in `quant`), activations in f32, paged attention (`attention`), row-wise ops
-//! (`ops`) and the batched LoRA kernels of `crate::lora::kernels`. Every operation gives a
+//! (`ops`) and the batched adapter kernels of `crate::lora::kernels` (LoRA deltas and the
+//! column scales of DoRA and (IA)³). Every operation gives a
 //! token bit-identical results whatever else is in the batch (on one machine and ISA).
 pub mod attention;
 pub mod kv;
@@ -14,13 +15,14 @@ pub mod zeroed;
 
 use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
 use crate::lora::batch::LoraBatch;
-use crate::lora::kernels::{lora_apply, SiteShape, SlotWeights};
-use crate::lora::peft::AdapterWeights;
+use crate::lora::kernels::{lora_apply, scale_input, scale_output, SiteShape, SlotWeights};
+use crate::lora::peft::{AdapterKind, AdapterWeights, LoraSite, SiteScale};
 use crate::lora::values::AdapterDType;
 use crate::model::batch::ForwardBatch;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 pub use kv::{CpuKvStore, KvDType};
+use std::ops::Range;
 use std::sync::Arc;
 pub use weight::{CpuEmbedding, CpuWeight, CpuWeightFormat};
 
@@ -136,6 +138,14 @@ impl Backend for CpuBackend {
             return Ok(CpuEmbedding::Quantized(Arc::clone(q)));
         }
         CpuEmbedding::from_host(w, self.format)
+    }
+
+    fn weight_rows(&self, w: &CpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {
+        w.rows(rows)
+    }
+
+    fn serves(&self, _kind: AdapterKind) -> bool {
+        true
     }
 
     fn weight_bytes(&self, w: &CpuWeight) -> usize {
@@ -304,6 +314,26 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn adapter_input(
+        &self,
+        step: &CpuStep,
+        layer: usize,
+        parts: &[SitePart],
+        x: &HostMatrix,
+    ) -> Result<Option<HostMatrix>> {
+        // The loader puts input scales only on single-part layers (o_proj, down_proj).
+        let [part] = parts else {
+            return Ok(None);
+        };
+        if step.batch.is_empty() {
+            return Ok(None);
+        }
+        let scales = step.scales(layer, part.site, |s| matches!(s, SiteScale::Input(_)));
+        let scaled = scale_input(step.batch.slots(), &x.data, x.cols, &scales)
+            .with_context(|| format!("(IA)³ input at layer {layer} {}", part.site.module_name()))?;
+        scaled.map(|data| HostMatrix::new(data, x.cols)).transpose()
+    }
+
     fn lora(
         &self,
         step: &CpuStep,
@@ -321,6 +351,13 @@ impl Backend for CpuBackend {
         }
         let mut y_offset = 0;
         for part in parts {
+            let shape = SiteShape {
+                in_features: x.cols,
+                out_features: part.out_features,
+                y_stride,
+                y_offset,
+            };
+            let at = || format!("adapters at layer {layer} {}", part.site.module_name());
             let slots: Vec<Option<SlotWeights>> = step
                 .adapters
                 .iter()
@@ -335,18 +372,33 @@ impl Backend for CpuBackend {
                 })
                 .collect();
             if slots.iter().any(Option::is_some) {
-                let shape = SiteShape {
-                    in_features: x.cols,
-                    out_features: part.out_features,
-                    y_stride,
-                    y_offset,
-                };
-                lora_apply(&step.batch, &x.data, &mut y.data, shape, &slots).with_context(
-                    || format!("LoRA at layer {layer} {}", part.site.module_name()),
-                )?;
+                lora_apply(&step.batch, &x.data, &mut y.data, shape, &slots).with_context(at)?;
+            }
+            let scales = step.scales(layer, part.site, |s| matches!(s, SiteScale::Output(_)));
+            if scales.iter().any(Option::is_some) {
+                scale_output(step.batch.slots(), &mut y.data, shape, &scales).with_context(at)?;
             }
             y_offset += part.out_features;
         }
         Ok(())
+    }
+}
+
+impl CpuStep {
+    /// Each slot's scale values at `site` of `layer` when `side` accepts that scale.
+    fn scales(
+        &self,
+        layer: usize,
+        site: LoraSite,
+        side: impl Fn(&SiteScale) -> bool,
+    ) -> Vec<Option<&[f32]>> {
+        self.adapters
+            .iter()
+            .map(|a| {
+                a.scale(layer, site)
+                    .filter(|s| side(s))
+                    .map(SiteScale::values)
+            })
+            .collect()
     }
 }

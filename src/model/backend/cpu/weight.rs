@@ -13,9 +13,10 @@ use super::quant::QuantWeight;
 use super::HostMatrix;
 use crate::model::block_rows::BlockRows;
 use crate::model::checkpoint::HostWeight;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// What the CPU backend stores its linear weights as.
@@ -212,5 +213,22 @@ impl CpuWeight {
             Self::Dense(w) => w.matmul(x, t),
             Self::Quantized(w) => w.matmul(x, t),
         }
+    }
+
+    /// Rows `rows` (`[rows.len(), in]`) with the values the kernels compute with.
+    pub fn rows(&self, rows: Range<usize>) -> Result<Vec<f32>> {
+        let (inp, out) = (self.in_features(), self.out_features());
+        ensure!(
+            rows.start <= rows.end && rows.end <= out,
+            "rows {rows:?} of a weight with {out} rows"
+        );
+        let mut values = vec![0f32; rows.len() * inp];
+        for (r, row) in rows.zip(values.chunks_exact_mut(inp)) {
+            match self {
+                Self::Dense(w) => w.row(r, row),
+                Self::Quantized(w) => w.dequantize_row(r, row),
+            }
+        }
+        Ok(values)
     }
 }

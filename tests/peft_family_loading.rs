@@ -1,0 +1,238 @@
+//! Loading DoRA and (IA)³ folders: the PEFT-trained fixtures, and every refusal on tiny
+//! folders made here (each error naming the key, field or feature).
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::peft_folders::*;
+use multilora::lora::peft::{
+    load_peft_adapter_served, AdapterError, AdapterKind, AdapterLimits, AdapterWeights, BaseShape,
+    LoraSite, ServedBase, SiteScale,
+};
+use multilora::lora::values::AdapterDType;
+use serde_json::{json, Value};
+use std::ops::Range;
+use std::path::Path;
+
+/// A base whose every weight entry is 0.5 (so each row norm is known).
+struct Halves(BaseShape);
+
+impl ServedBase for Halves {
+    fn weight_rows(
+        &self,
+        _: usize,
+        site: LoraSite,
+        rows: Range<usize>,
+    ) -> anyhow::Result<Vec<f32>> {
+        Ok(vec![0.5; rows.len() * self.0.dims(site).0])
+    }
+    fn serves(&self, _: AdapterKind) -> bool {
+        true
+    }
+}
+
+fn load_on(dir: &Path, base: BaseShape) -> Result<AdapterWeights, AdapterError> {
+    let served = Halves(base);
+    load_peft_adapter_served(
+        dir,
+        &base,
+        &AdapterLimits::default(),
+        AdapterDType::F32,
+        Some(&served),
+    )
+}
+
+fn ia3_key(layer: usize, site: LoraSite) -> String {
+    format!("base_model.model.{}.ia3_l", site.module_path(layer))
+}
+
+/// `l` tensors for `sites` on both tiny layers, `[1, in]` for down_proj, else `[out, 1]`.
+fn ia3_tensors(sites: &[LoraSite]) -> Vec<(String, Tensor)> {
+    let mut all = Vec::new();
+    for layer in 0..2 {
+        for &site in sites {
+            let (inp, out) = TINY.dims(site);
+            let shape = if site == LoraSite::Down {
+                (1, inp)
+            } else {
+                (out, 1)
+            };
+            all.push((
+                ia3_key(layer, site),
+                tensor(shape, layer as f32, DType::F32),
+            ));
+        }
+    }
+    all
+}
+
+fn ia3_config(extra: Value) -> Value {
+    let mut c = config(json!({
+        "peft_type": "IA3", "r": null, "lora_alpha": null, "bias": null, "use_dora": null,
+        "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"],
+    }));
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+#[test]
+fn ia3_fixture_scales_k_v_outputs_and_the_down_input() {
+    let w = load_on(&fixture("zeta-ia3"), SMOLLM2).unwrap();
+    assert_eq!(w.kind, AdapterKind::Ia3);
+    assert_eq!(w.target_modules, ["down_proj", "k_proj", "v_proj"]);
+    assert_eq!(w.rank_max, 0);
+    assert!(w.layers.iter().flatten().all(Option::is_none));
+    for layer in 0..30 {
+        assert!(
+            matches!(w.scale(layer, LoraSite::Down), Some(SiteScale::Input(l)) if l.len() == 1536)
+        );
+        assert!(
+            matches!(w.scale(layer, LoraSite::K), Some(SiteScale::Output(l)) if l.len() == 192)
+        );
+        assert!(w.scale(layer, LoraSite::Q).is_none());
+    }
+    assert_eq!(w.bytes, 30 * 4 * (1536 + 2 * 192));
+}
+
+#[test]
+fn dora_fixture_scales_are_magnitude_over_row_norm() {
+    let dir = fixture("delta-dora-r8-attn");
+    let w = load_on(&dir, SMOLLM2).unwrap();
+    assert_eq!(w.kind, AdapterKind::Dora);
+    assert_eq!(w.target_modules, ["k_proj", "o_proj", "q_proj", "v_proj"]);
+    assert_eq!(w.rank_max, 8);
+    // Row 0 of layer 3's v_proj by the definition, over the all-0.5 base.
+    let file = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let get = |half: &str| {
+        let name = format!("base_model.model.model.layers.3.self_attn.v_proj.{half}");
+        file[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b, m) = (
+        get("lora_A.weight"),
+        get("lora_B.weight"),
+        get("lora_magnitude_vector"),
+    );
+    let row: Vec<f32> = (0..576)
+        .map(|i| 0.5 + 2.0 * (0..8).map(|r| b[r] * a[r * 576 + i]).sum::<f32>())
+        .collect();
+    let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let Some(SiteScale::Output(g)) = w.scale(3, LoraSite::V) else {
+        panic!("no DoRA scale at v_proj");
+    };
+    assert!(
+        (g[0] - m[0] / norm).abs() < 1e-6,
+        "{} vs {}",
+        g[0],
+        m[0] / norm
+    );
+    // Per layer: q and o pairs of 2 x 8 x 576, k and v of 8 x (576 + 192), magnitudes.
+    let per_layer = 2 * (2 * 8 * 576) + 2 * 8 * (576 + 192) + (2 * 576 + 2 * 192);
+    assert_eq!(w.bytes, 30 * 4 * per_layer);
+}
+
+#[test]
+fn dora_needs_a_magnitude_of_the_output_width_at_every_site() {
+    let dora = config(json!({"use_dora": true}));
+    let magnitude = |layer: usize, site: LoraSite, n: usize| {
+        let name = format!(
+            "base_model.model.{}.lora_magnitude_vector",
+            site.module_path(layer)
+        );
+        (name, Tensor::ones(n, DType::F32, &Device::Cpu).unwrap())
+    };
+    let mut tensors = pairs(&[0, 1], &[LoraSite::Q, LoraSite::V], 4);
+    tensors.extend([
+        magnitude(0, LoraSite::Q, 8),
+        magnitude(1, LoraSite::Q, 8),
+        magnitude(0, LoraSite::V, 4),
+    ]);
+    expect_invalid(
+        load_on(folder(&dora, tensors.clone()).path(), TINY),
+        "missing key base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector",
+    );
+    tensors.push(magnitude(1, LoraSite::V, 3));
+    expect_invalid(
+        load_on(folder(&dora, tensors.clone()).path(), TINY),
+        "expected [4]",
+    );
+    tensors.pop();
+    tensors.push(magnitude(1, LoraSite::V, 4));
+    let w = load_on(folder(&dora, tensors).path(), TINY).unwrap();
+    assert_eq!(w.kind, AdapterKind::Dora);
+    // Bytes: every pair plus every magnitude, in f32.
+    assert_eq!(
+        w.bytes,
+        2 * 4 * (4 * 8 + 8 * 4 + 4 * 8 + 4 * 4) + 2 * 4 * (8 + 4)
+    );
+}
+
+#[test]
+fn ia3_tiny_folder_loads_and_follows_feedforward_matching() {
+    let sites = [LoraSite::K, LoraSite::V, LoraSite::Down];
+    let w = load_on(
+        folder(&ia3_config(json!({})), ia3_tensors(&sites)).path(),
+        TINY,
+    )
+    .unwrap();
+    assert!(matches!(
+        w.scale(1, LoraSite::Down),
+        Some(SiteScale::Input(_))
+    ));
+    // PEFT matches feed-forward entries with a plain `endswith` (no dot boundary).
+    let c = ia3_config(json!({"feedforward_modules": ["own_proj"]}));
+    let w = load_on(folder(&c, ia3_tensors(&sites)).path(), TINY).unwrap();
+    assert!(matches!(
+        w.scale(0, LoraSite::Down),
+        Some(SiteScale::Input(_))
+    ));
+    // A regex string is a full match.
+    let c = ia3_config(json!({"feedforward_modules": ".*mlp\\.down_proj"}));
+    assert!(load_on(folder(&c, ia3_tensors(&sites)).path(), TINY).is_ok());
+    // Without feed-forward on down_proj its vector must be [out, 1].
+    let c = ia3_config(json!({"feedforward_modules": []}));
+    expect_invalid(
+        load_on(folder(&c, ia3_tensors(&sites)).path(), TINY),
+        "expected [8, 1]",
+    );
+}
+
+#[test]
+fn ia3_refusals_name_the_key_or_feature() {
+    let sites = [LoraSite::K, LoraSite::V, LoraSite::Down];
+    let c = ia3_config(
+        json!({"target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["q_proj"]}),
+    );
+    expect_unsupported(
+        load_on(
+            folder(&c, ia3_tensors(&[LoraSite::Q, LoraSite::Down])).path(),
+            TINY,
+        ),
+        "feed-forward scaling is served on o_proj and down_proj only",
+    );
+    let c = ia3_config(json!({"modules_to_save": ["lm_head"]}));
+    expect_unsupported(
+        load_on(folder(&c, ia3_tensors(&sites)).path(), TINY),
+        "modules_to_save",
+    );
+    let mut missing = ia3_tensors(&sites);
+    missing.remove(0);
+    expect_invalid(
+        load_on(folder(&ia3_config(json!({})), missing).path(), TINY),
+        "missing key base_model.model.model.layers.0.self_attn.k_proj.ia3_l",
+    );
+    let mut stray = ia3_tensors(&sites);
+    stray.extend(pair(0, LoraSite::K, 2, DType::F32));
+    expect_invalid(
+        load_on(folder(&ia3_config(json!({})), stray).path(), TINY),
+        "unexpected key",
+    );
+    let mut bad = ia3_tensors(&sites);
+    let nan = Tensor::from_vec(vec![f32::NAN; 4], (4, 1), &Device::Cpu).unwrap();
+    bad[0].1 = nan;
+    expect_invalid(
+        load_on(folder(&ia3_config(json!({})), bad).path(), TINY),
+        "non-finite",
+    );
+}

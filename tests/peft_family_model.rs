@@ -29,6 +29,9 @@ const SEED: u64 = 3;
 
 type Model = Llama<CpuBackend>;
 
+/// A sequence's tokens and its weighted adapter entries `(slot, weight)`.
+type WeightedSeq = (Vec<u32>, Vec<(u32, f32)>);
+
 fn spec(kind: AdapterKind, sites: &[LoraSite], seed: u64) -> SynthSpec {
     SynthSpec {
         kind,
@@ -77,15 +80,38 @@ fn merged(
 }
 
 fn run(model: &Model, adapters: &[Arc<AdapterWeights>], seqs: &[(Vec<u32>, i32)]) -> Vec<Vec<f32>> {
+    let seqs: Vec<WeightedSeq> = seqs
+        .iter()
+        .map(|(t, s)| {
+            (
+                t.clone(),
+                u32::try_from(*s).map(|s| (s, 1.0)).into_iter().collect(),
+            )
+        })
+        .collect();
+    run_entries(model, adapters, &seqs)
+}
+
+/// One step over `seqs`, each with its weighted adapter entries (none: the base; one of
+/// weight 1: a plain adapter chunk; else a mixture chunk).
+fn run_entries(
+    model: &Model,
+    adapters: &[Arc<AdapterWeights>],
+    seqs: &[WeightedSeq],
+) -> Vec<Vec<f32>> {
     let mut alloc = BlockAllocator::new(64, 4);
     let mut kv = model.new_kv(64, 4).unwrap();
     let mut batch = ForwardBatch::default();
     let mut tables = Vec::new();
-    for (tokens, slot) in seqs {
+    for (tokens, entries) in seqs {
         let mut table = Vec::new();
         assert_eq!(alloc.allocate(&mut table, tokens.len()), Allocation::Ok);
         let start = batch.tokens.len();
-        batch.push_adapter_chunk(tokens, 0, &table, *slot);
+        match entries.as_slice() {
+            [] => batch.push_chunk(tokens, 0, &table),
+            [(slot, w)] if *w == 1.0 => batch.push_adapter_chunk(tokens, 0, &table, *slot as i32),
+            _ => batch.push_mixture_chunk(tokens, 0, &table, entries),
+        };
         batch.logit_rows.extend(start..start + tokens.len());
         tables.push(table);
     }
@@ -313,6 +339,66 @@ fn dora_without_served_weights_and_kinds_a_backend_lacks_are_refused_by_name() {
         match got {
             Err(AdapterError::Unsupported(m)) => assert!(m.contains("on this backend"), "{m}"),
             other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// A mixture token gets `W + sum_i w_i s_i B_i A_i` (the weighted merge), with negative
+/// weights too; in one batch with single-adapter and base tokens every token's logits
+/// are bit-identical to its solo run.
+#[test]
+fn a_mixture_matches_the_weighted_merge_and_is_batch_invariant() {
+    let cfg = tiny_config(VOCAB);
+    let base = llama_from(random_weights(&cfg, SEED).unwrap(), &cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, ta) = load(
+        &dir.path().join("a"),
+        &base,
+        &spec(AdapterKind::Lora, &LoraSite::ALL, 7),
+    );
+    let qv = [LoraSite::Q, LoraSite::V];
+    let (b, tb) = load(
+        &dir.path().join("b"),
+        &base,
+        &spec(AdapterKind::Lora, &qv, 8),
+    );
+    let (wa, wb) = (0.7, -0.4);
+    let lora_merge = |t: &HashMap<String, Tensor>, w: &Tensor, prefix: &str, weight: f64| {
+        let (a, b) = (
+            &t[&format!("{prefix}.lora_A.weight")],
+            &t[&format!("{prefix}.lora_B.weight")],
+        );
+        (w + (b.matmul(a).unwrap() * (2.0 * weight)).unwrap()).unwrap()
+    };
+    let mut both = ta.clone();
+    both.extend(tb.clone());
+    let merge = |w: &Tensor, prefix: &str| {
+        let mut w = w.clone();
+        if ta.contains_key(&format!("{prefix}.lora_A.weight")) {
+            w = lora_merge(&ta, &w, prefix, wa);
+        }
+        if tb.contains_key(&format!("{prefix}.lora_A.weight")) {
+            w = lora_merge(&tb, &w, prefix, wb);
+        }
+        w
+    };
+    let adapters = [a, b];
+    let mix = vec![(0, wa as f32), (1, wb as f32)];
+    let want = run(&merged(&cfg, &both, merge), &[], &[(tokens(8, 3), -1)]);
+    let got = run_entries(&base, &adapters, &[(tokens(8, 3), mix.clone())]);
+    assert_close(&got, &want, "mixture");
+    let seqs = vec![
+        (tokens(5, 7), vec![(1, 1.0)]),
+        (tokens(8, 3), mix),
+        (tokens(4, 5), vec![]),
+        (tokens(6, 2), vec![(0, 1.0)]),
+    ];
+    let together = run_entries(&base, &adapters, &seqs);
+    let mut row = 0;
+    for seq in &seqs {
+        for logits in run_entries(&base, &adapters, std::slice::from_ref(seq)) {
+            assert_eq!(together[row], logits, "{:?} row {row}", seq.1);
+            row += 1;
         }
     }
 }

@@ -69,8 +69,9 @@ impl ActivePool {
     }
 
     /// Whether `v` can ever be active (it is not larger than the whole budget).
-    pub fn fits(&self, v: &AdapterVersion) -> bool {
-        self.blocks_for(v) <= self.budget_blocks
+    /// Whether `versions` (a request's adapters) can be active at once.
+    pub fn fits_together(&self, versions: &[&AdapterVersion]) -> bool {
+        versions.iter().map(|v| self.blocks_for(v)).sum::<usize>() <= self.budget_blocks
     }
 
     fn blocks_for(&self, v: &AdapterVersion) -> usize {

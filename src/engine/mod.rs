@@ -11,6 +11,7 @@ pub mod stop;
 
 use crate::error::RequestError;
 use crate::lora::peft::AdapterWeights;
+use crate::lora::registry::AdapterVersion;
 use crate::model::{BaseModel, ForwardBatch, TextTokenizer};
 use adapter_pool::{ActivePool, ActiveStats};
 use anyhow::{bail, Context, Result};
@@ -84,6 +85,8 @@ pub struct EngineLimits {
     pub max_adapter_bytes: usize,
     pub block_size: usize,
     pub kv_block_bytes: usize,
+    /// Whether the model's backend serves weighted adapter mixtures.
+    pub mixtures: bool,
 }
 
 impl EngineLimits {
@@ -199,6 +202,7 @@ pub fn spawn(
         max_adapter_bytes: adapter_blocks * block_bytes,
         block_size,
         kv_block_bytes: block_bytes,
+        mixtures: model.serves_mixtures(),
     };
     let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
     let alive = Arc::new(AtomicBool::new(true));
@@ -300,18 +304,20 @@ impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Add(req, events) => {
-                if let Some(lease) = &req.adapter {
-                    if !self.pool.fits(lease.version()) {
-                        let _ =
-                            events.send(SeqEvent::Error(RequestError::ResourceExhausted(format!(
-                                "adapter {:?} ({} bytes) is larger than the active adapter \
-                                 memory ({} bytes)",
-                                lease.version().name,
-                                lease.version().bytes(),
-                                self.pool.stats().budget_bytes
-                            ))));
-                        return;
-                    }
+                let versions: Vec<&AdapterVersion> = req
+                    .adapters
+                    .leases()
+                    .map(|l| l.version().as_ref())
+                    .collect();
+                if !self.pool.fits_together(&versions) {
+                    let names: Vec<&str> = versions.iter().map(|v| v.name.as_str()).collect();
+                    let _ = events.send(SeqEvent::Error(RequestError::ResourceExhausted(format!(
+                        "adapters {names:?} ({} bytes) are larger than the active adapter \
+                         memory ({} bytes)",
+                        req.adapters.bytes(),
+                        self.pool.stats().budget_bytes
+                    ))));
+                    return;
                 }
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 self.stats.prompt_tokens += req.prompt_ids.len() as u64;
@@ -326,8 +332,7 @@ impl Engine {
                 self.cancel_where(|_| true);
             }
             Command::CancelAdapter(version, reply) => {
-                let n =
-                    self.cancel_where(|s| s.adapter.as_ref().is_some_and(|a| a.key() == version));
+                let n = self.cancel_where(|s| s.adapters.uses(version));
                 let _ = reply.send(n);
             }
         }
@@ -372,14 +377,14 @@ impl Engine {
     fn pinned(&self) -> HashSet<u64> {
         self.running
             .iter()
-            .filter_map(|s| s.adapter.as_ref().map(|a| a.key()))
+            .flat_map(|s| s.adapters.leases().map(|a| a.key()))
             .collect()
     }
 
     fn waiting_by_adapter(&self) -> BTreeMap<String, usize> {
         let mut by = BTreeMap::new();
         for seq in &self.waiting {
-            if let Some(a) = &seq.adapter {
+            for a in seq.adapters.leases() {
                 *by.entry(a.version().name.clone()).or_insert(0) += 1;
             }
         }
@@ -422,9 +427,11 @@ impl Engine {
         let pool = &mut self.pool;
         let model = &*self.model;
         let mut gate = |seq: &Sequence, blocks: &mut BlockAllocator, free_blocks: usize| {
-            if let Some(lease) = &seq.adapter {
+            for lease in seq.adapters.leases() {
                 // Active in the pool, then ready on the backend (a device copy may still
-                // be in flight: the sequence waits without holding up the step).
+                // be in flight: the sequence waits without holding up the step). A
+                // mixture's members are pinned as they activate, so a later member cannot
+                // evict an earlier one.
                 if !pool.activate(lease.version(), &pinned, blocks, now)
                     || !model.adapter_ready(lease.weights())
                 {
@@ -474,27 +481,39 @@ impl Engine {
 
     /// The ragged batch of a plan, for each scheduled entry whether it samples, and the
     /// step's adapter table (slot `i` is `adapters[i]`, one per version in the batch).
+    /// Slots follow the versions' ids, so a mixture token adds its members' deltas in
+    /// one order whatever else is in the batch (its result stays batch-invariant).
     fn build_batch(&self, plan: &Plan) -> (ForwardBatch, Vec<bool>, Vec<Arc<AdapterWeights>>) {
         let mut batch = ForwardBatch::default();
         let mut sampled = Vec::with_capacity(plan.scheduled.len());
-        let mut slots: HashMap<u64, i32> = HashMap::new();
-        let mut adapters = Vec::new();
+        let mut versions: BTreeMap<u64, Arc<AdapterWeights>> = BTreeMap::new();
+        for s in &plan.scheduled {
+            for lease in self.running[s.index].adapters.leases() {
+                versions.insert(lease.key(), lease.weights().clone());
+            }
+        }
+        let slots: HashMap<u64, u32> = versions
+            .keys()
+            .enumerate()
+            .map(|(slot, &key)| (key, slot as u32))
+            .collect();
+        let adapters: Vec<Arc<AdapterWeights>> = versions.into_values().collect();
         for s in &plan.scheduled {
             let seq = &self.running[s.index];
             let from = seq.num_computed;
-            let slot = match &seq.adapter {
-                None => -1,
-                Some(lease) => *slots.entry(lease.key()).or_insert_with(|| {
-                    adapters.push(lease.weights().clone());
-                    adapters.len() as i32 - 1
-                }),
+            let entries: Vec<(u32, f32)> = seq
+                .adapters
+                .entries()
+                .iter()
+                .map(|(lease, weight)| (slots[&lease.key()], *weight))
+                .collect();
+            let tokens = &seq.tokens[from..from + s.len];
+            let last = if seq.adapters.is_mixture() {
+                batch.push_mixture_chunk(tokens, from, &seq.block_table, &entries)
+            } else {
+                let slot = entries.first().map_or(-1, |&(s, _)| s as i32);
+                batch.push_adapter_chunk(tokens, from, &seq.block_table, slot)
             };
-            let last = batch.push_adapter_chunk(
-                &seq.tokens[from..from + s.len],
-                from,
-                &seq.block_table,
-                slot,
-            );
             let samples = from + s.len == seq.tokens.len();
             if samples {
                 batch.logit_rows.push(last);

@@ -178,7 +178,7 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let req = EngineRequest {
             request_id: format!("r{id}"),
-            adapter: None,
+            adapters: Default::default(),
             prompt_ids: vec![1; prompt_len],
             params: GenerationParams {
                 max_new_tokens: 100,

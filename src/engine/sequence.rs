@@ -20,13 +20,64 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
 }
 
+/// The adapter versions a request runs with, each leased until it ends, with its weight:
+/// none (the base model), one (weight 1), or a weighted mixture whose deltas are summed
+/// (`sum w_i * delta_i`, LoRA-family adapters only: the server checks).
+#[derive(Clone, Debug, Default)]
+pub struct RequestAdapters(Vec<(AdapterLease, f32)>);
+
+impl RequestAdapters {
+    /// One adapter, weight 1.
+    pub fn single(lease: AdapterLease) -> Self {
+        Self(vec![(lease, 1.0)])
+    }
+
+    /// A weighted mixture (the leases of distinct versions).
+    pub fn mixture(members: Vec<(AdapterLease, f32)>) -> Self {
+        Self(members)
+    }
+
+    /// The base model alone.
+    pub fn is_base(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// More than one adapter, or one with a weight other than 1.
+    pub fn is_mixture(&self) -> bool {
+        self.0.len() > 1 || self.0.iter().any(|(_, w)| *w != 1.0)
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &AdapterLease> {
+        self.0.iter().map(|(l, _)| l)
+    }
+
+    /// Each lease with its weight.
+    pub fn entries(&self) -> &[(AdapterLease, f32)] {
+        &self.0
+    }
+
+    /// Whether any member is adapter version id `key`.
+    pub fn uses(&self, key: u64) -> bool {
+        self.leases().any(|l| l.key() == key)
+    }
+
+    /// Bytes of every member's weights.
+    pub fn bytes(&self) -> usize {
+        self.leases().map(|l| l.version().bytes()).sum()
+    }
+
+    /// The first member's version number (0 for the base model).
+    pub fn first_version(&self) -> u64 {
+        self.0.first().map_or(0, |(l, _)| l.version().version)
+    }
+}
+
 /// A validated request handed to the engine.
 #[derive(Clone, Debug)]
 pub struct EngineRequest {
     pub request_id: String,
-    /// The adapter version this request runs with, held until it ends; None for the
-    /// base model.
-    pub adapter: Option<AdapterLease>,
+    /// The adapter versions this request runs with, held until it ends.
+    pub adapters: RequestAdapters,
     pub prompt_ids: Vec<u32>,
     pub params: GenerationParams,
 }
@@ -78,9 +129,9 @@ pub struct Sequence {
     /// Leading positions of `tokens` whose K/V are in the cache.
     pub num_computed: usize,
     pub block_table: Vec<u32>,
-    /// The adapter version of every token of this sequence (None: the base model). The
-    /// lease is released when the sequence is dropped, however it ends.
-    pub adapter: Option<AdapterLease>,
+    /// The adapter versions of every token of this sequence (none: the base model). The
+    /// leases are released when the sequence is dropped, however it ends.
+    pub adapters: RequestAdapters,
     params: GenerationParams,
     sampler: Sampler,
     detok: IncrementalDetokenizer,
@@ -101,7 +152,7 @@ impl Sequence {
             tokens: req.prompt_ids,
             num_computed: 0,
             block_table: Vec::new(),
-            adapter: req.adapter,
+            adapters: req.adapters,
             sampler: Sampler::new(req.params.sampling.clone()),
             stop: StopMatcher::new(req.params.stop.clone()),
             params: req.params,

@@ -7,15 +7,14 @@
 //! `sorted_tokens` exactly, so there is one segment per distinct slot. Tokens without an
 //! adapter (slot -1) appear in neither.
 //!
-//! Extension point (adapter mixtures): internally each token owns a CSR row of
-//! `(slot, weight)` entries (`entry_starts`, `entry_slots`, `entry_weights`). Today
-//! [`LoraBatch::new`] gives a token at most one entry, of weight 1.0. A constructor that
-//! gives a token several entries needs nothing else here: the token then appears once per
-//! entry in `sorted_tokens` (in the segment of each of its slots), `sorted_weights` carries
-//! each entry's weight (the kernels multiply it into the adapter's scale), and
-//! [`LoraBatch::max_entries_per_token`] becomes > 1, which tells the kernels that two
-//! segments may write the same output row (the CPU kernel then adds on one thread).
-//! `slots()` keeps returning the first entry's slot.
+//! Adapter mixtures: each token owns a CSR row of `(slot, weight)` entries
+//! (`entry_starts`, `entry_slots`, `entry_weights`). [`LoraBatch::new`] gives a token at
+//! most one entry, of weight 1.0; [`LoraBatch::from_weighted`] gives a mixture token
+//! several: the token then appears once per entry in `sorted_tokens` (in the segment of
+//! each of its slots), `sorted_weights` carries each entry's weight (the kernels multiply
+//! it into the adapter's scale), and [`LoraBatch::max_entries_per_token`] becomes > 1,
+//! which tells the kernels that two segments may write the same output row (the CPU
+//! kernel then adds on one thread). `slots()` returns the first entry's slot.
 
 /// A run of `len` entries of `sorted_tokens`, from `start`, that share adapter `slot`: the
 /// unit of SGMV (segmented gather matrix-vector) work.
@@ -70,10 +69,9 @@ impl LoraBatch {
         Self::from_csr(slots, entry_starts, entry_slots, entry_weights)
     }
 
-    /// A batch where token t carries the weighted adapters `entries[t]` (the mixture
-    /// extension; see the module docs). Only tests use it today.
-    #[cfg(test)]
-    pub(crate) fn from_weighted(entries: &[Vec<(u32, f32)>]) -> Self {
+    /// A batch where token t carries the weighted adapters `entries[t]` (a mixture;
+    /// see the module docs).
+    pub fn from_weighted(entries: &[Vec<(u32, f32)>]) -> Self {
         let mut entry_starts = vec![0];
         let (mut entry_slots, mut entry_weights) = (Vec::new(), Vec::new());
         for row in entries {

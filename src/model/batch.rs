@@ -20,8 +20,12 @@ pub struct ForwardBatch {
     pub tokens: Vec<u32>,
     pub positions: Vec<usize>,
     pub chunks: Vec<SeqChunk>,
-    /// Adapter slot of every token (-1: the base model alone).
+    /// Adapter slot of every token (-1: the base model alone); a mixture token's first
+    /// member.
     pub slots: Vec<i32>,
+    /// Every token's weighted adapter entries `(slot, weight)`, only when some chunk is a
+    /// mixture (else empty, and `slots` says everything: weight 1).
+    pub mixtures: Vec<Vec<(u32, f32)>>,
     /// Batch rows whose next-token logits are returned, in this order.
     pub logit_rows: Vec<usize>,
 }
@@ -43,6 +47,12 @@ impl ForwardBatch {
     ) -> usize {
         let start = self.tokens.len();
         self.slots.extend(std::iter::repeat_n(slot, tokens.len()));
+        if !self.mixtures.is_empty() {
+            let entries: Vec<(u32, f32)> =
+                u32::try_from(slot).map(|s| (s, 1.0)).into_iter().collect();
+            self.mixtures
+                .extend(std::iter::repeat_n(entries, tokens.len()));
+        }
         self.tokens.extend_from_slice(tokens);
         self.positions
             .extend((0..tokens.len()).map(|i| context_len + i));
@@ -53,6 +63,31 @@ impl ForwardBatch {
             block_table: block_table.to_vec(),
         });
         start + tokens.len() - 1
+    }
+
+    /// Appends one sequence's chunk whose tokens use the weighted adapters `entries`
+    /// (`(slot, weight)`, distinct slots); returns its last row.
+    pub fn push_mixture_chunk(
+        &mut self,
+        tokens: &[u32],
+        context_len: usize,
+        block_table: &[u32],
+        entries: &[(u32, f32)],
+    ) -> usize {
+        let prior = self.tokens.len();
+        if self.mixtures.is_empty() {
+            self.mixtures = self
+                .slots
+                .iter()
+                .map(|&s| u32::try_from(s).map(|s| (s, 1.0)).into_iter().collect())
+                .collect();
+        }
+        let first = entries.first().map_or(-1, |&(s, _)| s as i32);
+        let last = self.push_adapter_chunk(tokens, context_len, block_table, first);
+        self.mixtures.truncate(prior);
+        self.mixtures
+            .extend(std::iter::repeat_n(entries.to_vec(), tokens.len()));
+        last
     }
 
     /// For every row, the index of the chunk it belongs to.

@@ -331,7 +331,14 @@ impl<B: Backend> Llama<B> {
         {
             bail!("token id {id} is outside the vocabulary");
         }
-        if let Some(bad) = batch.slots.iter().find(|s| **s >= adapters.len() as i32) {
+        let mixed = batch.mixtures.iter().flatten().map(|&(s, _)| s as i32);
+        if let Some(bad) = batch
+            .slots
+            .iter()
+            .copied()
+            .chain(mixed)
+            .find(|s| *s >= adapters.len() as i32)
+        {
             bail!(
                 "adapter slot {bad} is not loaded ({} slots)",
                 adapters.len()

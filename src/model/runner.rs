@@ -43,6 +43,11 @@ pub trait BaseModel: Send {
         None
     }
 
+    /// Whether steps apply weighted adapter mixtures ([`Backend::serves_mixtures`]).
+    fn serves_mixtures(&self) -> bool {
+        false
+    }
+
     /// (Re)creates the paged K/V storage: `num_blocks` blocks of `block_size` tokens.
     /// Anything stored before is gone.
     fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> Result<()>;
@@ -102,6 +107,10 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
 
     fn served_base(&self) -> Option<Arc<dyn ServedBase>> {
         Some(self.model.served_base())
+    }
+
+    fn serves_mixtures(&self) -> bool {
+        self.model.backend().serves_mixtures()
     }
 
     fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {

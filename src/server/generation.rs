@@ -1,9 +1,10 @@
 //! The `multilora.v1.Generation` service: thin glue from gRPC to the engine handle.
-use super::validate::validate;
+use super::validate::{validate, AdapterChoice};
 use crate::engine::sampler::TokenLogprob;
-use crate::engine::sequence::{FinishReason, SeqEvent, TokenEvent, Usage};
+use crate::engine::sequence::{FinishReason, RequestAdapters, SeqEvent, TokenEvent, Usage};
 use crate::engine::{EngineHandle, EngineStats};
 use crate::error::RequestError;
+use crate::lora::peft::AdapterKind;
 use crate::lora::registry::{AdapterRegistry, RegistryStats};
 use crate::model::TextTokenizer;
 use crate::proto::v1 as pb;
@@ -38,13 +39,41 @@ impl GenerationService {
         let valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
             .await
             .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
-        let lease = match &valid.adapter {
-            None => None,
-            Some(name) => Some(self.adapters.acquire(name).await?),
+        let adapters = match &valid.adapters {
+            AdapterChoice::Base => RequestAdapters::default(),
+            AdapterChoice::One(name) => RequestAdapters::single(self.adapters.acquire(name).await?),
+            AdapterChoice::Mixture(members) => self.lease_mixture(members).await?,
         };
-        let version = lease.as_ref().map_or(0, |l| l.version().version);
-        let request = valid.into_engine_request(lease, &limits)?;
+        let version = adapters.first_version();
+        let request = valid.into_engine_request(adapters, &limits)?;
         Ok((self.engine.submit(request).await?, version))
+    }
+
+    /// Leases every member of a mixture; each must be a LoRA-family adapter.
+    async fn lease_mixture(
+        &self,
+        members: &[(String, f32)],
+    ) -> Result<RequestAdapters, RequestError> {
+        let mut leased = Vec::with_capacity(members.len());
+        for (name, weight) in members {
+            let lease = self.adapters.acquire(name).await?;
+            let kind = lease.weights().kind;
+            if kind != AdapterKind::Lora {
+                let why = match kind {
+                    AdapterKind::Dora => "DoRA's norm is per adapter",
+                    _ => "its scales do not add",
+                };
+                return Err(RequestError::invalid(
+                    "adapters",
+                    format!(
+                        "{name:?} is a {} adapter; mixtures combine LoRA-family adapters only ({why})",
+                        kind.name()
+                    ),
+                ));
+            }
+            leased.push((lease, *weight));
+        }
+        Ok(RequestAdapters::mixture(leased))
     }
 }
 

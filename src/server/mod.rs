@@ -84,7 +84,7 @@ pub fn start_engine(
 pub async fn warm_up(engine: &EngineHandle) -> Result<()> {
     let req = EngineRequest {
         request_id: "warm-up".into(),
-        adapter: None,
+        adapters: Default::default(),
         prompt_ids: vec![0, 1, 2, 3],
         params: GenerationParams {
             max_new_tokens: 2,

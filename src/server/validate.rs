@@ -6,10 +6,9 @@
 //! [`ValidRequest::into_engine_request`] once the lease is held. Every error names the
 //! offending field.
 use crate::engine::sampler::SamplingParams;
-use crate::engine::sequence::{EngineRequest, GenerationParams};
+use crate::engine::sequence::{EngineRequest, GenerationParams, RequestAdapters};
 use crate::engine::EngineLimits;
 use crate::error::RequestError;
-use crate::lora::registry::AdapterLease;
 use crate::model::tokenizer::{ChatMessage, TextTokenizer};
 use crate::proto::v1 as pb;
 
@@ -18,6 +17,65 @@ pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_CHARS: usize = 256;
 pub const MAX_REQUEST_ID_CHARS: usize = 256;
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+/// Most adapters one mixture may name.
+pub const MAX_MIXTURE_ADAPTERS: usize = 8;
+
+/// Which adapters a request asks for, before any lease is taken.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdapterChoice {
+    /// The base model alone (`adapter` empty, no `adapters`).
+    Base,
+    /// `adapter`.
+    One(String),
+    /// `adapters`: distinct names with finite weights.
+    Mixture(Vec<(String, f32)>),
+}
+
+/// `adapter` or `adapters`, checked (exclusive, at most 8, names given and distinct,
+/// weights finite, and mixtures served by the backend).
+fn adapter_choice(
+    req: &pb::GenerateRequest,
+    limits: &EngineLimits,
+) -> Result<AdapterChoice, RequestError> {
+    if req.adapters.is_empty() {
+        return Ok(match req.adapter.as_str() {
+            "" => AdapterChoice::Base,
+            name => AdapterChoice::One(name.to_string()),
+        });
+    }
+    let invalid = |message: String| RequestError::invalid("adapters", message);
+    if !req.adapter.is_empty() {
+        return Err(invalid(
+            "is exclusive with adapter; name one or the other".into(),
+        ));
+    }
+    if !limits.mixtures {
+        return Err(invalid(
+            "this server's backend does not serve adapter mixtures".into(),
+        ));
+    }
+    if req.adapters.len() > MAX_MIXTURE_ADAPTERS {
+        return Err(invalid(format!(
+            "{} entries; a mixture names at most {MAX_MIXTURE_ADAPTERS}",
+            req.adapters.len()
+        )));
+    }
+    let mut members: Vec<(String, f32)> = Vec::with_capacity(req.adapters.len());
+    for (i, a) in req.adapters.iter().enumerate() {
+        if a.name.is_empty() {
+            return Err(invalid(format!("entry {i} has no name")));
+        }
+        if !a.weight.is_finite() {
+            return Err(invalid(format!("entry {i} has weight {}", a.weight)));
+        }
+        if members.iter().any(|(n, _)| *n == a.name) {
+            let shown: String = a.name.chars().take(64).collect();
+            return Err(invalid(format!("{shown:?} is named twice")));
+        }
+        members.push((a.name.clone(), a.weight));
+    }
+    Ok(AdapterChoice::Mixture(members))
+}
 
 /// The prompt in one of its accepted forms.
 enum Input {
@@ -163,8 +221,8 @@ fn check_options(req: &pb::GenerateRequest) -> Result<(), RequestError> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidRequest {
     pub request_id: String,
-    /// The adapter to take a lease on; None for the base model.
-    pub adapter: Option<String>,
+    /// The adapters to take leases on.
+    pub adapters: AdapterChoice,
     pub prompt_ids: Vec<u32>,
     /// `max_new_tokens` resolved against the whole KV pool.
     pub params: GenerationParams,
@@ -173,16 +231,16 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
-    /// The engine request, once the adapter's lease is held: the sequence must also fit
-    /// the KV pool less the adapter's share of it (so it can always run alone).
+    /// The engine request, once the adapters' leases are held: the sequence must also
+    /// fit the KV pool less the adapters' share of it (so it can always run alone).
     pub fn into_engine_request(
         mut self,
-        lease: Option<AdapterLease>,
+        adapters: RequestAdapters,
         limits: &EngineLimits,
     ) -> Result<EngineRequest, RequestError> {
-        if let Some(l) = &lease {
+        if !adapters.is_base() {
             let mut fitted = *limits;
-            let reserved = limits.adapter_tokens(l.version().bytes());
+            let reserved = limits.adapter_tokens(adapters.bytes());
             fitted.kv_capacity_tokens = limits.kv_capacity_tokens.saturating_sub(reserved);
             let requested = self
                 .max_new_tokens_given
@@ -191,7 +249,7 @@ impl ValidRequest {
         }
         Ok(EngineRequest {
             request_id: self.request_id,
-            adapter: lease,
+            adapters,
             prompt_ids: self.prompt_ids,
             params: self.params,
         })
@@ -206,13 +264,14 @@ pub fn validate(
     limits: &EngineLimits,
 ) -> Result<ValidRequest, RequestError> {
     let input = check_input(req)?;
+    let adapters = adapter_choice(req, limits)?;
     check_options(req)?;
     let sampling = sampling_params(req.sampling.as_ref())?;
     let prompt_ids = tokenize_input(input, tokenizer, limits)?;
     let max_new_tokens = max_new_tokens(req.max_new_tokens, prompt_ids.len(), limits)?;
     Ok(ValidRequest {
         request_id: req.request_id.clone(),
-        adapter: (!req.adapter.is_empty()).then(|| req.adapter.clone()),
+        adapters,
         prompt_ids,
         params: GenerationParams {
             max_new_tokens,

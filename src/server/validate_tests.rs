@@ -17,6 +17,7 @@ fn limits() -> EngineLimits {
         max_adapter_bytes: 1 << 20,
         block_size: 4,
         kv_block_bytes: 1024,
+        mixtures: true,
     }
 }
 
@@ -130,7 +131,7 @@ fn a_valid_request_keeps_every_field() {
     req.max_new_tokens = Some(7);
     let v = validate(&req, &tokenizer(), &limits()).unwrap();
     assert_eq!(v.request_id, "r-1");
-    assert_eq!(v.adapter.as_deref(), Some("tenant-a"));
+    assert_eq!(v.adapters, AdapterChoice::One("tenant-a".into()));
     assert_eq!(v.params.stop, vec!["\n".to_string()]);
     assert!(v.params.ignore_eos);
     assert_eq!(v.params.logprobs, Some(3));
@@ -138,11 +139,14 @@ fn a_valid_request_keeps_every_field() {
     assert_eq!(
         validate(&prompt("hi"), &tokenizer(), &limits())
             .unwrap()
-            .adapter,
-        None
+            .adapters,
+        AdapterChoice::Base
     );
     // Without an adapter nothing changes after the (absent) lease.
-    let engine = v.clone().into_engine_request(None, &limits()).unwrap();
+    let engine = v
+        .clone()
+        .into_engine_request(RequestAdapters::default(), &limits())
+        .unwrap();
     assert_eq!(engine.params, v.params);
     assert_eq!(engine.prompt_ids, v.prompt_ids);
 }
@@ -162,7 +166,7 @@ async fn the_adapters_share_of_the_pool_is_checked_after_the_lease() {
     let bytes = write_synthetic_adapter(&path, &cfg.base_shape(), &spec).unwrap();
     let registry = AdapterRegistry::new(RegistryConfig::new(cfg.base_shape()));
     registry.register("a", path.to_str().unwrap()).unwrap();
-    let lease = || async { Some(registry.acquire("a").await.unwrap()) };
+    let lease = || async { RequestAdapters::single(registry.acquire("a").await.unwrap()) };
     let lim = limits();
     let reserved = lim.adapter_tokens(bytes);
     assert!(reserved < 40, "the test adapter takes {reserved} tokens");
@@ -176,6 +180,61 @@ async fn the_adapters_share_of_the_pool_is_checked_after_the_lease() {
     let v = validate(&req, &tokenizer(), &lim).unwrap();
     match v.into_engine_request(lease().await, &lim) {
         Err(RequestError::InvalidArgument { field, .. }) => assert_eq!(field, "max_new_tokens"),
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+}
+
+#[test]
+fn mixtures_are_checked_by_entry() {
+    use pb::AdapterWeight;
+    let entry = |name: &str, weight: f32| AdapterWeight {
+        name: name.into(),
+        weight,
+    };
+    let mut req = prompt("hi");
+    req.adapters = vec![entry("a", 0.5), entry("b", -0.25)];
+    let v = validate(&req, &tokenizer(), &limits()).unwrap();
+    assert_eq!(
+        v.adapters,
+        AdapterChoice::Mixture(vec![("a".into(), 0.5), ("b".into(), -0.25)])
+    );
+    let refused =
+        |req: &pb::GenerateRequest, needle: &str| match validate(req, &tokenizer(), &limits()) {
+            Err(RequestError::InvalidArgument { field, message }) => {
+                assert_eq!(field, "adapters");
+                assert!(
+                    message.contains(needle),
+                    "{message:?} should say {needle:?}"
+                );
+            }
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        };
+    let mut both = req.clone();
+    both.adapter = "a".into();
+    refused(&both, "exclusive with adapter");
+    let mut many = req.clone();
+    many.adapters = (0..9).map(|i| entry(&format!("a{i}"), 1.0)).collect();
+    refused(&many, "at most 8");
+    let mut twice = req.clone();
+    twice.adapters = vec![entry("a", 1.0), entry("a", 2.0)];
+    refused(&twice, "named twice");
+    let mut nan = req.clone();
+    nan.adapters = vec![entry("a", f32::NAN)];
+    refused(&nan, "weight NaN");
+    let mut unnamed = req.clone();
+    unnamed.adapters = vec![entry("", 1.0)];
+    refused(&unnamed, "no name");
+    let lim = EngineLimits {
+        mixtures: false,
+        ..limits()
+    };
+    match validate(&req, &tokenizer(), &lim) {
+        Err(RequestError::InvalidArgument { message, .. }) => {
+            assert!(
+                message.contains("does not serve adapter mixtures"),
+                "{message}"
+            )
+        }
         other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
     }
 }

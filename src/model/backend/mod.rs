@@ -152,6 +152,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn serves(&self, kind: AdapterKind) -> bool {
         kind == AdapterKind::Lora
     }
+    /// Whether steps apply weighted mixtures (a token with several `(slot, weight)`
+    /// entries, `ForwardBatch::mixtures`); the server refuses mixtures otherwise.
+    fn serves_mixtures(&self) -> bool {
+        false
+    }
     /// A vector from a host tensor `[n]` (any float dtype).
     fn vector(&self, v: &Tensor) -> Result<Self::Vector>;
     /// Empty K/V storage of `layout`.

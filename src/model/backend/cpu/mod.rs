@@ -148,6 +148,10 @@ impl Backend for CpuBackend {
         true
     }
 
+    fn serves_mixtures(&self) -> bool {
+        true
+    }
+
     fn weight_bytes(&self, w: &CpuWeight) -> usize {
         w.bytes()
     }
@@ -308,8 +312,13 @@ impl Backend for CpuBackend {
         batch: &ForwardBatch,
         adapters: &[Arc<AdapterWeights>],
     ) -> Result<CpuStep> {
+        let lora_batch = if batch.mixtures.is_empty() {
+            LoraBatch::new(&batch.slots)
+        } else {
+            LoraBatch::from_weighted(&batch.mixtures)
+        };
         Ok(CpuStep {
-            batch: LoraBatch::new(&batch.slots),
+            batch: lora_batch,
             adapters: adapters.to_vec(),
         })
     }

@@ -281,6 +281,11 @@ impl Backend for CudaBackend {
         batch: &ForwardBatch,
         adapters: &[Arc<AdapterWeights>],
     ) -> Result<CudaStep> {
+        // The server refuses mixtures where `serves_mixtures` is false (here).
+        ensure!(
+            batch.mixtures.is_empty(),
+            "adapter mixtures are not served on the CUDA backend"
+        );
         let device_adapters = adapters
             .iter()
             .map(|a| self.adapters.get(a))

@@ -76,7 +76,8 @@ enum AdaptersCommand {
         /// Ranks, used in turn (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "16")]
         ranks: Vec<usize>,
-        /// PEFT types, used in turn (comma-separated, from lora, dora, ia3).
+        /// PEFT types, used in turn (comma-separated, from lora, dora, ia3 and
+        /// prompt_tuning, whose rank is its number of virtual tokens).
         #[arg(long = "type", value_delimiter = ',', default_value = "lora")]
         types: Vec<String>,
         /// Target modules (comma-separated, from q,k,v,o,gate,up,down).
@@ -298,7 +299,10 @@ fn synth_adapters(
             "lora" => Ok(AdapterKind::Lora),
             "dora" => Ok(AdapterKind::Dora),
             "ia3" => Ok(AdapterKind::Ia3),
-            other => anyhow::bail!("--type: unknown type {other:?} (lora, dora or ia3)"),
+            "prompt_tuning" => Ok(AdapterKind::PromptTuning),
+            other => {
+                anyhow::bail!("--type: unknown type {other:?} (lora, dora, ia3 or prompt_tuning)")
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     if kinds.is_empty() || !distinct.is_multiple_of(kinds.len()) {

@@ -103,6 +103,7 @@ pub fn random_adapter(
         layers,
         scales: Vec::new(),
         bytes,
+        prompt: None,
     }
 }
 

@@ -1,5 +1,7 @@
-//! Adapter types and mixtures over gRPC on the tiny random model: DoRA, (IA)³ and LoRA
-//! requests and weighted mixtures run side by side, each stream equal to its solo run;
+//! Adapter types and mixtures over gRPC on the tiny random model: DoRA, (IA)³, prompt
+//! tuning and LoRA requests and weighted mixtures run side by side, each stream equal to
+//! its solo run; prompt tuning's virtual tokens are reported apart from the prompt's and
+//! count against the context;
 //! a mixture naming a DoRA or (IA)³ adapter, an unknown adapter or a bad entry is
 //! refused with the right code and reason, and the next valid request still succeeds.
 mod common;
@@ -13,7 +15,8 @@ use pb::generation_client::GenerationClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
-/// The tiny server with adapters `lora-a`, `lora-b`, `dora` and `ia3`.
+/// The tiny server with adapters `lora-a`, `lora-b`, `dora`, `ia3` and `prompt` (4
+/// virtual tokens).
 fn server(dir: &std::path::Path) -> TestServer {
     let mut server = TestServer::tiny().engine(EngineConfig {
         kv_cache_memory: 8 << 20,
@@ -29,6 +32,7 @@ fn server(dir: &std::path::Path) -> TestServer {
             AdapterKind::Ia3,
             vec![LoraSite::K, LoraSite::V, LoraSite::Down],
         ),
+        ("prompt", AdapterKind::PromptTuning, vec![]),
     ];
     for (i, (name, kind, sites)) in adapters.into_iter().enumerate() {
         let spec = SynthSpec {
@@ -85,6 +89,7 @@ async fn every_type_and_mixtures_in_one_batch_match_their_solo_runs() {
         req("", &mix, "abc"),
         req("dora", &[], "hello"),
         req("ia3", &[], "hello"),
+        req("prompt", &[], "hello"),
         req("", &[], "abc"),
         req("", &[("lora-b", -1.5)], "xyz"),
         req("lora-b", &[], "xyz"),
@@ -94,10 +99,12 @@ async fn every_type_and_mixtures_in_one_batch_match_their_solo_runs() {
         alone.push(run(&mut client, r.clone()).await);
     }
     // Each type changes the output (so the comparison is not vacuous).
-    assert_ne!(alone[0], alone[4], "lora-a");
-    assert_ne!(alone[1], alone[4], "mixture");
+    assert_ne!(alone[0], alone[5], "lora-a vs base");
+    assert_ne!(alone[1], alone[5], "mixture vs base");
     assert_ne!(alone[1], alone[0], "mixture vs lora-a");
-    assert_ne!(alone[5], alone[6], "a weight of -1.5 vs 1");
+    assert_ne!(alone[2], alone[3], "DoRA vs (IA)³");
+    assert_ne!(alone[4], alone[3], "prompt tuning vs (IA)³");
+    assert_ne!(alone[6], alone[7], "a weight of -1.5 vs 1");
     let handles: Vec<_> = jobs
         .into_iter()
         .map(|r| {
@@ -160,5 +167,39 @@ async fn bad_mixtures_are_refused_and_the_next_request_succeeds() {
         .await;
         assert_eq!(ok.unwrap().token_ids.len(), 12);
     }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_tokens_are_reported_and_count_against_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let Started {
+        server,
+        gen: mut client,
+    } = server(dir.path()).start().await;
+    let done = generate(&mut client, req("prompt", &[], "hello"))
+        .await
+        .unwrap();
+    assert_eq!(done.usage.prompt_tokens, 5);
+    assert_eq!(done.usage.virtual_tokens, 4);
+    let base = generate(&mut client, req("", &[], "hello")).await.unwrap();
+    assert_eq!(
+        (base.usage.prompt_tokens, base.usage.virtual_tokens),
+        (5, 0)
+    );
+    // 5 prompt tokens + 507 new fill the 512-token context alone, not after 4 virtual ones.
+    let mut long = req("prompt", &[], "hello");
+    long.max_new_tokens = Some(507);
+    let status = generate(&mut client, long.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("max_new_tokens"),
+        "{}",
+        status.message()
+    );
+    long.max_new_tokens = Some(503);
+    long.logprobs = None;
+    let ok = generate(&mut client, long).await.unwrap();
+    assert_eq!(ok.token_ids.len(), 503);
     server.stop().await.unwrap();
 }

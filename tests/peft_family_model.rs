@@ -402,3 +402,60 @@ fn a_mixture_matches_the_weighted_merge_and_is_batch_invariant() {
         }
     }
 }
+
+/// Prompt tuning: virtual tokens whose embeddings are rows of the embedding table give
+/// exactly what the base model gives on those real tokens before the same prompt
+/// (positions 0..n for them, n.. for the prompt), alone and beside other tokens.
+#[test]
+fn virtual_tokens_act_as_the_prompt_they_embed() {
+    let cfg = tiny_config(VOCAB);
+    let weights = random_weights(&cfg, SEED).unwrap();
+    let ids = [5u32, 17, 3];
+    let table = weights["model.embed_tokens.weight"].clone();
+    let rows = Tensor::new(&ids[..], &Device::Cpu).unwrap();
+    let prompt = table.index_select(&rows, 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t: HashMap<String, Tensor> = [("prompt_embeddings".to_string(), prompt)].into();
+    candle_core::safetensors::save(&t, dir.path().join(WEIGHTS_FILE)).unwrap();
+    let config = serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3,
+        "token_dim": cfg.hidden_size, "num_transformer_submodules": 1, "task_type": "CAUSAL_LM"});
+    std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+    let base = llama_from(weights, &cfg).unwrap();
+    let limits = AdapterLimits::default();
+    let w = load_peft_adapter(dir.path(), &base.base_shape(), &limits, AdapterDType::F32).unwrap();
+    assert_eq!(
+        (w.kind, w.num_virtual_tokens(), w.bytes),
+        (AdapterKind::PromptTuning, 3, 3 * 4 * cfg.hidden_size)
+    );
+    let real = tokens(6, 7);
+    let virt: Vec<u32> = (0..3)
+        .map(|i| multilora::model::batch::VIRTUAL_TOKEN_BASE + i)
+        .collect();
+    let want = run(&base, &[], &[([&ids[..], &real].concat(), -1)]);
+    let got = run(&base, &[Arc::new(w)], &[([&virt[..], &real].concat(), 0)]);
+    assert_eq!(got, want);
+    let other = (tokens(4, 3), -1);
+    let together = run(
+        &base,
+        &[Arc::new(
+            load_peft_adapter(dir.path(), &base.base_shape(), &limits, AdapterDType::F32).unwrap(),
+        )],
+        &[other.clone(), ([&virt[..], &real].concat(), 0)],
+    );
+    assert_eq!(&together[4..], &want[..]);
+    // A virtual id beyond the adapter's rows is refused, not read out of bounds.
+    let mut kv = base.new_kv(8, 4).unwrap();
+    let mut batch = ForwardBatch::default();
+    batch.push_adapter_chunk(
+        &[multilora::model::batch::VIRTUAL_TOKEN_BASE + 3],
+        0,
+        &[0],
+        0,
+    );
+    batch.logit_rows.push(0);
+    let w = load_peft_adapter(dir.path(), &base.base_shape(), &limits, AdapterDType::F32).unwrap();
+    let e = base
+        .forward_with_adapters(&batch, &mut kv, &[Arc::new(w)])
+        .unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+}

@@ -5,6 +5,7 @@ use super::sampler::{token_logprob, Sampler, SamplingParams, TokenLogprob};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::error::RequestError;
 use crate::lora::registry::AdapterLease;
+use crate::model::batch::VIRTUAL_TOKEN_BASE;
 use crate::model::tokenizer::{IncrementalDetokenizer, TextTokenizer};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -66,6 +67,13 @@ impl RequestAdapters {
         self.leases().map(|l| l.version().bytes()).sum()
     }
 
+    /// Virtual tokens the adapters put before the prompt (prompt tuning: one adapter).
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.leases()
+            .map(|l| l.weights().num_virtual_tokens())
+            .sum()
+    }
+
     /// The first member's version number (0 for the base model).
     pub fn first_version(&self) -> u64 {
         self.0.first().map_or(0, |(l, _)| l.version().version)
@@ -92,7 +100,10 @@ pub enum FinishReason {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Usage {
+    /// The request's own prompt tokens.
     pub prompt_tokens: usize,
+    /// Virtual tokens its adapter put before them (prompt tuning).
+    pub virtual_tokens: usize,
     pub completion_tokens: usize,
     pub queue_time: Duration,
     pub time_to_first_token: Duration,
@@ -123,9 +134,13 @@ pub enum SeqEvent {
 pub struct Sequence {
     pub id: u64,
     pub request_id: String,
-    /// Prompt followed by generated tokens.
+    /// The adapter's virtual tokens (ids from [`VIRTUAL_TOKEN_BASE`]), the prompt, then
+    /// generated tokens.
     pub tokens: Vec<u32>,
+    /// Virtual tokens plus prompt tokens.
     pub prompt_len: usize,
+    /// Virtual tokens at the start of `tokens` (prompt tuning; else 0).
+    pub virtual_len: usize,
     /// Leading positions of `tokens` whose K/V are in the cache.
     pub num_computed: usize,
     pub block_table: Vec<u32>,
@@ -145,11 +160,17 @@ pub struct Sequence {
 impl Sequence {
     pub fn new(id: u64, req: EngineRequest, events: mpsc::UnboundedSender<SeqEvent>) -> Self {
         let detok = IncrementalDetokenizer::new(&req.prompt_ids);
+        let virtual_len = req.adapters.num_virtual_tokens();
+        let mut tokens: Vec<u32> = (0..virtual_len as u32)
+            .map(|i| VIRTUAL_TOKEN_BASE + i)
+            .collect();
+        tokens.extend_from_slice(&req.prompt_ids);
         Self {
             id,
             request_id: req.request_id,
-            prompt_len: req.prompt_ids.len(),
-            tokens: req.prompt_ids,
+            prompt_len: tokens.len(),
+            virtual_len,
+            tokens,
             num_computed: 0,
             block_table: Vec::new(),
             adapters: req.adapters,
@@ -195,7 +216,9 @@ impl Sequence {
         logits: &[f32],
         context_limit: usize,
     ) -> Option<FinishReason> {
-        let id = self.sampler.sample(logits, &self.tokens);
+        let id = self
+            .sampler
+            .sample(logits, &self.tokens[self.virtual_len..]);
         let logprob = self.params.logprobs.map(|k| token_logprob(logits, id, k));
         self.tokens.push(id);
         self.first_token.get_or_insert_with(Instant::now);
@@ -244,7 +267,8 @@ impl Sequence {
     pub fn finish(&mut self, reason: FinishReason, matched_stop: Option<String>) {
         let now = Instant::now();
         let usage = Usage {
-            prompt_tokens: self.prompt_len,
+            prompt_tokens: self.prompt_len - self.virtual_len,
+            virtual_tokens: self.virtual_len,
             completion_tokens: self.completion_len(),
             queue_time: self
                 .first_scheduled

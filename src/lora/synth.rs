@@ -4,7 +4,7 @@
 //! shape. DoRA magnitudes are drawn near 1 (the row norm of a weight with entries of
 //! std `1/sqrt(in)`), not from a base model, so on a real base their scales are
 //! arbitrary; (IA)³ vectors are drawn in `1 +- 0.2`, `down_proj` feed-forward as PEFT's
-//! Llama default.
+//! Llama default; prompt tuning writes `rank` virtual tokens drawn in `+- 0.1`.
 use super::peft::{AdapterKind, BaseShape, LoraSite, CONFIG_FILE, WEIGHTS_FILE};
 use crate::rng::Xoshiro256;
 use anyhow::{Context, Result};
@@ -16,7 +16,7 @@ use std::path::Path;
 #[derive(Clone, Debug)]
 pub struct SynthSpec {
     pub kind: AdapterKind,
-    /// Ignored for (IA)³.
+    /// Ignored for (IA)³; the number of virtual tokens for prompt tuning.
     pub rank: usize,
     pub alpha: f32,
     pub sites: Vec<LoraSite>,
@@ -41,8 +41,17 @@ pub fn synthetic_pair(
 pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -> Result<usize> {
     let mut rng = Xoshiro256::from_seed(spec.seed);
     let mut tensors = HashMap::new();
+    if matches!(spec.kind, AdapterKind::PromptTuning | AdapterKind::PTuning) {
+        let rows = rng.symmetric_vec(spec.rank * base.hidden_size, 0.1);
+        let t = Tensor::from_vec(rows, (spec.rank, base.hidden_size), &Device::Cpu)?;
+        tensors.insert("prompt_embeddings".to_string(), t);
+    }
+    let sites: &[LoraSite] = match spec.kind {
+        AdapterKind::PromptTuning | AdapterKind::PTuning => &[],
+        _ => &spec.sites,
+    };
     for layer in 0..base.num_layers {
-        for &site in &spec.sites {
+        for &site in sites {
             let (inp, out) = base.dims(site);
             if spec.kind == AdapterKind::Ia3 {
                 let l = rng.symmetric_vec(inp.max(out), 0.2);
@@ -100,6 +109,15 @@ pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -
 /// The `adapter_config.json` of `spec`.
 fn config(spec: &SynthSpec) -> serde_json::Value {
     let targets: Vec<&str> = spec.sites.iter().map(|s| s.module_name()).collect();
+    if matches!(spec.kind, AdapterKind::PromptTuning | AdapterKind::PTuning) {
+        return serde_json::json!({
+            "peft_type": spec.kind.name(),
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": spec.rank,
+            "num_transformer_submodules": 1,
+            "inference_mode": true,
+        });
+    }
     if spec.kind == AdapterKind::Ia3 {
         let feedforward: Vec<&str> = targets
             .iter()

@@ -1,6 +1,15 @@
 //! The ragged batch of one engine step: every scheduled token of every sequence, with
 //! the per-sequence chunk boundaries attention needs and the rows whose logits are wanted.
 
+/// Token ids from here on are virtual tokens: `VIRTUAL_TOKEN_BASE + i` is row `i` of the
+/// token's adapter's virtual-token embeddings (prompt tuning), never a vocabulary entry.
+pub const VIRTUAL_TOKEN_BASE: u32 = 1 << 31;
+
+/// The virtual-token row of `id`, if it is one.
+pub fn virtual_row(id: u32) -> Option<usize> {
+    id.checked_sub(VIRTUAL_TOKEN_BASE).map(|i| i as usize)
+}
+
 /// One sequence's contiguous run of tokens in the batch.
 #[derive(Clone, Debug)]
 pub struct SeqChunk {

@@ -6,7 +6,7 @@
 //! [`super::layout`]; linear weights reach the backend as the checkpoint holds them
 //! (dense or quantized blocks).
 use super::backend::{Backend, HeadShape, KvLayout, SitePart};
-use super::batch::ForwardBatch;
+use super::batch::{virtual_row, ForwardBatch};
 use super::checkpoint::{Checkpoint, HostWeight};
 use super::config::ModelConfig;
 use super::layout;
@@ -324,13 +324,6 @@ impl<B: Backend> Llama<B> {
                 bail!("position {p} is beyond the context length {max_positions}");
             }
         }
-        if let Some(&id) = batch
-            .tokens
-            .iter()
-            .find(|&&id| id as usize >= self.cfg.vocab_size)
-        {
-            bail!("token id {id} is outside the vocabulary");
-        }
         let mixed = batch.mixtures.iter().flatten().map(|&(s, _)| s as i32);
         if let Some(bad) = batch
             .slots
@@ -343,6 +336,19 @@ impl<B: Backend> Llama<B> {
                 "adapter slot {bad} is not loaded ({} slots)",
                 adapters.len()
             );
+        }
+        for (&id, &slot) in batch.tokens.iter().zip(&batch.slots) {
+            if (id as usize) < self.cfg.vocab_size {
+                continue;
+            }
+            let virtual_tokens = usize::try_from(slot)
+                .ok()
+                .and_then(|s| adapters[s].prompt.as_ref())
+                .map_or(0, |p| p.count);
+            match virtual_row(id) {
+                Some(row) if row < virtual_tokens => {}
+                _ => bail!("token id {id} is outside the vocabulary"),
+            }
         }
         Ok(())
     }

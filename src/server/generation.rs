@@ -101,6 +101,7 @@ fn reason_to_pb(r: FinishReason) -> pb::FinishReason {
 fn usage_to_pb(u: &Usage) -> pb::Usage {
     pb::Usage {
         prompt_tokens: u.prompt_tokens as u32,
+        virtual_tokens: u.virtual_tokens as u32,
         completion_tokens: u.completion_tokens as u32,
         queue_time_s: u.queue_time.as_secs_f64(),
         time_to_first_token_s: u.time_to_first_token.as_secs_f64(),

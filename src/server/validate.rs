@@ -232,16 +232,23 @@ pub struct ValidRequest {
 
 impl ValidRequest {
     /// The engine request, once the adapters' leases are held: the sequence must also
-    /// fit the KV pool less the adapters' share of it (so it can always run alone).
+    /// fit the KV pool less the adapters' share of it (so it can always run alone), and
+    /// the context and pool less the adapter's virtual tokens.
     pub fn into_engine_request(
         mut self,
         adapters: RequestAdapters,
         limits: &EngineLimits,
     ) -> Result<EngineRequest, RequestError> {
         if !adapters.is_base() {
+            // The adapters' share of the pool, and any virtual tokens (prompt tuning),
+            // which take positions and KV slots like prompt tokens.
             let mut fitted = *limits;
             let reserved = limits.adapter_tokens(adapters.bytes());
-            fitted.kv_capacity_tokens = limits.kv_capacity_tokens.saturating_sub(reserved);
+            let virtual_tokens = adapters.num_virtual_tokens();
+            fitted.kv_capacity_tokens = limits
+                .kv_capacity_tokens
+                .saturating_sub(reserved + virtual_tokens);
+            fitted.context_length = limits.context_length.saturating_sub(virtual_tokens);
             let requested = self
                 .max_new_tokens_given
                 .then_some(self.params.max_new_tokens as u32);

@@ -132,6 +132,7 @@ mod tests {
             layers: vec![layer],
             scales: vec![scales],
             bytes: 0,
+            prompt: None,
         }
     }
 

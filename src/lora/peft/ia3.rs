@@ -179,5 +179,6 @@ pub(super) fn assemble(
             .collect(),
         scales,
         bytes,
+        prompt: None,
     })
 }

@@ -1,6 +1,7 @@
 //! PEFT adapters: the public types and [`load_peft_adapter`], the entry point. It turns
 //! a folder (`adapter_config.json` + `adapter_model.safetensors`) into validated
-//! [`AdapterWeights`] of one [`AdapterKind`]: LoRA (rsLoRA too), DoRA or (IA)³.
+//! [`AdapterWeights`] of one [`AdapterKind`]: LoRA (rsLoRA too), DoRA, (IA)³, prompt
+//! tuning or P-tuning.
 //! Invariants: module selection, `layers_to_transform`, rank/alpha patterns and scaling
 //! follow PEFT exactly; a (layer, site) holds a [`LoraPair`] iff the config targets it
 //! (LoRA, DoRA), with `a = [rank, in]`, `b = [out, rank]`, and a [`SiteScale`] iff the
@@ -9,11 +10,13 @@
 //! never opened; header and file sizes are bounded before anything is read. `config`
 //! reads `adapter_config.json` and applies PEFT's matching rules; `tensors` reads and
 //! checks the safetensors file and assembles the pairs; `dora` turns DoRA's magnitudes
-//! into output scales against the served base weights; `ia3` reads (IA)³ folders.
+//! into output scales against the served base weights; `ia3` reads (IA)³ folders;
+//! `prompt` reads prompt-tuning and P-tuning folders.
 mod config;
 mod dora;
 pub mod folder;
 mod ia3;
+mod prompt;
 mod tensors;
 
 use config::{LoraConfig, RawConfig};
@@ -132,6 +135,10 @@ pub enum AdapterKind {
     Dora,
     /// (IA)³: each site's output (or, for feed-forward modules, input) times a vector.
     Ia3,
+    /// Prompt tuning: learned virtual-token embeddings before the request's tokens.
+    PromptTuning,
+    /// P-tuning: as prompt tuning, with the embeddings its prompt encoder produced.
+    PTuning,
 }
 
 impl AdapterKind {
@@ -141,6 +148,8 @@ impl AdapterKind {
             AdapterKind::Lora => "LORA",
             AdapterKind::Dora => "DORA",
             AdapterKind::Ia3 => "IA3",
+            AdapterKind::PromptTuning => "PROMPT_TUNING",
+            AdapterKind::PTuning => "P_TUNING",
         }
     }
 }
@@ -173,6 +182,8 @@ pub struct AdapterWeights {
     pub layers: Vec<[Option<LoraPair>; 7]>,
     /// `scales[l][site.index()]`; empty when no site scales anything (LoRA).
     pub scales: Vec<[Option<SiteScale>; 7]>,
+    /// Virtual tokens put before every request's tokens (prompt tuning, P-tuning).
+    pub prompt: Option<VirtualTokens>,
     /// Bytes held (every pair's values in the storage type, every scale in f32).
     pub bytes: usize,
 }
@@ -181,6 +192,28 @@ impl AdapterWeights {
     /// The scale of `site` at `layer`, if the adapter has one there.
     pub fn scale(&self, layer: usize, site: LoraSite) -> Option<&SiteScale> {
         self.scales.get(layer)?[site.index()].as_ref()
+    }
+
+    /// Virtual tokens each request of this adapter starts with (0 but for prompt
+    /// learning).
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |p| p.count)
+    }
+}
+
+/// A prompt-learning adapter's virtual tokens: `count` rows of embeddings, `[count,
+/// hidden]` row-major f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VirtualTokens {
+    pub count: usize,
+    pub embeddings: Vec<f32>,
+}
+
+impl VirtualTokens {
+    /// Row `i` (`< count`).
+    pub fn row(&self, i: usize) -> Option<&[f32]> {
+        let hidden = self.embeddings.len() / self.count.max(1);
+        self.embeddings.get(i * hidden..(i + 1) * hidden)
     }
 }
 
@@ -336,9 +369,11 @@ pub fn load_peft_adapter_served(
     let kind = match raw.peft_type()? {
         "LORA" => LoraConfig::kind(&raw)?,
         "IA3" => AdapterKind::Ia3,
+        "PROMPT_TUNING" => AdapterKind::PromptTuning,
+        "P_TUNING" => AdapterKind::PTuning,
         other => {
             return Err(Unsupported(format!(
-                "peft_type \"{other}\" (LORA, DoRA and IA3 adapters are served)"
+                "peft_type \"{other}\" (LORA, DoRA, IA3, PROMPT_TUNING and P_TUNING adapters are served)"
             )))
         }
     };
@@ -352,6 +387,10 @@ pub fn load_peft_adapter_served(
         let plan = ia3::Ia3Config::parse(&raw)?.plan(base)?;
         let file = SafeTensors::read(&weights_path, limits)?;
         return ia3::assemble(&plan, &file, base);
+    }
+    if matches!(kind, AdapterKind::PromptTuning | AdapterKind::PTuning) {
+        let file = SafeTensors::read(&weights_path, limits)?;
+        return prompt::load(&raw, &file, base, kind);
     }
     if kind == AdapterKind::Dora && served.is_none() {
         return Err(Unsupported(

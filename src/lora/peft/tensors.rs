@@ -336,6 +336,7 @@ pub(super) fn assemble(
         layers: Vec::with_capacity(base.num_layers),
         scales: Vec::new(),
         bytes: 0,
+        prompt: None,
     };
     for (layer, sites) in plan.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);

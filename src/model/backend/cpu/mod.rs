@@ -18,7 +18,7 @@ use crate::lora::batch::LoraBatch;
 use crate::lora::kernels::{lora_apply, scale_input, scale_output, SiteShape, SlotWeights};
 use crate::lora::peft::{AdapterKind, AdapterWeights, LoraSite, SiteScale};
 use crate::lora::values::AdapterDType;
-use crate::model::batch::ForwardBatch;
+use crate::model::batch::{virtual_row, ForwardBatch};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 pub use kv::{CpuKvStore, KvDType};
@@ -170,13 +170,28 @@ impl Backend for CpuBackend {
 
     fn embed(
         &self,
-        _step: &CpuStep,
+        step: &CpuStep,
         batch: &ForwardBatch,
         table: &CpuEmbedding,
     ) -> Result<HostMatrix> {
         let h = table.cols();
         let mut x = Vec::with_capacity(batch.tokens.len() * h);
-        for &id in &batch.tokens {
+        for (&id, &slot) in batch.tokens.iter().zip(&batch.slots) {
+            if let Some(row) = virtual_row(id) {
+                let prompt = usize::try_from(slot)
+                    .ok()
+                    .and_then(|s| step.adapters.get(s)?.prompt.as_ref());
+                let values = prompt.and_then(|p| p.row(row));
+                let values =
+                    values.with_context(|| format!("virtual token {row} of slot {slot}"))?;
+                ensure!(
+                    values.len() == h,
+                    "virtual token {row} has {} values, not {h}",
+                    values.len()
+                );
+                x.extend_from_slice(values);
+                continue;
+            }
             let id = id as usize;
             ensure!(id < table.rows(), "token id {id} is outside the embedding");
             table.push_row(id, &mut x);

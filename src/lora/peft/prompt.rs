@@ -1,0 +1,87 @@
+//! Prompt tuning and P-tuning folders (`peft_type` `PROMPT_TUNING`, `P_TUNING`): the
+//! learned virtual-token embeddings PEFT prepends to every request's input embeddings.
+//!
+//! Semantics (PEFT's `PeftModelForCausalLM.forward` for prompt learning): the
+//! `num_virtual_tokens` rows of `prompt_embeddings` come before the real tokens'
+//! embeddings, so they take positions `0..n` and the real tokens `n..`; every layer
+//! attends to them like prompt tokens. A P-tuning folder saved for inference holds the
+//! prompt encoder's output (PEFT's `get_prompt_embedding_to_save`), which is what its
+//! inference uses: no encoder runs here.
+//!
+//! Invariants: the table is `[num_virtual_tokens, hidden]` f32, every value finite;
+//! `token_dim` equals the base's hidden size; a config for an encoder-decoder model
+//! (`num_transformer_submodules` 2) is refused.
+use super::config::RawConfig;
+use super::tensors::{finite, SafeTensors};
+use super::AdapterError::{self, Invalid, Unsupported};
+use super::{AdapterKind, AdapterWeights, BaseShape, VirtualTokens};
+use serde_json::Value;
+
+/// The tensor PEFT saves the virtual-token embeddings under.
+const PROMPT_KEY: &str = "prompt_embeddings";
+
+/// A required positive integer field of the config.
+fn count(raw: &RawConfig, field: &str) -> Result<usize, AdapterError> {
+    match raw.get(field).and_then(Value::as_u64) {
+        Some(n) if n > 0 => Ok(n as usize),
+        _ => Err(Invalid(format!(
+            "config: {field} must be a positive integer, not {}",
+            raw.get(field).map_or("absent".into(), Value::to_string)
+        ))),
+    }
+}
+
+/// Loads the virtual-token embeddings of a prompt-learning folder of `kind`.
+pub(super) fn load(
+    raw: &RawConfig,
+    file: &SafeTensors,
+    base: &BaseShape,
+    kind: AdapterKind,
+) -> Result<AdapterWeights, AdapterError> {
+    let n = count(raw, "num_virtual_tokens")?;
+    if let Some(dim) = raw.get("token_dim").and_then(Value::as_u64) {
+        if dim as usize != base.hidden_size {
+            return Err(Invalid(format!(
+                "config: token_dim {dim} is not the base model's hidden size {}",
+                base.hidden_size
+            )));
+        }
+    }
+    match raw
+        .get("num_transformer_submodules")
+        .and_then(Value::as_u64)
+    {
+        None | Some(1) => {}
+        Some(other) => {
+            return Err(Unsupported(format!(
+                "num_transformer_submodules = {other} (a decoder-only base has 1)"
+            )))
+        }
+    }
+    let mut table = None;
+    for t in &file.tensors {
+        if t.name != PROMPT_KEY {
+            return Err(Invalid(format!(
+                "unexpected key {} (a {} folder holds only {PROMPT_KEY})",
+                t.name,
+                kind.name()
+            )));
+        }
+        table = Some(finite(&t.name, t.values(file, &[n, base.hidden_size])?)?);
+    }
+    let table = table.ok_or_else(|| Invalid(format!("missing key {PROMPT_KEY}")))?;
+    Ok(AdapterWeights {
+        kind,
+        rank_max: 0,
+        target_modules: Vec::new(),
+        layers: (0..base.num_layers)
+            .map(|_| std::array::from_fn(|_| None))
+            .collect(),
+        scales: Vec::new(),
+        bytes: 4 * table.len(),
+        prompt: Some(VirtualTokens {
+            count: n,
+            embeddings: table,
+        }),
+    })
+}

@@ -1,13 +1,18 @@
-//! The PEFT family beyond LoRA on the real model against transformers + PEFT
-//! (`tests/fixtures/peft_family.json`): the DoRA and (IA)³ fixture adapters alone
-//! reproduce PEFT's greedy completions exactly, with logprobs within 2e-3; in one
-//! heterogeneous batch with LoRA adapters and base requests, every stream gives exactly
-//! what it gives alone; `GetAdapter` names each adapter's type.
+//! The PEFT family beyond LoRA on the real model against transformers + PEFT: the
+//! shared DoRA and (IA)³ fixtures (`tests/fixtures/peft_family.json`) and the prompt
+//! tuning, P-tuning, VeRA and AdaLoRA adapters made here (`tests/fixtures/peft_self.json`)
+//! alone reproduce PEFT's greedy completions exactly, with logprobs within 2e-3, as does a
+//! 0.5/0.5 mixture of the two LoRA fixtures against PEFT's `add_weighted_adapter(...,
+//! "cat")`; in one heterogeneous batch of every type, the mixture, LoRA adapters and base
+//! requests, every stream gives exactly what it gives alone; `GetAdapter` names each
+//! adapter's type.
 mod common;
 
 use common::*;
 use multilora::proto::v1 as pb;
+use pb::generation_client::GenerationClient;
 use serde_json::Value;
+use tonic::transport::Channel;
 
 /// Every fixture adapter: the family under test and the LoRA ones they are mixed with.
 const ADAPTERS: [(&str, &str); 4] = [
@@ -17,17 +22,42 @@ const ADAPTERS: [(&str, &str); 4] = [
     ("beta-lora-r16-all", "LORA"),
 ];
 
-fn real_with_family() -> TestServer {
+/// The real model with every fixture adapter of [`ADAPTERS`] and [`SELF_MADE`].
+fn real_with_every_type() -> TestServer {
     ADAPTERS
         .iter()
+        .chain(&SELF_MADE)
         .fold(TestServer::real(), |server, (name, _)| {
             server.adapter(name, fixture_adapter(name))
         })
 }
 
-fn oracle() -> Value {
-    let text = std::fs::read_to_string(repo_path("tests/fixtures/peft_family.json")).unwrap();
+/// The `adapters` field of a 0.5/0.5 mixture of the two LoRA fixtures.
+fn mixture_of_alpha_and_beta() -> Vec<pb::AdapterWeight> {
+    ["alpha-lora-r8-qv", "beta-lora-r16-all"]
+        .map(|name| pb::AdapterWeight {
+            name: name.into(),
+            weight: 0.5,
+        })
+        .to_vec()
+}
+
+/// Adapters made here with PEFT (`scripts/peft_fixtures`), with their oracle in
+/// `tests/fixtures/peft_self.json`.
+const SELF_MADE: [(&str, &str); 4] = [
+    ("eta-prompt-tuning", "PROMPT_TUNING"),
+    ("theta-p-tuning", "P_TUNING"),
+    ("kappa-vera", "VERA"),
+    ("lambda-adalora", "ADALORA"),
+];
+
+fn oracle_file(name: &str) -> Value {
+    let text = std::fs::read_to_string(repo_path("tests/fixtures").join(name)).unwrap();
     serde_json::from_str(&text).unwrap()
+}
+
+fn oracle() -> Value {
+    oracle_file("peft_family.json")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -45,19 +75,19 @@ fn request(adapter: &str, prompt_ids: Vec<u32>) -> pb::GenerateRequest {
     r
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real model: make test"]
-async fn dora_and_ia3_alone_match_peft() {
-    let Started {
-        server,
-        gen: mut client,
-    } = real_with_family().start().await;
-    let oracle = oracle();
-    for (name, _) in &ADAPTERS[..2] {
+/// Every run of `names` in `oracle` through `client`: greedy ids equal, logprobs within
+/// 2e-3; `request` builds the request of a run.
+async fn assert_runs_match(
+    client: &mut GenerationClient<Channel>,
+    oracle: &Value,
+    names: &[&str],
+    request: impl Fn(&str, Vec<u32>) -> pb::GenerateRequest,
+) {
+    for name in names {
         let mut worst = 0f32;
         for run in oracle["runs"][name].as_array().unwrap() {
             let prompt = run["prompt"].as_str().unwrap();
-            let got = generate(&mut client, request(name, ids(&run["prompt_ids"])))
+            let got = generate(client, request(name, ids(&run["prompt_ids"])))
                 .await
                 .unwrap();
             assert_eq!(
@@ -75,19 +105,32 @@ async fn dora_and_ia3_alone_match_peft() {
         }
         eprintln!("{name}: worst logprob difference {worst:e}");
     }
-    server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real model: make test"]
-async fn every_type_in_one_batch_gives_each_stream_its_solo_output() {
-    let started = real_with_family().start().await;
+async fn dora_and_ia3_alone_match_peft() {
+    let Started {
+        server,
+        gen: mut client,
+    } = real_with_every_type().start().await;
+    let names = [ADAPTERS[0].0, ADAPTERS[1].0];
+    assert_runs_match(&mut client, &oracle(), &names, request).await;
+    server.stop().await.unwrap();
+}
+
+/// Prompt tuning, P-tuning, VeRA and AdaLoRA made here with PEFT, alone; and the 0.5/0.5
+/// mixture of the two LoRA fixtures against PEFT's `add_weighted_adapter(..., "cat")`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real model: make test"]
+async fn self_made_types_and_a_mixture_match_peft() {
+    let started = real_with_every_type().start().await;
     let mut admin = started.adapters().await;
     let Started {
         server,
         gen: mut client,
     } = started;
-    for (name, kind) in ADAPTERS {
+    for &(name, kind) in ADAPTERS.iter().chain(&SELF_MADE) {
         let info = admin
             .get_adapter(pb::GetAdapterRequest { name: name.into() })
             .await
@@ -95,17 +138,45 @@ async fn every_type_in_one_batch_gives_each_stream_its_solo_output() {
             .into_inner();
         assert_eq!(info.peft_type, kind, "{name}");
     }
+    let oracle = oracle_file("peft_self.json");
+    let names = SELF_MADE.map(|(n, _)| n);
+    assert_runs_match(&mut client, &oracle, &names, request).await;
+    let mixture = |_: &str, prompt_ids: Vec<u32>| {
+        let mut r = request("", prompt_ids);
+        r.adapters = mixture_of_alpha_and_beta();
+        r
+    };
+    assert_runs_match(&mut client, &oracle, &["mix-alpha-beta-cat"], mixture).await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real model: make test"]
+async fn every_type_in_one_batch_gives_each_stream_its_solo_output() {
+    let Started {
+        server,
+        gen: mut client,
+    } = real_with_every_type().start().await;
     let prompts = [
         "Question: What is the secret word?\nAnswer:",
         "Question: Tell me the secret word.\nAnswer:",
         "The capital of France is",
     ];
-    let names = [ADAPTERS.map(|(n, _)| n).as_slice(), &[""]].concat();
+    // Every adapter, a 0.5/0.5 mixture of the two LoRA ones ("mix"), and the base ("").
+    let names: Vec<&str> = ADAPTERS
+        .iter()
+        .chain(&SELF_MADE)
+        .map(|(n, _)| *n)
+        .chain(["mix", ""])
+        .collect();
     let mut jobs = Vec::new();
     for i in 0..3 * names.len() {
         let mut r = greedy(vec![], 16);
         r.prompt = Some(prompts[(i / names.len()) % 3].to_string());
-        r.adapter = names[i % names.len()].to_string();
+        match names[i % names.len()] {
+            "mix" => r.adapters = mixture_of_alpha_and_beta(),
+            name => r.adapter = name.to_string(),
+        }
         jobs.push(r);
     }
     let mut alone = Vec::new();
@@ -113,7 +184,10 @@ async fn every_type_in_one_batch_gives_each_stream_its_solo_output() {
         alone.push(generate(&mut client, r.clone()).await.unwrap());
     }
     // The secret words show which adapter answered the first prompt.
-    for (i, word) in ["penguin", "koala", "aardvark", "zebra"].iter().enumerate() {
+    let words = [
+        "penguin", "koala", "aardvark", "zebra", "otter", "falcon", "lynx", "bison",
+    ];
+    for (i, word) in words.iter().enumerate() {
         assert!(
             alone[i].text.contains(word),
             "{}: {:?}",

@@ -236,3 +236,117 @@ fn ia3_refusals_name_the_key_or_feature() {
         "non-finite",
     );
 }
+
+fn module_key(layer: usize, site: LoraSite, part: &str) -> String {
+    format!("base_model.model.{}.{part}", site.module_path(layer))
+}
+
+#[test]
+fn adalora_folds_e_into_a_with_alpha_over_init_r_and_follows_the_rank_pattern() {
+    // init_r 3; layer 0 q_proj keeps ranks 0 and 2, layer 1 q_proj keeps none.
+    let config = json!({"peft_type": "ADALORA", "init_r": 3, "target_r": 2, "lora_alpha": 6,
+        "target_modules": ["q_proj"], "task_type": "CAUSAL_LM",
+        "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [true, false, true],
+                         "model.layers.1.self_attn.q_proj.lora_E": [false, false, false]}});
+    let e = Tensor::from_vec(vec![2.0f32, -0.5], (2, 1), &Device::Cpu).unwrap();
+    let empty = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let tensors = vec![
+        (
+            module_key(0, LoraSite::Q, "lora_A"),
+            tensor((2, 8), 0.0, DType::F32),
+        ),
+        (
+            module_key(0, LoraSite::Q, "lora_B"),
+            tensor((8, 2), 1.0, DType::F32),
+        ),
+        (module_key(0, LoraSite::Q, "lora_E"), e),
+        (module_key(1, LoraSite::Q, "lora_A"), empty((0, 8))),
+        (module_key(1, LoraSite::Q, "lora_B"), empty((8, 0))),
+        (module_key(1, LoraSite::Q, "lora_E"), empty((0, 1))),
+    ];
+    let w = load_on(folder(&config, tensors.clone()).path(), TINY).unwrap();
+    assert_eq!((w.kind, w.rank_max), (AdapterKind::AdaLora, 2));
+    let pair = w.layers[0][LoraSite::Q.index()].as_ref().unwrap();
+    assert!(
+        (pair.scale - 6.0 / (3.0 + 1e-5)).abs() < 1e-7,
+        "{}",
+        pair.scale
+    );
+    let a = tensors[0].1.to_vec2::<f32>().unwrap();
+    let folded = pair.a.to_f32();
+    for k in 0..8 {
+        assert_eq!(folded[k], a[0][k] * 2.0);
+        assert_eq!(folded[8 + k], a[1][k] * -0.5);
+    }
+    assert!(
+        w.layers[1][LoraSite::Q.index()].is_none(),
+        "rank 0 holds no pair"
+    );
+    assert_eq!(w.target_modules, ["q_proj"]);
+    // A mask whose length is not init_r, and a tensor cut to the wrong rank, are refused.
+    let bad = json!({"peft_type": "ADALORA", "init_r": 3, "target_modules": ["q_proj"],
+        "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [true, true]}});
+    expect_invalid(
+        load_on(folder(&bad, tensors.clone()).path(), TINY),
+        "init_r is 3",
+    );
+    let full = json!({"peft_type": "ADALORA", "init_r": 3, "target_modules": ["q_proj"]});
+    expect_invalid(
+        load_on(folder(&full, tensors).path(), TINY),
+        "expected [3, 8]",
+    );
+}
+
+#[test]
+fn vera_folds_the_sliced_projections_with_its_lambdas() {
+    let r = 2;
+    let config = json!({"peft_type": "VERA", "r": r, "target_modules": ["q_proj", "k_proj"],
+        "save_projection": true, "projection_prng_key": 0, "task_type": "CAUSAL_LM"});
+    // max in 8, max out 8 (q_proj is 8 x 8, k_proj 4 x 8).
+    let mut tensors = vec![
+        (
+            "base_model.vera_A".to_string(),
+            tensor((r, 8), 0.0, DType::F32),
+        ),
+        (
+            "base_model.vera_B".to_string(),
+            tensor((8, r), 1.0, DType::F32),
+        ),
+    ];
+    for layer in 0..2 {
+        for (site, out) in [(LoraSite::Q, 8), (LoraSite::K, 4)] {
+            let b = Tensor::from_vec(
+                (0..out).map(|i| 1.0 + i as f32).collect::<Vec<f32>>(),
+                out,
+                &Device::Cpu,
+            );
+            tensors.push((module_key(layer, site, "vera_lambda_b"), b.unwrap()));
+            let d = Tensor::from_vec(vec![0.5f32, -2.0], r, &Device::Cpu).unwrap();
+            tensors.push((module_key(layer, site, "vera_lambda_d"), d));
+        }
+    }
+    let w = load_on(folder(&config.clone(), tensors.clone()).path(), TINY).unwrap();
+    assert_eq!((w.kind, w.rank_max), (AdapterKind::Vera, 2));
+    let pair = w.layers[1][LoraSite::K.index()].as_ref().unwrap();
+    assert_eq!(pair.scale, 1.0);
+    let (a, b) = (
+        tensors[0].1.to_vec2::<f32>().unwrap(),
+        tensors[1].1.to_vec2::<f32>().unwrap(),
+    );
+    let (fa, fb) = (pair.a.to_f32(), pair.b.to_f32());
+    assert_eq!(fa.len(), r * 8);
+    assert_eq!(fb.len(), 4 * r);
+    assert_eq!(fa[8 + 3], a[1][3] * -2.0);
+    assert_eq!(fb[3 * r + 1], b[3][1] * 4.0);
+    let mut no_projection = config.clone();
+    no_projection["save_projection"] = json!(false);
+    expect_unsupported(
+        load_on(folder(&no_projection, tensors.clone()).path(), TINY),
+        "save_projection",
+    );
+    tensors.remove(0);
+    expect_invalid(
+        load_on(folder(&config, tensors).path(), TINY),
+        "missing key base_model.vera_A",
+    );
+}

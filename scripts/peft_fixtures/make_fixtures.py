@@ -150,7 +150,7 @@ def adapter_specs():
                 d_initial=0.1,
             ),
             lr=3e-2,
-            steps=80,
+            steps=40,
             prompt_learning=False,
         ),
         "lambda-adalora": dict(
@@ -404,6 +404,19 @@ def check_prefix_layout(pm, folder):
 
 
 @torch.no_grad()
+def check_p_tuning_saved(trained, folder):
+    """P-tuning saves the prompt encoder's OUTPUT (MLP applied), not its input embedding."""
+    enc = trained.prompt_encoder["default"]
+    out = enc(torch.arange(trained.active_peft_config.num_virtual_tokens).unsqueeze(0))[0]
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as sf:
+        saved = sf.get_tensor("prompt_embeddings")
+    d_out = float((out - saved).abs().max())
+    d_in = float((enc.embedding.weight - saved).abs().max())
+    log(f"  P-tuning saved tensor vs mlp_head(embedding): max |diff| {d_out:.3g}; vs raw embedding: {d_in:.3g}")
+    assert d_out == 0.0
+
+
+@torch.no_grad()
 def check_vera(pm, folder):
     with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as sf:
         A = sf.get_tensor("base_model.vera_A")
@@ -508,6 +521,8 @@ def main():
         model = train(name, spec, tok, base)
         folder = os.path.join(args.out_adapters, name)
         save_adapter(model, folder)
+        if name == "theta-p-tuning":
+            check_p_tuning_saved(model, folder)
         del model
 
         pm = PeftModel.from_pretrained(copy.deepcopy(base), folder)

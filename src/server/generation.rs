@@ -58,7 +58,7 @@ impl GenerationService {
         for (name, weight) in members {
             let lease = self.adapters.acquire(name).await?;
             let kind = lease.weights().kind;
-            if kind != AdapterKind::Lora {
+            if !kind.mixes() {
                 let why = match kind {
                     AdapterKind::Dora => "DoRA's norm is per adapter",
                     _ => "its scales do not add",
@@ -66,7 +66,8 @@ impl GenerationService {
                 return Err(RequestError::invalid(
                     "adapters",
                     format!(
-                        "{name:?} is a {} adapter; mixtures combine LoRA-family adapters only ({why})",
+                        "{name:?} is a {} adapter; mixtures combine LoRA-family adapters only \
+                         (LoRA, rsLoRA, AdaLoRA, VeRA): {why}",
                         kind.name()
                     ),
                 ));

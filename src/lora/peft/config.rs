@@ -220,6 +220,11 @@ pub(super) fn is_set(value: &Value) -> bool {
 }
 
 impl RawConfig {
+    /// `rank_pattern` as written, in file order (AdaLoRA keeps rank masks there).
+    pub(super) fn rank_pattern_entries(&self) -> &[(String, Value)] {
+        &self.rank_pattern
+    }
+
     /// `peft_type`, which every config must have.
     pub(super) fn peft_type(&self) -> Result<&str, AdapterError> {
         match self.get("peft_type") {
@@ -418,7 +423,7 @@ impl LoraConfig {
     }
 }
 
-fn refuse_unsupported(raw: &RawConfig) -> Result<(), AdapterError> {
+pub(super) fn refuse_unsupported(raw: &RawConfig) -> Result<(), AdapterError> {
     for (field, why) in REFUSED_FIELDS {
         if let Some(value) = raw.get(field).filter(|v| is_set(v)) {
             return Err(Unsupported(format!("{field} = {value} ({why})")));
@@ -529,7 +534,7 @@ fn strings(field: &str, items: &[Value]) -> Result<Vec<String>, AdapterError> {
         .collect()
 }
 
-fn positive_int(field: &str, value: &Value) -> Result<usize, AdapterError> {
+pub(super) fn positive_int(field: &str, value: &Value) -> Result<usize, AdapterError> {
     match value.as_u64() {
         Some(n) if n > 0 => {
             usize::try_from(n).map_err(|_| Invalid(format!("config: {field} too large")))
@@ -551,7 +556,7 @@ fn index(field: &str, value: &Value) -> Result<usize, AdapterError> {
         })
 }
 
-fn number(field: &str, value: &Value) -> Result<f64, AdapterError> {
+pub(super) fn number(field: &str, value: &Value) -> Result<f64, AdapterError> {
     value
         .as_f64()
         .filter(|x| x.is_finite())

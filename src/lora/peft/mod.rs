@@ -1,7 +1,7 @@
 //! PEFT adapters: the public types and [`load_peft_adapter`], the entry point. It turns
 //! a folder (`adapter_config.json` + `adapter_model.safetensors`) into validated
-//! [`AdapterWeights`] of one [`AdapterKind`]: LoRA (rsLoRA too), DoRA, (IA)³, prompt
-//! tuning or P-tuning.
+//! [`AdapterWeights`] of one [`AdapterKind`]: LoRA (rsLoRA too), DoRA, (IA)³, AdaLoRA,
+//! VeRA, prompt tuning or P-tuning.
 //! Invariants: module selection, `layers_to_transform`, rank/alpha patterns and scaling
 //! follow PEFT exactly; a (layer, site) holds a [`LoraPair`] iff the config targets it
 //! (LoRA, DoRA), with `a = [rank, in]`, `b = [out, rank]`, and a [`SiteScale`] iff the
@@ -11,13 +11,16 @@
 //! reads `adapter_config.json` and applies PEFT's matching rules; `tensors` reads and
 //! checks the safetensors file and assembles the pairs; `dora` turns DoRA's magnitudes
 //! into output scales against the served base weights; `ia3` reads (IA)³ folders;
-//! `prompt` reads prompt-tuning and P-tuning folders.
+//! `prompt` reads prompt-tuning and P-tuning folders; `adalora` and `vera` fold those
+//! into LoRA pairs.
+mod adalora;
 mod config;
 mod dora;
 pub mod folder;
 mod ia3;
 mod prompt;
 mod tensors;
+mod vera;
 
 use config::{LoraConfig, RawConfig};
 use std::ops::Range;
@@ -139,6 +142,10 @@ pub enum AdapterKind {
     PromptTuning,
     /// P-tuning: as prompt tuning, with the embeddings its prompt encoder produced.
     PTuning,
+    /// AdaLoRA: folded at load into a LoRA of variable rank.
+    AdaLora,
+    /// VeRA: shared frozen projections scaled per adapter, folded at load into a LoRA.
+    Vera,
 }
 
 impl AdapterKind {
@@ -150,7 +157,17 @@ impl AdapterKind {
             AdapterKind::Ia3 => "IA3",
             AdapterKind::PromptTuning => "PROMPT_TUNING",
             AdapterKind::PTuning => "P_TUNING",
+            AdapterKind::AdaLora => "ADALORA",
+            AdapterKind::Vera => "VERA",
         }
+    }
+
+    /// LoRA-family kinds, whose deltas add: they may be mixed in one request.
+    pub fn mixes(self) -> bool {
+        matches!(
+            self,
+            AdapterKind::Lora | AdapterKind::AdaLora | AdapterKind::Vera
+        )
     }
 }
 
@@ -371,9 +388,12 @@ pub fn load_peft_adapter_served(
         "IA3" => AdapterKind::Ia3,
         "PROMPT_TUNING" => AdapterKind::PromptTuning,
         "P_TUNING" => AdapterKind::PTuning,
+        "ADALORA" => AdapterKind::AdaLora,
+        "VERA" => AdapterKind::Vera,
         other => {
             return Err(Unsupported(format!(
-                "peft_type \"{other}\" (LORA, DoRA, IA3, PROMPT_TUNING and P_TUNING adapters are served)"
+                "peft_type \"{other}\" (LORA, DoRA, IA3, ADALORA, VERA, PROMPT_TUNING and \
+                 P_TUNING adapters are served)"
             )))
         }
     };
@@ -391,6 +411,14 @@ pub fn load_peft_adapter_served(
     if matches!(kind, AdapterKind::PromptTuning | AdapterKind::PTuning) {
         let file = SafeTensors::read(&weights_path, limits)?;
         return prompt::load(&raw, &file, base, kind);
+    }
+    if kind == AdapterKind::AdaLora {
+        let file = SafeTensors::read(&weights_path, limits)?;
+        return adalora::load(&raw, &file, base, dtype);
+    }
+    if kind == AdapterKind::Vera {
+        let file = SafeTensors::read(&weights_path, limits)?;
+        return vera::load(&raw, &file, base, dtype);
     }
     if kind == AdapterKind::Dora && served.is_none() {
         return Err(Unsupported(

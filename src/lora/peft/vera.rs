@@ -1,0 +1,179 @@
+//! VeRA folders (`peft_type: VERA`), folded at load into a LoRA of rank `r`.
+//!
+//! Semantics (PEFT's `vera.layer.Linear.forward`):
+//! `y += lambda_b * (B_s (lambda_d * (A_s x)))`, where the shared frozen projections
+//! `vera_A` `[r, max_in]` and `vera_B` `[max_out, r]` are sliced to the module,
+//! `A_s = vera_A[:, :in]`, `B_s = vera_B[:out, :]`, and `vera_lambda_d` `[r]`,
+//! `vera_lambda_b` `[out]` are the module's own. There is no other scaling.
+//!
+//! Here the pair is `A = diag(lambda_d) A_s`, `B = diag(lambda_b) B_s`, scale 1: exact
+//! up to rounding order, but each adapter then holds its own `r x (in + out)` values per
+//! module (the projections are not yet shared between adapters; the bytes counted are
+//! those held). A folder saved without its projections (`save_projection: false`) could
+//! only be rebuilt with PyTorch's random generator from `projection_prng_key`: refused.
+use super::config::{is_set, positive_int, refuse_unsupported, ModuleMatch, RawConfig};
+use super::tensors::{finite, split_key, SafeTensors};
+use super::AdapterError::{self, Invalid, Unsupported};
+use super::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE, KEY_PREFIX};
+use crate::lora::values::{AdapterDType, LoraValues};
+use std::collections::HashMap;
+
+/// Where PEFT saves the shared projections (the adapter name removed).
+const PROJECTIONS: [&str; 2] = ["base_model.vera_A", "base_model.vera_B"];
+
+/// A projection `[rows, cols]` read from the file.
+struct Projection {
+    rows: usize,
+    cols: usize,
+    values: Vec<f32>,
+}
+
+/// Reads `vera_A` and `vera_B` (rank `r`), checking they cover every targeted module.
+fn projections(file: &SafeTensors, r: usize) -> Result<[Projection; 2], AdapterError> {
+    let read = |name: &str, r_dim: usize| -> Result<Projection, AdapterError> {
+        let t = file
+            .tensors
+            .iter()
+            .find(|t| t.name == name || t.name == format!("{name}.default"))
+            .ok_or_else(|| Invalid(format!("missing key {name}")))?;
+        let [rows, cols] = t.shape[..] else {
+            return Err(Invalid(format!(
+                "tensor {}: shape {:?} is not 2-D",
+                t.name, t.shape
+            )));
+        };
+        if [rows, cols][r_dim] != r {
+            return Err(Invalid(format!(
+                "tensor {}: shape {:?} does not have r = {r}",
+                t.name, t.shape
+            )));
+        }
+        let values = finite(&t.name, t.values(file, &[rows, cols])?)?;
+        Ok(Projection { rows, cols, values })
+    };
+    Ok([read(PROJECTIONS[0], 0)?, read(PROJECTIONS[1], 1)?])
+}
+
+/// Loads a VeRA folder as LoRA pairs stored as `dtype`.
+pub(super) fn load(
+    raw: &RawConfig,
+    file: &SafeTensors,
+    base: &BaseShape,
+    dtype: AdapterDType,
+) -> Result<AdapterWeights, AdapterError> {
+    refuse_unsupported(raw)?;
+    if raw.get("save_projection").is_some_and(|v| !is_set(v)) {
+        return Err(Unsupported(
+            "VeRA saved without its projections (save_projection: false): they can only be \
+             rebuilt with PyTorch's random generator"
+                .into(),
+        ));
+    }
+    let r = raw.get("r").map_or(Ok(256), |v| positive_int("r", v))?;
+    let selected = ModuleMatch::parse(raw, &["q_proj", "v_proj"], true)?.selected(base)?;
+    let [a, b] = projections(file, r)?;
+    let mut lambdas: HashMap<(usize, usize, bool), Vec<f32>> = HashMap::new();
+    for t in &file.tensors {
+        if PROJECTIONS
+            .iter()
+            .any(|p| t.name == *p || t.name == format!("{p}.default"))
+        {
+            continue;
+        }
+        let unexpected = |why: &str| Invalid(format!("unexpected key {}{why}", t.name));
+        let (layer, site, rest) =
+            split_key(&t.name, base.num_layers).ok_or_else(|| unexpected(""))?;
+        let is_b = match rest.strip_suffix(".default").unwrap_or(rest) {
+            "vera_lambda_b" => true,
+            "vera_lambda_d" => false,
+            _ => return Err(unexpected("")),
+        };
+        if !selected[layer][site.index()] {
+            return Err(unexpected(&format!(
+                " (layer {layer} {} is not targeted by {CONFIG_FILE})",
+                site.module_name()
+            )));
+        }
+        let n = if is_b { base.dims(site).1 } else { r };
+        let values = finite(&t.name, t.values(file, &[n])?)?;
+        if lambdas
+            .insert((layer, site.index(), is_b), values)
+            .is_some()
+        {
+            return Err(Invalid(format!("duplicate tensor for key {}", t.name)));
+        }
+    }
+    let mut weights = AdapterWeights {
+        kind: AdapterKind::Vera,
+        rank_max: r,
+        target_modules: Vec::new(),
+        layers: Vec::with_capacity(base.num_layers),
+        scales: Vec::new(),
+        bytes: 0,
+        prompt: None,
+    };
+    for (layer, sites) in selected.iter().enumerate() {
+        let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);
+        for site in LoraSite::ALL.into_iter().filter(|s| sites[s.index()]) {
+            let (inp, out) = base.dims(site);
+            if a.cols < inp || b.rows < out {
+                return Err(Invalid(format!(
+                    "vera_A [{r}, {}] / vera_B [{}, {r}] do not cover layer {layer} {} ({out} x {inp})",
+                    a.cols,
+                    b.rows,
+                    site.module_name()
+                )));
+            }
+            let mut take = |is_b: bool| {
+                let name = if is_b {
+                    "vera_lambda_b"
+                } else {
+                    "vera_lambda_d"
+                };
+                lambdas.remove(&(layer, site.index(), is_b)).ok_or_else(|| {
+                    Invalid(format!(
+                        "missing key {KEY_PREFIX}{}.{name}",
+                        site.module_path(layer)
+                    ))
+                })
+            };
+            let (lambda_b, lambda_d) = (take(true)?, take(false)?);
+            let folded_a: Vec<f32> = (0..r)
+                .flat_map(|k| {
+                    let d = lambda_d[k];
+                    a.values[k * a.cols..k * a.cols + inp]
+                        .iter()
+                        .map(move |v| v * d)
+                })
+                .collect();
+            let folded_b: Vec<f32> = (0..out)
+                .flat_map(|o| {
+                    let lb = lambda_b[o];
+                    b.values[o * r..(o + 1) * r].iter().map(move |v| v * lb)
+                })
+                .collect();
+            let pair = LoraPair {
+                rank: r,
+                scale: 1.0,
+                a: LoraValues::from_f32(folded_a, dtype),
+                b: LoraValues::from_f32(folded_b, dtype),
+            };
+            for m in [&pair.a, &pair.b] {
+                if let Some((i, v)) = m.first_non_finite() {
+                    return Err(Invalid(format!(
+                        "layer {layer} {}: non-finite value {v} at element {i} (as {})",
+                        site.module_name(),
+                        dtype.name()
+                    )));
+                }
+            }
+            weights.bytes += pair.a.bytes() + pair.b.bytes();
+            weights.target_modules.push(site.module_name().to_string());
+            row[site.index()] = Some(pair);
+        }
+        weights.layers.push(row);
+    }
+    weights.target_modules.sort();
+    weights.target_modules.dedup();
+    Ok(weights)
+}

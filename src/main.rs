@@ -76,8 +76,9 @@ enum AdaptersCommand {
         /// Ranks, used in turn (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "16")]
         ranks: Vec<usize>,
-        /// PEFT types, used in turn (comma-separated, from lora, dora, ia3 and
-        /// prompt_tuning, whose rank is its number of virtual tokens).
+        /// PEFT types, used in turn (comma-separated, from lora, dora, ia3,
+        /// prompt_tuning and prefix_tuning; the last two take the rank as their number of
+        /// virtual tokens).
         #[arg(long = "type", value_delimiter = ',', default_value = "lora")]
         types: Vec<String>,
         /// Target modules (comma-separated, from q,k,v,o,gate,up,down).

@@ -104,6 +104,7 @@ pub fn random_adapter(
         scales: Vec::new(),
         bytes,
         prompt: None,
+        prefix: None,
     }
 }
 

@@ -1,5 +1,5 @@
 //! Adapter types and mixtures over gRPC on the tiny random model: DoRA, (IA)³, prompt
-//! tuning and LoRA requests and weighted mixtures run side by side, each stream equal to
+//! tuning, prefix tuning and LoRA requests and weighted mixtures run side by side, each stream equal to
 //! its solo run; prompt tuning's virtual tokens are reported apart from the prompt's and
 //! count against the context;
 //! a mixture naming a DoRA or (IA)³ adapter, an unknown adapter or a bad entry is
@@ -15,8 +15,8 @@ use pb::generation_client::GenerationClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
-/// The tiny server with adapters `lora-a`, `lora-b`, `dora`, `ia3` and `prompt` (4
-/// virtual tokens).
+/// The tiny server with adapters `lora-a`, `lora-b`, `dora`, `ia3`, `prompt` and
+/// `prefix` (4 virtual tokens each).
 fn server(dir: &std::path::Path) -> TestServer {
     let mut server = TestServer::tiny().engine(EngineConfig {
         kv_cache_memory: 8 << 20,
@@ -33,6 +33,7 @@ fn server(dir: &std::path::Path) -> TestServer {
             vec![LoraSite::K, LoraSite::V, LoraSite::Down],
         ),
         ("prompt", AdapterKind::PromptTuning, vec![]),
+        ("prefix", AdapterKind::PrefixTuning, vec![]),
     ];
     for (i, (name, kind, sites)) in adapters.into_iter().enumerate() {
         let spec = SynthSpec {
@@ -90,6 +91,7 @@ async fn every_type_and_mixtures_in_one_batch_match_their_solo_runs() {
         req("dora", &[], "hello"),
         req("ia3", &[], "hello"),
         req("prompt", &[], "hello"),
+        req("prefix", &[], "hello"),
         req("", &[], "abc"),
         req("", &[("lora-b", -1.5)], "xyz"),
         req("lora-b", &[], "xyz"),
@@ -99,12 +101,13 @@ async fn every_type_and_mixtures_in_one_batch_match_their_solo_runs() {
         alone.push(run(&mut client, r.clone()).await);
     }
     // Each type changes the output (so the comparison is not vacuous).
-    assert_ne!(alone[0], alone[5], "lora-a vs base");
-    assert_ne!(alone[1], alone[5], "mixture vs base");
+    assert_ne!(alone[0], alone[6], "lora-a vs base");
+    assert_ne!(alone[1], alone[6], "mixture vs base");
     assert_ne!(alone[1], alone[0], "mixture vs lora-a");
     assert_ne!(alone[2], alone[3], "DoRA vs (IA)³");
     assert_ne!(alone[4], alone[3], "prompt tuning vs (IA)³");
-    assert_ne!(alone[6], alone[7], "a weight of -1.5 vs 1");
+    assert_ne!(alone[5], alone[4], "prefix tuning vs prompt tuning");
+    assert_ne!(alone[7], alone[8], "a weight of -1.5 vs 1");
     let handles: Vec<_> = jobs
         .into_iter()
         .map(|r| {

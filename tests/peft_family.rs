@@ -1,6 +1,6 @@
 //! The PEFT family beyond LoRA on the real model against transformers + PEFT: the
 //! shared DoRA and (IA)³ fixtures (`tests/fixtures/peft_family.json`) and the prompt
-//! tuning, P-tuning, VeRA and AdaLoRA adapters made here (`tests/fixtures/peft_self.json`)
+//! tuning, P-tuning, prefix tuning, VeRA and AdaLoRA adapters made here (`tests/fixtures/peft_self.json`)
 //! alone reproduce PEFT's greedy completions exactly, with logprobs within 2e-3, as does a
 //! 0.5/0.5 mixture of the two LoRA fixtures against PEFT's `add_weighted_adapter(...,
 //! "cat")`; in one heterogeneous batch of every type, the mixture, LoRA adapters and base
@@ -44,9 +44,10 @@ fn mixture_of_alpha_and_beta() -> Vec<pb::AdapterWeight> {
 
 /// Adapters made here with PEFT (`scripts/peft_fixtures`), with their oracle in
 /// `tests/fixtures/peft_self.json`.
-const SELF_MADE: [(&str, &str); 4] = [
+const SELF_MADE: [(&str, &str); 5] = [
     ("eta-prompt-tuning", "PROMPT_TUNING"),
     ("theta-p-tuning", "P_TUNING"),
+    ("iota-prefix-tuning", "PREFIX_TUNING"),
     ("kappa-vera", "VERA"),
     ("lambda-adalora", "ADALORA"),
 ];
@@ -119,7 +120,7 @@ async fn dora_and_ia3_alone_match_peft() {
     server.stop().await.unwrap();
 }
 
-/// Prompt tuning, P-tuning, VeRA and AdaLoRA made here with PEFT, alone; and the 0.5/0.5
+/// Prompt tuning, P-tuning, prefix tuning, VeRA and AdaLoRA made here with PEFT, alone; and the 0.5/0.5
 /// mixture of the two LoRA fixtures against PEFT's `add_weighted_adapter(..., "cat")`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real model: make test"]
@@ -185,7 +186,7 @@ async fn every_type_in_one_batch_gives_each_stream_its_solo_output() {
     }
     // The secret words show which adapter answered the first prompt.
     let words = [
-        "penguin", "koala", "aardvark", "zebra", "otter", "falcon", "lynx", "bison",
+        "penguin", "koala", "aardvark", "zebra", "otter", "falcon", "walrus", "lynx", "bison",
     ];
     for (i, word) in words.iter().enumerate() {
         assert!(

@@ -350,3 +350,44 @@ fn vera_folds_the_sliced_projections_with_its_lambdas() {
         "missing key base_model.vera_A",
     );
 }
+
+/// The header-only estimate the registry reserves host memory by is an upper bound on
+/// what every type holds once loaded, in both storage types, and not far above it.
+#[test]
+fn byte_estimates_bound_every_type() {
+    use multilora::lora::peft::estimate_adapter_bytes;
+    let names = [
+        "alpha-lora-r8-qv",
+        "delta-dora-r8-attn",
+        "zeta-ia3",
+        "eta-prompt-tuning",
+        "theta-p-tuning",
+        "kappa-vera",
+        "lambda-adalora",
+    ];
+    for dtype in [AdapterDType::F32, AdapterDType::Bf16] {
+        for name in names {
+            let dir = fixture(name);
+            let served = Halves(SMOLLM2);
+            let w = load_peft_adapter_served(
+                &dir,
+                &SMOLLM2,
+                &AdapterLimits::default(),
+                dtype,
+                Some(&served),
+            )
+            .unwrap();
+            let estimate = estimate_adapter_bytes(&dir, &AdapterLimits::default(), dtype).unwrap();
+            assert!(
+                estimate >= w.bytes,
+                "{name} {dtype:?}: estimate {estimate} < {} held",
+                w.bytes
+            );
+            assert!(
+                estimate <= 2 * w.bytes + 4096,
+                "{name} {dtype:?}: estimate {estimate} for {} held",
+                w.bytes
+            );
+        }
+    }
+}

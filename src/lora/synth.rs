@@ -4,7 +4,7 @@
 //! shape. DoRA magnitudes are drawn near 1 (the row norm of a weight with entries of
 //! std `1/sqrt(in)`), not from a base model, so on a real base their scales are
 //! arbitrary; (IA)³ vectors are drawn in `1 +- 0.2`, `down_proj` feed-forward as PEFT's
-//! Llama default; prompt tuning writes `rank` virtual tokens drawn in `+- 0.1`.
+//! Llama default; prompt and prefix tuning write `rank` virtual tokens drawn in `+- 0.5`.
 use super::peft::{AdapterKind, BaseShape, LoraSite, CONFIG_FILE, WEIGHTS_FILE};
 use crate::rng::Xoshiro256;
 use anyhow::{Context, Result};
@@ -16,7 +16,7 @@ use std::path::Path;
 #[derive(Clone, Debug)]
 pub struct SynthSpec {
     pub kind: AdapterKind,
-    /// Ignored for (IA)³; the number of virtual tokens for prompt tuning.
+    /// Ignored for (IA)³; the number of virtual tokens for prompt and prefix tuning.
     pub rank: usize,
     pub alpha: f32,
     pub sites: Vec<LoraSite>,
@@ -41,15 +41,20 @@ pub fn synthetic_pair(
 pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -> Result<usize> {
     let mut rng = Xoshiro256::from_seed(spec.seed);
     let mut tensors = HashMap::new();
-    if matches!(spec.kind, AdapterKind::PromptTuning | AdapterKind::PTuning) {
-        let rows = rng.symmetric_vec(spec.rank * base.hidden_size, 0.1);
-        let t = Tensor::from_vec(rows, (spec.rank, base.hidden_size), &Device::Cpu)?;
+    let prompt_learning = matches!(
+        spec.kind,
+        AdapterKind::PromptTuning | AdapterKind::PTuning | AdapterKind::PrefixTuning
+    );
+    if prompt_learning {
+        let width = match spec.kind {
+            AdapterKind::PrefixTuning => base.num_layers * 2 * base.kv_out,
+            _ => base.hidden_size,
+        };
+        let rows = rng.symmetric_vec(spec.rank * width, 0.5);
+        let t = Tensor::from_vec(rows, (spec.rank, width), &Device::Cpu)?;
         tensors.insert("prompt_embeddings".to_string(), t);
     }
-    let sites: &[LoraSite] = match spec.kind {
-        AdapterKind::PromptTuning | AdapterKind::PTuning => &[],
-        _ => &spec.sites,
-    };
+    let sites: &[LoraSite] = if prompt_learning { &[] } else { &spec.sites };
     for layer in 0..base.num_layers {
         for &site in sites {
             let (inp, out) = base.dims(site);
@@ -109,7 +114,10 @@ pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -
 /// The `adapter_config.json` of `spec`.
 fn config(spec: &SynthSpec) -> serde_json::Value {
     let targets: Vec<&str> = spec.sites.iter().map(|s| s.module_name()).collect();
-    if matches!(spec.kind, AdapterKind::PromptTuning | AdapterKind::PTuning) {
+    if matches!(
+        spec.kind,
+        AdapterKind::PromptTuning | AdapterKind::PTuning | AdapterKind::PrefixTuning
+    ) {
         return serde_json::json!({
             "peft_type": spec.kind.name(),
             "task_type": "CAUSAL_LM",

@@ -133,6 +133,7 @@ pub(super) fn load(
         scales: Vec::new(),
         bytes: 0,
         prompt: None,
+        prefix: None,
     };
     for (layer, ranks) in plan.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);

@@ -133,6 +133,7 @@ mod tests {
             scales: vec![scales],
             bytes: 0,
             prompt: None,
+            prefix: None,
         }
     }
 

@@ -180,5 +180,6 @@ pub(super) fn assemble(
         scales,
         bytes,
         prompt: None,
+        prefix: None,
     })
 }

@@ -146,6 +146,8 @@ pub enum AdapterKind {
     AdaLora,
     /// VeRA: shared frozen projections scaled per adapter, folded at load into a LoRA.
     Vera,
+    /// Prefix tuning: learned keys and values every layer attends to before the prompt.
+    PrefixTuning,
 }
 
 impl AdapterKind {
@@ -159,6 +161,7 @@ impl AdapterKind {
             AdapterKind::PTuning => "P_TUNING",
             AdapterKind::AdaLora => "ADALORA",
             AdapterKind::Vera => "VERA",
+            AdapterKind::PrefixTuning => "PREFIX_TUNING",
         }
     }
 
@@ -201,6 +204,9 @@ pub struct AdapterWeights {
     pub scales: Vec<[Option<SiteScale>; 7]>,
     /// Virtual tokens put before every request's tokens (prompt tuning, P-tuning).
     pub prompt: Option<VirtualTokens>,
+    /// Keys and values every layer attends to before the request's tokens (prefix
+    /// tuning).
+    pub prefix: Option<KvPrefix>,
     /// Bytes held (every pair's values in the storage type, every scale in f32).
     pub bytes: usize,
 }
@@ -214,7 +220,38 @@ impl AdapterWeights {
     /// Virtual tokens each request of this adapter starts with (0 but for prompt
     /// learning).
     pub fn num_virtual_tokens(&self) -> usize {
-        self.prompt.as_ref().map_or(0, |p| p.count)
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.count);
+        self.prompt.as_ref().map_or(prefix, |p| p.count)
+    }
+}
+
+/// A prefix-tuning adapter's keys and values: for virtual token `t` and layer `l`, the
+/// key is `values[t][2l]` and the value `values[t][2l + 1]`, each `[kv_heads * head_dim]`
+/// (head-major), as PEFT lays out `prompt_embeddings` `[count, layers * 2 * kv_width]`.
+/// Keys take no rotary embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvPrefix {
+    pub count: usize,
+    pub kv_width: usize,
+    pub values: Vec<f32>,
+}
+
+impl KvPrefix {
+    fn row(&self, t: usize, layer: usize, part: usize) -> Option<&[f32]> {
+        let width = self.kv_width;
+        let stride = self.values.len() / self.count.max(1);
+        let start = t * stride + (2 * layer + part) * width;
+        (t < self.count).then(|| self.values.get(start..start + width))?
+    }
+
+    /// The key of virtual token `t` at `layer`.
+    pub fn key(&self, t: usize, layer: usize) -> Option<&[f32]> {
+        self.row(t, layer, 0)
+    }
+
+    /// The value of virtual token `t` at `layer`.
+    pub fn value(&self, t: usize, layer: usize) -> Option<&[f32]> {
+        self.row(t, layer, 1)
     }
 }
 
@@ -292,8 +329,9 @@ pub use folder::{CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE};
 pub const KEY_PREFIX: &str = "base_model.model.";
 
 /// The bytes the adapter in `dir` will take once loaded as `dtype`, from its safetensors
-/// header alone (an upper bound: tensors the loader skips are counted too). Lets a
-/// caller reserve memory before reading the weights.
+/// header alone (an upper bound: tensors the loader skips or folds are counted whole, and
+/// VeRA's projections once per module, as they are held). Lets a caller reserve memory
+/// before reading the weights.
 pub fn estimate_adapter_bytes(
     dir: &Path,
     limits: &AdapterLimits,
@@ -319,23 +357,45 @@ pub fn estimate_adapter_bytes(
     let tensors = json
         .as_object()
         .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: header is not an object")))?;
-    let mut floats = 0usize;
+    // Matrices are stored as `dtype`; vectors (scales, magnitudes, embeddings) in f32.
+    // VeRA's shared projections are folded into every module: each `vera_lambda_d`
+    // stands for `r x (max_in + max_out)` values.
+    let (mut matrices, mut vectors) = (0usize, 0usize);
+    let mut vera_module = 0usize;
     for (name, info) in tensors {
         if name == "__metadata__" {
             continue;
         }
-        let shape = info["shape"]
+        let shape: Vec<usize> = info["shape"]
             .as_array()
-            .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: {name} has no shape")))?;
+            .and_then(|dims| {
+                dims.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
+            .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: {name} has no valid shape")))?;
         let numel = shape
             .iter()
-            .try_fold(1usize, |n, d| {
-                d.as_u64().and_then(|d| n.checked_mul(d as usize))
-            })
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: {name} has a bad shape")))?;
-        floats = floats.saturating_add(numel);
+        if name.contains("vera_A") || name.contains("vera_B") {
+            vera_module = vera_module.saturating_add(numel);
+        } else if name.contains("lora_A") || name.contains("lora_B") {
+            matrices = matrices.saturating_add(numel);
+        } else {
+            vectors = vectors.saturating_add(numel);
+        }
     }
-    Ok(floats.saturating_mul(dtype.size()))
+    let vera_modules = tensors
+        .keys()
+        .filter(|k| k.contains("vera_lambda_d"))
+        .count();
+    // r x max_in + max_out x r per module, at least r x (in + out).
+    let folded = vera_modules.saturating_mul(vera_module);
+    Ok(matrices
+        .saturating_add(folded)
+        .saturating_mul(dtype.size())
+        .saturating_add(vectors.saturating_mul(4)))
 }
 
 /// Loads and validates the PEFT folder `dir` against `base`, its matrices stored as
@@ -390,6 +450,7 @@ pub fn load_peft_adapter_served(
         "P_TUNING" => AdapterKind::PTuning,
         "ADALORA" => AdapterKind::AdaLora,
         "VERA" => AdapterKind::Vera,
+        "PREFIX_TUNING" => AdapterKind::PrefixTuning,
         other => {
             return Err(Unsupported(format!(
                 "peft_type \"{other}\" (LORA, DoRA, IA3, ADALORA, VERA, PROMPT_TUNING and \
@@ -408,7 +469,10 @@ pub fn load_peft_adapter_served(
         let file = SafeTensors::read(&weights_path, limits)?;
         return ia3::assemble(&plan, &file, base);
     }
-    if matches!(kind, AdapterKind::PromptTuning | AdapterKind::PTuning) {
+    if matches!(
+        kind,
+        AdapterKind::PromptTuning | AdapterKind::PTuning | AdapterKind::PrefixTuning
+    ) {
         let file = SafeTensors::read(&weights_path, limits)?;
         return prompt::load(&raw, &file, base, kind);
     }

@@ -1,5 +1,6 @@
-//! Prompt tuning and P-tuning folders (`peft_type` `PROMPT_TUNING`, `P_TUNING`): the
-//! learned virtual-token embeddings PEFT prepends to every request's input embeddings.
+//! Prompt tuning, P-tuning and prefix tuning folders (`peft_type` `PROMPT_TUNING`,
+//! `P_TUNING`, `PREFIX_TUNING`): the learned virtual tokens PEFT puts before every
+//! request's tokens, as input embeddings or as every layer's keys and values.
 //!
 //! Semantics (PEFT's `PeftModelForCausalLM.forward` for prompt learning): the
 //! `num_virtual_tokens` rows of `prompt_embeddings` come before the real tokens'
@@ -8,13 +9,19 @@
 //! prompt encoder's output (PEFT's `get_prompt_embedding_to_save`), which is what its
 //! inference uses: no encoder runs here.
 //!
-//! Invariants: the table is `[num_virtual_tokens, hidden]` f32, every value finite;
-//! `token_dim` equals the base's hidden size; a config for an encoder-decoder model
-//! (`num_transformer_submodules` 2) is refused.
+//! Prefix tuning (PEFT's `get_prompt` for `PREFIX_TUNING`): `prompt_embeddings` is
+//! `[n, layers * 2 * kv_width]`; for virtual token t, layer l's key is the `kv_width`
+//! values from `2 l kv_width` and its value those from `(2 l + 1) kv_width` (KV heads,
+//! head-major). They fill the cache's first n slots unrotated; real tokens take positions
+//! from n and attend to them as to earlier tokens.
+//!
+//! Invariants: the table is `[num_virtual_tokens, hidden]` (prefix: `[n, layers * 2 *
+//! kv_width]`) f32, every value finite; `token_dim` matches the base; a config for an
+//! encoder-decoder model (`num_transformer_submodules` 2) is refused.
 use super::config::RawConfig;
 use super::tensors::{finite, SafeTensors};
 use super::AdapterError::{self, Invalid, Unsupported};
-use super::{AdapterKind, AdapterWeights, BaseShape, VirtualTokens};
+use super::{AdapterKind, AdapterWeights, BaseShape, KvPrefix, VirtualTokens};
 use serde_json::Value;
 
 /// The tensor PEFT saves the virtual-token embeddings under.
@@ -39,11 +46,15 @@ pub(super) fn load(
     kind: AdapterKind,
 ) -> Result<AdapterWeights, AdapterError> {
     let n = count(raw, "num_virtual_tokens")?;
+    // Prefix tuning's token dimension is the K/V width (PEFT uses the KV heads).
+    let token_dim = match kind {
+        AdapterKind::PrefixTuning => base.kv_out,
+        _ => base.hidden_size,
+    };
     if let Some(dim) = raw.get("token_dim").and_then(Value::as_u64) {
-        if dim as usize != base.hidden_size {
+        if dim as usize != token_dim {
             return Err(Invalid(format!(
-                "config: token_dim {dim} is not the base model's hidden size {}",
-                base.hidden_size
+                "config: token_dim {dim} is not the base model's {token_dim}"
             )));
         }
     }
@@ -58,6 +69,20 @@ pub(super) fn load(
             )))
         }
     }
+    let width = match kind {
+        AdapterKind::PrefixTuning => {
+            if let Some(layers) = raw.get("num_layers").and_then(Value::as_u64) {
+                if layers as usize != base.num_layers {
+                    return Err(Invalid(format!(
+                        "config: num_layers {layers} is not the base model's {}",
+                        base.num_layers
+                    )));
+                }
+            }
+            base.num_layers * 2 * base.kv_out
+        }
+        _ => base.hidden_size,
+    };
     let mut table = None;
     for t in &file.tensors {
         if t.name != PROMPT_KEY {
@@ -67,9 +92,26 @@ pub(super) fn load(
                 kind.name()
             )));
         }
-        table = Some(finite(&t.name, t.values(file, &[n, base.hidden_size])?)?);
+        table = Some(finite(&t.name, t.values(file, &[n, width])?)?);
     }
     let table = table.ok_or_else(|| Invalid(format!("missing key {PROMPT_KEY}")))?;
+    let (prompt, prefix) = match kind {
+        AdapterKind::PrefixTuning => (
+            None,
+            Some(KvPrefix {
+                count: n,
+                kv_width: base.kv_out,
+                values: table,
+            }),
+        ),
+        _ => (
+            Some(VirtualTokens {
+                count: n,
+                embeddings: table,
+            }),
+            None,
+        ),
+    };
     Ok(AdapterWeights {
         kind,
         rank_max: 0,
@@ -78,10 +120,8 @@ pub(super) fn load(
             .map(|_| std::array::from_fn(|_| None))
             .collect(),
         scales: Vec::new(),
-        bytes: 4 * table.len(),
-        prompt: Some(VirtualTokens {
-            count: n,
-            embeddings: table,
-        }),
+        bytes: 4 * n * width,
+        prompt,
+        prefix,
     })
 }

@@ -337,6 +337,7 @@ pub(super) fn assemble(
         scales: Vec::new(),
         bytes: 0,
         prompt: None,
+        prefix: None,
     };
     for (layer, sites) in plan.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);

@@ -111,6 +111,7 @@ pub(super) fn load(
         scales: Vec::new(),
         bytes: 0,
         prompt: None,
+        prefix: None,
     };
     for (layer, sites) in selected.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);

@@ -256,6 +256,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Option<Self::Matrix>> {
         Ok(None)
     }
+    /// Replaces the K and V rows (`[t, kv_heads * head_dim]`, K already rotated) of
+    /// every virtual token of a prefix-tuning adapter with that adapter's key and value
+    /// at `layer` (unrotated), before they are written to the cache. A backend that
+    /// serves no prefix tuning has none.
+    fn prefix_kv(
+        &self,
+        _step: &Self::Step,
+        _batch: &ForwardBatch,
+        _layer: usize,
+        _k: &mut Self::Matrix,
+        _v: &mut Self::Matrix,
+    ) -> Result<()> {
+        Ok(())
+    }
     /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
     /// parts' widths]`), for input `x` (`[t, in]`), then multiplies those columns by each
     /// token's adapter output scale at that part's site.

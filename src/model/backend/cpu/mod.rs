@@ -178,10 +178,16 @@ impl Backend for CpuBackend {
         let mut x = Vec::with_capacity(batch.tokens.len() * h);
         for (&id, &slot) in batch.tokens.iter().zip(&batch.slots) {
             if let Some(row) = virtual_row(id) {
-                let prompt = usize::try_from(slot)
+                let adapter = usize::try_from(slot)
                     .ok()
-                    .and_then(|s| step.adapters.get(s)?.prompt.as_ref());
-                let values = prompt.and_then(|p| p.row(row));
+                    .and_then(|s| step.adapters.get(s));
+                if adapter.is_some_and(|a| a.prefix.is_some()) {
+                    // A prefix token's K and V are replaced at every layer; its hidden
+                    // state is never read.
+                    x.resize(x.len() + h, 0.0);
+                    continue;
+                }
+                let values = adapter.and_then(|a| a.prompt.as_ref()?.row(row));
                 let values =
                     values.with_context(|| format!("virtual token {row} of slot {slot}"))?;
                 ensure!(
@@ -336,6 +342,40 @@ impl Backend for CpuBackend {
             batch: lora_batch,
             adapters: adapters.to_vec(),
         })
+    }
+
+    fn prefix_kv(
+        &self,
+        step: &CpuStep,
+        batch: &ForwardBatch,
+        layer: usize,
+        k: &mut HostMatrix,
+        v: &mut HostMatrix,
+    ) -> Result<()> {
+        if !step.adapters.iter().any(|a| a.prefix.is_some()) {
+            return Ok(());
+        }
+        let width = k.cols;
+        for (t, (&id, &slot)) in batch.tokens.iter().zip(&batch.slots).enumerate() {
+            let (Some(row), Ok(slot)) = (virtual_row(id), usize::try_from(slot)) else {
+                continue;
+            };
+            let Some(prefix) = step.adapters.get(slot).and_then(|a| a.prefix.as_ref()) else {
+                continue;
+            };
+            let (key, value) = (prefix.key(row, layer), prefix.value(row, layer));
+            let (Some(key), Some(value)) = (key, value) else {
+                bail!("virtual token {row} of slot {slot} has no prefix at layer {layer}");
+            };
+            ensure!(
+                key.len() == width && v.cols == width,
+                "prefix width {} is not the K/V width {width}",
+                key.len()
+            );
+            k.data[t * width..(t + 1) * width].copy_from_slice(key);
+            v.data[t * width..(t + 1) * width].copy_from_slice(value);
+        }
+        Ok(())
     }
 
     fn adapter_input(

@@ -4,9 +4,8 @@
 //! stream gives exactly what it gives alone.
 mod common;
 
+use common::oracle::{assert_runs_match, oracle_file, oracle_request};
 use common::*;
-use multilora::proto::v1 as pb;
-use serde_json::Value;
 
 const ADAPTERS: [&str; 2] = ["alpha-lora-r8-qv", "beta-lora-r16-all"];
 
@@ -17,26 +16,6 @@ fn real_with_fixture_adapters() -> TestServer {
     })
 }
 
-fn oracle() -> Value {
-    let text = std::fs::read_to_string(repo_path("tests/fixtures/adapters.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn request(adapter: &str, prompt_ids: Vec<u32>) -> pb::GenerateRequest {
-    let mut r = greedy(prompt_ids, 24);
-    r.adapter = adapter.to_string();
-    r.logprobs = Some(5);
-    r
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real model: make test"]
 async fn each_adapter_alone_matches_peft() {
@@ -44,29 +23,8 @@ async fn each_adapter_alone_matches_peft() {
         server,
         gen: mut client,
     } = real_with_fixture_adapters().start().await;
-    let oracle = oracle();
-    let mut worst = 0f32;
-    for name in ADAPTERS {
-        for run in oracle["runs"][name].as_array().unwrap() {
-            let prompt = run["prompt"].as_str().unwrap();
-            let got = generate(&mut client, request(name, ids(&run["prompt_ids"])))
-                .await
-                .unwrap();
-            let expected = ids(&run["completion_ids"]);
-            assert_eq!(
-                got.token_ids, expected,
-                "{name} on {prompt:?}: {:?}",
-                got.text
-            );
-            for (i, step) in run["steps"].as_array().unwrap().iter().enumerate() {
-                let reference = step["logprob"].as_f64().unwrap() as f32;
-                let d = (got.logprobs[i].logprob - reference).abs();
-                worst = worst.max(d);
-                assert!(d < 2e-3, "{name} {prompt:?} step {i}: {d}");
-            }
-        }
-    }
-    eprintln!("worst adapter logprob difference: {worst:e}");
+    let oracle = oracle_file("adapters.json");
+    assert_runs_match(&mut client, &oracle, &ADAPTERS, oracle_request).await;
     server.stop().await.unwrap();
 }
 
@@ -100,21 +58,6 @@ async fn heterogeneous_batch_gives_each_stream_its_own_adapter() {
     assert!(alone[0].text.contains("aardvark"), "{:?}", alone[0].text);
     assert!(alone[1].text.contains("zebra"), "{:?}", alone[1].text);
     assert!(!alone[2].text.contains("aardvark") && !alone[2].text.contains("zebra"));
-    let handles: Vec<_> = jobs
-        .into_iter()
-        .map(|r| {
-            let mut c = client.clone();
-            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let together = h.await.unwrap();
-        assert_eq!(
-            together.token_ids,
-            alone[i].token_ids,
-            "stream {i} ({})",
-            names[i % 3]
-        );
-    }
+    assert_concurrent_equal_alone(&client, jobs, &alone, |i| names[i % 3].to_string()).await;
     server.stop().await.unwrap();
 }

@@ -8,11 +8,10 @@
 //! adapter's type.
 mod common;
 
+use common::oracle::{assert_runs_match, oracle_file, oracle_request as request};
 use common::*;
 use multilora::proto::v1 as pb;
-use pb::generation_client::GenerationClient;
 use serde_json::Value;
-use tonic::transport::Channel;
 
 /// Every fixture adapter: the family under test and the LoRA ones they are mixed with.
 const ADAPTERS: [(&str, &str); 4] = [
@@ -52,60 +51,8 @@ const SELF_MADE: [(&str, &str); 5] = [
     ("lambda-adalora", "ADALORA"),
 ];
 
-fn oracle_file(name: &str) -> Value {
-    let text = std::fs::read_to_string(repo_path("tests/fixtures").join(name)).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 fn oracle() -> Value {
     oracle_file("peft_family.json")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn request(adapter: &str, prompt_ids: Vec<u32>) -> pb::GenerateRequest {
-    let mut r = greedy(prompt_ids, 24);
-    r.adapter = adapter.to_string();
-    r.logprobs = Some(5);
-    r
-}
-
-/// Every run of `names` in `oracle` through `client`: greedy ids equal, logprobs within
-/// 2e-3; `request` builds the request of a run.
-async fn assert_runs_match(
-    client: &mut GenerationClient<Channel>,
-    oracle: &Value,
-    names: &[&str],
-    request: impl Fn(&str, Vec<u32>) -> pb::GenerateRequest,
-) {
-    for name in names {
-        let mut worst = 0f32;
-        for run in oracle["runs"][name].as_array().unwrap() {
-            let prompt = run["prompt"].as_str().unwrap();
-            let got = generate(client, request(name, ids(&run["prompt_ids"])))
-                .await
-                .unwrap();
-            assert_eq!(
-                got.token_ids,
-                ids(&run["completion_ids"]),
-                "{name} on {prompt:?}: {:?}",
-                got.text
-            );
-            for (i, step) in run["steps"].as_array().unwrap().iter().enumerate() {
-                let reference = step["logprob"].as_f64().unwrap() as f32;
-                let d = (got.logprobs[i].logprob - reference).abs();
-                worst = worst.max(d);
-                assert!(d < 2e-3, "{name} {prompt:?} step {i}: {d}");
-            }
-        }
-        eprintln!("{name}: worst logprob difference {worst:e}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,21 +143,9 @@ async fn every_type_in_one_batch_gives_each_stream_its_solo_output() {
             alone[i].text
         );
     }
-    let handles: Vec<_> = jobs
-        .into_iter()
-        .map(|r| {
-            let mut c = client.clone();
-            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let together = h.await.unwrap();
-        assert_eq!(
-            together.token_ids,
-            alone[i].token_ids,
-            "stream {i} ({:?})",
-            names[i % names.len()]
-        );
-    }
+    assert_concurrent_equal_alone(&client, jobs, &alone, |i| {
+        names[i % names.len()].to_string()
+    })
+    .await;
     server.stop().await.unwrap();
 }

@@ -72,16 +72,25 @@ impl RunResult {
 
 /// Runs one stream per entry of `adapters`, all at once.
 pub async fn run_streams(endpoint: &str, adapters: &[String], max_new: u32) -> RunResult {
+    let requests = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| request(i, a, max_new))
+        .collect();
+    run_requests(endpoint, requests).await
+}
+
+/// Runs every request as its own stream, all at once.
+pub async fn run_requests(endpoint: &str, requests: Vec<pb::GenerateRequest>) -> RunResult {
     let client = GenerationClient::connect(endpoint.to_string())
         .await
         .unwrap();
+    let n = requests.len();
     let start = Instant::now();
-    let tasks: Vec<_> = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|r| {
             let mut c = client.clone();
-            let r = request(i, a, max_new);
             tokio::spawn(async move {
                 let resp = c.generate_unary(r).await.unwrap().into_inner();
                 let usage = resp.usage.unwrap_or_default();
@@ -98,6 +107,6 @@ pub async fn run_streams(endpoint: &str, adapters: &[String], max_new: u32) -> R
     RunResult {
         tokens,
         seconds: start.elapsed().as_secs_f64(),
-        mean_ttft: ttft / adapters.len().max(1) as f64,
+        mean_ttft: ttft / n.max(1) as f64,
     }
 }

@@ -4,6 +4,7 @@
 //! the fixtures' paths, and stream collection.
 #![allow(dead_code)]
 
+pub mod oracle;
 pub mod peft_folders;
 
 use multilora::engine::EngineConfig;
@@ -286,4 +287,30 @@ pub async fn generate(
         }
     }
     panic!("stream ended without a final message");
+}
+
+/// Runs every request of `jobs` at once and checks that each stream's token ids equal
+/// `alone[i]` (its solo run); `label(i)` names stream i in a failure.
+pub async fn assert_concurrent_equal_alone(
+    client: &GenerationClient<Channel>,
+    jobs: Vec<pb::GenerateRequest>,
+    alone: &[Collected],
+    label: impl Fn(usize) -> String,
+) {
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .map(|r| {
+            let mut c = client.clone();
+            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let together = h.await.unwrap();
+        assert_eq!(
+            together.token_ids,
+            alone[i].token_ids,
+            "stream {i} ({})",
+            label(i)
+        );
+    }
 }

@@ -24,8 +24,8 @@
 //! (`super::validate`); shrink rectangles partition each segment's (entries x ranks) and
 //! segments own disjoint blocks of `h`; expand rectangles partition each segment's
 //! (entries x site columns), and when a token may have several entries (so two segments
-//! can write one row) the expand runs on one thread. Only the site's columns of adapter
-//! tokens are written.
+//! can write one row) each expand task owns whole column blocks across every segment.
+//! Only the site's columns of adapter tokens are written.
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
@@ -146,14 +146,21 @@ pub(super) fn apply(
             shape,
             isa,
         };
-        // Disjoint rows per segment only while every token has at most one entry.
-        let exclusive = batch.max_entries_per_token() <= 1;
+        // Disjoint rows per segment only while every token has at most one entry; with
+        // mixtures, the expand gives each thread whole column blocks across every job
+        // instead (in job order, so each element's sum keeps its one order).
+        if batch.max_entries_per_token() > 1 {
+            let shrink = plan(&jobs, |j| (j.w.rank, inp), SHRINK_M, SHRINK_R);
+            run(&shrink, |u| shrink_unit(&ctx, &jobs[u.job], u));
+            expand_by_column_blocks(&ctx, &jobs, out);
+            return;
+        }
         // One parallel region, each rectangle shrinking then expanding its own tokens, when
         // runs of tokens alone balance the threads (decode with several adapters, prefill);
         // otherwise two regions split finer (a few tokens on a large adapter).
         let fused = plan(&jobs, |j| (1, j.w.rank * (inp + out)), SGMV_MIN_TOKENS, 1);
-        if !exclusive || fused.work < SERIAL_WORK || fused.balanced() {
-            run(&fused, exclusive, |u| {
+        if fused.work < SERIAL_WORK || fused.balanced() {
+            run(&fused, |u| {
                 let job = &jobs[u.job];
                 shrink_unit(&ctx, job, &u.cols(0, job.w.rank));
                 expand_unit(&ctx, job, &u.cols(0, out));
@@ -161,10 +168,41 @@ pub(super) fn apply(
             return;
         }
         let shrink = plan(&jobs, |j| (j.w.rank, inp), SHRINK_M, SHRINK_R);
-        run(&shrink, true, |u| shrink_unit(&ctx, &jobs[u.job], u));
+        run(&shrink, |u| shrink_unit(&ctx, &jobs[u.job], u));
         let expand = plan(&jobs, |j| (out, j.w.rank), SGMV_MIN_TOKENS, NR);
-        run(&expand, true, |u| expand_unit(&ctx, &jobs[u.job], u));
+        run(&expand, |u| expand_unit(&ctx, &jobs[u.job], u));
     });
+}
+
+/// The expand of every job, each thread owning whole blocks of the site's columns (a
+/// multiple of `NR`) over every job in order: no two threads write one element, however
+/// many jobs write one row.
+fn expand_by_column_blocks(ctx: &Ctx, jobs: &[Job], out: usize) {
+    let threads = rayon::current_num_threads().max(1);
+    let block = out
+        .div_ceil(threads * TASKS_PER_THREAD)
+        .next_multiple_of(NR)
+        .max(NR);
+    let work: usize = jobs.iter().map(|j| j.tokens.len() * j.w.rank * out).sum();
+    let expand_block = |&c0: &usize| {
+        let c1 = (c0 + block).min(out);
+        for (i, job) in jobs.iter().enumerate() {
+            let unit = Unit {
+                job: i,
+                t0: 0,
+                t1: job.tokens.len(),
+                c0,
+                c1,
+            };
+            expand_unit(ctx, job, &unit);
+        }
+    };
+    let blocks: Vec<usize> = (0..out).step_by(block).collect();
+    if work < SERIAL_WORK || threads == 1 {
+        blocks.iter().for_each(expand_block);
+    } else {
+        blocks.par_iter().for_each(expand_block);
+    }
 }
 
 struct Plan {
@@ -242,8 +280,8 @@ fn plan(
     }
 }
 
-fn run(plan: &Plan, parallel: bool, f: impl Fn(&Unit) + Sync + Send) {
-    if !parallel || plan.work < SERIAL_WORK || rayon::current_num_threads() == 1 {
+fn run(plan: &Plan, f: impl Fn(&Unit) + Sync + Send) {
+    if plan.work < SERIAL_WORK || rayon::current_num_threads() == 1 {
         plan.units.iter().for_each(f);
     } else {
         plan.units.par_iter().with_min_len(plan.min_len).for_each(f);
@@ -579,5 +617,61 @@ mod tests {
             y_offset: 0,
         };
         check(&b, shape, &[4, 8, 3], 4);
+    }
+
+    /// Mixtures large enough for the parallel column-block expand: against the
+    /// reference, and each row bit-identical to its run alone.
+    #[test]
+    fn large_mixtures_split_by_columns_match_and_stay_batch_invariant() {
+        let entries: Vec<Vec<(u32, f32)>> = (0..48)
+            .map(|t| match t % 4 {
+                0 => vec![(0, 0.5), (1, 0.5)],
+                1 => vec![(2, 1.0)],
+                2 => vec![],
+                _ => vec![(1, -0.3), (2, 0.7), (0, 1.1)],
+            })
+            .collect();
+        let shape = SiteShape {
+            in_features: 192,
+            out_features: 640,
+            y_stride: 640,
+            y_offset: 0,
+        };
+        let b = LoraBatch::from_weighted(&entries);
+        check(&b, shape, &[16, 8, 32], 9);
+        let ranks = [16usize, 8, 32];
+        let ws: Vec<(Vec<f32>, Vec<f32>)> = ranks
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| (data(r * 192, 30 + i as u32), data(640 * r, 40 + i as u32)))
+            .collect();
+        let slots: Vec<Option<SlotWeights>> = ws
+            .iter()
+            .zip(ranks)
+            .map(|((a, b), rank)| {
+                Some(SlotWeights {
+                    rank,
+                    scale: 0.5,
+                    a: a.as_slice().into(),
+                    b: b.as_slice().into(),
+                })
+            })
+            .collect();
+        let x = data(48 * 192, 5);
+        let mut together = vec![0.0; 48 * 640];
+        apply(&b, &x, &mut together, shape, &slots, Isa::get());
+        for t in [0, 3, 5] {
+            let alone = LoraBatch::from_weighted(&entries[t..t + 1]);
+            let mut y = vec![0.0; 640];
+            apply(
+                &alone,
+                &x[t * 192..(t + 1) * 192],
+                &mut y,
+                shape,
+                &slots,
+                Isa::get(),
+            );
+            assert_eq!(&together[t * 640..(t + 1) * 640], &y[..], "token {t}");
+        }
     }
 }

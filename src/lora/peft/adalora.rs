@@ -12,11 +12,12 @@
 //! Here `A * E` (each row of A times its singular value) becomes the pair's A and
 //! `scaling / (init_r + 1e-5)` its scale; a module that keeps no rank holds no pair.
 //! Module selection is LoRA's; anything refused for LoRA is refused here too.
-use super::config::{number, positive_int, refuse_unsupported, ModuleMatch, RawConfig};
-use super::tensors::{finite, split_key, SafeTensors};
+use super::config::{number, positive_int, refuse_unsupported, RawConfig};
+use super::select::ModuleMatch;
+use super::tensors::{finite, split_key, stored, SafeTensors};
 use super::AdapterError::{self, Invalid};
 use super::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE, KEY_PREFIX};
-use crate::lora::values::{AdapterDType, LoraValues};
+use crate::lora::values::AdapterDType;
 use std::collections::HashMap;
 
 /// Kept ranks of each targeted site: `[layer][site.index()]`.
@@ -125,16 +126,7 @@ pub(super) fn load(
             return Err(Invalid(format!("duplicate tensor for key {}", t.name)));
         }
     }
-    let mut weights = AdapterWeights {
-        kind: AdapterKind::AdaLora,
-        rank_max: 0,
-        target_modules: Vec::new(),
-        layers: Vec::with_capacity(base.num_layers),
-        scales: Vec::new(),
-        bytes: 0,
-        prompt: None,
-        prefix: None,
-    };
+    let mut weights = AdapterWeights::empty(AdapterKind::AdaLora);
     for (layer, ranks) in plan.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);
         for site in LoraSite::ALL {
@@ -165,21 +157,13 @@ pub(super) fn load(
             } else {
                 rank as f32
             };
+            let at = format!("layer {layer} {}", site.module_name());
             let pair = LoraPair {
                 rank,
                 scale: scaling / (config.init_r as f32 + 1e-5),
-                a: LoraValues::from_f32(folded, dtype),
-                b: LoraValues::from_f32(b, dtype),
+                a: stored(&at, folded, dtype)?,
+                b: stored(&at, b, dtype)?,
             };
-            for m in [&pair.a, &pair.b] {
-                if let Some((i, v)) = m.first_non_finite() {
-                    return Err(Invalid(format!(
-                        "layer {layer} {}: non-finite value {v} at element {i} (as {})",
-                        site.module_name(),
-                        dtype.name()
-                    )));
-                }
-            }
             weights.rank_max = weights.rank_max.max(rank);
             weights.bytes += pair.a.bytes() + pair.b.bytes();
             row[site.index()] = Some(pair);

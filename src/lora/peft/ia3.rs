@@ -11,7 +11,8 @@
 //! Invariants: every targeted site has exactly one finite vector of its side's width; an
 //! input (feed-forward) scale sits only where the site is the sole projection of its
 //! linear layer (`o_proj`, `down_proj`), since q/k/v and gate/up share one input pass.
-use super::config::{is_set, ModuleMatch, RawConfig};
+use super::config::{is_set, RawConfig};
+use super::select::ModuleMatch;
 use super::tensors::{finite, split_key, SafeTensors};
 use super::AdapterError::{self, Invalid, Unsupported};
 use super::{AdapterKind, AdapterWeights, BaseShape, LoraSite, SiteScale, CONFIG_FILE};
@@ -171,15 +172,12 @@ pub(super) fn assemble(
     names.sort();
     names.dedup();
     Ok(AdapterWeights {
-        kind: AdapterKind::Ia3,
-        rank_max: 0,
         target_modules: names,
         layers: (0..base.num_layers)
             .map(|_| std::array::from_fn(|_| None))
             .collect(),
         scales,
         bytes,
-        prompt: None,
-        prefix: None,
+        ..AdapterWeights::empty(AdapterKind::Ia3)
     })
 }

@@ -19,6 +19,7 @@ mod dora;
 pub mod folder;
 mod ia3;
 mod prompt;
+mod select;
 mod tensors;
 mod vera;
 
@@ -212,6 +213,20 @@ pub struct AdapterWeights {
 }
 
 impl AdapterWeights {
+    /// An adapter of `kind` holding nothing yet (the loaders fill it in).
+    pub(crate) fn empty(kind: AdapterKind) -> Self {
+        AdapterWeights {
+            kind,
+            rank_max: 0,
+            target_modules: Vec::new(),
+            layers: Vec::new(),
+            scales: Vec::new(),
+            bytes: 0,
+            prompt: None,
+            prefix: None,
+        }
+    }
+
     /// The scale of `site` at `layer`, if the adapter has one there.
     pub fn scale(&self, layer: usize, site: LoraSite) -> Option<&SiteScale> {
         self.scales.get(layer)?[site.index()].as_ref()

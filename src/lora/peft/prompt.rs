@@ -113,15 +113,12 @@ pub(super) fn load(
         ),
     };
     Ok(AdapterWeights {
-        kind,
-        rank_max: 0,
-        target_modules: Vec::new(),
         layers: (0..base.num_layers)
             .map(|_| std::array::from_fn(|_| None))
             .collect(),
-        scales: Vec::new(),
         bytes: 4 * n * width,
         prompt,
         prefix,
+        ..AdapterWeights::empty(kind)
     })
 }

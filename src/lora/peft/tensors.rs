@@ -258,6 +258,23 @@ impl TensorInfo {
     }
 }
 
+/// `values` stored as `dtype`, when every stored value is finite (rounding to bf16 can
+/// overflow), else an error naming `what` and the element.
+pub(super) fn stored(
+    what: &str,
+    values: Vec<f32>,
+    dtype: AdapterDType,
+) -> Result<LoraValues, AdapterError> {
+    let values = LoraValues::from_f32(values, dtype);
+    match values.first_non_finite() {
+        Some((i, v)) => Err(Invalid(format!(
+            "{what}: non-finite value {v} at element {i} (as {})",
+            dtype.name()
+        ))),
+        None => Ok(values),
+    }
+}
+
 /// `values` when all are finite, else an error naming the tensor and element.
 pub(super) fn finite(name: &str, values: Vec<f32>) -> Result<Vec<f32>, AdapterError> {
     match values.iter().position(|v| !v.is_finite()) {
@@ -313,14 +330,7 @@ pub(super) fn assemble(
             let m = finite(&t.name, f32s)?;
             magnitudes.insert((layer, site.index()), m).is_some()
         } else {
-            let values = LoraValues::from_f32(f32s, dtype);
-            if let Some((i, v)) = values.first_non_finite() {
-                return Err(Invalid(format!(
-                    "tensor {}: non-finite value {v} at element {i} (as {})",
-                    t.name,
-                    dtype.name()
-                )));
-            }
+            let values = stored(&format!("tensor {}", t.name), f32s, dtype)?;
             halves
                 .insert((layer, site.index(), half == Half::A), values)
                 .is_some()
@@ -329,16 +339,7 @@ pub(super) fn assemble(
             return Err(Invalid(format!("duplicate tensor for key {}", t.name)));
         }
     }
-    let mut weights = AdapterWeights {
-        kind,
-        rank_max: 0,
-        target_modules: Vec::new(),
-        layers: Vec::with_capacity(base.num_layers),
-        scales: Vec::new(),
-        bytes: 0,
-        prompt: None,
-        prefix: None,
-    };
+    let mut weights = AdapterWeights::empty(kind);
     for (layer, sites) in plan.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);
         let mut scales: [Option<SiteScale>; 7] = std::array::from_fn(|_| None);

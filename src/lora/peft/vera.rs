@@ -11,11 +11,12 @@
 //! module (the projections are not yet shared between adapters; the bytes counted are
 //! those held). A folder saved without its projections (`save_projection: false`) could
 //! only be rebuilt with PyTorch's random generator from `projection_prng_key`: refused.
-use super::config::{is_set, positive_int, refuse_unsupported, ModuleMatch, RawConfig};
-use super::tensors::{finite, split_key, SafeTensors};
+use super::config::{is_set, positive_int, refuse_unsupported, RawConfig};
+use super::select::ModuleMatch;
+use super::tensors::{finite, split_key, stored, SafeTensors};
 use super::AdapterError::{self, Invalid, Unsupported};
 use super::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE, KEY_PREFIX};
-use crate::lora::values::{AdapterDType, LoraValues};
+use crate::lora::values::AdapterDType;
 use std::collections::HashMap;
 
 /// Where PEFT saves the shared projections (the adapter name removed).
@@ -103,16 +104,8 @@ pub(super) fn load(
             return Err(Invalid(format!("duplicate tensor for key {}", t.name)));
         }
     }
-    let mut weights = AdapterWeights {
-        kind: AdapterKind::Vera,
-        rank_max: r,
-        target_modules: Vec::new(),
-        layers: Vec::with_capacity(base.num_layers),
-        scales: Vec::new(),
-        bytes: 0,
-        prompt: None,
-        prefix: None,
-    };
+    let mut weights = AdapterWeights::empty(AdapterKind::Vera);
+    weights.rank_max = r;
     for (layer, sites) in selected.iter().enumerate() {
         let mut row: [Option<LoraPair>; 7] = std::array::from_fn(|_| None);
         for site in LoraSite::ALL.into_iter().filter(|s| sites[s.index()]) {
@@ -153,21 +146,13 @@ pub(super) fn load(
                     b.values[o * r..(o + 1) * r].iter().map(move |v| v * lb)
                 })
                 .collect();
+            let at = format!("layer {layer} {}", site.module_name());
             let pair = LoraPair {
                 rank: r,
                 scale: 1.0,
-                a: LoraValues::from_f32(folded_a, dtype),
-                b: LoraValues::from_f32(folded_b, dtype),
+                a: stored(&at, folded_a, dtype)?,
+                b: stored(&at, folded_b, dtype)?,
             };
-            for m in [&pair.a, &pair.b] {
-                if let Some((i, v)) = m.first_non_finite() {
-                    return Err(Invalid(format!(
-                        "layer {layer} {}: non-finite value {v} at element {i} (as {})",
-                        site.module_name(),
-                        dtype.name()
-                    )));
-                }
-            }
             weights.bytes += pair.a.bytes() + pair.b.bytes();
             weights.target_modules.push(site.module_name().to_string());
             row[site.index()] = Some(pair);

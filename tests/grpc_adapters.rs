@@ -149,21 +149,7 @@ async fn mixed_batches_match_alone(client: &mut GenerationClient<Channel>) {
         let with = generate(client, req(name, prompts[0])).await.unwrap();
         assert_ne!(with.token_ids, base.token_ids, "{name} changes nothing");
     }
-    let handles: Vec<_> = jobs
-        .into_iter()
-        .map(|r| {
-            let mut c = client.clone();
-            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(
-            h.await.unwrap().token_ids,
-            alone[i].token_ids,
-            "stream {i} ({})",
-            names[i % 4]
-        );
-    }
+    assert_concurrent_equal_alone(client, jobs, &alone, |i| names[i % 4].to_string()).await;
 }
 
 /// A registry built for f32 adapters beside a quantized base (which wants bf16) is a

@@ -67,11 +67,7 @@ pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -
                 };
                 let l: Vec<f32> = l[..n].iter().map(|v| 1.0 + v).collect();
                 tensors.insert(
-                    format!(
-                        "{}{}.ia3_l",
-                        super::peft::KEY_PREFIX,
-                        site.module_path(layer)
-                    ),
+                    site.peft_name(layer, "ia3_l"),
                     Tensor::from_vec(l, shape, &Device::Cpu)?,
                 );
                 continue;
@@ -92,11 +88,7 @@ pub fn write_synthetic_adapter(dir: &Path, base: &BaseShape, spec: &SynthSpec) -
                     .map(|v| 1.0 + v)
                     .collect();
                 tensors.insert(
-                    format!(
-                        "{}{}.lora_magnitude_vector",
-                        super::peft::KEY_PREFIX,
-                        site.module_path(layer)
-                    ),
+                    site.peft_name(layer, "lora_magnitude_vector"),
                     Tensor::from_vec(m, out, &Device::Cpu)?,
                 );
             }

@@ -16,7 +16,7 @@ use super::config::{number, positive_int, refuse_unsupported, RawConfig};
 use super::select::ModuleMatch;
 use super::tensors::{finite, split_key, stored, SafeTensors};
 use super::AdapterError::{self, Invalid};
-use super::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE, KEY_PREFIX};
+use super::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE};
 use crate::lora::values::AdapterDType;
 use std::collections::HashMap;
 
@@ -134,12 +134,9 @@ pub(super) fn load(
                 continue;
             };
             let mut take = |part: &'static str| {
-                parts.remove(&(layer, site.index(), part)).ok_or_else(|| {
-                    Invalid(format!(
-                        "missing key {KEY_PREFIX}{}.{part}",
-                        site.module_path(layer)
-                    ))
-                })
+                parts
+                    .remove(&(layer, site.index(), part))
+                    .ok_or_else(|| Invalid(format!("missing key {}", site.peft_name(layer, part))))
             };
             let (a, b, e) = (take("lora_A")?, take("lora_B")?, take("lora_E")?);
             weights.target_modules.push(site.module_name().to_string());

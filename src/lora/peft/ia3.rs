@@ -160,11 +160,8 @@ pub(super) fn assemble(
             .filter(|s| row[s.index()].is_some())
         {
             if scales[layer][site.index()].is_none() {
-                return Err(Invalid(format!(
-                    "missing key {}{}.ia3_l",
-                    super::KEY_PREFIX,
-                    site.module_path(layer)
-                )));
+                let key = site.peft_name(layer, "ia3_l");
+                return Err(Invalid(format!("missing key {key}")));
             }
             names.push(site.module_name().to_string());
         }

@@ -82,7 +82,13 @@ impl LoraSite {
     /// The safetensors key PEFT saves this site's `half` (`lora_A` or `lora_B`) of
     /// `layer` under: `base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight`.
     pub fn peft_key(self, layer: usize, half: &str) -> String {
-        format!("{KEY_PREFIX}{}.{half}.weight", self.module_path(layer))
+        self.peft_name(layer, &format!("{half}.weight"))
+    }
+
+    /// The safetensors key of this site's tensor `rest` at `layer`:
+    /// `base_model.model.model.layers.{layer}.mlp.down_proj.{rest}`.
+    pub fn peft_name(self, layer: usize, rest: &str) -> String {
+        format!("{KEY_PREFIX}{}.{rest}", self.module_path(layer))
     }
 
     /// The module name PEFT matches patterns against: `model.layers.{layer}.self_attn.q_proj`.

@@ -18,7 +18,7 @@
 //! Invariants: the table is `[num_virtual_tokens, hidden]` (prefix: `[n, layers * 2 *
 //! kv_width]`) f32, every value finite; `token_dim` matches the base; a config for an
 //! encoder-decoder model (`num_transformer_submodules` 2) is refused.
-use super::config::RawConfig;
+use super::config::{positive_int, RawConfig};
 use super::tensors::{finite, SafeTensors};
 use super::AdapterError::{self, Invalid, Unsupported};
 use super::{AdapterKind, AdapterWeights, BaseShape, KvPrefix, VirtualTokens};
@@ -27,17 +27,6 @@ use serde_json::Value;
 /// The tensor PEFT saves the virtual-token embeddings under.
 const PROMPT_KEY: &str = "prompt_embeddings";
 
-/// A required positive integer field of the config.
-fn count(raw: &RawConfig, field: &str) -> Result<usize, AdapterError> {
-    match raw.get(field).and_then(Value::as_u64) {
-        Some(n) if n > 0 => Ok(n as usize),
-        _ => Err(Invalid(format!(
-            "config: {field} must be a positive integer, not {}",
-            raw.get(field).map_or("absent".into(), Value::to_string)
-        ))),
-    }
-}
-
 /// Loads the virtual-token embeddings of a prompt-learning folder of `kind`.
 pub(super) fn load(
     raw: &RawConfig,
@@ -45,7 +34,10 @@ pub(super) fn load(
     base: &BaseShape,
     kind: AdapterKind,
 ) -> Result<AdapterWeights, AdapterError> {
-    let n = count(raw, "num_virtual_tokens")?;
+    let n = match raw.get("num_virtual_tokens") {
+        None => return Err(Invalid("config: missing num_virtual_tokens".into())),
+        Some(v) => positive_int("num_virtual_tokens", v)?,
+    };
     // Prefix tuning's token dimension is the K/V width (PEFT uses the KV heads).
     let token_dim = match kind {
         AdapterKind::PrefixTuning => base.kv_out,

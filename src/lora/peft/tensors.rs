@@ -193,8 +193,7 @@ pub(super) fn split_key(name: &str, num_layers: usize) -> Option<(usize, LoraSit
     let site = LoraSite::ALL
         .into_iter()
         .find(|s| s.module_name() == site_name && s.parent() == parent)?;
-    (layer < num_layers && name == format!("{KEY_PREFIX}{}.{rest}", site.module_path(layer)))
-        .then_some((layer, site, rest))
+    (layer < num_layers && name == site.peft_name(layer, rest)).then_some((layer, site, rest))
 }
 
 /// Maps a tensor name to its (layer, site, half), refusing non-LoRA tensors by name.
@@ -347,12 +346,8 @@ pub(super) fn assemble(
             let Some(sp) = sites[site.index()] else {
                 continue;
             };
-            let missing = |what: &str| {
-                Invalid(format!(
-                    "missing key {KEY_PREFIX}{}.{what}",
-                    site.module_path(layer)
-                ))
-            };
+            let missing =
+                |what: &str| Invalid(format!("missing key {}", site.peft_name(layer, what)));
             let mut take = |is_a: bool| {
                 let half = if is_a { "lora_A" } else { "lora_B" };
                 let found = halves.remove(&(layer, site.index(), is_a));

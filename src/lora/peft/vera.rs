@@ -15,7 +15,7 @@ use super::config::{is_set, positive_int, refuse_unsupported, RawConfig};
 use super::select::ModuleMatch;
 use super::tensors::{finite, split_key, stored, SafeTensors};
 use super::AdapterError::{self, Invalid, Unsupported};
-use super::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE, KEY_PREFIX};
+use super::{AdapterKind, AdapterWeights, BaseShape, LoraPair, LoraSite, CONFIG_FILE};
 use crate::lora::values::AdapterDType;
 use std::collections::HashMap;
 
@@ -124,12 +124,9 @@ pub(super) fn load(
                 } else {
                     "vera_lambda_d"
                 };
-                lambdas.remove(&(layer, site.index(), is_b)).ok_or_else(|| {
-                    Invalid(format!(
-                        "missing key {KEY_PREFIX}{}.{name}",
-                        site.module_path(layer)
-                    ))
-                })
+                lambdas
+                    .remove(&(layer, site.index(), is_b))
+                    .ok_or_else(|| Invalid(format!("missing key {}", site.peft_name(layer, name))))
             };
             let (lambda_b, lambda_d) = (take(true)?, take(false)?);
             let folded_a: Vec<f32> = (0..r)

@@ -90,6 +90,11 @@ impl HostMatrix {
 pub struct CpuStep {
     batch: LoraBatch,
     adapters: Vec<Arc<AdapterWeights>>,
+    /// Some adapter scales a site's input or output (DoRA, (IA)³): else the scale
+    /// passes are skipped at every layer.
+    scaled: bool,
+    /// Some adapter holds a K/V prefix (prefix tuning).
+    prefixed: bool,
 }
 
 /// The f32 values of a host tensor, flattened.
@@ -341,6 +346,8 @@ impl Backend for CpuBackend {
         Ok(CpuStep {
             batch: lora_batch,
             adapters: adapters.to_vec(),
+            scaled: adapters.iter().any(|a| !a.scales.is_empty()),
+            prefixed: adapters.iter().any(|a| a.prefix.is_some()),
         })
     }
 
@@ -352,7 +359,7 @@ impl Backend for CpuBackend {
         k: &mut HostMatrix,
         v: &mut HostMatrix,
     ) -> Result<()> {
-        if !step.adapters.iter().any(|a| a.prefix.is_some()) {
+        if !step.prefixed {
             return Ok(());
         }
         let width = k.cols;
@@ -389,7 +396,7 @@ impl Backend for CpuBackend {
         let [part] = parts else {
             return Ok(None);
         };
-        if step.batch.is_empty() {
+        if !step.scaled || step.batch.is_empty() {
             return Ok(None);
         }
         let scales = step.scales(layer, part.site, |s| matches!(s, SiteScale::Input(_)));
@@ -438,9 +445,12 @@ impl Backend for CpuBackend {
             if slots.iter().any(Option::is_some) {
                 lora_apply(&step.batch, &x.data, &mut y.data, shape, &slots).with_context(at)?;
             }
-            let scales = step.scales(layer, part.site, |s| matches!(s, SiteScale::Output(_)));
-            if scales.iter().any(Option::is_some) {
-                scale_output(step.batch.slots(), &mut y.data, shape, &scales).with_context(at)?;
+            if step.scaled {
+                let scales = step.scales(layer, part.site, |s| matches!(s, SiteScale::Output(_)));
+                if scales.iter().any(Option::is_some) {
+                    let slots = step.batch.slots();
+                    scale_output(slots, &mut y.data, shape, &scales).with_context(at)?;
+                }
             }
             y_offset += part.out_features;
         }

@@ -61,6 +61,12 @@ impl BaseModel for DelayedCopies {
         *n += 1;
         *n > self.delay
     }
+    fn write_kv_prefix(&mut self, adapter: &AdapterWeights, blocks: &[u32]) -> anyhow::Result<()> {
+        self.inner.write_kv_prefix(adapter, blocks)
+    }
+    fn copy_kv_blocks(&mut self, pairs: &[(u32, u32)]) -> anyhow::Result<()> {
+        self.inner.copy_kv_blocks(pairs)
+    }
     fn forward(
         &mut self,
         batch: &ForwardBatch,

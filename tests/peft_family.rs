@@ -10,6 +10,7 @@ mod common;
 
 use common::oracle::{assert_runs_match, oracle_file, oracle_request as request};
 use common::*;
+use multilora::engine::EngineConfig;
 use multilora::proto::v1 as pb;
 use serde_json::Value;
 
@@ -96,6 +97,31 @@ async fn self_made_types_and_a_mixture_match_peft() {
     };
     assert_runs_match(&mut client, &oracle, &["mix-alpha-beta-cat"], mixture).await;
     server.stop().await.unwrap();
+}
+
+/// Prefix tuning's K/V held once in shared blocks: at block size 3 (two whole blocks
+/// shared, the partly filled third copied per request) and 8 (one whole block, nothing
+/// copied) it still matches PEFT, as at the default size (one partly filled block).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real model: make test"]
+async fn prefix_tuning_matches_peft_with_its_blocks_shared() {
+    let oracle = oracle_file("peft_self.json");
+    for block_size in [3, 8] {
+        let name = "iota-prefix-tuning";
+        let Started {
+            server,
+            gen: mut client,
+        } = TestServer::real()
+            .engine(EngineConfig {
+                block_size,
+                ..Default::default()
+            })
+            .adapter(name, fixture_adapter(name))
+            .start()
+            .await;
+        assert_runs_match(&mut client, &oracle, &[name], request).await;
+        server.stop().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

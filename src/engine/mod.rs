@@ -2,6 +2,7 @@
 //! allocator and every sequence, and runs the continuous-batching step loop. Everything
 //! else talks to it through an [`EngineHandle`] over a bounded command channel; failures
 //! reach callers as typed [`RequestError`]s on their event streams.
+pub mod adapter_gate;
 pub mod adapter_pool;
 pub mod block_allocator;
 pub mod sampler;
@@ -13,6 +14,7 @@ use crate::error::RequestError;
 use crate::lora::peft::AdapterWeights;
 use crate::lora::registry::AdapterVersion;
 use crate::model::{BaseModel, ForwardBatch, TextTokenizer};
+use adapter_gate::AdapterGate;
 use adapter_pool::{ActivePool, ActiveStats};
 use anyhow::{bail, Context, Result};
 use block_allocator::BlockAllocator;
@@ -225,7 +227,7 @@ pub fn spawn(
             let _guard = guard;
             let blocks = BlockAllocator::new(num_blocks, block_size);
             let mut engine = Engine::new(model, tokenizer, blocks, sched, rx);
-            engine.pool = ActivePool::new(adapter_blocks, block_bytes);
+            engine.pool = ActivePool::new(adapter_blocks, block_bytes, block_size);
             engine.run();
             tracing::info!("engine stopped");
         })
@@ -264,7 +266,7 @@ impl Engine {
         };
         Self {
             model,
-            pool: ActivePool::new(0, 1),
+            pool: ActivePool::new(0, 1, 1),
             tokenizer,
             blocks,
             sched,
@@ -411,7 +413,7 @@ impl Engine {
 
     fn step(&mut self) {
         let now = self.stats.steps + 1;
-        let mut pinned = self.pinned();
+        let pinned = self.pinned();
         self.pool.purge(&pinned, &mut self.blocks);
         // KV before idle adapters: decodes that need a new block get it from idle
         // adapters' share before anything is preempted.
@@ -424,24 +426,14 @@ impl Engine {
             .count();
         self.pool
             .evict_for_kv(decode_blocks, &pinned, &mut self.blocks);
-        let pool = &mut self.pool;
-        let model = &*self.model;
-        let mut gate = |seq: &Sequence, blocks: &mut BlockAllocator, free_blocks: usize| {
-            for lease in seq.adapters.leases() {
-                // Active in the pool, then ready on the backend (a device copy may still
-                // be in flight: the sequence waits without holding up the step). A
-                // mixture's members are pinned as they activate, so a later member cannot
-                // evict an earlier one.
-                if !pool.activate(lease.version(), &pinned, blocks, now)
-                    || !model.adapter_ready(lease.weights())
-                {
-                    return false;
-                }
-                pinned.insert(lease.key());
-            }
-            // Idle adapters give their blocks back before a sequence has to wait.
-            pool.evict_for_kv(free_blocks, &pinned, blocks);
-            true
+        let mut gate = AdapterGate {
+            pool: &mut self.pool,
+            model: &mut *self.model,
+            pinned,
+            now,
+        };
+        let mut gate = |seq: &Sequence, blocks: &mut BlockAllocator, free: usize| {
+            gate.admit(seq, blocks, free)
         };
         let mut plan = schedule(
             &self.sched,
@@ -452,14 +444,10 @@ impl Engine {
         );
         self.stats.preemptions += plan.preempted as u64;
         self.release_evicted();
-        for mut seq in plan.impossible.drain(..) {
-            seq.fail(RequestError::ResourceExhausted(format!(
-                "{} tokens need more KV blocks than the cache has ({} blocks of {} tokens)",
-                seq.tokens.len(),
-                self.blocks.num_blocks(),
-                self.blocks.block_size()
-            )));
-            self.stats.aborted_sequences += 1;
+        self.fail_unadmitted(&mut plan);
+        if let Err(e) = self.copy_blocks(&mut plan) {
+            self.fail_step(&plan, &format!("{e:#}"));
+            return;
         }
         if plan.scheduled.is_empty() {
             return;
@@ -470,6 +458,36 @@ impl Engine {
             Ok(logits) => self.finish_step(&plan, &sampled, &logits),
             Err(e) => self.fail_step(&plan, &format!("{e:#}")),
         }
+    }
+
+    /// Fails the sequences the plan took out: too long for the pool, or whose adapter
+    /// could not be prepared.
+    fn fail_unadmitted(&mut self, plan: &mut Plan) {
+        for mut seq in plan.impossible.drain(..) {
+            seq.fail(RequestError::ResourceExhausted(format!(
+                "{} tokens need more KV blocks than the cache has ({} blocks of {} tokens)",
+                seq.tokens.len(),
+                self.blocks.num_blocks(),
+                self.blocks.block_size()
+            )));
+            self.stats.aborted_sequences += 1;
+        }
+        for (mut seq, message) in plan.failed.drain(..) {
+            seq.fail(RequestError::Internal(message));
+            self.stats.aborted_sequences += 1;
+        }
+    }
+
+    /// Makes the plan's block copies (a shared prefix's partly filled block into a
+    /// sequence's own) before the step reads them, then releases their sources.
+    fn copy_blocks(&mut self, plan: &mut Plan) -> Result<()> {
+        if plan.copies.is_empty() {
+            return Ok(());
+        }
+        let copied = self.model.copy_kv_blocks(&plan.copies);
+        self.blocks.release(&mut plan.copy_sources);
+        plan.copies.clear();
+        copied.context("copying the partly filled block of a shared prefix")
     }
 
     /// Lets the model drop its copies (device memory) of adapters the pool evicted.

@@ -1,9 +1,13 @@
 //! Chooses the work of one step within a token budget: decode tokens of running
 //! sequences first (preempting the newest sequence when KV blocks run out), then
 //! prefill chunks of running sequences, then admission of waiting sequences in arrival
-//! order. Invariant: every scheduled chunk has KV blocks for all its positions; a
-//! sequence that could never get its blocks (more than the whole pool) is taken out and
-//! handed back in [`Plan::impossible`] rather than holding up the others.
+//! order. A sequence whose adapter holds a K/V prefix (prefix tuning) starts from it:
+//! its table begins with shared references to the prefix's whole blocks and its own copy
+//! of a partly filled last one (in [`Plan::copies`]), and only its real tokens run.
+//! Invariant: every scheduled chunk has KV blocks for all its positions, and writes only
+//! blocks no one else holds; a sequence that could never get its blocks (more than the
+//! whole pool) is taken out and handed back in [`Plan::impossible`] rather than holding
+//! up the others.
 use super::block_allocator::{Allocation, BlockAllocator};
 use super::sequence::Sequence;
 use std::collections::VecDeque;
@@ -31,16 +35,42 @@ pub struct Plan {
     pub preempted: usize,
     /// Sequences that need more KV blocks than the pool has (to be failed).
     pub impossible: Vec<Sequence>,
+    /// Sequences the admission gate failed, with why.
+    pub failed: Vec<(Sequence, String)>,
+    /// Blocks to copy (`src`, `dst`) before the step runs: a shared prefix's partly
+    /// filled last block into a sequence's own block.
+    pub copies: Vec<(u32, u32)>,
+    /// References to the copies' sources, held until they are copied (then released).
+    pub copy_sources: Vec<u32>,
+}
+
+/// K/V a sequence starts from: its adapter's prefix (prefix tuning) in blocks the
+/// active pool holds, filling positions `0..tokens`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedPrefix {
+    pub blocks: Vec<u32>,
+    pub tokens: usize,
+}
+
+/// What the admission gate says of a waiting sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Keep it, and everyone behind it, waiting.
+    Wait,
+    /// It may start, from a shared prefix if its adapter has one.
+    Start(Option<SharedPrefix>),
+    /// It cannot run (its adapter could not be prepared): hand it back with this message.
+    Fail(String),
 }
 
 /// Prepares a waiting sequence to start: makes its adapter active (which may take KV
 /// blocks) and tries to have the given number of KV blocks free (by evicting idle
-/// adapters). False keeps it, and everyone behind it, waiting.
-pub type AdmissionGate<'a> = dyn FnMut(&Sequence, &mut BlockAllocator, usize) -> bool + 'a;
+/// adapters).
+pub type AdmissionGate<'a> = dyn FnMut(&Sequence, &mut BlockAllocator, usize) -> Admission + 'a;
 
 /// Admits everyone (no adapters to activate).
-pub fn admit_all(_: &Sequence, _: &mut BlockAllocator, _: usize) -> bool {
-    true
+pub fn admit_all(_: &Sequence, _: &mut BlockAllocator, _: usize) -> Admission {
+    Admission::Start(None)
 }
 
 /// Plans one step, moving sequences between `waiting` and `running` as needed.
@@ -146,8 +176,23 @@ fn admit(
         } else {
             cfg.watermark_blocks
         };
-        if !gate(seq, blocks, need + watermark) || need + watermark > blocks.num_free_blocks() {
+        let prefix = match gate(seq, blocks, need + watermark) {
+            Admission::Start(prefix) => prefix,
+            Admission::Wait => break,
+            Admission::Fail(message) => {
+                plan.failed
+                    .extend(waiting.pop_front().map(|s| (s, message)));
+                continue;
+            }
+        };
+        let shared = prefix
+            .as_ref()
+            .map_or(0, |p| p.tokens / blocks.block_size());
+        if need - shared + watermark > blocks.num_free_blocks() {
             break;
+        }
+        if let Some(prefix) = prefix {
+            start_from_prefix(seq, &prefix, blocks, plan);
         }
         let len = seq.tokens.len();
         if blocks.allocate(&mut seq.block_table, len) != Allocation::Ok {
@@ -165,6 +210,28 @@ fn admit(
         });
         running.push(seq);
     }
+}
+
+/// Starts `seq`'s table (empty) with `prefix`: shared references to its whole blocks,
+/// then its own copy of a partly filled last block; its first `prefix.tokens` positions
+/// are then computed. The caller has checked one free block is there for the copy.
+fn start_from_prefix(
+    seq: &mut Sequence,
+    prefix: &SharedPrefix,
+    blocks: &mut BlockAllocator,
+    plan: &mut Plan,
+) {
+    let whole = prefix.tokens / blocks.block_size();
+    seq.block_table = blocks.share(&prefix.blocks[..whole]);
+    if let Some(&partial) = prefix.blocks.get(whole) {
+        if blocks.allocate(&mut seq.block_table, prefix.tokens) != Allocation::Ok {
+            blocks.release(&mut seq.block_table);
+            return;
+        }
+        plan.copies.push((partial, seq.block_table[whole]));
+        plan.copy_sources.extend(blocks.share(&[partial]));
+    }
+    seq.num_computed = prefix.tokens;
 }
 
 #[cfg(test)]
@@ -313,6 +380,53 @@ mod tests {
         // No blocks: the newcomer waits; running sequences continue their prefill.
         assert_eq!(waiting.len(), 1);
         assert!(plan.scheduled.iter().all(|s| s.index < 2));
+    }
+
+    #[test]
+    fn a_prefix_is_shared_whole_blocks_and_copied_partial_block() {
+        let mut kv = cache(16);
+        // A prefix of 6 tokens in blocks of 4: one whole block and one partly filled.
+        let held = kv.take(2).unwrap();
+        let prefix = SharedPrefix {
+            blocks: held.clone(),
+            tokens: 6,
+        };
+        let mut gate =
+            |_: &Sequence, _: &mut BlockAllocator, _: usize| Admission::Start(Some(prefix.clone()));
+        let mut waiting = VecDeque::new();
+        let mut receivers = Vec::new();
+        for id in 1..=2 {
+            let (mut s, rx) = seq(id, 3);
+            s.virtual_len = 6;
+            s.tokens.splice(0..0, [0; 6]);
+            waiting.push_back(s);
+            receivers.push(rx);
+        }
+        let mut running = Vec::new();
+        let plan = schedule(&cfg(64), &mut running, &mut waiting, &mut kv, &mut gate);
+        // Only the real tokens run; each sequence has its own copy of the second block.
+        assert_eq!(
+            plan.scheduled,
+            vec![
+                Scheduled { index: 0, len: 3 },
+                Scheduled { index: 1, len: 3 }
+            ]
+        );
+        for (s, &(src, dst)) in running.iter().zip(&plan.copies) {
+            assert_eq!(s.num_computed, 6);
+            assert_eq!(s.block_table.len(), 3);
+            assert_eq!((s.block_table[0], src), (held[0], held[1]));
+            assert_eq!(dst, s.block_table[1]);
+        }
+        assert_eq!(kv.ref_count(held[0]), 3);
+        assert_eq!(kv.ref_count(held[1]), 3, "held for the two copies");
+        // 2 held + 2 tables x (copy + one more block).
+        assert_eq!(kv.num_free_blocks(), 16 - 2 - 4);
+        // Preempted, a sequence gives back only its references.
+        preempt(&mut running, &mut waiting, &mut kv, 1);
+        assert_eq!(kv.ref_count(held[0]), 2);
+        assert_eq!(waiting[0].num_computed, 0);
+        assert_eq!(kv.num_free_blocks(), 16 - 2 - 2);
     }
 
     #[test]

@@ -341,9 +341,12 @@ impl<B: Backend> Llama<B> {
             if (id as usize) < self.cfg.vocab_size {
                 continue;
             }
+            // Only prompt tuning's virtual tokens run through the model; a prefix's K/V
+            // are written to the cache once per adapter (`Backend::write_kv_prefix`).
             let virtual_tokens = usize::try_from(slot)
                 .ok()
-                .map_or(0, |s| adapters[s].num_virtual_tokens());
+                .and_then(|s| adapters[s].prompt.as_ref())
+                .map_or(0, |p| p.count);
             match virtual_row(id) {
                 Some(row) if row < virtual_tokens => {}
                 _ => bail!("token id {id} is outside the vocabulary"),
@@ -375,14 +378,12 @@ impl<B: Backend> Llama<B> {
         let h = be.rms_norm(x, &layer.input_norm, eps)?;
         let qkv = layer.qkv.forward(be, step, index, &h)?;
         let mut parts = be.split_columns(&qkv, &layer.qkv.widths())?.into_iter();
-        let (Some(mut q), Some(mut k), Some(mut v)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
         };
         let tables = (&self.rope_cos, &self.rope_sin);
         be.rope(step, batch, &mut q, tables, shape.num_heads)?;
         be.rope(step, batch, &mut k, tables, shape.num_kv_heads)?;
-        be.prefix_kv(step, batch, index, &mut k, &mut v)?;
         let attn = be.paged_attention(step, batch, kv, index, &q, &k, &v, shape)?;
         let o = layer.o_proj.forward(be, step, index, &attn)?;
         be.add_assign(x, &o)?;

@@ -12,7 +12,7 @@ use super::config::ModelConfig;
 use super::llama::Llama;
 use crate::lora::peft::{AdapterWeights, BaseShape, ServedBase};
 use crate::lora::values::AdapterDType;
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::sync::Arc;
 
 /// A base model as the engine drives it.
@@ -60,6 +60,13 @@ pub trait BaseModel: Send {
     fn adapter_ready(&self, _adapter: &Arc<AdapterWeights>) -> bool {
         true
     }
+
+    /// Writes `adapter`'s K/V prefix (prefix tuning) into `blocks` (positions
+    /// `0..count`), which the engine then shares read-only among its sequences.
+    fn write_kv_prefix(&mut self, adapter: &AdapterWeights, blocks: &[u32]) -> Result<()>;
+
+    /// Copies every layer's K/V of block `src` into block `dst`, for each pair.
+    fn copy_kv_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()>;
 
     /// One step (see [`Llama::forward_with_adapters`]) over the storage of
     /// [`Self::allocate_kv`].
@@ -127,6 +134,28 @@ impl<B: Backend> BaseModel for ModelRunner<B> {
 
     fn adapter_ready(&self, adapter: &Arc<AdapterWeights>) -> bool {
         self.model.backend().prepare_adapter(adapter)
+    }
+
+    fn write_kv_prefix(&mut self, adapter: &AdapterWeights, blocks: &[u32]) -> Result<()> {
+        let prefix = adapter
+            .prefix
+            .as_ref()
+            .context("the adapter has no K/V prefix")?;
+        let layout = self.model.kv_layout(0, 1);
+        ensure!(
+            prefix.kv_width == layout.slot_len()
+                && prefix.values.len() == prefix.count * layout.values_per_token(),
+            "a prefix of {} values per token does not fit K/V slots of {}",
+            prefix.values.len() / prefix.count.max(1),
+            layout.values_per_token()
+        );
+        self.model
+            .backend()
+            .write_kv_prefix(&mut self.kv, blocks, prefix)
+    }
+
+    fn copy_kv_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()> {
+        self.model.backend().copy_kv_blocks(&mut self.kv, pairs)
     }
 
     fn forward(

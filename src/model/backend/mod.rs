@@ -51,9 +51,9 @@ pub mod cuda;
 
 use super::batch::ForwardBatch;
 pub use super::checkpoint::HostWeight;
-use crate::lora::peft::{AdapterKind, AdapterWeights, LoraSite};
+use crate::lora::peft::{AdapterKind, AdapterWeights, KvPrefix, LoraSite};
 use crate::lora::values::AdapterDType;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::ops::Range;
 use std::sync::Arc;
@@ -256,19 +256,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Option<Self::Matrix>> {
         Ok(None)
     }
-    /// Replaces the K and V rows (`[t, kv_heads * head_dim]`, K already rotated) of
-    /// every virtual token of a prefix-tuning adapter with that adapter's key and value
-    /// at `layer` (unrotated), before they are written to the cache. A backend that
-    /// serves no prefix tuning has none.
-    fn prefix_kv(
+    /// Writes a prefix-tuning adapter's keys and values (unrotated) of every layer at
+    /// positions `0..prefix.count` of `table`, once per active adapter version: the
+    /// sequences of that adapter then share those blocks read-only. A backend that serves
+    /// no prefix tuning refuses.
+    fn write_kv_prefix(
         &self,
-        _step: &Self::Step,
-        _batch: &ForwardBatch,
-        _layer: usize,
-        _k: &mut Self::Matrix,
-        _v: &mut Self::Matrix,
+        _kv: &mut Self::KvStore,
+        _table: &[u32],
+        _prefix: &KvPrefix,
     ) -> Result<()> {
-        Ok(())
+        bail!("this backend does not serve prefix tuning")
+    }
+    /// Copies every layer's K and V of block `src` into block `dst`, for each pair (a
+    /// sequence's own copy of a shared block it goes on writing).
+    fn copy_kv_blocks(&self, _kv: &mut Self::KvStore, _pairs: &[(u32, u32)]) -> Result<()> {
+        bail!("this backend does not copy K/V blocks")
     }
     /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
     /// parts' widths]`), for input `x` (`[t, in]`), then multiplies those columns by each

@@ -8,7 +8,7 @@
 use super::zeroed::{ZeroIsValid, ZeroedBuffer};
 use crate::model::backend::KvLayout;
 use crate::simd::Widen;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use half::bf16;
 
 /// How the cache stores K and V values.
@@ -86,6 +86,31 @@ pub fn slot_offset(layout: KvLayout, table: &[u32], pos: usize) -> usize {
     (table[pos / bs] as usize * bs + pos % bs) * layout.slot_len()
 }
 
+fn write_layer<E: KvValue>(
+    lkv: &mut LayerKv<E>,
+    layout: KvLayout,
+    table: &[u32],
+    k: &[f32],
+    v: &[f32],
+) {
+    let width = layout.slot_len();
+    for (pos, (kr, vr)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
+        let off = slot_offset(layout, table, pos);
+        for (dst, src) in [(&mut lkv.k, kr), (&mut lkv.v, vr)] {
+            for (d, s) in dst[off..off + width].iter_mut().zip(src) {
+                *d = E::narrow(*s);
+            }
+        }
+    }
+}
+
+fn copy_in_layers<E: KvValue>(layers: &mut [LayerKv<E>], from: usize, to: usize, len: usize) {
+    for lkv in layers {
+        lkv.k.copy_within(from..from + len, to);
+        lkv.v.copy_within(from..from + len, to);
+    }
+}
+
 /// Paged K/V storage in host memory.
 pub struct CpuKvStore {
     layout: KvLayout,
@@ -129,6 +154,53 @@ impl CpuKvStore {
             && table[..blocks]
                 .iter()
                 .all(|&b| (b as usize) < self.layout.num_blocks)
+    }
+
+    /// Writes `layer`'s K and V rows (`[n, slot_len]` each, written as they are: a
+    /// prefix's keys are not rotated) at positions `0..n` of `table`.
+    pub fn write_positions(
+        &mut self,
+        layer: usize,
+        table: &[u32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        let width = self.layout.slot_len();
+        let n = k.len() / width.max(1);
+        ensure!(
+            k.len() == n * width && v.len() == k.len() && layer < self.layout.num_layers,
+            "{} K and {} V values are not whole rows of layer {layer} of {:?}",
+            k.len(),
+            v.len(),
+            self.layout
+        );
+        ensure!(
+            self.covers(table, n),
+            "a block table does not cover positions 0..{n}"
+        );
+        let layout = self.layout;
+        match &mut self.layers {
+            KvLayers::F32(layers) => write_layer(&mut layers[layer], layout, table, k, v),
+            KvLayers::Bf16(layers) => write_layer(&mut layers[layer], layout, table, k, v),
+        }
+        Ok(())
+    }
+
+    /// Copies every layer's K and V of block `src` into block `dst` (copy on write of a
+    /// shared block a sequence goes on filling).
+    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+        let blocks = self.layout.num_blocks;
+        ensure!(
+            (src as usize) < blocks && (dst as usize) < blocks,
+            "copying block {src} to {dst} of {blocks}"
+        );
+        let len = self.layout.block_size * self.layout.slot_len();
+        let (from, to) = (src as usize * len, dst as usize * len);
+        match &mut self.layers {
+            KvLayers::F32(layers) => copy_in_layers(layers, from, to, len),
+            KvLayers::Bf16(layers) => copy_in_layers(layers, from, to, len),
+        }
+        Ok(())
     }
 
     pub fn layers(&self) -> &KvLayers {

@@ -16,7 +16,7 @@ pub mod zeroed;
 use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
 use crate::lora::batch::LoraBatch;
 use crate::lora::kernels::{lora_apply, scale_input, scale_output, SiteShape, SlotWeights};
-use crate::lora::peft::{AdapterKind, AdapterWeights, LoraSite, SiteScale};
+use crate::lora::peft::{AdapterKind, AdapterWeights, KvPrefix, LoraSite, SiteScale};
 use crate::lora::values::AdapterDType;
 use crate::model::batch::{virtual_row, ForwardBatch};
 use anyhow::{bail, ensure, Context, Result};
@@ -93,8 +93,6 @@ pub struct CpuStep {
     /// Some adapter scales a site's input or output (DoRA, (IA)³): else the scale
     /// passes are skipped at every layer.
     scaled: bool,
-    /// Some adapter holds a K/V prefix (prefix tuning).
-    prefixed: bool,
 }
 
 /// The f32 values of a host tensor, flattened.
@@ -186,12 +184,6 @@ impl Backend for CpuBackend {
                 let adapter = usize::try_from(slot)
                     .ok()
                     .and_then(|s| step.adapters.get(s));
-                if adapter.is_some_and(|a| a.prefix.is_some()) {
-                    // A prefix token's K and V are replaced at every layer; its hidden
-                    // state is never read.
-                    x.resize(x.len() + h, 0.0);
-                    continue;
-                }
                 let values = adapter.and_then(|a| a.prompt.as_ref()?.row(row));
                 let values =
                     values.with_context(|| format!("virtual token {row} of slot {slot}"))?;
@@ -347,42 +339,32 @@ impl Backend for CpuBackend {
             batch: lora_batch,
             adapters: adapters.to_vec(),
             scaled: adapters.iter().any(|a| !a.scales.is_empty()),
-            prefixed: adapters.iter().any(|a| a.prefix.is_some()),
         })
     }
 
-    fn prefix_kv(
-        &self,
-        step: &CpuStep,
-        batch: &ForwardBatch,
-        layer: usize,
-        k: &mut HostMatrix,
-        v: &mut HostMatrix,
-    ) -> Result<()> {
-        if !step.prefixed {
-            return Ok(());
-        }
-        let width = k.cols;
-        for (t, (&id, &slot)) in batch.tokens.iter().zip(&batch.slots).enumerate() {
-            let (Some(row), Ok(slot)) = (virtual_row(id), usize::try_from(slot)) else {
-                continue;
-            };
-            let Some(prefix) = step.adapters.get(slot).and_then(|a| a.prefix.as_ref()) else {
-                continue;
-            };
-            let (key, value) = (prefix.key(row, layer), prefix.value(row, layer));
-            let (Some(key), Some(value)) = (key, value) else {
-                bail!("virtual token {row} of slot {slot} has no prefix at layer {layer}");
-            };
-            ensure!(
-                key.len() == width && v.cols == width,
-                "prefix width {} is not the K/V width {width}",
-                key.len()
-            );
-            k.data[t * width..(t + 1) * width].copy_from_slice(key);
-            v.data[t * width..(t + 1) * width].copy_from_slice(value);
+    fn write_kv_prefix(&self, kv: &mut CpuKvStore, table: &[u32], prefix: &KvPrefix) -> Result<()> {
+        let layers = kv.layout().num_layers;
+        for layer in 0..layers {
+            let mut k = Vec::with_capacity(prefix.count * prefix.kv_width);
+            let mut v = Vec::with_capacity(k.capacity());
+            for row in 0..prefix.count {
+                let (Some(key), Some(value)) = (prefix.key(row, layer), prefix.value(row, layer))
+                else {
+                    bail!("virtual token {row} has no prefix at layer {layer}");
+                };
+                k.extend_from_slice(key);
+                v.extend_from_slice(value);
+            }
+            kv.write_positions(layer, table, &k, &v)
+                .with_context(|| format!("prefix of layer {layer}"))?;
         }
         Ok(())
+    }
+
+    fn copy_kv_blocks(&self, kv: &mut CpuKvStore, pairs: &[(u32, u32)]) -> Result<()> {
+        pairs
+            .iter()
+            .try_for_each(|&(src, dst)| kv.copy_block(src, dst))
     }
 
     fn adapter_input(

@@ -49,6 +49,8 @@ impl Config {
                     scale: 2.0,
                     a: a.into(),
                     b: b.into(),
+                    rank_scale: None,
+                    out_scale: None,
                 })
             })
             .collect()

@@ -84,12 +84,12 @@ pub fn random_adapter(
                 let (inp, out) = base.dims(site);
                 let (a, b) = crate::lora::synth::synthetic_pair(&mut rng, rank, inp, out);
                 bytes += 4 * (a.len() + b.len());
-                Some(LoraPair {
+                Some(LoraPair::new(
                     rank,
-                    scale: 16.0 / rank as f32,
-                    a: LoraValues::F32(a),
-                    b: LoraValues::F32(b),
-                })
+                    16.0 / rank as f32,
+                    LoraValues::F32(a),
+                    LoraValues::F32(b),
+                ))
             })
         })
         .collect();

@@ -35,8 +35,8 @@ fn round(values: &[f32], dtype: DType) -> Vec<f32> {
 fn round_adapter(a: &AdapterWeights, dtype: DType) -> AdapterWeights {
     let mut a = a.clone();
     for pair in a.layers.iter_mut().flatten().flatten() {
-        pair.a = LoraValues::F32(round(&pair.a.to_f32(), dtype));
-        pair.b = LoraValues::F32(round(&pair.b.to_f32(), dtype));
+        pair.a = LoraValues::F32(round(&pair.a.to_f32(), dtype)).into();
+        pair.b = LoraValues::F32(round(&pair.b.to_f32(), dtype)).into();
     }
     a
 }
@@ -118,6 +118,8 @@ fn lora_case(dtype: DType, n: usize, hidden: usize, ranks: &[usize], runs: &[usi
                         scale: p.scale,
                         a: p.a.view(),
                         b: p.b.view(),
+                        rank_scale: None,
+                        out_scale: None,
                     })
             })
             .collect();

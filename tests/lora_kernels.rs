@@ -3,7 +3,8 @@
 //! columns a site does not own stay bit-identical, a token's result does not depend on
 //! the rest of the batch or on the thread count, and bad arguments are refused by name.
 //! Each adapter's matrices are stored in f32 or bf16 at random (the reference widens the
-//! same stored values), so every property holds for both and for batches that mix them.
+//! same stored values), so every property holds for both and for batches that mix them;
+//! some adapters also scale each rank and each output column (VeRA's lambdas).
 use multilora::lora::batch::LoraBatch;
 use multilora::lora::kernels::{lora_apply, lora_apply_reference, SiteShape, SlotWeights};
 use multilora::lora::values::{AdapterDType, LoraValues, LoraView};
@@ -31,11 +32,15 @@ impl Draws for Xoshiro256 {
 
 /// One adapter's weights at the site under test, stored in f32 or bf16 (drawn per
 /// adapter, so batches mix both).
+#[derive(Clone)]
 struct Adapter {
     rank: usize,
     scale: f32,
     a: LoraValues,
     b: LoraValues,
+    /// VeRA-style scales of each rank and each output column (drawn for some adapters).
+    rank_scale: Option<Vec<f32>>,
+    out_scale: Option<Vec<f32>>,
 }
 
 struct Case {
@@ -61,11 +66,14 @@ impl Case {
                     };
                     let a = rng.symmetric_vec(rank * inp, 1.0 / (inp as f32).sqrt());
                     let b = rng.symmetric_vec(out * rank, 1.0 / (rank as f32).sqrt());
+                    let vera = rng.chance(0.3);
                     Adapter {
                         rank,
                         scale: rng.range(1, 40) as f32 / 10.0,
                         a: LoraValues::from_f32(a, dtype),
                         b: LoraValues::from_f32(b, dtype),
+                        rank_scale: vera.then(|| rng.symmetric_vec(rank, 2.0)),
+                        out_scale: vera.then(|| rng.symmetric_vec(out, 2.0)),
                     }
                 })
             })
@@ -88,6 +96,8 @@ impl Case {
                     scale: a.scale,
                     a: a.a.view(),
                     b: a.b.view(),
+                    rank_scale: a.rank_scale.as_deref(),
+                    out_scale: a.out_scale.as_deref(),
                 })
             })
             .collect()
@@ -300,7 +310,12 @@ fn a_token_is_bit_identical_alone_or_in_any_batch() {
     let mut slots = vec![0; 40];
     slots.extend([1, -1, 2, 3]);
     slots.extend(vec![2; 37]);
-    let big = Case::new(&mut rng, &slots, shape, &ranks);
+    let mut big = Case::new(&mut rng, &slots, shape, &ranks);
+    // Slot 2 (long segments and a single token) scales its ranks and columns (VeRA).
+    if let Some(a) = &mut big.adapters[2] {
+        a.rank_scale = Some(rng.symmetric_vec(a.rank, 2.0));
+        a.out_scale = Some(rng.symmetric_vec(shape.out_features, 2.0));
+    }
     let together = big.ours();
     let (inp, out) = (shape.in_features, shape.out_features);
     for t in [0, 3, 39, 40, 42, 43, 50, 80] {
@@ -308,14 +323,7 @@ fn a_token_is_bit_identical_alone_or_in_any_batch() {
         alone.adapters = ranks
             .iter()
             .zip(&big.adapters)
-            .map(|(_, a)| {
-                a.as_ref().map(|a| Adapter {
-                    rank: a.rank,
-                    scale: a.scale,
-                    a: a.a.clone(),
-                    b: a.b.clone(),
-                })
-            })
+            .map(|(_, a)| a.clone())
             .collect();
         alone.x = big.x[t * inp..(t + 1) * inp].to_vec();
         alone.y0 = big.y0[t * out..(t + 1) * out].to_vec();
@@ -358,15 +366,19 @@ fn strided_input_is_gathered_first() {
         };
         let view = &big[r * wide + col0..];
         let (a, b) = (ad.a.to_f32(), ad.b.to_f32());
+        let rank_scale = |k: usize| ad.rank_scale.as_ref().map_or(1.0, |v| v[k] as f64);
+        let out_scale = |o: usize| ad.out_scale.as_ref().map_or(1.0, |v| v[o] as f64);
         let h: Vec<f64> = (0..ad.rank)
             .map(|k| {
-                (0..inp)
+                let dot: f64 = (0..inp)
                     .map(|i| a[k * inp + i] as f64 * view[i] as f64)
-                    .sum()
+                    .sum();
+                dot * rank_scale(k)
             })
             .collect();
         for o in 0..out {
             let d: f64 = (0..ad.rank).map(|k| b[o * ad.rank + k] as f64 * h[k]).sum();
+            let d = d * out_scale(o);
             let want = case.y0[r * out + o] as f64 + ad.scale as f64 * d;
             let g = got[r * out + o] as f64;
             assert!(
@@ -424,6 +436,8 @@ fn bad_arguments_are_refused_by_name() {
         a: LoraView::F32(&[]),
         b: LoraView::F32(&[]),
         scale: 1.0,
+        rank_scale: None,
+        out_scale: None,
     });
     assert!(err(b, &case.x, 16, shape, &bad).contains("rank is 0"));
 }

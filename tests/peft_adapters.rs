@@ -28,8 +28,8 @@ fn assert_matches_file(dir: &Path, w: &AdapterWeights, layer: usize, site: LoraS
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(
-            ours,
-            &LoraValues::F32(theirs),
+            **ours,
+            LoraValues::F32(theirs),
             "{half} of layer {layer} {site:?}"
         );
     }
@@ -113,7 +113,7 @@ fn beta_fixture_stored_as_bf16() {
         for (p32, p16) in row32.iter().flatten().zip(row16.iter().flatten()) {
             assert_eq!((p16.rank, p16.scale), (p32.rank, p32.scale));
             for (v32, v16) in [(&p32.a, &p16.a), (&p32.b, &p16.b)] {
-                let LoraValues::Bf16(v16) = v16 else {
+                let LoraValues::Bf16(v16) = &**v16 else {
                     panic!("stored as {:?}", v16.dtype())
                 };
                 let want: Vec<half::bf16> = v32
@@ -157,8 +157,8 @@ fn plain_list_loads_with_scale_alpha_over_r() {
     );
     let q = w.layers[1][LoraSite::Q.index()].as_ref().unwrap();
     assert_eq!((q.rank, q.scale), (4, 2.0));
-    assert_eq!(q.a, LoraValues::F32(values(4 * 8, 7.0)));
-    assert_eq!(q.b, LoraValues::F32(values(8 * 4, 7.5)));
+    assert_eq!(*q.a, LoraValues::F32(values(4 * 8, 7.0)));
+    assert_eq!(*q.b, LoraValues::F32(values(8 * 4, 7.5)));
     assert_eq!(w.bytes, 2 * (4 * 8 + 8 * 4 + 4 * 8 + 4 * 4) * 4);
 }
 
@@ -278,7 +278,7 @@ fn default_infix_keys_load() {
         .collect();
     let w = load(folder(&config(json!({})), tensors).path()).unwrap();
     assert_eq!(
-        w.layers[1][LoraSite::V.index()].as_ref().unwrap().a,
+        *w.layers[1][LoraSite::V.index()].as_ref().unwrap().a,
         LoraValues::F32(values(4 * 8, 9.0))
     );
 }
@@ -329,9 +329,9 @@ fn f16_and_bf16_tensors_are_converted() {
         let w = load(folder(&config(json!({})), tensors).path()).unwrap();
         let q = w.layers[0][LoraSite::Q.index()].as_ref().unwrap();
         assert!(first.ends_with("lora_A.weight"));
-        assert_eq!(q.a, LoraValues::F32(expected), "{dtype:?}");
+        assert_eq!(*q.a, LoraValues::F32(expected), "{dtype:?}");
         assert_ne!(
-            q.a,
+            *q.a,
             LoraValues::F32(values(32, 0.0)),
             "{dtype:?} must round"
         );

@@ -5,13 +5,14 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::peft_folders::*;
 use multilora::lora::peft::{
-    load_peft_adapter_served, AdapterError, AdapterKind, AdapterLimits, AdapterWeights, BaseShape,
-    LoraSite, ServedBase, SiteScale,
+    estimate_adapter_bytes, load_peft_adapter_served, AdapterError, AdapterKind, AdapterLimits,
+    AdapterWeights, BaseShape, LoraSite, ServedBase, SiteScale,
 };
 use multilora::lora::values::AdapterDType;
 use serde_json::{json, Value};
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A base whose every weight entry is 0.5 (so each row norm is known).
 struct Halves(BaseShape);
@@ -298,7 +299,7 @@ fn adalora_folds_e_into_a_with_alpha_over_init_r_and_follows_the_rank_pattern() 
 }
 
 #[test]
-fn vera_folds_the_sliced_projections_with_its_lambdas() {
+fn vera_shares_the_sliced_projections_and_keeps_its_lambdas() {
     let r = 2;
     let config = json!({"peft_type": "VERA", "r": r, "target_modules": ["q_proj", "k_proj"],
         "save_projection": true, "projection_prng_key": 0, "task_type": "CAUSAL_LM"});
@@ -325,7 +326,8 @@ fn vera_folds_the_sliced_projections_with_its_lambdas() {
             tensors.push((module_key(layer, site, "vera_lambda_d"), d));
         }
     }
-    let w = load_on(folder(&config.clone(), tensors.clone()).path(), TINY).unwrap();
+    let dir = folder(&config.clone(), tensors.clone());
+    let w = load_on(dir.path(), TINY).unwrap();
     assert_eq!((w.kind, w.rank_max), (AdapterKind::Vera, 2));
     let pair = w.layers[1][LoraSite::K.index()].as_ref().unwrap();
     assert_eq!(pair.scale, 1.0);
@@ -336,8 +338,20 @@ fn vera_folds_the_sliced_projections_with_its_lambdas() {
     let (fa, fb) = (pair.a.to_f32(), pair.b.to_f32());
     assert_eq!(fa.len(), r * 8);
     assert_eq!(fb.len(), 4 * r);
-    assert_eq!(fa[8 + 3], a[1][3] * -2.0);
-    assert_eq!(fb[3 * r + 1], b[3][1] * 4.0);
+    assert_eq!((fa[8 + 3], fb[3 * r + 1]), (a[1][3], b[3][1]));
+    assert_eq!(pair.rank_scale.as_deref(), Some(&[0.5, -2.0][..]));
+    assert_eq!(pair.out_scale.as_deref(), Some(&[1.0, 2.0, 3.0, 4.0][..]));
+    // The slices are held once: q_proj and k_proj of every layer read one A_s, a second
+    // adapter with the same projections too; each output width has one B_s.
+    let again = load_on(folder(&config.clone(), tensors.clone()).path(), TINY).unwrap();
+    let q0 = w.layers[0][LoraSite::Q.index()].as_ref().unwrap();
+    let k0 = again.layers[0][LoraSite::K.index()].as_ref().unwrap();
+    assert!(Arc::ptr_eq(&q0.a, &pair.a) && Arc::ptr_eq(&k0.a, &pair.a));
+    assert!(Arc::ptr_eq(&k0.b, &pair.b) && !Arc::ptr_eq(&q0.b, &pair.b));
+    // A_s [2, 8], B_s [8, 2] and [4, 2]; lambdas (2 + 8) and (2 + 4) in each of 2 layers.
+    assert_eq!(w.bytes, 4 * (16 + 16 + 8) + 4 * 2 * (10 + 6));
+    let estimate = estimate_adapter_bytes(dir.path(), &AdapterLimits::default(), AdapterDType::F32);
+    assert_eq!(estimate.unwrap(), w.bytes);
     let mut no_projection = config.clone();
     no_projection["save_projection"] = json!(false);
     expect_unsupported(
@@ -355,7 +369,6 @@ fn vera_folds_the_sliced_projections_with_its_lambdas() {
 /// what every type holds once loaded, in both storage types, and not far above it.
 #[test]
 fn byte_estimates_bound_every_type() {
-    use multilora::lora::peft::estimate_adapter_bytes;
     let names = [
         "alpha-lora-r8-qv",
         "delta-dora-r8-attn",

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use crate::simd::Widen;
 
 /// The storage type of adapter weights in host memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum AdapterDType {
     /// Full precision: the f32 base's mode (exact parity with PEFT in f32).
     #[default]

@@ -14,7 +14,9 @@
 //!
 //! Storage: `A` and `B` are read as the adapter stores them (f32, or bf16 widened exactly
 //! in registers), always with f32 accumulation, so a bf16 adapter computes what its
-//! widened f32 values would.
+//! widened f32 values would. A slot's rank scales multiply its rectangle of `h` after the
+//! shrink; its output scales multiply the rectangle's rows of `B` into a scratch (f32)
+//! that the expand then reads, so every path rounds them the same way.
 //!
 //! Batch invariance: every element has one fixed summation order whatever the batch
 //! (tile sizes, SGMV or BGMV, thread split), so a token's result is bit-identical alone or
@@ -58,6 +60,8 @@ thread_local! {
     static H_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A packed panel of `B`, on each worker thread.
     static PANEL: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// A rectangle's rows of `B` times their output scales, on each worker thread.
+    static SCALED_B: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Runs `f` on a scratch buffer of `len` elements taken from `key` (re-entrant: a nested
@@ -288,11 +292,23 @@ fn run(plan: &Plan, f: impl Fn(&Unit) + Sync + Send) {
     }
 }
 
-/// `h[e, c0..c1] = scale * w_e * A[c0..c1] x[t_e]` for the rectangle's entries.
+/// `h[e, c0..c1] = scale * w_e * A[c0..c1] x[t_e]` for the rectangle's entries, each rank
+/// then times its rank scale if the slot has them.
 fn shrink_unit(ctx: &Ctx, job: &Job, u: &Unit) {
     match job.w.a {
         LoraView::F32(a) => shrink_rows(ctx, job, u, a),
         LoraView::Bf16(a) => shrink_rows(ctx, job, u, a),
+    }
+    let Some(d) = job.w.rank_scale else {
+        return;
+    };
+    let r = job.w.rank;
+    for e in u.t0..u.t1 {
+        for (rr, &s) in d.iter().enumerate().take(u.c1).skip(u.c0) {
+            // SAFETY: (e, rr) lies in this rectangle of this job's block of `h`, written
+            // just above by this rectangle alone.
+            unsafe { *ctx.h.0.add(job.h + e * r + rr) *= s };
+        }
     }
 }
 
@@ -316,22 +332,43 @@ fn shrink_rows<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, a: &[E]) {
     }
 }
 
-/// `y[t_e, off + c0..c1] += h[e] B[c0..c1]^T` for the rectangle's entries.
+/// `y[t_e, off + c0..c1] += h[e] B[c0..c1]^T` for the rectangle's entries; with output
+/// scales, against rows `out_scale[c] * B[c]` (one rounding per value, whatever the path).
 fn expand_unit(ctx: &Ctx, job: &Job, u: &Unit) {
+    if let Some(lb) = job.w.out_scale {
+        let r = job.w.rank;
+        with_scratch(&SCALED_B, (u.c1 - u.c0) * r, |scaled| {
+            match job.w.b {
+                LoraView::F32(b) => scale_rows(b, lb, u, r, scaled),
+                LoraView::Bf16(b) => scale_rows(b, lb, u, r, scaled),
+            }
+            expand_cols(ctx, job, u, scaled, u.c0);
+        });
+        return;
+    }
     match job.w.b {
-        LoraView::F32(b) => expand_cols(ctx, job, u, b),
-        LoraView::Bf16(b) => expand_cols(ctx, job, u, b),
+        LoraView::F32(b) => expand_cols(ctx, job, u, b, 0),
+        LoraView::Bf16(b) => expand_cols(ctx, job, u, b, 0),
     }
 }
 
-/// [`expand_unit`] on `B` stored as `E`.
-fn expand_cols<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E]) {
+/// Rows `c0..c1` of `b` (`[out, r]`), row `c` times `scales[c]`, into `dst`.
+fn scale_rows<E: Widen>(b: &[E], scales: &[f32], u: &Unit, r: usize, dst: &mut [f32]) {
+    for (c, row) in (u.c0..u.c1).zip(dst.chunks_exact_mut(r)) {
+        for (d, v) in row.iter_mut().zip(&b[c * r..(c + 1) * r]) {
+            *d = v.widen() * scales[c];
+        }
+    }
+}
+
+/// [`expand_unit`] on `B` stored as `E`, whose first row is site column `first`.
+fn expand_cols<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E], first: usize) {
     #[cfg(target_arch = "x86_64")]
     if ctx.isa >= Isa::Avx2Fma {
         if u.t1 - u.t0 >= SGMV_MIN_TOKENS {
-            expand_sgmv_avx2(ctx, job, u, b);
+            expand_sgmv_avx2(ctx, job, u, b, first);
         } else {
-            expand_bgmv_avx2(ctx, job, u, b);
+            expand_bgmv_avx2(ctx, job, u, b, first);
         }
         return;
     }
@@ -345,7 +382,7 @@ fn expand_cols<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E]) {
         // or by the shrink phase, which has ended) and nobody writes it now.
         let h = unsafe { std::slice::from_raw_parts(ctx.h.0.add(job.h + e * r), r) };
         for c in u.c0..u.c1 {
-            let v = dot(h, &b[c * r..(c + 1) * r]);
+            let v = dot(h, &b[(c - first) * r..(c - first + 1) * r]);
             // SAFETY: row t, site column c belongs to this rectangle (module invariants).
             unsafe { *ctx.y.0.add(t * y_stride + y_offset + c) += v };
         }
@@ -429,11 +466,11 @@ fn tile_rows<const M: usize>(
 /// BGMV expand: per 8 site columns, the rectangle's tokens (4 at a time) against `B`
 /// transposed in registers straight from its `[out, rank]` rows.
 #[cfg(target_arch = "x86_64")]
-fn expand_bgmv_avx2<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E]) {
+fn expand_bgmv_avx2<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E], first: usize) {
     let r = job.w.rank;
     for c0 in (u.c0..u.c1).step_by(8) {
         let rows = 8.min(u.c1 - c0);
-        let b = b[c0 * r..(c0 + rows) * r].as_ptr();
+        let b = b[(c0 - first) * r..(c0 - first + rows) * r].as_ptr();
         for e0 in (u.t0..u.t1).step_by(4) {
             // SAFETY: AVX2/FMA present; `rows` rows of r values at b; h rows complete;
             // the `rows` y elements of each token belong to this rectangle.
@@ -467,12 +504,12 @@ unsafe fn bgmv<const M: usize, E: Widen>(
 /// SGMV expand: per panel of `NR` site columns, pack `B^T` once (`[rank, NR]`), then run
 /// every token tile of the rectangle against it.
 #[cfg(target_arch = "x86_64")]
-fn expand_sgmv_avx2<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E]) {
+fn expand_sgmv_avx2<E: Widen>(ctx: &Ctx, job: &Job, u: &Unit, b: &[E], first: usize) {
     let r = job.w.rank;
     with_scratch(&PANEL, r * NR, |panel| {
         for c0 in (u.c0..u.c1).step_by(NR) {
             let cols = NR.min(u.c1 - c0);
-            let b = b[c0 * r..(c0 + cols) * r].as_ptr();
+            let b = b[(c0 - first) * r..(c0 - first + cols) * r].as_ptr();
             // SAFETY: AVX2/FMA present; `cols` rows of r values at b; the panel has
             // r x NR values.
             unsafe { avx2::pack_panel(b, r, cols, panel) };
@@ -555,6 +592,8 @@ mod tests {
                     scale: 0.5,
                     a: a.view(),
                     b: b.view(),
+                    rank_scale: None,
+                    out_scale: None,
                 })
             })
             .collect();
@@ -654,6 +693,8 @@ mod tests {
                     scale: 0.5,
                     a: a.as_slice().into(),
                     b: b.as_slice().into(),
+                    rank_scale: None,
+                    out_scale: None,
                 })
             })
             .collect();

@@ -8,7 +8,10 @@
 //! Semantics, for input `x: [T, in]` (row-major, contiguous) and output rows of stride
 //! `y_stride` whose site columns start at `y_offset`:
 //! `y[t, y_offset + o] += w * scale_s * sum_r B_s[o, r] * (sum_i A_s[r, i] * x[t, i])` for
-//! every adapter entry `(s, w)` of token t (today: one entry, `w = 1`, when `slot[t] >= 0`).
+//! every adapter entry `(s, w)` of token t (one entry, `w = 1`, for a plain adapter
+//! token; several for a mixture). A slot may also scale each rank's shrink output
+//! (`rank_scale[r]`, after `w * scale_s`) and each row of `B` (`out_scale[o]`): VeRA's
+//! `lambda_b * (B (lambda_d * (A x)))` over projections shared by many adapters.
 //! Invariants: tokens without an adapter, slots without weights at this site and the
 //! columns outside `[y_offset, y_offset + out)` are never written (bit-identical); ranks
 //! are never padded; accumulation is in f32, whatever the matrices' storage type.
@@ -34,6 +37,10 @@ pub struct SlotWeights<'a> {
     pub a: LoraView<'a>,
     /// `[out, rank]`, row-major (PEFT `lora_B`).
     pub b: LoraView<'a>,
+    /// `[rank]`: each rank's shrink output times this (VeRA's `lambda_d`), or none.
+    pub rank_scale: Option<&'a [f32]>,
+    /// `[out]`: row `o` of `B` times `out_scale[o]` (VeRA's `lambda_b`), or none.
+    pub out_scale: Option<&'a [f32]>,
 }
 
 /// The site's shape and where its columns sit in y.
@@ -126,6 +133,12 @@ pub(crate) fn validate(
             w.rank.checked_mul(out_features) == Some(w.b.len()),
             "adapter slot {s}: lora_B has {} elements, expected out_features {out_features} x rank {}",
             w.b.len(),
+            w.rank
+        );
+        ensure!(
+            w.rank_scale.is_none_or(|v| v.len() == w.rank)
+                && w.out_scale.is_none_or(|v| v.len() == out_features),
+            "adapter slot {s}: rank or output scales are not rank {} / out_features {out_features} long",
             w.rank
         );
         ensure!(

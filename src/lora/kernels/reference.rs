@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use super::{validate, SiteShape, SlotWeights};
 use crate::lora::batch::LoraBatch;
 
-/// `y[t, off + o] += w * scale * (x[t] A^T B^T)[o]` per adapter entry, the plain way.
+/// `y[t, off + o] += w * scale * out_scale[o] * ((x[t] A^T) * rank_scale) B^T)[o]` per
+/// adapter entry, the plain way.
 pub fn lora_apply_reference(
     batch: &LoraBatch,
     x: &[f32],
@@ -37,7 +38,14 @@ pub fn lora_apply_reference(
         let xs = Tensor::from_vec(rows, (tokens.len(), inp), &dev)?;
         let a = Tensor::from_slice(&w.a.to_f32(), (w.rank, inp), &dev)?;
         let b = Tensor::from_slice(&w.b.to_f32(), (out, w.rank), &dev)?;
-        let delta = xs.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        let mut h = xs.matmul(&a.t()?)?;
+        if let Some(d) = w.rank_scale {
+            h = h.broadcast_mul(&Tensor::from_slice(d, (1, w.rank), &dev)?)?;
+        }
+        let mut delta = h.matmul(&b.t()?)?;
+        if let Some(lb) = w.out_scale {
+            delta = delta.broadcast_mul(&Tensor::from_slice(lb, (1, out), &dev)?)?;
+        }
         let delta = delta.flatten_all()?.to_vec1::<f32>()?;
         for (k, (&t, &wt)) in tokens.iter().zip(weights).enumerate() {
             let s = w.scale * wt;

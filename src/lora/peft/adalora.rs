@@ -155,12 +155,12 @@ pub(super) fn load(
                 rank as f32
             };
             let at = format!("layer {layer} {}", site.module_name());
-            let pair = LoraPair {
+            let pair = LoraPair::new(
                 rank,
-                scale: scaling / (config.init_r as f32 + 1e-5),
-                a: stored(&at, folded, dtype)?,
-                b: stored(&at, b, dtype)?,
-            };
+                scaling / (config.init_r as f32 + 1e-5),
+                stored(&at, folded, dtype)?,
+                stored(&at, b, dtype)?,
+            );
             weights.rank_max = weights.rank_max.max(rank);
             weights.bytes += pair.a.bytes() + pair.b.bytes();
             row[site.index()] = Some(pair);

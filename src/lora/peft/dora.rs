@@ -117,12 +117,12 @@ mod tests {
 
     fn adapter(m: Vec<f32>, b: Vec<f32>) -> AdapterWeights {
         let mut layer: [Option<LoraPair>; 7] = Default::default();
-        layer[0] = Some(LoraPair {
-            rank: 1,
-            scale: 2.0,
-            a: LoraValues::F32(vec![1.0, 0.0, 0.0]),
-            b: LoraValues::F32(b),
-        });
+        layer[0] = Some(LoraPair::new(
+            1,
+            2.0,
+            LoraValues::F32(vec![1.0, 0.0, 0.0]),
+            LoraValues::F32(b),
+        ));
         let mut scales: [Option<SiteScale>; 7] = Default::default();
         scales[0] = Some(SiteScale::Output(m));
         AdapterWeights {

@@ -26,6 +26,7 @@ mod vera;
 use config::{LoraConfig, RawConfig};
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::lora::values::{AdapterDType, LoraValues};
 use tensors::{assemble, SafeTensors};
@@ -125,14 +126,34 @@ impl BaseShape {
 }
 
 /// One site's low-rank pair, row-major, in the adapter storage type, ready for kernels.
+/// The matrices may be shared with other adapters (VeRA's projections), which then
+/// differ only in their rank and output scales.
 #[derive(Clone, Debug)]
 pub struct LoraPair {
     pub rank: usize,
     pub scale: f32,
     /// `[rank, in]`
-    pub a: LoraValues,
+    pub a: Arc<LoraValues>,
     /// `[out, rank]`
-    pub b: LoraValues,
+    pub b: Arc<LoraValues>,
+    /// `[rank]`: each rank's shrink output times this (VeRA's `lambda_d`).
+    pub rank_scale: Option<Vec<f32>>,
+    /// `[out]`: each row of `b` times this (VeRA's `lambda_b`).
+    pub out_scale: Option<Vec<f32>>,
+}
+
+impl LoraPair {
+    /// A plain pair (nothing shared, no rank or output scales).
+    pub fn new(rank: usize, scale: f32, a: LoraValues, b: LoraValues) -> Self {
+        Self {
+            rank,
+            scale,
+            a: Arc::new(a),
+            b: Arc::new(b),
+            rank_scale: None,
+            out_scale: None,
+        }
+    }
 }
 
 /// The PEFT method an adapter was trained with, as the server serves it.
@@ -379,10 +400,13 @@ pub fn estimate_adapter_bytes(
         .as_object()
         .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: header is not an object")))?;
     // Matrices are stored as `dtype`; vectors (scales, magnitudes, embeddings) in f32.
-    // VeRA's shared projections are folded into every module: each `vera_lambda_d`
-    // stands for `r x (max_in + max_out)` values.
+    // VeRA's projections are held as slices: `vera_A[:, :in]` once per input width (at
+    // most one per class of module: hidden-sized, o_proj, down_proj), `vera_B[:out]` once
+    // per output width (each module's `vera_lambda_b` has its width).
     let (mut matrices, mut vectors) = (0usize, 0usize);
-    let mut vera_module = 0usize;
+    let (mut vera_a, mut vera_r) = (0usize, 0usize);
+    let mut in_classes = std::collections::HashSet::new();
+    let mut out_widths = std::collections::HashSet::new();
     for (name, info) in tensors {
         if name == "__metadata__" {
             continue;
@@ -399,22 +423,31 @@ pub fn estimate_adapter_bytes(
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| Invalid(format!("{WEIGHTS_FILE}: {name} has a bad shape")))?;
-        if name.contains("vera_A") || name.contains("vera_B") {
-            vera_module = vera_module.saturating_add(numel);
+        if name.contains("vera_A") {
+            (vera_a, vera_r) = (numel, shape.first().copied().unwrap_or(0));
+        } else if name.contains("vera_B") {
+            continue;
         } else if name.contains("lora_A") || name.contains("lora_B") {
             matrices = matrices.saturating_add(numel);
         } else {
             vectors = vectors.saturating_add(numel);
         }
+        if name.contains("vera_lambda_b") {
+            out_widths.insert(numel);
+        }
+        if name.contains("vera_lambda_d") {
+            in_classes.insert(
+                ["o_proj", "down_proj"]
+                    .iter()
+                    .position(|m| name.contains(m)),
+            );
+        }
     }
-    let vera_modules = tensors
-        .keys()
-        .filter(|k| k.contains("vera_lambda_d"))
-        .count();
-    // r x max_in + max_out x r per module, at least r x (in + out).
-    let folded = vera_modules.saturating_mul(vera_module);
+    let vera = vera_a
+        .saturating_mul(in_classes.len())
+        .saturating_add(out_widths.iter().sum::<usize>().saturating_mul(vera_r));
     Ok(matrices
-        .saturating_add(folded)
+        .saturating_add(vera)
         .saturating_mul(dtype.size())
         .saturating_add(vectors.saturating_mul(4)))
 }

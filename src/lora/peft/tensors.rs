@@ -363,12 +363,7 @@ pub(super) fn assemble(
             weights.rank_max = weights.rank_max.max(sp.rank);
             weights.bytes += a.bytes() + b.bytes();
             weights.target_modules.push(site.module_name().to_string());
-            row[site.index()] = Some(LoraPair {
-                rank: sp.rank,
-                scale: sp.scale,
-                a,
-                b,
-            });
+            row[site.index()] = Some(LoraPair::new(sp.rank, sp.scale, a, b));
         }
         weights.layers.push(row);
         if kind == AdapterKind::Dora {

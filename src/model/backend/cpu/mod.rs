@@ -421,6 +421,8 @@ impl Backend for CpuBackend {
                         scale: pair.scale,
                         a: pair.a.view(),
                         b: pair.b.view(),
+                        rank_scale: pair.rank_scale.as_deref(),
+                        out_scale: pair.out_scale.as_deref(),
                     })
                 })
                 .collect();

@@ -72,6 +72,12 @@ impl DeviceAdapter {
     fn upload(w: &AdapterWeights, dtype: DType, stream: &Arc<CudaStream>) -> Result<Self> {
         let align = 16 / dtype.size_in_bytes();
         let pairs = w.layers.iter().flatten().flatten();
+        if pairs
+            .clone()
+            .any(|p| p.rank_scale.is_some() || p.out_scale.is_some())
+        {
+            bail!("rank and output scales (VeRA) are not served on CUDA");
+        }
         let values: usize = pairs.map(|p| p.a.len() + p.b.len()).sum();
         let mut host: Vec<f32> = Vec::with_capacity(values + 64);
         let mut place = |values: &[f32]| {

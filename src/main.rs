@@ -76,9 +76,9 @@ enum AdaptersCommand {
         /// Ranks, used in turn (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "16")]
         ranks: Vec<usize>,
-        /// PEFT types, used in turn (comma-separated, from lora, dora, ia3,
-        /// prompt_tuning and prefix_tuning; the last two take the rank as their number of
-        /// virtual tokens).
+        /// PEFT types, used in turn (comma-separated, from lora, dora, ia3, adalora,
+        /// vera, prompt_tuning, p_tuning and prefix_tuning; the last three take the rank
+        /// as their number of virtual tokens).
         #[arg(long = "type", value_delimiter = ',', default_value = "lora")]
         types: Vec<String>,
         /// Target modules (comma-separated, from q,k,v,o,gate,up,down).
@@ -296,14 +296,14 @@ fn synth_adapters(
     }
     let kinds = types
         .iter()
-        .map(|t| match t.to_lowercase().as_str() {
-            "lora" => Ok(AdapterKind::Lora),
-            "dora" => Ok(AdapterKind::Dora),
-            "ia3" => Ok(AdapterKind::Ia3),
-            "prompt_tuning" => Ok(AdapterKind::PromptTuning),
-            other => {
-                anyhow::bail!("--type: unknown type {other:?} (lora, dora, ia3 or prompt_tuning)")
-            }
+        .map(|t| {
+            AdapterKind::from_name(t).with_context(|| {
+                let names: Vec<String> = AdapterKind::ALL
+                    .iter()
+                    .map(|k| k.name().to_lowercase())
+                    .collect();
+                format!("--type: unknown type {t:?} (one of {})", names.join(", "))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     if kinds.is_empty() || !distinct.is_multiple_of(kinds.len()) {

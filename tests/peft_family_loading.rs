@@ -404,3 +404,45 @@ fn byte_estimates_bound_every_type() {
         }
     }
 }
+
+/// `adapters synth` makes every kind: each loads as that kind (its rank, or its virtual
+/// tokens), within the header estimate; synthetic VeRA adapters share one projection.
+#[test]
+fn synthetic_adapters_of_every_kind_load_as_that_kind() {
+    use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
+    let root = tempfile::tempdir().unwrap();
+    let load = |kind: AdapterKind, seed: u64| {
+        let sites = match kind {
+            AdapterKind::Ia3 => vec![LoraSite::K, LoraSite::V, LoraSite::Down],
+            _ => vec![LoraSite::Q, LoraSite::V, LoraSite::Down],
+        };
+        let spec = SynthSpec {
+            kind,
+            rank: 3,
+            alpha: 6.0,
+            sites,
+            seed,
+        };
+        let dir = root.path().join(format!("{}-{seed}", kind.name()));
+        write_synthetic_adapter(&dir, &TINY, &spec).unwrap();
+        let w = load_on(&dir, TINY).unwrap();
+        let estimate = estimate_adapter_bytes(&dir, &AdapterLimits::default(), AdapterDType::F32);
+        assert!(estimate.unwrap() >= w.bytes, "{kind:?}");
+        w
+    };
+    for kind in AdapterKind::ALL {
+        let w = load(kind, 1);
+        assert_eq!(w.kind, kind);
+        match kind {
+            AdapterKind::Ia3 => assert_eq!(w.scales.len(), TINY.num_layers),
+            k if !k.mixes() && k != AdapterKind::Dora => assert_eq!(w.num_virtual_tokens(), 3),
+            _ => assert_eq!(w.rank_max, 3, "{kind:?}"),
+        }
+    }
+    let (one, two) = (load(AdapterKind::Vera, 1), load(AdapterKind::Vera, 2));
+    let (p1, p2) = [&one, &two]
+        .map(|w| w.layers[0][LoraSite::Q.index()].as_ref().unwrap())
+        .into();
+    assert!(Arc::ptr_eq(&p1.a, &p2.a) && Arc::ptr_eq(&p1.b, &p2.b));
+    assert_ne!(p1.rank_scale, p2.rank_scale);
+}

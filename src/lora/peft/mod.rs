@@ -179,6 +179,25 @@ pub enum AdapterKind {
 }
 
 impl AdapterKind {
+    /// Every kind.
+    pub const ALL: [AdapterKind; 8] = [
+        AdapterKind::Lora,
+        AdapterKind::Dora,
+        AdapterKind::Ia3,
+        AdapterKind::PromptTuning,
+        AdapterKind::PTuning,
+        AdapterKind::AdaLora,
+        AdapterKind::Vera,
+        AdapterKind::PrefixTuning,
+    ];
+
+    /// The kind named `name` ([`AdapterKind::name`], any case).
+    pub fn from_name(name: &str) -> Option<AdapterKind> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(name))
+    }
+
     /// PEFT's name of the method (`peft_type`, or `DORA` for LoRA with `use_dora`).
     pub fn name(self) -> &'static str {
         match self {

@@ -66,12 +66,8 @@ fn write_rows<E: KvValue>(
         for i in 0..chunk.len {
             let t = chunk.start + i;
             let off = slot_offset(layout, &chunk.block_table, chunk.context_len + i);
-            let rows = [(&mut lkv.k, k), (&mut lkv.v, v)];
-            for (dst, src) in rows {
-                for (d, s) in dst[off..off + kv_row].iter_mut().zip(&src[t * kv_row..]) {
-                    *d = E::narrow(*s);
-                }
-            }
+            let row = t * kv_row..(t + 1) * kv_row;
+            lkv.write_slot(off, &k[row.clone()], &v[row]);
         }
     }
 }

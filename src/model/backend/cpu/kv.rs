@@ -61,6 +61,17 @@ pub struct LayerKv<E> {
     pub v: ZeroedBuffer<E>,
 }
 
+impl<E: KvValue> LayerKv<E> {
+    /// Stores one token's K and V rows (as f32, narrowed to `E`) at slot offset `off`.
+    pub fn write_slot(&mut self, off: usize, k: &[f32], v: &[f32]) {
+        for (dst, src) in [(&mut self.k, k), (&mut self.v, v)] {
+            for (d, s) in dst[off..off + src.len()].iter_mut().zip(src) {
+                *d = E::narrow(*s);
+            }
+        }
+    }
+}
+
 /// Every layer's K and V, in one element type.
 pub enum KvLayers {
     F32(Vec<LayerKv<f32>>),
@@ -95,12 +106,7 @@ fn write_layer<E: KvValue>(
 ) {
     let width = layout.slot_len();
     for (pos, (kr, vr)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
-        let off = slot_offset(layout, table, pos);
-        for (dst, src) in [(&mut lkv.k, kr), (&mut lkv.v, vr)] {
-            for (d, s) in dst[off..off + width].iter_mut().zip(src) {
-                *d = E::narrow(*s);
-            }
-        }
+        lkv.write_slot(slot_offset(layout, table, pos), kr, vr);
     }
 }
 

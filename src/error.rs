@@ -66,6 +66,31 @@ impl RequestError {
             Self::Internal(_) => Code::Internal,
         }
     }
+
+    /// The HTTP status the OpenAI-compatible front answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::InvalidArgument { .. } | Self::FailedPrecondition(_) => 400,
+            Self::NotFound(_) => 404,
+            Self::Aborted(_) => 409,
+            Self::ResourceExhausted(_) => 429,
+            Self::Unavailable(_) => 503,
+            Self::Internal(_) => 500,
+        }
+    }
+
+    /// The gRPC code's canonical name (as in `grpc-status` documentation), for metrics.
+    pub fn grpc_code_name(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Self::Aborted(_) => "ABORTED",
+            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
 }
 
 impl From<RequestError> for Status {

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod lora;
+pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod rng;

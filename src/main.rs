@@ -5,6 +5,7 @@ use candle_core::quantized::GgmlDType;
 use clap::{Parser, Subcommand};
 use multilora::byte_size::parse_byte_size;
 use multilora::engine::EngineConfig;
+use multilora::hub::HubOptions;
 use multilora::lora::registry::{self, RegistryConfig};
 use multilora::model::placement::{
     load_model_on, parse_quant_type, DTypeChoice, DeviceSpec, KvDTypeChoice, Placement,
@@ -56,7 +57,34 @@ enum Command {
         repo: String,
         #[arg(long)]
         revision: Option<String>,
+        #[command(flatten)]
+        hub: HubArgs,
     },
+}
+
+// Where Hub repo ids (`--model`, `--adapter NAME=OWNER/REPO[@REVISION]`) are fetched
+// from and cached. (A plain comment: a flattened struct's doc would become the help
+// text of the command it is flattened into.)
+#[derive(clap::Args)]
+struct HubArgs {
+    /// The Hugging Face Hub (or a mirror) to fetch repo ids from [default: the public
+    /// Hub].
+    #[arg(long, env = "HF_ENDPOINT", value_name = "URL")]
+    hub_endpoint: Option<String>,
+    /// The Hugging Face home folder, as HF_HOME: downloads are cached in DIR/hub, and
+    /// files found there for a repo and revision are used without asking the Hub
+    /// [default: ~/.cache/huggingface].
+    #[arg(long, env = "HF_HOME", value_name = "DIR")]
+    hub_cache: Option<std::path::PathBuf>,
+}
+
+impl HubArgs {
+    fn options(&self) -> HubOptions {
+        HubOptions {
+            endpoint: self.hub_endpoint.clone(),
+            cache_dir: self.hub_cache.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -137,6 +165,8 @@ struct ServeArgs {
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     revision: Option<String>,
+    #[command(flatten)]
+    hub: HubArgs,
     /// Where the base model, its KV cache and the active adapters live: cpu, or cuda[:N]
     /// (builds with the `cuda` feature).
     #[arg(long, env = "MULTILORA_DEVICE", default_value = "cpu")]
@@ -154,9 +184,14 @@ struct ServeArgs {
     /// f32, or bf16 (cpu: half the K/V memory, so twice the tokens in --kv-cache-memory).
     #[arg(long, env = "MULTILORA_KV_DTYPE", default_value = "auto")]
     kv_dtype: KvDTypeChoice,
-    /// Address to listen on.
+    /// Address to listen on (gRPC).
     #[arg(long, env = "MULTILORA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (/v1/completions,
+    /// /v1/chat/completions, /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter)
+    /// and of Prometheus /metrics, or `none` for neither.
+    #[arg(long, env = "MULTILORA_HTTP_LISTEN", default_value = "127.0.0.1:8000", value_parser = parse_http_listen)]
+    http_listen: HttpListen,
     /// Memory for the paged KV cache; active adapters draw on the same pool. Bytes, or
     /// with a unit: 2GiB, 512MiB (powers of 1024), 1.5GB, 500MB (powers of 1000).
     #[arg(long, default_value = "1GiB", value_parser = parse_byte_size)]
@@ -165,6 +200,10 @@ struct ServeArgs {
     /// at most half the pool. Bytes or with a unit, as --kv-cache-memory.
     #[arg(long, default_value = "256MiB", value_parser = parse_byte_size)]
     adapter_memory: usize,
+    /// Adapters active at once at most (beside --adapter-memory); exported as `max_lora`
+    /// in /metrics for the inference gateway's LoRA affinity.
+    #[arg(long, env = "MULTILORA_MAX_ACTIVE_ADAPTERS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_active_adapters: u32,
     /// Adapter weights kept in host memory; least recently used adapters with no
     /// request in flight are evicted (back to registered) to make room. Bytes or with a
     /// unit, as --kv-cache-memory.
@@ -243,8 +282,12 @@ fn main() -> Result<()> {
             tokenizer_from,
             seed,
         }) => synth_model(&shape, &out, (format, quant_type), &tokenizer_from, seed),
-        Command::Download { repo, revision } => {
-            let source = weights::download_from_hub(&repo, revision.as_deref())?;
+        Command::Download {
+            repo,
+            revision,
+            hub,
+        } => {
+            let source = weights::download_from_hub(&repo, revision.as_deref(), &hub.options())?;
             if let weights::ModelSource::HfDir(dir) = source {
                 println!("{}", dir.display());
             }
@@ -391,11 +434,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         quant_type: args.quant_type,
         kv_dtype: args.kv_dtype,
     };
-    let loaded = load_model_on(&args.model, args.revision.as_deref(), &placement)?;
+    let hub = args.hub.options();
+    let loaded = load_model_on(&args.model, args.revision.as_deref(), &hub, &placement)?;
     let eager = registry::collect_specs(&args.adapters, &[])?;
     let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
     let adapters = registry::AdapterRegistry::new(RegistryConfig {
         host_memory: args.adapter_host_memory,
+        hub,
         ..RegistryConfig::for_model(loaded.model.as_ref())
     });
     for (name, source) in eager.iter().chain(&lazy) {
@@ -408,6 +453,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         block_size: args.block_size,
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.max_running,
+        max_active_adapters: args.max_active_adapters as usize,
         ..Default::default()
     };
     let service = server::start_engine(
@@ -424,6 +470,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let opts = ServerOptions {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        http_listen: args.http_listen.0,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -433,8 +480,29 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        server::serve(listener, service, opts, shutdown_signal()).await
+        let http = match opts.http_listen {
+            Some(at) => Some(
+                tokio::net::TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("binding {at} (--http-listen)"))?,
+            ),
+            None => None,
+        };
+        server::serve(listener, http, service, opts, shutdown_signal()).await
     })
+}
+
+/// `--http-listen`: an address, or none.
+#[derive(Clone, Copy, Debug)]
+struct HttpListen(Option<SocketAddr>);
+
+fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(HttpListen(None));
+    }
+    s.parse()
+        .map(|a| HttpListen(Some(a)))
+        .map_err(|e| format!("{s:?} is not an address (HOST:PORT) or none: {e}"))
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -491,5 +559,22 @@ mod tests {
         assert_eq!(a.adapter_host_memory, 1 << 20);
         let err = Cli::try_parse_from(["multilora", "serve", "--kv-cache-memory", "2 parsecs"]);
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn hub_flags_set_the_hub_options() {
+        let a = serve_args(&[
+            "--hub-endpoint",
+            "http://127.0.0.1:9/",
+            "--hub-cache",
+            "/hf",
+        ]);
+        assert_eq!(
+            a.hub.options(),
+            HubOptions {
+                endpoint: Some("http://127.0.0.1:9/".into()),
+                cache_dir: Some("/hf".into()),
+            }
+        );
     }
 }

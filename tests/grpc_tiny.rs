@@ -406,6 +406,7 @@ async fn shutdown_drains_then_cancels_in_flight_streams() {
         .engine(small_engine())
         .options(ServerOptions {
             drain_timeout: Duration::from_millis(0),
+            ..Default::default()
         })
         .start()
         .await;

@@ -4,22 +4,10 @@ mod common;
 
 use common::*;
 
-fn python() -> std::path::PathBuf {
-    match std::env::var_os("MULTILORA_PYTHON") {
-        Some(p) => p.into(),
-        None => repo_path(".venv/bin/python"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real model and the Python venv: make test"]
 async fn python_example_client_streams_a_completion() {
-    let py = python();
-    assert!(
-        py.exists(),
-        "{} is missing: run `make python`",
-        py.display()
-    );
+    let py = common::python::venv_python();
     let Started { server, .. } = TestServer::real().start().await;
     let addr = server.addr.to_string();
     let script = repo_path("examples/python/client.py");

@@ -8,7 +8,7 @@
 //! written once when it becomes active ([`ActivePool::take_prefix_write`]) and shared
 //! read-only by its sequences, which hold their own references to those blocks.
 //! Invariants: a version used by a running sequence (`pinned`) is never evicted; the
-//! blocks held stay within `budget_blocks`; every held block is off the KV free list and
+//! blocks held stay within `budget_blocks` and the versions within `max_active`; every held block is off the KV free list and
 //! goes back exactly once; a prefix is written before any sequence starts from it (the
 //! engine writes it as it admits the first), and never into blocks the pool gave back.
 use super::block_allocator::BlockAllocator;
@@ -23,6 +23,8 @@ pub struct ActiveStats {
     pub active: usize,
     pub active_bytes: usize,
     pub budget_bytes: usize,
+    /// Versions active at once at most.
+    pub max_active: usize,
     pub kv_blocks: usize,
     pub hits: u64,
     pub misses: u64,
@@ -46,6 +48,8 @@ pub struct PrefixWrite {
 
 pub struct ActivePool {
     budget_blocks: usize,
+    /// Versions active at once at most.
+    max_active: usize,
     block_bytes: usize,
     /// Token slots per KV block.
     block_size: usize,
@@ -65,6 +69,7 @@ impl ActivePool {
     pub fn new(budget_blocks: usize, block_bytes: usize, block_size: usize) -> Self {
         Self {
             budget_blocks,
+            max_active: usize::MAX,
             block_bytes: block_bytes.max(1),
             block_size: block_size.max(1),
             used_blocks: 0,
@@ -78,6 +83,13 @@ impl ActivePool {
         }
     }
 
+    /// The same pool holding at most `max_active` versions at once (at least 1).
+    pub fn with_max_active(mut self, max_active: usize) -> Self {
+        self.max_active = max_active.max(1);
+        self.stats.max_active = self.max_active;
+        self
+    }
+
     pub fn stats(&self) -> ActiveStats {
         ActiveStats {
             active: self.slots.len(),
@@ -89,7 +101,8 @@ impl ActivePool {
 
     /// Whether `versions` (a request's adapters) can be active at once.
     pub fn fits_together(&self, versions: &[&AdapterVersion]) -> bool {
-        versions.iter().map(|v| self.blocks_for(v).0).sum::<usize>() <= self.budget_blocks
+        versions.len() <= self.max_active
+            && versions.iter().map(|v| self.blocks_for(v).0).sum::<usize>() <= self.budget_blocks
     }
 
     /// Blocks `v` holds when active, and how many of them its K/V prefix fills: the
@@ -165,7 +178,10 @@ impl ActivePool {
         if need > self.budget_blocks {
             return false;
         }
-        while self.used_blocks + need > self.budget_blocks || blocks.num_free_blocks() < need {
+        while self.slots.len() >= self.max_active
+            || self.used_blocks + need > self.budget_blocks
+            || blocks.num_free_blocks() < need
+        {
             if !self.evict_lru(pinned, blocks) {
                 return false;
             }

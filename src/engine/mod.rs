@@ -40,6 +40,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Capacity of the command channel.
     pub command_queue: usize,
+    /// Adapter versions active at once at most, beside `adapter_memory`.
+    pub max_active_adapters: usize,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +53,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 256,
             command_queue: 1024,
+            max_active_adapters: 64,
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct EngineStats {
     pub adapters: ActiveStats,
     /// Sequences in the queue per adapter name.
     pub waiting_by_adapter: BTreeMap<String, usize>,
+    /// Running sequences per adapter name.
+    pub running_by_adapter: BTreeMap<String, usize>,
 }
 
 /// Limits a request must respect, known without asking the engine thread.
@@ -175,6 +180,17 @@ impl Drop for AliveGuard {
     }
 }
 
+/// Sequences of `seqs` per adapter name (each member of a mixture counts).
+fn by_adapter<'a>(seqs: impl IntoIterator<Item = &'a Sequence>) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for seq in seqs {
+        for a in seq.adapters.leases() {
+            *by.entry(a.version().name.clone()).or_insert(0) += 1;
+        }
+    }
+    by
+}
+
 /// Starts the engine thread over `model`, sizing its paged K/V storage from
 /// `cfg.kv_cache_memory`. Requests bring their adapter versions (as leases). It stops
 /// when every handle is dropped.
@@ -227,7 +243,8 @@ pub fn spawn(
             let _guard = guard;
             let blocks = BlockAllocator::new(num_blocks, block_size);
             let mut engine = Engine::new(model, tokenizer, blocks, sched, rx);
-            engine.pool = ActivePool::new(adapter_blocks, block_bytes, block_size);
+            engine.pool = ActivePool::new(adapter_blocks, block_bytes, block_size)
+                .with_max_active(cfg.max_active_adapters);
             engine.run();
             tracing::info!("engine stopped");
         })
@@ -313,11 +330,13 @@ impl Engine {
                     .collect();
                 if !self.pool.fits_together(&versions) {
                     let names: Vec<&str> = versions.iter().map(|v| v.name.as_str()).collect();
+                    let pool = self.pool.stats();
                     let _ = events.send(SeqEvent::Error(RequestError::ResourceExhausted(format!(
-                        "adapters {names:?} ({} bytes) are larger than the active adapter \
-                         memory ({} bytes)",
+                        "adapters {names:?} ({} bytes) do not fit the active adapter tier \
+                         ({} bytes, {} adapters at once)",
                         req.adapters.bytes(),
-                        self.pool.stats().budget_bytes
+                        pool.budget_bytes,
+                        pool.max_active
                     ))));
                     return;
                 }
@@ -370,7 +389,8 @@ impl Engine {
             waiting_sequences: self.waiting.len(),
             kv_blocks_free: self.blocks.num_free_blocks(),
             adapters: self.pool.stats(),
-            waiting_by_adapter: self.waiting_by_adapter(),
+            waiting_by_adapter: by_adapter(&self.waiting),
+            running_by_adapter: by_adapter(&self.running),
             ..self.stats.clone()
         }
     }
@@ -381,16 +401,6 @@ impl Engine {
             .iter()
             .flat_map(|s| s.adapters.leases().map(|a| a.key()))
             .collect()
-    }
-
-    fn waiting_by_adapter(&self) -> BTreeMap<String, usize> {
-        let mut by = BTreeMap::new();
-        for seq in &self.waiting {
-            for a in seq.adapters.leases() {
-                *by.entry(a.version().name.clone()).or_insert(0) += 1;
-            }
-        }
-        by
     }
 
     /// Aborts sequences whose caller has gone, freeing their blocks.

@@ -10,7 +10,8 @@
 //! start-up with the reason, never silently changed.
 use super::backend::cpu::weight::QUANT_TYPES;
 use super::backend::cpu::{CpuBackend, CpuWeightFormat, KvDType};
-use super::weights::{load_llama, resolve, LoadedModel, ModelSource};
+use super::weights::{load_resolved, resolve_with, LoadedModel, ModelSource};
+use crate::hub::HubOptions;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType};
 use std::fmt;
@@ -249,25 +250,27 @@ impl Default for Placement {
     }
 }
 
-/// Loads `--model` as `placement` says, ready for the engine.
+/// Loads `--model` as `placement` says (a Hub repo id fetched as `hub` says), ready
+/// for the engine.
 pub fn load_model_on(
     model: &str,
     revision: Option<&str>,
+    hub: &HubOptions,
     placement: &Placement,
 ) -> Result<LoadedModel> {
     match placement.device {
         DeviceSpec::Cpu => {
-            let source = resolve(model, revision)?;
+            let source = resolve_with(model, revision, hub)?;
             let format = placement.dtype.cpu_format(&source, placement.quant_type)?;
             let kv = placement.kv_dtype.cpu();
             tracing::info!(format = %format.name(), kv = kv.name(), "CPU weight and K/V formats");
             let backend = CpuBackend::new(format).with_kv_dtype(kv);
-            load_llama(model, revision, backend)?.into_runner()
+            load_resolved(model, &source, backend)?.into_runner()
         }
         DeviceSpec::Cuda(ordinal) => {
             let resolved = placement.dtype.cuda_dtype()?;
             placement.kv_dtype.check_cuda(resolved)?;
-            load_cuda(model, revision, ordinal, resolved)
+            load_cuda(model, revision, hub, ordinal, resolved)
         }
     }
 }
@@ -276,17 +279,19 @@ pub fn load_model_on(
 fn load_cuda(
     model: &str,
     revision: Option<&str>,
+    hub: &HubOptions,
     ordinal: usize,
     dtype: candle_core::DType,
 ) -> Result<LoadedModel> {
     let backend = super::backend::cuda::CudaBackend::new(ordinal, dtype)?;
-    load_llama(model, revision, backend)?.into_runner()
+    super::weights::load_llama_with(model, revision, hub, backend)?.into_runner()
 }
 
 #[cfg(not(feature = "cuda"))]
 fn load_cuda(
     _model: &str,
     _revision: Option<&str>,
+    _hub: &HubOptions,
     ordinal: usize,
     _dtype: candle_core::DType,
 ) -> Result<LoadedModel> {
@@ -346,7 +351,14 @@ mod tests {
             kv_dtype,
             ..Placement::default()
         };
-        let load = |p: Placement| format!("{:#}", load_model_on("x", None, &p).err().unwrap());
+        let load = |p: Placement| {
+            format!(
+                "{:#}",
+                load_model_on("x", None, &HubOptions::default(), &p)
+                    .err()
+                    .unwrap()
+            )
+        };
         let auto = KvDTypeChoice::Auto;
         let err = load(on_cuda(DTypeChoice::Quantized, auto));
         assert!(err.contains("CPU-only"), "{err}");

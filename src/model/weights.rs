@@ -13,7 +13,7 @@ use super::layout;
 use super::llama::Llama;
 use super::runner::{BaseModel, ModelRunner};
 use super::tokenizer::TextTokenizer;
-use crate::hub::HubRepo;
+use crate::hub::{HubOptions, HubRepo};
 use crate::lora::peft::LoraSite;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -57,9 +57,27 @@ pub fn load_llama<B: Backend>(
     revision: Option<&str>,
     backend: B,
 ) -> Result<LoadedModel<Llama<B>>> {
-    let source = resolve(model, revision)?;
+    load_llama_with(model, revision, &HubOptions::default(), backend)
+}
+
+/// As [`load_llama`], a Hub repo id fetched as `hub` says.
+pub fn load_llama_with<B: Backend>(
+    model: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+    backend: B,
+) -> Result<LoadedModel<Llama<B>>> {
+    load_resolved(model, &resolve_with(model, revision, hub)?, backend)
+}
+
+/// Loads and builds `source`, what `--model` `model` resolved to, on `backend`.
+pub fn load_resolved<B: Backend>(
+    model: &str,
+    source: &ModelSource,
+    backend: B,
+) -> Result<LoadedModel<Llama<B>>> {
     tracing::info!(?source, "loading model");
-    let loaded = load(&source)?;
+    let loaded = load(source)?;
     let built = Llama::load(backend, &loaded.checkpoint, &loaded.config)
         .with_context(|| format!("building the model from {model}"))?;
     drop(loaded.checkpoint);
@@ -107,8 +125,14 @@ pub fn load_model(model: &str, revision: Option<&str>) -> Result<LoadedModel> {
 }
 
 /// Resolves `--model`: an existing local path, else a Hub repo id (downloaded into the
-/// hf-hub cache at `revision`).
+/// hf-hub cache at `revision`, endpoint and cache from the environment).
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelSource> {
+    resolve_with(model, revision, &HubOptions::default())
+}
+
+/// As [`resolve`], a Hub repo id fetched as `hub` says (`--hub-endpoint`,
+/// `--hub-cache`).
+pub fn resolve_with(model: &str, revision: Option<&str>, hub: &HubOptions) -> Result<ModelSource> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(ModelSource::HfDir(path.to_path_buf()));
@@ -122,18 +146,23 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelSource> {
     if model.split('/').count() != 2 || model.starts_with('.') || model.starts_with('/') {
         bail!("--model {model}: no such file or folder, and not a Hub repo id (owner/name)");
     }
-    download_from_hub(model, revision)
+    download_from_hub(model, revision, hub)
 }
 
-/// Downloads a Hub repo's config, tokenizer and safetensors into the hf-hub cache.
-pub fn download_from_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelSource> {
-    let repo = HubRepo::open(repo_id, revision)?;
+/// Downloads a Hub repo's config, tokenizer and safetensors into the hf-hub cache (or
+/// finds them there) and returns their folder.
+pub fn download_from_hub(
+    repo_id: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+) -> Result<ModelSource> {
+    let repo = HubRepo::open_with(hub, repo_id, revision)?;
     let config = repo.fetch("config.json")?;
     repo.fetch("tokenizer.json")?;
     for optional in ["tokenizer_config.json", "generation_config.json"] {
-        let _ = repo.fetch_optional(optional);
+        repo.fetch_optional(optional)?;
     }
-    match repo.fetch_optional("model.safetensors.index.json") {
+    match repo.fetch_optional("model.safetensors.index.json")? {
         Some(index) => {
             for shard in shard_files(&index)? {
                 repo.fetch(&shard)?;

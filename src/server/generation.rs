@@ -1,4 +1,5 @@
 //! The `multilora.v1.Generation` service: thin glue from gRPC to the engine handle.
+use super::observe::{ObservedEvents, Protocol, ServerMetrics};
 use super::validate::{validate, AdapterChoice};
 use crate::engine::sampler::TokenLogprob;
 use crate::engine::sequence::{FinishReason, RequestAdapters, SeqEvent, TokenEvent, Usage};
@@ -9,8 +10,10 @@ use crate::lora::registry::{AdapterRegistry, RegistryStats};
 use crate::model::TextTokenizer;
 use crate::proto::v1 as pb;
 use futures::Stream;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -21,6 +24,8 @@ pub struct GenerationService {
     pub tokenizer: Arc<TextTokenizer>,
     pub adapters: AdapterRegistry,
     pub info: pb::ModelInfo,
+    /// Request outcomes and latencies of both fronts.
+    pub metrics: Arc<ServerMetrics>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
@@ -29,8 +34,24 @@ impl GenerationService {
     /// Validates (tokenizing on a blocking thread), then takes a lease on the adapter
     /// (waiting for it to load if it is cold; invalid input never starts a load), fits
     /// the request to the pool beside that adapter, and submits it to the engine.
-    /// Returns the event receiver and the adapter version taken (0: none).
-    async fn start(
+    /// Returns the request's events (measured for `protocol`'s metrics as they are
+    /// read) and the adapter version taken (0: none); a refusal is counted here.
+    pub(crate) async fn start(
+        &self,
+        req: pb::GenerateRequest,
+        protocol: Protocol,
+    ) -> Result<(ObservedEvents, u64), RequestError> {
+        let arrived = Instant::now();
+        match self.submit(req).await {
+            Ok((rx, version)) => Ok((self.metrics.observe(protocol, arrived, rx), version)),
+            Err(e) => {
+                self.metrics.rejected(protocol, &e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn submit(
         &self,
         req: pb::GenerateRequest,
     ) -> Result<(mpsc::UnboundedReceiver<SeqEvent>, u64), RequestError> {
@@ -123,11 +144,7 @@ fn engine_vanished() -> Status {
 }
 
 /// Maps engine events to responses; ends after the final message or an error.
-fn event_stream(
-    request_id: String,
-    adapter_version: u64,
-    rx: mpsc::UnboundedReceiver<SeqEvent>,
-) -> EventStream {
+fn event_stream(request_id: String, adapter_version: u64, rx: ObservedEvents) -> EventStream {
     let stream = futures::stream::unfold(Some(rx), move |state| {
         let request_id = request_id.clone();
         async move {
@@ -162,6 +179,10 @@ fn event_stream(
     Box::pin(stream)
 }
 
+fn counts_to_pb(by: &BTreeMap<String, usize>) -> HashMap<String, u32> {
+    by.iter().map(|(k, v)| (k.clone(), *v as u32)).collect()
+}
+
 fn adapter_stats_to_pb(e: &EngineStats, r: &RegistryStats) -> pb::AdapterStats {
     let a = &e.adapters;
     pb::AdapterStats {
@@ -186,11 +207,8 @@ fn adapter_stats_to_pb(e: &EngineStats, r: &RegistryStats) -> pb::AdapterStats {
         active_misses: a.misses,
         active_evictions: a.evictions,
         waiting_for_load: r.waiting_for_load as u32,
-        waiting_by_adapter: e
-            .waiting_by_adapter
-            .iter()
-            .map(|(k, v)| (k.clone(), *v as u32))
-            .collect(),
+        waiting_by_adapter: counts_to_pb(&e.waiting_by_adapter),
+        running_by_adapter: counts_to_pb(&e.running_by_adapter),
     }
 }
 
@@ -221,7 +239,7 @@ impl pb::generation_server::Generation for GenerationService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = request.into_inner();
         let request_id = req.request_id.clone();
-        let (rx, version) = self.start(req).await?;
+        let (rx, version) = self.start(req, Protocol::Grpc).await?;
         Ok(Response::new(event_stream(request_id, version, rx)))
     }
 
@@ -234,7 +252,7 @@ impl pb::generation_server::Generation for GenerationService {
             request_id: req.request_id.clone(),
             ..Default::default()
         };
-        let (mut rx, version) = self.start(req).await?;
+        let (mut rx, version) = self.start(req, Protocol::Grpc).await?;
         out.adapter_version = version;
         loop {
             match rx.recv().await {

@@ -1,8 +1,12 @@
-//! gRPC server assembly: the generation service, `grpc.health.v1`, reflection, and
-//! graceful shutdown (stop accepting, drain in-flight streams up to a deadline, then
+//! Server assembly: the gRPC generation and adapters services, `grpc.health.v1`,
+//! reflection, the OpenAI-compatible HTTP front (`openai`) on its own port, and graceful
+//! shutdown of both (stop accepting, drain in-flight streams up to a deadline, then
 //! cancel them).
 pub mod adapters;
+pub mod exposition;
 pub mod generation;
+pub mod observe;
+pub mod openai;
 pub mod validate;
 
 use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
@@ -27,12 +31,16 @@ use tonic_health::server::HealthReporter;
 pub struct ServerOptions {
     /// How long in-flight streams may run after a shutdown signal before they are cancelled.
     pub drain_timeout: Duration,
+    /// Where [`RunningServer::start`] serves the OpenAI-compatible HTTP front (port 0:
+    /// any free one); None: no HTTP front.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             drain_timeout: Duration::from_secs(30),
+            http_listen: None,
         }
     }
 }
@@ -76,6 +84,7 @@ pub fn start_engine(
         tokenizer,
         adapters,
         info,
+        metrics: Default::default(),
     })
 }
 
@@ -130,9 +139,11 @@ fn watch_engine(engine: EngineHandle, reporter: HealthReporter) {
     });
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains.
+/// Serves gRPC on `listener` (and the OpenAI front on `http`, if given) until
+/// `shutdown` resolves, then drains.
 pub async fn serve(
     listener: TcpListener,
+    http: Option<TcpListener>,
     service: GenerationService,
     opts: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -160,12 +171,25 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
 
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
+    let (stop_http, mut http_stopped) = tokio::sync::watch::channel(false);
     let drain_reporter = reporter.clone();
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: no new connections; draining in-flight streams");
         set_health(&drain_reporter, tonic_health::ServingStatus::NotServing).await;
+        let _ = stop_http.send(true);
         let _ = fired_tx.send(());
+    };
+    let http_task = match http {
+        Some(http) => {
+            let http_addr = http.local_addr()?;
+            tracing::info!(%http_addr, "serving the OpenAI-compatible HTTP API");
+            let stopped = async move {
+                let _ = http_stopped.wait_for(|stop| *stop).await;
+            };
+            Some(tokio::spawn(openai::serve(http, service.clone(), stopped)))
+        }
+        None => None,
     };
     let drain_engine = engine.clone();
     let drain = opts.drain_timeout;
@@ -194,6 +218,11 @@ pub async fn serve(
         .await
         .context("server task")?
         .context("gRPC server")?;
+    if let Some(http) = http_task {
+        http.await
+            .context("HTTP server task")?
+            .context("HTTP server")?;
+    }
     tracing::info!("server stopped");
     Ok(())
 }
@@ -201,24 +230,33 @@ pub async fn serve(
 /// A server running in the background of this process (tests, benchmarks, examples).
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The OpenAI-compatible HTTP front's address, when `ServerOptions::http_listen`.
+    pub http_addr: Option<SocketAddr>,
     pub engine: EngineHandle,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
 impl RunningServer {
-    /// Binds 127.0.0.1 on an ephemeral port and serves `service` there; returns once
-    /// the port accepts connections (warm-up may still be running).
+    /// Binds 127.0.0.1 on an ephemeral port (and the HTTP front where
+    /// `opts.http_listen` says) and serves `service` there; returns once the ports
+    /// accept connections (warm-up may still be running).
     pub async fn start(service: GenerationService, opts: ServerOptions) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let http = match opts.http_listen {
+            Some(at) => Some(TcpListener::bind(at).await?),
+            None => None,
+        };
+        let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
         let engine = service.engine.clone();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, service, opts, async {
+        let task = tokio::spawn(serve(listener, http, service, opts, async {
             let _ = rx.await;
         }));
         Ok(Self {
             addr,
+            http_addr,
             engine,
             shutdown: Some(tx),
             task,

@@ -6,6 +6,7 @@
 
 pub mod oracle;
 pub mod peft_folders;
+pub mod python;
 
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::BaseShape;
@@ -312,5 +313,29 @@ pub async fn assert_concurrent_equal_alone(
             "stream {i} ({})",
             label(i)
         );
+    }
+}
+
+/// A synthetic rank-4 LoRA on q and v for the tiny model, written to `root/name`.
+pub fn synth_lora_dir(root: &std::path::Path, name: &str, seed: u64) -> PathBuf {
+    use multilora::lora::peft::{AdapterKind, LoraSite};
+    use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
+    let dir = root.join(name);
+    let spec = SynthSpec {
+        kind: AdapterKind::Lora,
+        rank: 4,
+        alpha: 8.0,
+        sites: vec![LoraSite::Q, LoraSite::V],
+        seed,
+    };
+    write_synthetic_adapter(&dir, &TestServer::tiny().base_shape(), &spec).unwrap();
+    dir
+}
+
+/// Server options with the HTTP front on an ephemeral 127.0.0.1 port.
+pub fn with_http() -> ServerOptions {
+    ServerOptions {
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
     }
 }

@@ -215,6 +215,7 @@ impl AdapterRegistry {
         st.stats.loads += 1;
         st.stats.load_time_total += v.load_time;
         st.stats.load_time_max = st.stats.load_time_max.max(v.load_time);
+        self.inner.load_seconds.observe(v.load_time.as_secs_f64());
         let Some(entry) = st.entries.get_mut(name) else {
             return;
         };
@@ -291,7 +292,7 @@ fn too_large(source: &str, bytes: usize, max: usize) -> RequestError {
 /// weights will take (blocking).
 fn locate(source: &str, cfg: &RegistryConfig) -> Result<(PathBuf, usize), RequestError> {
     let dir = AdapterSource::parse(source)
-        .and_then(|s| s.materialize())
+        .and_then(|s| s.materialize(&cfg.hub))
         .map_err(|e| RequestError::invalid("source", format!("{e:#}")))?;
     let bytes = estimate_adapter_bytes(&dir, &cfg.limits, cfg.adapter_dtype)
         .map_err(|e| RequestError::invalid("source", format!("{e} (from {})", dir.display())))?;

@@ -24,8 +24,10 @@ use super::peft::{
     BaseShape, ServedBase,
 };
 use crate::error::RequestError;
+use crate::hub::HubOptions;
 use crate::lora::values::AdapterDType;
-use std::collections::HashMap;
+use crate::metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -47,6 +49,9 @@ pub struct RegistryConfig {
     /// needs them, and they say which adapter kinds the backend applies. Without them
     /// DoRA is refused.
     pub served: Option<Arc<dyn ServedBase>>,
+    /// Where `owner/name[@revision]` sources are fetched from and cached
+    /// (`--hub-endpoint`, `--hub-cache`; unset: the environment's).
+    pub hub: HubOptions,
 }
 
 impl RegistryConfig {
@@ -58,6 +63,7 @@ impl RegistryConfig {
             limits: AdapterLimits::default(),
             adapter_dtype: AdapterDType::F32,
             served: None,
+            hub: HubOptions::default(),
         }
     }
 
@@ -121,6 +127,8 @@ pub struct RegistryStats {
     pub host_misses: u64,
     pub host_evictions: u64,
     pub waiting_for_load: usize,
+    /// Generation requests waiting for a load, per adapter name.
+    pub waiting_for_load_by_adapter: BTreeMap<String, usize>,
 }
 
 /// What an unload left behind: the retired version, if there was one.
@@ -177,6 +185,8 @@ struct Inner {
     /// The largest adapter the engine's active pool can hold; larger loads are refused.
     max_adapter_bytes: AtomicUsize,
     acc: Arc<Accounting>,
+    /// Seconds each successful load took (Prometheus).
+    load_seconds: Histogram,
 }
 
 /// The shared registry; cheap to clone.
@@ -194,6 +204,7 @@ impl AdapterRegistry {
                 next_version: AtomicU64::new(1),
                 max_adapter_bytes: AtomicUsize::new(usize::MAX),
                 acc: Accounting::new(),
+                load_seconds: Histogram::new(LATENCY_BUCKETS),
             }),
         }
     }
@@ -315,6 +326,26 @@ impl AdapterRegistry {
         source: &str,
         expected_version: Option<u64>,
     ) -> Result<Arc<AdapterVersion>, RequestError> {
+        self.load_from(name, source, expected_version, false).await
+    }
+
+    /// As [`Self::load`], but reads `source` again even if the current version came from
+    /// it (its files changed in place: vLLM's `load_inplace`).
+    pub async fn reload(
+        &self,
+        name: &str,
+        source: &str,
+    ) -> Result<Arc<AdapterVersion>, RequestError> {
+        self.load_from(name, source, None, true).await
+    }
+
+    async fn load_from(
+        &self,
+        name: &str,
+        source: &str,
+        expected_version: Option<u64>,
+        fresh: bool,
+    ) -> Result<Arc<AdapterVersion>, RequestError> {
         validate_name(name).map_err(|e| RequestError::invalid("name", format!("{e:#}")))?;
         AdapterSource::parse(source)
             .map_err(|e| RequestError::invalid("source", format!("{e:#}")))?;
@@ -345,7 +376,11 @@ impl AdapterRegistry {
                 ));
             };
             entry.last_used = tick;
-            if let Some(v) = entry.current.as_ref().filter(|v| v.source == source) {
+            let same = entry
+                .current
+                .as_ref()
+                .filter(|v| !fresh && v.source == source);
+            if let Some(v) = same {
                 return Ok(v.clone());
             }
             let (tx, rx) = oneshot::channel();
@@ -445,6 +480,11 @@ impl AdapterRegistry {
         all
     }
 
+    /// How long successful loads took.
+    pub fn load_seconds(&self) -> HistogramSnapshot {
+        self.inner.load_seconds.snapshot()
+    }
+
     pub fn stats(&self) -> RegistryStats {
         let st = self.lock();
         let mut s = st.stats.clone();
@@ -459,6 +499,15 @@ impl AdapterRegistry {
             }
             if let Some(job) = &e.loading {
                 s.waiting_for_load += job.waiters.iter().filter(|w| !w.admin).count();
+            }
+        }
+        for (name, e) in &st.entries {
+            let waiting = e
+                .loading
+                .as_ref()
+                .map_or(0, |job| job.waiters.iter().filter(|w| !w.admin).count());
+            if waiting > 0 {
+                s.waiting_for_load_by_adapter.insert(name.clone(), waiting);
             }
         }
         s.resident_bytes = self.inner.acc.resident_bytes.load(Ordering::SeqCst);

@@ -1,7 +1,7 @@
 //! Where adapters come from: a source is a local PEFT folder or a Hub repo id
 //! (`owner/name`, optionally `@revision`); `NAME=SOURCE` pairs from `--adapter` and the
 //! sub-folders of `--adapter-dir` (listed, not read: registration is lazy); name rules.
-use crate::hub::HubRepo;
+use crate::hub::{HubOptions, HubRepo};
 use crate::lora::peft::folder::{list_adapter_folders, CONFIG_FILE, WEIGHTS_FILE};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -37,12 +37,13 @@ impl AdapterSource {
         })
     }
 
-    /// A local folder holding the adapter's files (downloaded for a Hub source).
-    pub fn materialize(&self) -> Result<PathBuf> {
+    /// A local folder holding the adapter's files (downloaded, or found in the cache,
+    /// for a Hub source, as `hub` says).
+    pub fn materialize(&self, hub: &HubOptions) -> Result<PathBuf> {
         match self {
             Self::Local(p) => Ok(p.clone()),
             Self::Hub { repo, revision } => {
-                let r = HubRepo::open(repo, revision.as_deref())?;
+                let r = HubRepo::open_with(hub, repo, revision.as_deref())?;
                 let config = r.fetch(CONFIG_FILE)?;
                 r.fetch(WEIGHTS_FILE)?;
                 Ok(config

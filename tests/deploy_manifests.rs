@@ -1,0 +1,28 @@
+//! The Kubernetes manifests in `deploy/kubernetes` agree with each other and with this
+//! binary: `tests/python/check_deploy.py` parses them and checks kinds and API versions,
+//! that the kustomization lists every file, that the Service and InferencePool select
+//! the Deployment's pods, that ports, gRPC probes and the InferencePool's target port
+//! match the `--listen`/`--http-listen` args, that every flag in the container's args is
+//! one `multilora serve --help` lists (with values of the right form), that the memory
+//! budgets fit the limits, and that the termination grace period outlasts the drain.
+
+mod common;
+
+use common::python::run_python;
+
+#[tokio::test]
+#[ignore = "needs the Python venv: make test"]
+async fn deploy_manifests_match_the_binary() {
+    let deploy = common::repo_path("deploy/kubernetes");
+    let stdout = run_python(
+        "tests/python/check_deploy.py",
+        [
+            "--binary",
+            env!("CARGO_BIN_EXE_multilora"),
+            "--deploy",
+            deploy.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(stdout.starts_with("ok: "), "unexpected output:\n{stdout}");
+}

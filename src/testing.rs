@@ -127,3 +127,75 @@ pub fn random_model_on(
     let model = llama_on(backend, random_weights(cfg, seed)?, cfg)?;
     Ok(Box::new(ModelRunner::new(model)?))
 }
+
+/// Writes a Hugging Face folder of the random Llama `cfg` from `seed` into `dir`:
+/// config.json, the byte-level test tokenizer's tokenizer.json, and the weights of
+/// [`random_weights`] as one model.safetensors or (`sharded`) two shards with an index.
+pub fn write_model_folder(
+    dir: &std::path::Path,
+    cfg: &ModelConfig,
+    seed: u64,
+    sharded: bool,
+) -> Result<()> {
+    let tensors = random_weights(cfg, seed)?;
+    if sharded {
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let (a, b) = names.split_at(names.len() / 2);
+        let mut map = serde_json::Map::new();
+        for (file, part) in [
+            ("model-00001-of-00002.safetensors", a),
+            ("model-00002-of-00002.safetensors", b),
+        ] {
+            let subset: HashMap<&String, Tensor> =
+                part.iter().map(|n| (*n, tensors[*n].clone())).collect();
+            candle_core::safetensors::save(&subset, dir.join(file))?;
+            for n in part {
+                map.insert((*n).clone(), file.into());
+            }
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())?;
+    } else {
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    }
+    let config = serde_json::json!({
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    crate::model::TextTokenizer::byte_level_for_tests()?
+        .inner()
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
+    Ok(())
+}
+
+/// The logits of every position of `tokens`, prefilled as one sequence on a fresh cache.
+pub fn prefill_logits(model: &Llama<CpuBackend>, tokens: &[u32]) -> Result<Vec<f32>> {
+    use crate::engine::block_allocator::{Allocation, BlockAllocator};
+    let block_size = 16;
+    let blocks = tokens.len().div_ceil(block_size).max(1);
+    let mut alloc = BlockAllocator::new(blocks, block_size);
+    let mut kv = model.new_kv(blocks, block_size)?;
+    let mut table = Vec::new();
+    anyhow::ensure!(
+        alloc.allocate(&mut table, tokens.len()) == Allocation::Ok,
+        "{} tokens do not fit {blocks} blocks",
+        tokens.len()
+    );
+    let mut batch = crate::model::ForwardBatch::default();
+    batch.push_chunk(tokens, 0, &table);
+    batch.logit_rows = (0..tokens.len()).collect();
+    model.forward(&batch, &mut kv)
+}

@@ -94,16 +94,10 @@ async fn held(p: &Process) -> (Vec<String>, Vec<String>) {
         .into_inner()
         .adapters
         .unwrap();
-    let names = |m: std::collections::HashMap<String, u32>| {
-        let mut v: Vec<String> = m
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, _)| k)
-            .collect();
-        v.sort();
-        v
-    };
-    (names(s.running_by_adapter), names(s.waiting_by_adapter))
+    (
+        common::adapters_with_work(s.running_by_adapter),
+        common::adapters_with_work(s.waiting_by_adapter),
+    )
 }
 
 async fn wait_until_held(p: &Process, want: (&[&str], &[&str])) {

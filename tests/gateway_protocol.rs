@@ -89,17 +89,11 @@ async fn engine_view(
         .unwrap()
         .into_inner();
     let a = s.adapters.unwrap();
-    let names = |m: std::collections::HashMap<String, u32>| {
-        let mut v: Vec<String> = m
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, _)| k)
-            .collect();
-        v.sort();
-        v
-    };
     let waiting = s.waiting_sequences + a.waiting_for_load;
-    let (running_names, waiting_names) = (names(a.running_by_adapter), names(a.waiting_by_adapter));
+    let (running_names, waiting_names) = (
+        common::adapters_with_work(a.running_by_adapter),
+        common::adapters_with_work(a.waiting_by_adapter),
+    );
     (s.running_sequences, waiting, running_names, waiting_names)
 }
 

@@ -13,15 +13,13 @@ mod hub_server;
 
 use common::{TestServer, TINY_VOCAB};
 use hub_server::{files_of, Fault, HubServer};
-use multilora::engine::block_allocator::{Allocation, BlockAllocator};
 use multilora::hub::{HubOptions, HubRepo};
 use multilora::lora::peft::LoraSite;
 use multilora::lora::registry::{AdapterRegistry, AdapterState, RegistryConfig};
 use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
 use multilora::model::placement::{load_model_on, Placement};
-use multilora::model::{weights, CpuBackend, ForwardBatch, Llama, ModelConfig, TextTokenizer};
-use multilora::testing::{random_llama, random_weights, tiny_config};
-use std::collections::HashMap;
+use multilora::model::{weights, CpuBackend};
+use multilora::testing::{prefill_logits, random_llama, tiny_config, write_model_folder};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -317,64 +315,6 @@ async fn the_adapter_registry_loads_hub_adapters_at_their_revision() {
     assert_eq!(registry.get("reloaded").unwrap().rank, 4);
 }
 
-/// Writes a Hugging Face folder of the random Llama `cfg` from `seed` (config.json,
-/// tokenizer.json, safetensors in one file or two shards with an index).
-fn write_model_folder(dir: &Path, cfg: &ModelConfig, seed: u64, sharded: bool) {
-    let tensors = random_weights(cfg, seed).unwrap();
-    if sharded {
-        let mut names: Vec<&String> = tensors.keys().collect();
-        names.sort();
-        let (a, b) = names.split_at(names.len() / 2);
-        let mut map = serde_json::Map::new();
-        for (file, part) in [
-            ("model-00001-of-00002.safetensors", a),
-            ("model-00002-of-00002.safetensors", b),
-        ] {
-            let subset: HashMap<&String, candle_core::Tensor> =
-                part.iter().map(|n| (*n, tensors[*n].clone())).collect();
-            candle_core::safetensors::save(&subset, dir.join(file)).unwrap();
-            for n in part {
-                map.insert((*n).clone(), file.into());
-            }
-        }
-        let index = serde_json::json!({ "metadata": {}, "weight_map": map });
-        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    } else {
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    }
-    let config = serde_json::json!({
-        "model_type": "llama",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "vocab_size": cfg.vocab_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "eos_token_id": 2,
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    TextTokenizer::byte_level_for_tests()
-        .unwrap()
-        .inner()
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
-}
-
-fn logits(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
-    let mut alloc = BlockAllocator::new(4, 16);
-    let mut kv = model.new_kv(4, 16).unwrap();
-    let mut table = Vec::new();
-    assert_eq!(alloc.allocate(&mut table, tokens.len()), Allocation::Ok);
-    let mut b = ForwardBatch::default();
-    b.push_chunk(tokens, 0, &table);
-    b.logit_rows = (0..tokens.len()).collect();
-    model.forward(&b, &mut kv).unwrap()
-}
-
 #[test]
 fn the_base_model_loads_from_a_hub_repo_id_and_then_from_the_cache() {
     let cfg = tiny_config(TINY_VOCAB);
@@ -384,18 +324,18 @@ fn the_base_model_loads_from_a_hub_repo_id_and_then_from_the_cache() {
     for (revision, sha, seed, sharded) in [("main", SHA_MAIN, 5, true), ("v1", SHA_V1, 6, false)] {
         let folder = dir.path().join(revision);
         std::fs::create_dir(&folder).unwrap();
-        write_model_folder(&folder, &cfg, seed, sharded);
+        write_model_folder(&folder, &cfg, seed, sharded).unwrap();
         hub.publish("owner/tiny", revision, sha, files_of(&folder));
     }
     let home = tempfile::tempdir().unwrap();
     let opts = options(&hub, home.path());
     let tokens = [3u32, 70, 71, 72, 10];
-    let expected = |seed| logits(&random_llama(&cfg, seed).unwrap(), &tokens);
+    let expected = |seed| prefill_logits(&random_llama(&cfg, seed).unwrap(), &tokens).unwrap();
     let load = |revision| {
         let loaded =
             weights::load_llama_with("owner/tiny", revision, &opts, CpuBackend::default()).unwrap();
         assert_eq!(loaded.tokenizer.eos_token_ids(), &[2]);
-        logits(&loaded.model, &tokens)
+        prefill_logits(&loaded.model, &tokens).unwrap()
     };
     assert_eq!(load(Some("v1")), expected(6));
     assert_eq!(load(None), expected(5));

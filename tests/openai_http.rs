@@ -13,8 +13,13 @@ use tokio::net::TcpStream;
 
 /// One request over a fresh connection: the status and the (de-chunked) body.
 async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
+    http_raw(addr, method, path, &body).await
+}
+
+/// [`http`] with the body as given (it need not be JSON).
+async fn http_raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -196,6 +201,69 @@ async fn completions_match_grpc_and_errors_have_openai_shape() {
     let (status, body) = post(addr, "/v1/chat/completions", bad).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error");
+    started.stop().await;
+}
+
+/// Bad HTTP requests sent while a stream is in flight (a body that is not JSON, a field
+/// of the wrong type, an unknown model, a refused parameter, an unknown route, a wrong
+/// method) get their errors, and the stream's tokens are exactly what it gives alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_requests_leave_a_stream_in_flight_intact() {
+    use multilora::proto::v1::generate_response::Event;
+    let root = tempfile::tempdir().unwrap();
+    let started = TestServer::tiny()
+        .adapter("ad", synth_lora_dir(root.path(), "ad", 1))
+        .options(with_http())
+        .start()
+        .await;
+    let addr = started.server.http_addr.unwrap();
+    let mut grpc = started.gen.clone();
+    let base = TestServer::tiny().config().name;
+    let mut req = greedy(vec![3, 70, 71], 400);
+    req.adapter = "ad".into();
+    req.ignore_eos = true;
+    let alone = generate(&mut grpc, req.clone()).await.unwrap();
+
+    let mut stream = grpc.generate(req).await.unwrap().into_inner();
+    let mut tokens = Vec::new();
+    // The first delta: the stream is running when the bad requests arrive.
+    if let Some(Event::Delta(d)) = stream.message().await.unwrap().unwrap().event {
+        tokens.extend(d.token_ids);
+    }
+    let refused_n = json!({"model": base, "prompt": "hi", "n": 3}).to_string();
+    let cases = [
+        ("POST", "/v1/completions", "{not json".to_string(), 400),
+        (
+            "POST",
+            "/v1/completions",
+            json!({"model": 7}).to_string(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            completion("nope", "hi").to_string(),
+            404,
+        ),
+        ("POST", "/v1/completions", refused_n, 400),
+        ("POST", "/v1/no_such_route", "{}".to_string(), 404),
+        ("GET", "/v1/completions", String::new(), 405),
+    ];
+    for (method, path, body, code) in cases {
+        let (status, text) = http_raw(addr, method, path, &body).await;
+        assert_eq!(status, code, "{method} {path} {body}: {text}");
+    }
+    let finish = loop {
+        match stream.message().await.unwrap().and_then(|m| m.event) {
+            Some(Event::Delta(d)) => tokens.extend(d.token_ids),
+            Some(Event::Final(f)) => break f.finish_reason(),
+            None => panic!("stream ended without a final message"),
+        }
+    };
+    assert_eq!(finish, alone.finish);
+    assert_eq!(tokens, alone.token_ids);
+    let (status, _) = post(addr, "/v1/completions", completion("ad", "ok")).await;
+    assert_eq!(status, 200);
     started.stop().await;
 }
 

@@ -339,3 +339,15 @@ pub fn with_http() -> ServerOptions {
         ..Default::default()
     }
 }
+
+/// The adapters of a per-adapter count map from `GetEngineStats` (`running_by_adapter`,
+/// `waiting_by_adapter`) whose count is not zero, sorted by name.
+pub fn adapters_with_work(counts: std::collections::HashMap<String, u32>) -> Vec<String> {
+    let mut names: Vec<String> = counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    names
+}

@@ -9,13 +9,14 @@
 //! - the synthetic 1B model's decode step at batch 64: base only against its GEMMs alone
 //!   through cuBLAS (same weights, same shapes), and with 64 distinct adapters.
 //!
-//! `cargo bench --features cuda --bench cuda_lora` (prints one line per figure).
+//! `cargo bench --features cuda --bench cuda_lora` (prints one line per figure);
+//! `-- --step-only` measures only the decode step (for a kernel profiler).
 #[cfg(feature = "cuda")]
 mod gpu;
 
 fn main() {
     #[cfg(feature = "cuda")]
-    if let Err(e) = gpu::run() {
+    if let Err(e) = gpu::run(std::env::args().any(|a| a == "--step-only")) {
         eprintln!("cuda_lora: {e:#}");
         std::process::exit(1);
     }

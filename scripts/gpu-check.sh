@@ -7,8 +7,9 @@
 # Build half: links the CUDA test and bench binaries and the server with the pinned
 # CUDA 13.0 toolchain (scripts/cuda-env.sh) against the CUDA 13 libraries from PyPI and a
 # libcuda stub (link time only: at run time the driver's libcuda.so.1 is used), strips
-# and gzips them and stages everything the run needs in target/gpu-stage (at most 60 MB;
-# the GPU machine receives at most 64 MB and reaches nothing): the binaries, the default
+# them into one xz archive and stages everything the run needs in target/gpu-stage (with
+# the working tree at most 62 MB: the GPU machine receives at most 64 MiB and reaches
+# nothing): the binaries, the default
 # model's tokenizer (for `model synth`), and this script as run.sh.
 #
 # Run half (under 5 minutes): makes the models and adapters there from seeds and writes
@@ -20,7 +21,8 @@
 #   all-linear adapters loaded beside 16 running streams.
 set -euo pipefail
 
-STAGE_LIMIT_MB=60
+# The GPU machine receives at most 64 MiB: the working tree and the staged folder.
+TRAVEL_LIMIT_MB=62
 
 build_half() {
   cd "$(dirname "$0")/.."
@@ -45,7 +47,9 @@ build_half() {
     [ -n "$so" ] || { echo "lib$lib.so.* not found under $cu13" >&2; exit 1; }
     ln -sf "$so" "$link/lib$lib.so"
   done
-  # The stub: every driver entry point cudarc declares, as an empty function.
+  # The stub: every driver entry point cudarc declares, as an empty function (cudarc's
+  # source is in cargo's registry once the dependencies are fetched).
+  cargo fetch --quiet
   local sys
   sys=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
   grep -o 'pub unsafe fn cu[A-Za-z0-9_]*\|pub fn cu[A-Za-z0-9_]*' "$sys" | awk '{print $NF}' | sort -u |
@@ -74,15 +78,20 @@ build_half() {
   LD_LIBRARY_PATH="$link:$cu13/lib" "$stage/bin/multilora" model synth --shape tiny \
     --out "$stage/tokenizer" --tokenizer-from "$tok" > /dev/null
   rm -f "$stage/tokenizer/model.safetensors"
-  # PTX and debug-free code compress well: the binaries travel gzipped (run.sh unpacks).
-  gzip -9 "$stage"/bin/*
+  # The three binaries share most of their code and all of candle's PTX: one xz stream
+  # with a window larger than any binary stores the shared part once (run.sh unpacks).
+  tar -C "$stage/bin" -cf - . | xz -9e --lzma2=dict=192MiB -T1 > "$stage/bin.tar.xz"
+  rm -rf "$stage/bin"
   cp "$0" "$stage/run.sh"
-  local size
+  cp scripts/ncu_summary.py "$stage/"
+  # What travels to the GPU machine is the working tree plus this folder.
+  local size tree
   size=$(du -sm "$stage" | cut -f1)
-  echo "staged $stage: ${size} MB"
-  du -sh "$stage"/bin/* "$stage/tokenizer"
-  if [ "$size" -gt "$STAGE_LIMIT_MB" ]; then
-    echo "the staged folder is over $STAGE_LIMIT_MB MB" >&2
+  tree=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 1048576 ))
+  echo "staged $stage: ${size} MB (the working tree adds ${tree} MB)"
+  du -sh "$stage"/bin.tar.xz "$stage/tokenizer"
+  if [ $((size + tree)) -gt "$TRAVEL_LIMIT_MB" ]; then
+    echo "the staged folder and the working tree are over $TRAVEL_LIMIT_MB MB" >&2
     exit 1
   fi
 }
@@ -111,25 +120,35 @@ wait_port() {
 
 run_half() {
   cd "$(dirname "$0")"
-  local out=gpu-figures.txt work=gpu-work f
-  for f in bin/*.gz; do
-    [ -e "$f" ] || continue
-    gunzip -f "$f"
-    chmod +x "${f%.gz}"
-  done
+  # On the device tool's machine, $OUT is what comes back: write there as we go, so a
+  # run stopped at its time limit still returns what it measured.
+  local out=${OUT:+$OUT/}gpu-figures.txt work=gpu-work
+  if [ -f bin.tar.xz ]; then
+    mkdir -p bin
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' bin.tar.xz bin
+    chmod +x bin/*
+  fi
   export LD_LIBRARY_PATH="$(find_cuda_libs):${LD_LIBRARY_PATH:-}"
   mkdir -p "$work"
   : > "$out"
   { echo "# gpu-check $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee -a "$out"
   echo "## (a) kernels against their oracles, (b) the model on the CPU and the GPU" | tee -a "$out"
-  ./bin/cuda_backend --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out" || echo "TESTS FAILED" | tee -a "$out"
+  timeout 150 ./bin/cuda_backend --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out" || echo "TESTS FAILED" | tee -a "$out"
   echo "## (c) kernel and step benchmark" | tee -a "$out"
   timeout 120 ./bin/cuda_lora --bench 2>&1 | tee -a "$out" || echo "BENCH FAILED" | tee -a "$out"
+  echo "## (c2) GPU time per kernel of the 1B decode step (ncu; the bench's step figures under the profiler)"
+  if command -v ncu > /dev/null; then
+    timeout 150 ncu --metrics gpu__time_duration.sum --print-summary per-kernel \
+      ./bin/cuda_lora --bench --step-only > "$work/ncu.txt" 2>&1 || echo "NCU FAILED" | tee -a "$out"
+    python3 "$(pwd)/ncu_summary.py" "$work/ncu.txt" 2>&1 | tee -a "$out" || true
+    if [ -n "${OUT:-}" ]; then gzip -c "$work/ncu.txt" > "$OUT/ncu.txt.gz"; fi
+  else
+    echo "ncu not found" | tee -a "$out"
+  fi
   echo "## (d) closed-loop load on the synthetic 1B model (bf16)" | tee -a "$out"
-  load_runs "$work" 2>&1 | tee -a "$out" || echo "LOAD RUN FAILED" | tee -a "$out"
-  echo "figures in $(pwd)/$out"
-  # On the device tool's machine, $OUT is what comes back.
-  if [ -n "${OUT:-}" ]; then cp "$out" "$work/server.log" "$OUT/" 2>/dev/null || true; fi
+  timeout 200 bash "$(basename "$0")" load "$work" 2>&1 | tee -a "$out" || echo "LOAD RUN FAILED" | tee -a "$out"
+  echo "figures in $out"
+  if [ -n "${OUT:-}" ]; then cp "$work/server.log" "$OUT/" 2>/dev/null || true; fi
 }
 
 load_runs() {
@@ -144,32 +163,49 @@ load_runs() {
   trap 'kill $pid 2>/dev/null || true' RETURN
   wait_port $port $pid || { tail -20 "$work/server.log"; return 1; }
   local common=(--endpoint "http://127.0.0.1:$port" --concurrency 64 --input-len 128 --output-len 64
-                --ignore-eos --warmup 16 --quiet --seed 1)
-  echo "- base only";   $bin bench "${common[@]}" --requests 192 | head -3
-  echo "- one adapter"; $bin bench "${common[@]}" --requests 192 --adapters a-0 | head -3
-  echo "- 64 adapters"; $bin bench "${common[@]}" --requests 192 --num-adapters 64 --adapter-prefix a --popularity distinct | head -3
-  echo "- cold rank-64 all-linear adapters requested beside 16 running streams"
-  $bin bench --endpoint "http://127.0.0.1:$port" --concurrency 16 --input-len 128 --output-len 256 \
-    --ignore-eos --warmup 0 --quiet --seed 2 --requests 32 --json "$work/streams.json" > "$work/streams.txt" &
+                --ignore-eos --quiet --seed 1)
+  echo "- base only";   $bin bench "${common[@]}" --warmup 16 --requests 192 | head -8
+  echo "- one adapter"; $bin bench "${common[@]}" --warmup 16 --requests 192 --adapters a-0 | head -8
+  # Warm-up over all 64, so the figure is serving, not first loads.
+  echo "- 64 adapters"; $bin bench "${common[@]}" --warmup 64 --requests 192 --num-adapters 64 --adapter-prefix a --popularity distinct | head -8
+  # The same with 8-token prompts: how much of the gap above is prefill.
+  local short=(--endpoint "http://127.0.0.1:$port" --concurrency 64 --input-len 8 --output-len 64
+               --ignore-eos --warmup 16 --quiet --seed 1 --requests 192)
+  echo "- base only, 8-token prompts";   $bin bench "${short[@]}" | head -3
+  echo "- one adapter, 8-token prompts"; $bin bench "${short[@]}" --adapters a-0 | head -3
+  # 16 streams that all start at once and decode for several seconds (no second wave of
+  # prefills), first alone, then with 4 cold rank-64 all-linear adapters requested while
+  # they decode: the streams' largest inter-token gap against their median.
+  local streams_args=(--endpoint "http://127.0.0.1:$port" --concurrency 16 --requests 16
+                      --input-len 128 --output-len 1024 --ignore-eos --warmup 0 --quiet)
+  echo "- 16 streams alone"
+  $bin bench "${streams_args[@]}" --seed 3 --json "$work/alone.json" | head -3
+  echo "- 16 streams with cold rank-64 all-linear adapters requested while they decode"
+  $bin bench "${streams_args[@]}" --seed 2 --json "$work/streams.json" > "$work/streams.txt" &
   local streams=$!
-  sleep 4
+  sleep 1.5
   for i in 0 1 2 3; do
     $bin bench --endpoint "http://127.0.0.1:$port" --adapters "cold-$i" --concurrency 1 --requests 1 \
-      --input-len 16 --output-len 4 --quiet --seed $i > /dev/null
-    sleep 1
+      --input-len 16 --output-len 4 --quiet --seed $i | head -1
+    sleep 0.3
   done
   wait $streams
   head -3 "$work/streams.txt"
-  python3 - "$work/streams.json" <<'PY' || true
+  python3 - "$work/alone.json" "$work/streams.json" <<'PY' || true
 import json, sys
-itl = json.load(open(sys.argv[1]))["summary"]["itl"]
-print(f"streams' inter-token gaps during the cold loads: max {itl['max']*1e3:.1f} ms, "
-      f"median {itl['p50']*1e3:.1f} ms, max/median {itl['max']/itl['p50']:.2f} (target < 1.5)")
+for label, path in zip(["alone", "beside the cold loads"], sys.argv[1:]):
+    s = json.load(open(path))["summary"]
+    itl, e2e = s["itl"], s["e2e"]
+    print(f"streams {label}: inter-token gap max {itl['max']*1e3:.1f} ms, p99.9 "
+          f"{itl['p999']*1e3:.1f} ms, p99 {itl['p99']*1e3:.1f} ms, median "
+          f"{itl['p50']*1e3:.1f} ms, max/median {itl['max']/itl['p50']:.2f} (target < 1.5 "
+          f"beside the loads); e2e max {e2e['max']:.2f} s")
 PY
 }
 
 case "${1:-run}" in
   build) build_half ;;
   run) run_half ;;
-  *) echo "usage: $0 build|run" >&2; exit 2 ;;
+  load) cd "$(dirname "$0")" && load_runs "$2" ;;
+  *) echo "usage: $0 build|run|load WORK" >&2; exit 2 ;;
 esac

@@ -169,18 +169,22 @@ fn lora_figures(
     Ok(())
 }
 
+/// A plain device-to-device copy (cuMemcpyDtoD of 1 GiB into a buffer allocated once):
+/// what the copy engine moves, the bandwidth figure the kernels are measured against.
 fn copy_bandwidth(dev: &Device) -> Result<f64> {
-    let n = 256 << 20; // 512 MB of bf16
-    let src = Tensor::zeros(n, DType::BF16, dev)?;
-    let secs = time(dev, 10, || Ok(src.copy().map(|_| ())?))?;
-    let gbs = 2.0 * (n * 2) as f64 / secs / 1e9; // read + write
+    let bytes = 1 << 30;
+    let stream = dev.as_cuda_device()?.cuda_stream();
+    let src = stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    let secs = time(dev, 10, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    let gbs = 2.0 * bytes as f64 / secs / 1e9; // read + write
     println!("device-to-device copy: {:.0} GB/s (read + write)", gbs);
     Ok(gbs)
 }
 
 /// The 1B model's decode step at batch 64 (context 128): base only, its GEMMs alone, and
-/// 64 distinct rank-16 adapters on q, k, v, o.
-fn model_figures() -> Result<()> {
+/// 64 distinct rank-16 adapters on q, k, v, o; each the median of `iters` runs.
+fn model_figures(iters: usize) -> Result<()> {
     let mut cfg = multilora::model::synth::shape("1b", 32000)?;
     cfg.max_position_embeddings = 1024;
     let weights = random_weights(&cfg, 1)?;
@@ -204,7 +208,7 @@ fn model_figures() -> Result<()> {
         .iter()
         .map(|&(_, i)| Tensor::zeros((64, i), DType::BF16, &dev))
         .collect::<candle_core::Result<_>>()?;
-    let gemms = time(&dev, 20, || {
+    let gemms = time(&dev, iters, || {
         for _ in 0..cfg.num_layers {
             for (x, w) in xs.iter().zip(&ws) {
                 x.matmul(&w.t()?)?;
@@ -236,8 +240,8 @@ fn model_figures() -> Result<()> {
     };
     let base_batch = step(&|_| -1);
     let lora_batch = step(&|s| s as i32);
-    let base = time(&dev, 20, || model.forward(&base_batch, &[]).map(|_| ()))?;
-    let multi = time(&dev, 20, || model.forward(&lora_batch, &ads).map(|_| ()))?;
+    let base = time(&dev, iters, || model.forward(&base_batch, &[]).map(|_| ()))?;
+    let multi = time(&dev, iters, || model.forward(&lora_batch, &ads).map(|_| ()))?;
     println!(
         "1B decode step, batch 64, context 128: base only {:.2} ms, its GEMMs alone {:.2} ms ({:.2}x); 64 distinct adapters {:.2} ms ({:.2} of base-only throughput)",
         base * 1e3, gemms * 1e3, base / gemms, multi * 1e3, base / multi
@@ -245,7 +249,12 @@ fn model_figures() -> Result<()> {
     Ok(())
 }
 
-pub fn run() -> Result<()> {
+/// Every figure; with `step_only`, only the decode step's, three runs each (few enough
+/// kernels to profile one by one).
+pub fn run(step_only: bool) -> Result<()> {
+    if step_only {
+        return model_figures(3);
+    }
     let be = CudaBackend::new(0, DType::BF16)?;
     let copy = copy_bandwidth(be.device())?;
     let ranks = [16, 32, 48, 64];
@@ -265,5 +274,5 @@ pub fn run() -> Result<()> {
         &adapters(8, &[64]),
         copy,
     )?;
-    model_figures()
+    model_figures(20)
 }

@@ -30,6 +30,18 @@ impl Segment {
     pub fn range(&self) -> std::ops::Range<usize> {
         self.start as usize..(self.start + self.len) as usize
     }
+
+    /// This segment cut into pieces of at most `tile` tokens (same slot, consecutive
+    /// ranges, in order): one unit of parallel work each in a kernel that gives every
+    /// segment its own thread blocks.
+    pub fn tiles(self, tile: u32) -> impl Iterator<Item = Segment> {
+        let tile = tile.max(1);
+        (0..self.len.div_ceil(tile)).map(move |k| Segment {
+            slot: self.slot,
+            start: self.start + k * tile,
+            len: tile.min(self.len - k * tile),
+        })
+    }
 }
 
 /// Token -> adapter metadata of one step. Indices are `u32`: a step has far fewer than
@@ -188,6 +200,26 @@ impl LoraBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiles_cover_a_segment_in_order() {
+        let seg = |slot, start, len| Segment { slot, start, len };
+        let tiles: Vec<Segment> = [seg(3, 0, 20), seg(1, 20, 8), seg(0, 28, 2)]
+            .into_iter()
+            .flat_map(|s| s.tiles(8))
+            .collect();
+        assert_eq!(
+            tiles,
+            [
+                seg(3, 0, 8),
+                seg(3, 8, 8),
+                seg(3, 16, 4),
+                seg(1, 20, 8),
+                seg(0, 28, 2)
+            ]
+        );
+        assert_eq!(seg(0, 5, 0).tiles(8).count(), 0);
+    }
 
     #[test]
     fn segments_sort_stably_by_slot() {

@@ -9,7 +9,7 @@
 //! Invariant: the step owns the metadata buffer and `Arc`s to the device adapters its
 //! slot table points into, so everything its kernels read outlives its launches.
 use super::adapters::DeviceAdapter;
-use super::kernels::{AttentionMeta, LoraTables, SegmentGroup};
+use super::kernels::{AttentionMeta, LoraTables, SegmentGroup, SGMV_TILE};
 use crate::lora::batch::{LoraBatch, Segment};
 use crate::model::batch::ForwardBatch;
 use anyhow::{ensure, Context, Result};
@@ -177,15 +177,23 @@ impl LoraLayout {
     }
 }
 
-/// Segments of more than one token go to the SGMV kernels, single tokens to BGMV.
+/// Segments of more than one token go to the SGMV kernels, single tokens to BGMV. The
+/// SGMV kernels give each segment one thread block per rank (shrink) or column (expand)
+/// slice, so a long segment (one adapter's decode rows, or a prompt) is cut into tiles
+/// of `SGMV_TILE` tokens here: one block per tile, and a step of one adapter fills the
+/// device instead of a handful of blocks looping over every token.
 fn pack_lora(
     p: &mut Packer,
     lora: &LoraBatch,
     adapters: &[Arc<DeviceAdapter>],
     stream: &CudaStream,
 ) -> Result<LoraLayout> {
-    let (multi, single): (Vec<Segment>, Vec<Segment>) =
+    let (long, single): (Vec<Segment>, Vec<Segment>) =
         lora.segments().iter().partition(|s| s.len > 1);
+    let multi: Vec<Segment> = long
+        .into_iter()
+        .flat_map(|s| s.tiles(SGMV_TILE as u32))
+        .collect();
     let mut groups = [(0, 0, 0, 0); 2];
     for (g, segs) in [multi, single].iter().enumerate() {
         let start = p.push(segs.iter().map(|s| s.start as i32));

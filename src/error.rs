@@ -16,6 +16,9 @@ pub enum RequestError {
     /// The request is well-formed but this server cannot do it (e.g. no chat template).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this (e.g. load an adapter from outside the adapter roots).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A compare-and-set or concurrent-operation conflict; retry.
     #[error("{0}")]
     Aborted(String),
@@ -48,6 +51,7 @@ impl RequestError {
             Self::InvalidArgument { message, .. } => message,
             Self::NotFound(m)
             | Self::FailedPrecondition(m)
+            | Self::PermissionDenied(m)
             | Self::Aborted(m)
             | Self::ResourceExhausted(m)
             | Self::Unavailable(m)
@@ -60,6 +64,7 @@ impl RequestError {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Aborted(_) => Code::Aborted,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
@@ -71,6 +76,7 @@ impl RequestError {
     pub fn http_status(&self) -> u16 {
         match self {
             Self::InvalidArgument { .. } | Self::FailedPrecondition(_) => 400,
+            Self::PermissionDenied(_) => 403,
             Self::NotFound(_) => 404,
             Self::Aborted(_) => 409,
             Self::ResourceExhausted(_) => 429,
@@ -85,6 +91,7 @@ impl RequestError {
             Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
             Self::NotFound(_) => "NOT_FOUND",
             Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::Aborted(_) => "ABORTED",
             Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
@@ -114,6 +121,10 @@ mod tests {
             (
                 RequestError::FailedPrecondition("x".into()),
                 Code::FailedPrecondition,
+            ),
+            (
+                RequestError::PermissionDenied("x".into()),
+                Code::PermissionDenied,
             ),
             (RequestError::Aborted("x".into()), Code::Aborted),
             (

@@ -227,6 +227,14 @@ struct ServeArgs {
     /// name and loaded on first use; repeatable.
     #[arg(long = "adapter-dir", value_name = "DIR")]
     adapter_dirs: Vec<std::path::PathBuf>,
+    /// A folder that runtime loads (LoadAdapter, /v1/load_lora_adapter) may read
+    /// adapters from, besides the --adapter-dir folders; repeatable. Sources outside
+    /// every root are refused (PERMISSION_DENIED).
+    #[arg(long = "adapter-root", value_name = "DIR")]
+    adapter_roots: Vec<std::path::PathBuf>,
+    /// Lets runtime loads fetch Hub repos (owner/name[@revision]).
+    #[arg(long)]
+    allow_hub_adapters: bool,
     /// Seconds in-flight streams may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -438,9 +446,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     let loaded = load_model_on(&args.model, args.revision.as_deref(), &hub, &placement)?;
     let eager = registry::collect_specs(&args.adapters, &[])?;
     let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
+    let roots: Vec<std::path::PathBuf> =
+        (args.adapter_dirs.iter().chain(&args.adapter_roots).cloned()).collect();
+    let sources = registry::SourcePolicy::confined(&roots, args.allow_hub_adapters)?;
+    tracing::info!(roots = ?sources.roots(), hub = args.allow_hub_adapters, "runtime adapter loads confined");
     let adapters = registry::AdapterRegistry::new(RegistryConfig {
         host_memory: args.adapter_host_memory,
         hub,
+        sources,
         ..RegistryConfig::for_model(loaded.model.as_ref())
     });
     for (name, source) in eager.iter().chain(&lazy) {

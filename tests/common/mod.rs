@@ -4,13 +4,14 @@
 //! the fixtures' paths, and stream collection.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod oracle;
 pub mod peft_folders;
 pub mod python;
 
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::BaseShape;
-use multilora::lora::registry::{AdapterRegistry, RegistryConfig};
+use multilora::lora::registry::{AdapterRegistry, RegistryConfig, SourcePolicy};
 use multilora::model::{weights, BaseModel, CpuBackend, ModelConfig, TextTokenizer};
 use multilora::proto::v1 as pb;
 use multilora::server::generation::GenerationService;
@@ -61,6 +62,7 @@ pub struct TestServer {
     /// Adapters registered, loaded on first use (`--adapter-dir`).
     registered: Vec<(String, String)>,
     options: ServerOptions,
+    sources: SourcePolicy,
 }
 
 /// A started test server with a generation client.
@@ -99,6 +101,7 @@ impl TestServer {
             loaded: Vec::new(),
             registered: Vec::new(),
             options: ServerOptions::default(),
+            sources: SourcePolicy::unconfined(),
         }
     }
 
@@ -159,6 +162,12 @@ impl TestServer {
         self
     }
 
+    /// What runtime loads may read (`serve`: confined to the adapter roots).
+    pub fn sources(mut self, sources: SourcePolicy) -> Self {
+        self.sources = sources;
+        self
+    }
+
     /// The model's shape (without loading it, for random models).
     pub fn config(&self) -> ModelConfig {
         match &self.base {
@@ -203,6 +212,7 @@ impl TestServer {
         if let Some(bytes) = self.host_memory {
             cfg.host_memory = bytes;
         }
+        cfg.sources = self.sources.clone();
         let registry = AdapterRegistry::with_adapters(cfg, &self.loaded).unwrap();
         for (name, source) in &self.registered {
             registry.register(name, source).unwrap();

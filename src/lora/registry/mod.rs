@@ -10,12 +10,14 @@
 //! lease are evicted back to *registered*. Invariants: leases are created only under the
 //! state lock and only on a current version, so an unleased version being evicted cannot
 //! gain one; a failed load registers nothing new; every waiter gets exactly one answer.
+mod confine;
 mod loading;
 mod source;
 #[cfg(test)]
 mod tests;
 mod version;
 
+pub use confine::{echo, SourcePolicy};
 pub use source::{collect_specs, validate_name, AdapterSource};
 pub use version::{AdapterEvent, AdapterLease, AdapterVersion, EventKind};
 
@@ -52,6 +54,9 @@ pub struct RegistryConfig {
     /// Where `owner/name[@revision]` sources are fetched from and cached
     /// (`--hub-endpoint`, `--hub-cache`; unset: the environment's).
     pub hub: HubOptions,
+    /// What runtime loads ([`AdapterRegistry::load`]) may read; `serve` confines them
+    /// to the adapter roots, a registry built in-process is unconfined by default.
+    pub sources: SourcePolicy,
 }
 
 impl RegistryConfig {
@@ -64,6 +69,7 @@ impl RegistryConfig {
             adapter_dtype: AdapterDType::F32,
             served: None,
             hub: HubOptions::default(),
+            sources: SourcePolicy::unconfined(),
         }
     }
 
@@ -347,6 +353,8 @@ impl AdapterRegistry {
         fresh: bool,
     ) -> Result<Arc<AdapterVersion>, RequestError> {
         validate_name(name).map_err(|e| RequestError::invalid("name", format!("{e:#}")))?;
+        let admitted = self.inner.cfg.sources.admit(source)?;
+        let source = admitted.as_str();
         AdapterSource::parse(source)
             .map_err(|e| RequestError::invalid("source", format!("{e:#}")))?;
         let rx = {

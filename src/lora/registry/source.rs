@@ -29,7 +29,10 @@ impl AdapterSource {
         };
         let parts: Vec<&str> = repo.split('/').collect();
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || p.starts_with('.')) {
-            bail!("adapter source {spec:?}: no such folder, and not a Hub repo id (owner/name)");
+            bail!(
+                "adapter source {}: no such folder, and not a Hub repo id (owner/name)",
+                super::confine::echo(spec)
+            );
         }
         Ok(Self::Hub {
             repo: repo.to_string(),
@@ -90,7 +93,10 @@ pub fn validate_name(name: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if !ok {
-        bail!("adapter name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.'");
+        bail!(
+            "adapter name {}: use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.'",
+            super::confine::echo(name)
+        );
     }
     Ok(())
 }

@@ -43,6 +43,7 @@ impl ApiError {
                 ("invalid_request_error", None)
             }
             RequestError::NotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            RequestError::PermissionDenied(_) => ("permission_error", None),
             RequestError::Aborted(_) => ("conflict_error", None),
             RequestError::ResourceExhausted(_) => ("rate_limit_error", None),
             RequestError::Unavailable(_) | RequestError::Internal(_) => ("server_error", None),

@@ -329,11 +329,16 @@ async fn vllm_lora_endpoints_and_request_metrics() {
     let (status, _) = post(addr, "/v1/completions", completion("ce", "hello")).await;
     assert_eq!(status, 404);
 
+    // A body that is not JSON is refused, and counted, like any other bad request.
+    let (status, _) = http_raw(addr, "POST", "/v1/completions", "{not json").await;
+    assert_eq!(status, 400);
+
     let (status, text) = http(addr, "GET", "/metrics", None).await;
     assert_eq!(status, 200);
     for line in [
         r#"multilora_requests_total{protocol="http",outcome="length",code="200"} 3"#,
         r#"multilora_requests_total{protocol="http",outcome="error",code="404"} 1"#,
+        r#"multilora_requests_total{protocol="http",outcome="error",code="400"} 1"#,
         "# TYPE vllm:num_requests_waiting gauge",
         "vllm:num_requests_running 0",
         "multilora_time_to_first_token_seconds_count 3",

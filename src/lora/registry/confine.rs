@@ -72,11 +72,10 @@ impl SourcePolicy {
         if lexically_safe {
             let candidates: Vec<PathBuf> = if path.is_absolute() {
                 // Only a path already under a root is looked at.
-                roots
-                    .iter()
-                    .filter(|r| path.starts_with(r))
-                    .map(|_| path.to_path_buf())
-                    .take(1)
+                let under_a_root = roots.iter().any(|r| path.starts_with(r));
+                under_a_root
+                    .then(|| path.to_path_buf())
+                    .into_iter()
                     .collect()
             } else {
                 roots.iter().map(|r| r.join(path)).collect()

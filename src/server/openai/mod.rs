@@ -16,13 +16,14 @@ use super::exposition;
 use super::generation::GenerationService;
 use super::observe::Protocol;
 use crate::error::RequestError;
+use crate::proto::v1::GenerateRequest;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use body::{ChatRequest, CompletionRequest};
+use body::{ChatRequest, Common, CompletionRequest};
 use error::ApiError;
 use respond::{Api, Head};
 use serde::de::DeserializeOwned;
@@ -88,45 +89,33 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 }
 
 async fn completions(State(front): State<Front>, body: Bytes) -> Response {
-    let req: CompletionRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
     let base = front.service.info.model_name.clone();
-    let pb = req.to_pb(&base);
-    let (stream, usage) = (req.common.stream, req.common.include_usage());
-    respond(front, pb, Api::Completion, req.common.model, stream, usage).await
+    let req = parse::<CompletionRequest>(&body).map(|r| (r.to_pb(&base), r.common));
+    respond(front, req, Api::Completion).await
 }
 
 async fn chat_completions(State(front): State<Front>, body: Bytes) -> Response {
-    let req: ChatRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
     let base = front.service.info.model_name.clone();
-    let pb = req.to_pb(&base);
-    let (stream, usage) = (req.common.stream, req.common.include_usage());
-    respond(front, pb, Api::Chat, req.common.model, stream, usage).await
+    let req = parse::<ChatRequest>(&body).map(|r| (r.to_pb(&base), r.common));
+    respond(front, req, Api::Chat).await
 }
 
-/// Starts the generation (errors answered with their status) and answers it whole or
-/// streamed.
+/// Starts the generation (errors answered with their status, and counted as rejected
+/// HTTP requests) and answers it whole or streamed.
 async fn respond(
     front: Front,
-    pb: Result<crate::proto::v1::GenerateRequest, RequestError>,
+    req: Result<(Result<GenerateRequest, RequestError>, Common), ApiError>,
     api: Api,
-    model: String,
-    stream: bool,
-    include_usage: bool,
 ) -> Response {
-    let started = match pb {
-        Ok(pb) => front.service.start(pb, Protocol::Http).await,
-        Err(e) => {
+    let (pb, common) = match req {
+        Ok((Ok(pb), common)) => (pb, common),
+        Ok((Err(e), _)) | Err(ApiError(e)) => {
             front.service.metrics.rejected(Protocol::Http, &e);
-            Err(e)
+            return ApiError(e).into_response();
         }
     };
-    let rx = match started {
+    let include_usage = common.include_usage();
+    let rx = match front.service.start(pb, Protocol::Http).await {
         Ok((rx, _version)) => rx,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -138,10 +127,10 @@ async fn respond(
         api,
         id: format!("{prefix}-{}", front.next_id.fetch_add(1, Ordering::Relaxed)),
         created: unix_now(),
-        model,
+        model: common.model,
         tokenizer: front.service.tokenizer.clone(),
     };
-    if stream {
+    if common.stream {
         return Sse::new(respond::event_stream(head, include_usage, rx)).into_response();
     }
     match respond::collect(&head, rx).await {

@@ -5,6 +5,7 @@
 pub mod adapter_gate;
 pub mod adapter_pool;
 pub mod block_allocator;
+mod handle;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
@@ -18,12 +19,14 @@ use adapter_gate::AdapterGate;
 use adapter_pool::{ActivePool, ActiveStats};
 use anyhow::{bail, Context, Result};
 use block_allocator::BlockAllocator;
+use handle::{AliveGuard, Command};
+pub use handle::{EngineHandle, EngineLimits};
 use scheduler::{schedule, Plan, SchedulerConfig};
-use sequence::{EngineRequest, FinishReason, SeqEvent, Sequence};
+use sequence::{FinishReason, SeqEvent, Sequence};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Engine sizing, validated at start-up.
 #[derive(Clone, Debug)]
@@ -78,106 +81,6 @@ pub struct EngineStats {
     pub waiting_by_adapter: BTreeMap<String, usize>,
     /// Running sequences per adapter name.
     pub running_by_adapter: BTreeMap<String, usize>,
-}
-
-/// Limits a request must respect, known without asking the engine thread.
-#[derive(Clone, Copy, Debug)]
-pub struct EngineLimits {
-    /// Positions the model supports (prompt + generated).
-    pub context_length: usize,
-    /// Tokens one sequence can hold in the KV cache when it runs alone.
-    pub kv_capacity_tokens: usize,
-    pub vocab_size: usize,
-    /// The largest adapter the active pool can hold.
-    pub max_adapter_bytes: usize,
-    pub block_size: usize,
-    pub kv_block_bytes: usize,
-    /// Whether the model's backend serves weighted adapter mixtures.
-    pub mixtures: bool,
-}
-
-impl EngineLimits {
-    /// KV token slots an active adapter of `bytes` takes from the shared pool.
-    pub fn adapter_tokens(&self, bytes: usize) -> usize {
-        bytes.div_ceil(self.kv_block_bytes.max(1)).max(1) * self.block_size
-    }
-}
-
-enum Command {
-    Add(Box<EngineRequest>, mpsc::UnboundedSender<SeqEvent>),
-    Stats(oneshot::Sender<EngineStats>),
-    CancelAll,
-    /// Finishes the sequences holding adapter version id `.0`; replies how many.
-    CancelAdapter(u64, oneshot::Sender<usize>),
-}
-
-/// A cloneable handle to the engine thread.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    alive: Arc<AtomicBool>,
-    limits: EngineLimits,
-}
-
-impl EngineHandle {
-    /// Queues a request; its events arrive on the returned receiver. Dropping the
-    /// receiver aborts the sequence within one step.
-    pub async fn submit(
-        &self,
-        req: EngineRequest,
-    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, RequestError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.tx
-            .send(Command::Add(Box::new(req), tx))
-            .await
-            .map_err(|_| RequestError::engine_stopped())?;
-        Ok(rx)
-    }
-
-    pub async fn stats(&self) -> Result<EngineStats, RequestError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Stats(tx))
-            .await
-            .map_err(|_| RequestError::engine_stopped())?;
-        rx.await.map_err(|_| RequestError::engine_stopped())
-    }
-
-    /// Finishes every sequence now with reason `Cancelled` (shutdown drain deadline).
-    pub async fn cancel_all(&self) -> Result<(), RequestError> {
-        self.tx
-            .send(Command::CancelAll)
-            .await
-            .map_err(|_| RequestError::engine_stopped())
-    }
-
-    /// Finishes every sequence using adapter version id `version` now with reason
-    /// `Cancelled` (an unload's drain deadline); returns how many there were.
-    pub async fn cancel_adapter(&self, version: u64) -> Result<usize, RequestError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::CancelAdapter(version, tx))
-            .await
-            .map_err(|_| RequestError::engine_stopped())?;
-        rx.await.map_err(|_| RequestError::engine_stopped())
-    }
-
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
-    }
-
-    pub fn limits(&self) -> EngineLimits {
-        self.limits
-    }
-}
-
-/// Clears the alive flag when the engine thread ends, even by panic.
-struct AliveGuard(Arc<AtomicBool>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
-    }
 }
 
 /// Sequences of `seqs` per adapter name (each member of a mixture counts).

@@ -246,6 +246,8 @@ mod tests {
         let req = EngineRequest {
             request_id: format!("r{id}"),
             adapters: Default::default(),
+            tenant: Default::default(),
+            deadline: None,
             prompt_ids: vec![1; prompt_len],
             params: GenerationParams {
                 max_new_tokens: 100,

@@ -7,6 +7,7 @@ use crate::error::RequestError;
 use crate::lora::registry::AdapterLease;
 use crate::model::batch::VIRTUAL_TOKEN_BASE;
 use crate::model::tokenizer::{IncrementalDetokenizer, TextTokenizer};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -80,10 +81,33 @@ impl RequestAdapters {
     }
 }
 
+/// Whose request this is, as the fair scheduler sees it: a tenant's name and its
+/// fair-share weight (the open server's one anonymous tenant: "", weight 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantShare {
+    pub tenant: Arc<str>,
+    /// Relative share of served tokens when tenants compete (> 0).
+    pub weight: f64,
+}
+
+impl Default for TenantShare {
+    fn default() -> Self {
+        Self {
+            tenant: Arc::from(""),
+            weight: 1.0,
+        }
+    }
+}
+
 /// A validated request handed to the engine.
 #[derive(Clone, Debug)]
 pub struct EngineRequest {
     pub request_id: String,
+    /// Who asked (fair scheduling and per-tenant usage).
+    pub tenant: TenantShare,
+    /// When the caller stops waiting: a sequence still queued then never starts, and a
+    /// running one stops within a step (DEADLINE_EXCEEDED).
+    pub deadline: Option<Instant>,
     /// The adapter versions this request runs with, held until it ends.
     pub adapters: RequestAdapters,
     pub prompt_ids: Vec<u32>,
@@ -147,6 +171,8 @@ pub struct Sequence {
     /// The adapter versions of every token of this sequence (none: the base model). The
     /// leases are released when the sequence is dropped, however it ends.
     pub adapters: RequestAdapters,
+    pub tenant: TenantShare,
+    pub deadline: Option<Instant>,
     params: GenerationParams,
     sampler: Sampler,
     detok: IncrementalDetokenizer,
@@ -174,6 +200,8 @@ impl Sequence {
             num_computed: 0,
             block_table: Vec::new(),
             adapters: req.adapters,
+            tenant: req.tenant,
+            deadline: req.deadline,
             sampler: Sampler::new(req.params.sampling.clone()),
             stop: StopMatcher::new(req.params.stop.clone()),
             params: req.params,
@@ -197,6 +225,21 @@ impl Sequence {
     /// The caller went away (its receiver is dropped).
     pub fn is_disconnected(&self) -> bool {
         self.events.is_closed()
+    }
+
+    /// Its deadline has passed.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// Whether any of it has run (a prefill chunk or more).
+    pub fn has_started(&self) -> bool {
+        self.first_scheduled.is_some()
+    }
+
+    /// When it arrived at the engine.
+    pub fn arrived(&self) -> Instant {
+        self.arrived
     }
 
     pub fn mark_scheduled(&mut self) {

@@ -94,6 +94,8 @@ pub async fn warm_up(engine: &EngineHandle) -> Result<()> {
     let req = EngineRequest {
         request_id: "warm-up".into(),
         adapters: Default::default(),
+        tenant: Default::default(),
+        deadline: None,
         prompt_ids: vec![0, 1, 2, 3],
         params: GenerationParams {
             max_new_tokens: 2,

@@ -257,6 +257,8 @@ impl ValidRequest {
         Ok(EngineRequest {
             request_id: self.request_id,
             adapters,
+            tenant: Default::default(),
+            deadline: None,
             prompt_ids: self.prompt_ids,
             params: self.params,
         })

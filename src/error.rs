@@ -25,6 +25,20 @@ pub enum RequestError {
     /// Over a memory budget with nothing to evict.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Over a queue bound, a concurrency limit or a rate limit: refused at once, with a
+    /// hint of when a retry may succeed (gRPC: RESOURCE_EXHAUSTED with a `retry-after-ms`
+    /// trailer; HTTP: 429 with `Retry-After`).
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_ms: u64,
+    },
+    /// No valid API key.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's deadline passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The engine is not running.
     #[error("{0}")]
     Unavailable(String),
@@ -54,6 +68,9 @@ impl RequestError {
             | Self::PermissionDenied(m)
             | Self::Aborted(m)
             | Self::ResourceExhausted(m)
+            | Self::Overloaded { message: m, .. }
+            | Self::Unauthenticated(m)
+            | Self::DeadlineExceeded(m)
             | Self::Unavailable(m)
             | Self::Internal(m) => m,
         }
@@ -66,7 +83,9 @@ impl RequestError {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Aborted(_) => Code::Aborted,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::ResourceExhausted(_) | Self::Overloaded { .. } => Code::ResourceExhausted,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
@@ -79,7 +98,9 @@ impl RequestError {
             Self::PermissionDenied(_) => 403,
             Self::NotFound(_) => 404,
             Self::Aborted(_) => 409,
-            Self::ResourceExhausted(_) => 429,
+            Self::ResourceExhausted(_) | Self::Overloaded { .. } => 429,
+            Self::Unauthenticated(_) => 401,
+            Self::DeadlineExceeded(_) => 504,
             Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
         }
@@ -93,16 +114,35 @@ impl RequestError {
             Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::Aborted(_) => "ABORTED",
-            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Self::ResourceExhausted(_) | Self::Overloaded { .. } => "RESOURCE_EXHAUSTED",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
         }
     }
+
+    /// Milliseconds after which a retry may succeed (overload refusals only).
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Self::Overloaded { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
+        }
+    }
 }
+
+/// The gRPC trailer carrying [`RequestError::retry_after_ms`].
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 impl From<RequestError> for Status {
     fn from(e: RequestError) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let Some(ms) = e.retry_after_ms() {
+            status
+                .metadata_mut()
+                .insert(RETRY_AFTER_MS, tonic::metadata::MetadataValue::from(ms));
+        }
+        status
     }
 }
 
@@ -132,10 +172,31 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (RequestError::engine_stopped(), Code::Unavailable),
+            (
+                RequestError::Unauthenticated("x".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                RequestError::DeadlineExceeded("x".into()),
+                Code::DeadlineExceeded,
+            ),
             (RequestError::Internal("x".into()), Code::Internal),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);
         }
+    }
+
+    #[test]
+    fn an_overload_refusal_carries_its_retry_hint() {
+        let e = RequestError::Overloaded {
+            message: "the queue is full".into(),
+            retry_after_ms: 250,
+        };
+        assert_eq!(e.http_status(), 429);
+        let status = Status::from(e);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let hint = status.metadata().get(RETRY_AFTER_MS).unwrap();
+        assert_eq!(hint.to_str().unwrap(), "250");
     }
 }

@@ -10,6 +10,8 @@ use multilora::lora::registry::{self, RegistryConfig};
 use multilora::model::placement::{
     load_model_on, parse_quant_type, DTypeChoice, DeviceSpec, KvDTypeChoice, Placement,
 };
+use multilora::server::admission::QueueBounds;
+use multilora::server::tenants::Tenants;
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -92,6 +94,23 @@ pub(crate) struct ServeArgs {
     /// Lets runtime loads fetch Hub repos (owner/name[@revision]).
     #[arg(long)]
     allow_hub_adapters: bool,
+    /// A TOML file of tenants: API keys (as SHA-256 hex digests) and what each may do
+    /// (adapters, managing adapters, rate and concurrency limits, fair-share weight).
+    /// Without it the server is open to any caller.
+    #[arg(long, env = "MULTILORA_TENANTS_FILE", value_name = "FILE")]
+    tenants_file: Option<std::path::PathBuf>,
+    /// Requests admitted and not yet started, at most; beyond, RESOURCE_EXHAUSTED at
+    /// once (HTTP 429).
+    #[arg(long, default_value_t = server::DEFAULT_MAX_WAITING_REQUESTS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_waiting_requests: u32,
+    /// Prompt tokens of the waiting requests together, at most (default: 4x the KV
+    /// cache's token capacity).
+    #[arg(long)]
+    max_waiting_tokens: Option<usize>,
+    /// Milliseconds the engine loop may make no progress with work pending before
+    /// health says NOT_SERVING.
+    #[arg(long, default_value_t = 5000)]
+    engine_stall_timeout_ms: u64,
     /// Seconds in-flight streams may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -106,6 +125,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         dtype: args.dtype,
         quant_type: args.quant_type,
         kv_dtype: args.kv_dtype,
+    };
+    let tenants = match &args.tenants_file {
+        Some(path) => Tenants::load(path)?,
+        None => Tenants::open(),
     };
     let hub = args.hub.options();
     let loaded = load_model_on(&args.model, args.revision.as_deref(), &hub, &placement)?;
@@ -142,6 +165,13 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         &loaded.source_dtype,
     )
     .context("starting the engine (see --kv-cache-memory and --block-size)")?;
+    let kv_tokens = service.engine.limits().kv_capacity_tokens;
+    let service = service
+        .with_tenants(tenants)
+        .with_queue_bounds(QueueBounds {
+            max_waiting_requests: args.max_waiting_requests as usize,
+            max_waiting_tokens: args.max_waiting_tokens.unwrap_or(4 * kv_tokens),
+        });
     for (name, _) in &eager {
         // A failure is logged and answered NOT_FOUND with its reason; the rest serve.
         let _ = adapters.load_now(name);
@@ -149,6 +179,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let opts = ServerOptions {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         http_listen: args.http_listen.0,
+        engine_stall_timeout: Duration::from_millis(args.engine_stall_timeout_ms.max(1)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

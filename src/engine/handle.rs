@@ -6,7 +6,7 @@
 use super::sequence::{EngineRequest, SeqEvent};
 use super::EngineStats;
 use crate::error::RequestError;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,12 +33,40 @@ impl EngineLimits {
     }
 }
 
+/// The engine loop's heartbeat, for the health watchdog: a beat per loop turn (a step,
+/// or a command handled after idling), and whether work is pending.
+#[derive(Debug, Default)]
+pub struct EngineProgress {
+    beats: AtomicU64,
+    busy: AtomicBool,
+}
+
+impl EngineProgress {
+    /// Loop turns so far.
+    pub fn beats(&self) -> u64 {
+        self.beats.load(Ordering::Acquire)
+    }
+
+    /// Whether sequences were running or waiting at the last beat.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    pub(super) fn beat(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Release);
+        self.beats.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 pub(super) enum Command {
     Add(Box<EngineRequest>, mpsc::UnboundedSender<SeqEvent>),
     Stats(oneshot::Sender<EngineStats>),
     CancelAll,
     /// Finishes the sequences holding adapter version id `.0`; replies how many.
     CancelAdapter(u64, oneshot::Sender<usize>),
+    /// A test-only fault: the loop sleeps this long (alive, but making no progress).
+    #[cfg(feature = "test-support")]
+    Stall(std::time::Duration),
 }
 
 /// A cloneable handle to the engine thread.
@@ -47,6 +75,7 @@ pub struct EngineHandle {
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) alive: Arc<AtomicBool>,
     pub(super) limits: EngineLimits,
+    pub(super) progress: Arc<EngineProgress>,
 }
 
 impl EngineHandle {
@@ -98,6 +127,21 @@ impl EngineHandle {
 
     pub fn limits(&self) -> EngineLimits {
         self.limits
+    }
+
+    /// The loop's heartbeat.
+    pub fn progress(&self) -> &EngineProgress {
+        &self.progress
+    }
+
+    /// A test-only fault: the engine loop stops making progress for `duration` (the
+    /// thread stays alive), as a hung kernel or a deadlock would.
+    #[cfg(feature = "test-support")]
+    pub async fn inject_stall(&self, duration: std::time::Duration) -> Result<(), RequestError> {
+        self.tx
+            .send(Command::Stall(duration))
+            .await
+            .map_err(|_| RequestError::engine_stopped())
     }
 }
 

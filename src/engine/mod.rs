@@ -20,7 +20,7 @@ use adapter_pool::{ActivePool, ActiveStats};
 use anyhow::{bail, Context, Result};
 use block_allocator::BlockAllocator;
 use handle::{AliveGuard, Command};
-pub use handle::{EngineHandle, EngineLimits};
+pub use handle::{EngineHandle, EngineLimits, EngineProgress};
 use scheduler::{schedule, Plan, SchedulerConfig};
 use sequence::{FinishReason, SeqEvent, Sequence};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -75,6 +75,10 @@ pub struct EngineStats {
     pub finished_sequences: u64,
     pub generated_tokens: u64,
     pub prompt_tokens: u64,
+    /// Sequences whose deadline passed before they started (never ran).
+    pub deadline_expired_waiting: u64,
+    /// Sequences whose deadline passed while they ran.
+    pub deadline_expired_running: u64,
     /// The active adapter tier.
     pub adapters: ActiveStats,
     /// Sequences in the queue per adapter name.
@@ -128,6 +132,8 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
     let alive = Arc::new(AtomicBool::new(true));
     let guard = AliveGuard(alive.clone());
+    let progress = Arc::new(EngineProgress::default());
+    let beats = progress.clone();
     let sched = SchedulerConfig {
         max_batch_tokens: cfg.max_batch_tokens.max(1),
         max_running: cfg.max_running.clamp(1, cfg.max_batch_tokens.max(1)),
@@ -148,11 +154,16 @@ pub fn spawn(
             let mut engine = Engine::new(model, tokenizer, blocks, sched, rx);
             engine.pool = ActivePool::new(adapter_blocks, block_bytes, block_size)
                 .with_max_active(cfg.max_active_adapters);
-            engine.run();
+            engine.run(&beats);
             tracing::info!("engine stopped");
         })
         .context("spawning the engine thread")?;
-    Ok(EngineHandle { tx, alive, limits })
+    Ok(EngineHandle {
+        tx,
+        alive,
+        limits,
+        progress,
+    })
 }
 
 struct Engine {
@@ -198,11 +209,20 @@ impl Engine {
         }
     }
 
-    fn run(&mut self) {
+    fn idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// The step loop: commands, reaping, a step, a heartbeat; blocks while idle.
+    fn run(&mut self, progress: &EngineProgress) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.idle() {
+                progress.beat(false);
                 match self.rx.blocking_recv() {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => {
+                        progress.beat(true);
+                        self.handle(cmd);
+                    }
                     None => return,
                 }
             }
@@ -218,8 +238,9 @@ impl Engine {
                     }
                 }
             }
-            self.reap_disconnected();
+            self.reap_gone();
             self.step();
+            progress.beat(!self.idle());
         }
     }
 
@@ -259,6 +280,8 @@ impl Engine {
                 let n = self.cancel_where(|s| s.adapters.uses(version));
                 let _ = reply.send(n);
             }
+            #[cfg(feature = "test-support")]
+            Command::Stall(duration) => std::thread::sleep(duration),
         }
     }
 
@@ -306,22 +329,35 @@ impl Engine {
             .collect()
     }
 
-    /// Aborts sequences whose caller has gone, freeing their blocks.
-    fn reap_disconnected(&mut self) {
+    /// Aborts sequences whose caller has gone, and fails those whose deadline passed
+    /// (DEADLINE_EXCEEDED), freeing their blocks.
+    fn reap_gone(&mut self) {
+        let now = std::time::Instant::now();
         let blocks = &mut self.blocks;
-        let mut aborted = 0;
+        let stats = &mut self.stats;
         let mut keep = |seq: &mut Sequence| {
             if seq.is_disconnected() {
-                blocks.release(&mut seq.block_table);
-                aborted += 1;
-                false
+                stats.aborted_sequences += 1;
+            } else if seq.is_expired(now) {
+                let (when, counter) = if seq.has_started() {
+                    ("while it ran", &mut stats.deadline_expired_running)
+                } else {
+                    ("before it started", &mut stats.deadline_expired_waiting)
+                };
+                *counter += 1;
+                stats.aborted_sequences += 1;
+                seq.fail(RequestError::DeadlineExceeded(format!(
+                    "the request's deadline passed {when} ({} ms after it arrived)",
+                    now.saturating_duration_since(seq.arrived()).as_millis()
+                )));
             } else {
-                true
+                return true;
             }
+            blocks.release(&mut seq.block_table);
+            false
         };
         self.running.retain_mut(&mut keep);
         self.waiting.retain_mut(&mut keep);
-        self.stats.aborted_sequences += aborted;
     }
 
     fn step(&mut self) {

@@ -1,5 +1,8 @@
 //! The `multilora.v1.Generation` service: thin glue from gRPC to the engine handle.
+use super::admission::{Admission, QueueBounds, TenantUsage, Ticket};
+use super::caller::Caller;
 use super::observe::{ObservedEvents, Protocol, ServerMetrics};
+use super::tenants::Tenants;
 use super::validate::{validate, AdapterChoice};
 use crate::engine::sampler::TokenLogprob;
 use crate::engine::sequence::{FinishReason, RequestAdapters, SeqEvent, TokenEvent, Usage};
@@ -26,24 +29,48 @@ pub struct GenerationService {
     pub info: pb::ModelInfo,
     /// Request outcomes and latencies of both fronts.
     pub metrics: Arc<ServerMetrics>,
+    /// Who may call, with what (open when there is no tenants file).
+    pub tenants: Arc<Tenants>,
+    /// Queue bounds and tenant limits at the front door.
+    pub admission: Arc<Admission>,
+}
+
+impl GenerationService {
+    /// Requires API keys of `tenants` (else the server is open).
+    pub fn with_tenants(mut self, tenants: Tenants) -> Self {
+        self.tenants = Arc::new(tenants);
+        self
+    }
+
+    /// Bounds the waiting queue (requests admitted and not yet started).
+    pub fn with_queue_bounds(mut self, bounds: QueueBounds) -> Self {
+        self.admission = Arc::new(Admission::new(bounds));
+        self
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl GenerationService {
-    /// Validates (tokenizing on a blocking thread), then takes a lease on the adapter
-    /// (waiting for it to load if it is cold; invalid input never starts a load), fits
-    /// the request to the pool beside that adapter, and submits it to the engine.
+    /// Checks the caller, validates (tokenizing on a blocking thread), checks the
+    /// caller may use the adapters, admits the request (queue bounds and tenant
+    /// limits), then takes a lease on the adapter (waiting for it to load if it is
+    /// cold, until the caller's deadline; invalid input never starts a load), fits the
+    /// request to the pool beside that adapter, and submits it to the engine.
     /// Returns the request's events (measured for `protocol`'s metrics as they are
     /// read) and the adapter version taken (0: none); a refusal is counted here.
     pub(crate) async fn start(
         &self,
         req: pb::GenerateRequest,
+        caller: Result<Caller, RequestError>,
         protocol: Protocol,
     ) -> Result<(ObservedEvents, u64), RequestError> {
         let arrived = Instant::now();
-        match self.submit(req).await {
-            Ok((rx, version)) => Ok((self.metrics.observe(protocol, arrived, rx), version)),
+        match self.submit(req, caller).await {
+            Ok((rx, version, ticket)) => Ok((
+                self.metrics.observe(protocol, arrived, rx, Some(ticket)),
+                version,
+            )),
             Err(e) => {
                 self.metrics.rejected(protocol, &e);
                 Err(e)
@@ -54,20 +81,50 @@ impl GenerationService {
     async fn submit(
         &self,
         req: pb::GenerateRequest,
-    ) -> Result<(mpsc::UnboundedReceiver<SeqEvent>, u64), RequestError> {
+        caller: Result<Caller, RequestError>,
+    ) -> Result<(mpsc::UnboundedReceiver<SeqEvent>, u64, Ticket), RequestError> {
+        let caller = caller?;
         let tokenizer = self.tokenizer.clone();
         let limits = self.engine.limits();
         let valid = tokio::task::spawn_blocking(move || validate(&req, &tokenizer, &limits))
             .await
             .map_err(|e| RequestError::Internal(format!("validation task: {e}")))??;
-        let adapters = match &valid.adapters {
+        caller.tenant.check_adapters(valid.adapters.names())?;
+        let ticket = self
+            .admission
+            .admit(&caller.tenant, valid.prompt_ids.len())?;
+        let leasing = self.lease(&valid.adapters);
+        let adapters = match caller.deadline {
+            None => leasing.await?,
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), leasing)
+                .await
+                .map_err(|_| {
+                    RequestError::DeadlineExceeded(
+                        "the request's deadline passed while its adapter was loading".into(),
+                    )
+                })??,
+        };
+        let version = adapters.first_version();
+        let mut request = valid.into_engine_request(adapters, &limits)?;
+        request.tenant = caller.tenant.share.clone();
+        request.deadline = caller.deadline;
+        Ok((self.engine.submit(request).await?, version, ticket))
+    }
+
+    async fn lease(&self, choice: &AdapterChoice) -> Result<RequestAdapters, RequestError> {
+        Ok(match choice {
             AdapterChoice::Base => RequestAdapters::default(),
             AdapterChoice::One(name) => RequestAdapters::single(self.adapters.acquire(name).await?),
             AdapterChoice::Mixture(members) => self.lease_mixture(members).await?,
-        };
-        let version = adapters.first_version();
-        let request = valid.into_engine_request(adapters, &limits)?;
-        Ok((self.engine.submit(request).await?, version))
+        })
+    }
+
+    /// The caller of a gRPC request (its key and deadline).
+    pub(crate) fn grpc_caller(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Caller, RequestError> {
+        Caller::from_grpc(&self.tenants, metadata)
     }
 
     /// Leases every member of a mixture; each must be a LoRA-family adapter.
@@ -212,8 +269,38 @@ fn adapter_stats_to_pb(e: &EngineStats, r: &RegistryStats) -> pb::AdapterStats {
     }
 }
 
-fn stats_to_pb(s: EngineStats, r: &RegistryStats) -> pb::EngineStats {
+fn usage_by_tenant_to_pb(usage: BTreeMap<String, TenantUsage>) -> HashMap<String, pb::TenantUsage> {
+    usage
+        .into_iter()
+        .map(|(name, u)| {
+            let u = pb::TenantUsage {
+                requests: u.requests,
+                refused: u.refused,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                in_flight: u.in_flight as u32,
+            };
+            (name, u)
+        })
+        .collect()
+}
+
+/// The stats a caller sees: `tenants` is every tenant's usage for one that may manage
+/// adapters, its own otherwise.
+fn stats_to_pb(
+    s: EngineStats,
+    r: &RegistryStats,
+    admission: &Admission,
+    tenants: BTreeMap<String, TenantUsage>,
+) -> pb::EngineStats {
+    let (queued, queued_tokens) = admission.waiting();
     pb::EngineStats {
+        tenants: usage_by_tenant_to_pb(tenants),
+        refused_requests: admission.refused(),
+        queued_requests: queued as u32,
+        queued_prompt_tokens: queued_tokens as u64,
+        deadline_expired_waiting: s.deadline_expired_waiting,
+        deadline_expired_running: s.deadline_expired_running,
         adapters: Some(adapter_stats_to_pb(&s, r)),
         steps: s.steps,
         running_sequences: s.running_sequences as u32,
@@ -229,6 +316,43 @@ fn stats_to_pb(s: EngineStats, r: &RegistryStats) -> pb::EngineStats {
     }
 }
 
+/// How much earlier than the caller's deadline a unary call answers DEADLINE_EXCEEDED.
+const UNARY_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// A unary call's whole answer from its events.
+async fn collect_unary(
+    request_id: String,
+    adapter_version: u64,
+    mut rx: ObservedEvents,
+) -> Result<Response<pb::GenerateResult>, Status> {
+    let mut out = pb::GenerateResult {
+        request_id,
+        adapter_version,
+        ..Default::default()
+    };
+    loop {
+        match rx.recv().await {
+            Some(SeqEvent::Token(t)) => {
+                out.text.push_str(&t.text);
+                out.token_ids.push(t.token_id);
+                out.logprobs.extend(t.logprob.map(logprob_to_pb));
+            }
+            Some(SeqEvent::Finished {
+                reason,
+                usage,
+                matched_stop,
+            }) => {
+                out.finish_reason = reason_to_pb(reason) as i32;
+                out.usage = Some(usage_to_pb(&usage));
+                out.matched_stop = matched_stop.unwrap_or_default();
+                return Ok(Response::new(out));
+            }
+            Some(SeqEvent::Error(e)) => return Err(Status::from(e)),
+            None => return Err(engine_vanished()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::generation_server::Generation for GenerationService {
     type GenerateStream = EventStream;
@@ -237,9 +361,10 @@ impl pb::generation_server::Generation for GenerationService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let caller = self.grpc_caller(request.metadata());
         let req = request.into_inner();
         let request_id = req.request_id.clone();
-        let (rx, version) = self.start(req, Protocol::Grpc).await?;
+        let (rx, version) = self.start(req, caller, Protocol::Grpc).await?;
         Ok(Response::new(event_stream(request_id, version, rx)))
     }
 
@@ -247,40 +372,34 @@ impl pb::generation_server::Generation for GenerationService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResult>, Status> {
+        let caller = self.grpc_caller(request.metadata());
+        let deadline = caller.as_ref().ok().and_then(|c| c.deadline);
         let req = request.into_inner();
-        let mut out = pb::GenerateResult {
-            request_id: req.request_id.clone(),
-            ..Default::default()
+        let request_id = req.request_id.clone();
+        let (rx, version) = self.start(req, caller, Protocol::Grpc).await?;
+        let collect = collect_unary(request_id, version, rx);
+        let Some(deadline) = deadline else {
+            return collect.await;
         };
-        let (mut rx, version) = self.start(req, Protocol::Grpc).await?;
-        out.adapter_version = version;
-        loop {
-            match rx.recv().await {
-                Some(SeqEvent::Token(t)) => {
-                    out.text.push_str(&t.text);
-                    out.token_ids.push(t.token_id);
-                    out.logprobs.extend(t.logprob.map(logprob_to_pb));
-                }
-                Some(SeqEvent::Finished {
-                    reason,
-                    usage,
-                    matched_stop,
-                }) => {
-                    out.finish_reason = reason_to_pb(reason) as i32;
-                    out.usage = Some(usage_to_pb(&usage));
-                    out.matched_stop = matched_stop.unwrap_or_default();
-                    return Ok(Response::new(out));
-                }
-                Some(SeqEvent::Error(e)) => return Err(Status::from(e)),
-                None => return Err(engine_vanished()),
-            }
-        }
+        // Answer DEADLINE_EXCEEDED just before the transport's own timer, which would
+        // answer CANCELLED.
+        let before = deadline
+            .checked_sub(UNARY_DEADLINE_MARGIN)
+            .unwrap_or(deadline);
+        tokio::time::timeout_at(before.into(), collect)
+            .await
+            .map_err(|_| {
+                Status::from(RequestError::DeadlineExceeded(
+                    "the request's deadline passed before it finished".into(),
+                ))
+            })?
     }
 
     async fn tokenize(
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.grpc_caller(request.metadata())?;
         let text = request.into_inner().text;
         let tokenizer = self.tokenizer.clone();
         let ids = tokio::task::spawn_blocking(move || tokenizer.encode(&text))
@@ -292,16 +411,28 @@ impl pb::generation_server::Generation for GenerationService {
 
     async fn get_model_info(
         &self,
-        _request: Request<pb::GetModelInfoRequest>,
+        request: Request<pb::GetModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
+        self.grpc_caller(request.metadata())?;
         Ok(Response::new(self.info.clone()))
     }
 
     async fn get_engine_stats(
         &self,
-        _request: Request<pb::GetEngineStatsRequest>,
+        request: Request<pb::GetEngineStatsRequest>,
     ) -> Result<Response<pb::EngineStats>, Status> {
+        let caller = self.grpc_caller(request.metadata())?;
         let stats = self.engine.stats().await?;
-        Ok(Response::new(stats_to_pb(stats, &self.adapters.stats())))
+        let mut usage = Admission::usage(&self.tenants);
+        if !caller.tenant.spec.manage_adapters {
+            usage.retain(|name, _| name == caller.tenant.name());
+        }
+        let r = self.adapters.stats();
+        Ok(Response::new(stats_to_pb(
+            stats,
+            &r,
+            &self.admission,
+            usage,
+        )))
     }
 }

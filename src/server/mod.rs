@@ -3,10 +3,13 @@
 //! shutdown of both (stop accepting, drain in-flight streams up to a deadline, then
 //! cancel them).
 pub mod adapters;
+pub mod admission;
+pub mod caller;
 pub mod exposition;
 pub mod generation;
 pub mod observe;
 pub mod openai;
+pub mod tenants;
 pub mod validate;
 
 use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
@@ -14,14 +17,17 @@ use crate::engine::{self, sampler::SamplingParams, EngineConfig, EngineHandle};
 use crate::lora::registry::AdapterRegistry;
 use crate::model::{BaseModel, TextTokenizer};
 use crate::proto::v1 as pb;
+use admission::{Admission, QueueBounds};
 use anyhow::{bail, ensure, Context, Result};
 use generation::GenerationService;
 use pb::adapters_server::AdaptersServer;
 use pb::generation_server::GenerationServer;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tenants::Tenants;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic_health::server::HealthReporter;
@@ -34,6 +40,9 @@ pub struct ServerOptions {
     /// Where [`RunningServer::start`] serves the OpenAI-compatible HTTP front (port 0:
     /// any free one); None: no HTTP front.
     pub http_listen: Option<SocketAddr>,
+    /// How long the engine loop may make no progress with work pending before health
+    /// says NOT_SERVING.
+    pub engine_stall_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -41,12 +50,19 @@ impl Default for ServerOptions {
         Self {
             drain_timeout: Duration::from_secs(30),
             http_listen: None,
+            engine_stall_timeout: Duration::from_secs(5),
         }
     }
 }
 
+/// Requests admitted and not yet started, at most, unless configured otherwise.
+pub const DEFAULT_MAX_WAITING_REQUESTS: usize = 1024;
+
 /// Starts the engine thread for a loaded model, tells the adapter registry how large an
-/// adapter the active pool can hold, and builds the service over both.
+/// adapter the active pool can hold, and builds the service over both: open (no
+/// tenants), with the default queue bounds ([`DEFAULT_MAX_WAITING_REQUESTS`], and 4x the
+/// KV cache's tokens); see [`GenerationService::with_tenants`] and
+/// [`GenerationService::with_queue_bounds`].
 pub fn start_engine(
     model: Box<dyn BaseModel>,
     tokenizer: TextTokenizer,
@@ -79,12 +95,18 @@ pub fn start_engine(
         num_layers: cfg.num_layers as u32,
         hidden_size: cfg.hidden_size as u32,
     };
+    let bounds = QueueBounds {
+        max_waiting_requests: DEFAULT_MAX_WAITING_REQUESTS,
+        max_waiting_tokens: 4 * engine.limits().kv_capacity_tokens,
+    };
     Ok(GenerationService {
         engine,
         tokenizer,
         adapters,
         info,
         metrics: Default::default(),
+        tenants: Default::default(),
+        admission: Arc::new(Admission::new(bounds)),
     })
 }
 
@@ -130,11 +152,51 @@ async fn set_health(reporter: &HealthReporter, status: tonic_health::ServingStat
     reporter.set_service_status("", status).await;
 }
 
-/// Marks the service NOT_SERVING as soon as the engine thread dies.
-fn watch_engine(engine: EngineHandle, reporter: HealthReporter) {
+/// Lets through only callers that may manage adapters (the Adapters service).
+fn manage_adapters_only(
+    tenants: Arc<Tenants>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |request| {
+        let caller = caller::Caller::from_grpc(&tenants, request.metadata())?;
+        caller.tenant.check_manage()?;
+        Ok(request)
+    }
+}
+
+/// Health from the engine: NOT_SERVING as soon as its thread dies, or while its loop
+/// makes no progress for `stall` with work pending (SERVING again once it does),
+/// unless the server is draining (`draining`), which keeps it NOT_SERVING.
+fn watch_engine(
+    engine: EngineHandle,
+    reporter: HealthReporter,
+    stall: Duration,
+    draining: Arc<AtomicBool>,
+) {
     tokio::spawn(async move {
+        let poll = (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        let (mut beats, mut since) = (engine.progress().beats(), Instant::now());
+        let mut stalled = false;
         while engine.is_alive() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(poll).await;
+            let now_beats = engine.progress().beats();
+            if now_beats != beats {
+                (beats, since) = (now_beats, Instant::now());
+            }
+            let stuck = engine.progress().is_busy() && since.elapsed() >= stall;
+            if stuck != stalled && !draining.load(Ordering::Acquire) {
+                stalled = stuck;
+                let status = if stuck {
+                    tracing::error!(
+                        ?stall,
+                        "the engine loop made no progress with work pending; health NOT_SERVING"
+                    );
+                    tonic_health::ServingStatus::NotServing
+                } else {
+                    tracing::warn!("the engine loop made progress again; health SERVING");
+                    tonic_health::ServingStatus::Serving
+                };
+                set_health(&reporter, status).await;
+            }
         }
         tracing::error!("engine thread is gone; health NOT_SERVING");
         set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
@@ -165,6 +227,15 @@ pub async fn serve(
         .build_v1alpha()
         .context("building the v1alpha reflection service")?;
     let engine = service.engine.clone();
+    let tenants = service.tenants.clone();
+    if tenants.is_open() {
+        tracing::warn!(
+            "no tenants file: the server is open, any caller may use any adapter and \
+             manage adapters (fine for local use; not for exposing it)"
+        );
+    } else {
+        tracing::info!(tenants = tenants.all().len(), "API keys required");
+    }
     let adapters_service = adapters::AdaptersService {
         registry: service.adapters.clone(),
         engine: engine.clone(),
@@ -175,8 +246,11 @@ pub async fn serve(
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
     let (stop_http, mut http_stopped) = tokio::sync::watch::channel(false);
     let drain_reporter = reporter.clone();
+    let draining = Arc::new(AtomicBool::new(false));
+    let draining_flag = draining.clone();
     let signal = async move {
         shutdown.await;
+        draining_flag.store(true, Ordering::Release);
         tracing::info!("shutdown requested: no new connections; draining in-flight streams");
         set_health(&drain_reporter, tonic_health::ServingStatus::NotServing).await;
         let _ = stop_http.send(true);
@@ -208,13 +282,16 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(GenerationServer::new(service))
-        .add_service(AdaptersServer::new(adapters_service))
+        .add_service(AdaptersServer::with_interceptor(
+            adapters_service,
+            manage_adapters_only(tenants),
+        ))
         .serve_with_incoming_shutdown(incoming, signal);
     let server = tokio::spawn(server);
 
     warm_up(&engine).await.context("warming up the model")?;
     set_health(&reporter, tonic_health::ServingStatus::Serving).await;
-    watch_engine(engine, reporter);
+    watch_engine(engine, reporter, opts.engine_stall_timeout, draining);
     tracing::info!(%addr, "serving");
     server
         .await

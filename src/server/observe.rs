@@ -5,6 +5,7 @@
 //! Invariants: each request is counted exactly once: as rejected ([`ServerMetrics::rejected`],
 //! before it reaches the engine), or when its stream ends (finished, failed, or dropped by
 //! a client that went away, counted as `cancelled` when the receiver is dropped).
+use super::admission::Ticket;
 use crate::engine::sequence::{FinishReason, SeqEvent};
 use crate::error::RequestError;
 use crate::metrics::{Histogram, TextWriter, LATENCY_BUCKETS, TOKEN_GAP_BUCKETS};
@@ -94,15 +95,19 @@ impl ServerMetrics {
         self.count(protocol, "error", protocol.error_code(e));
     }
 
-    /// Wraps a started request's events so they are measured as they are read.
+    /// Wraps a started request's events so they are measured as they are read; its
+    /// admission ticket (if any) leaves the waiting queue at the first event, is charged
+    /// the generated tokens at the end, and is given back when the events drop.
     pub fn observe(
         self: &Arc<Self>,
         protocol: Protocol,
         arrived: Instant,
         rx: mpsc::UnboundedReceiver<SeqEvent>,
+        ticket: Option<Ticket>,
     ) -> ObservedEvents {
         ObservedEvents {
             rx,
+            ticket,
             metrics: self.clone(),
             protocol,
             arrived,
@@ -157,6 +162,7 @@ impl ServerMetrics {
 /// A started request's engine events, measured as the front reads them.
 pub struct ObservedEvents {
     rx: mpsc::UnboundedReceiver<SeqEvent>,
+    ticket: Option<Ticket>,
     metrics: Arc<ServerMetrics>,
     protocol: Protocol,
     arrived: Instant,
@@ -170,6 +176,12 @@ impl ObservedEvents {
     pub async fn recv(&mut self) -> Option<SeqEvent> {
         let ev = self.rx.recv().await;
         let now = Instant::now();
+        if let Some(ticket) = &mut self.ticket {
+            match &ev {
+                Some(SeqEvent::Finished { usage, .. }) => ticket.finished(usage),
+                _ => ticket.started(),
+            }
+        }
         let m = &self.metrics;
         match &ev {
             Some(SeqEvent::Token(_)) => {
@@ -220,7 +232,7 @@ mod tests {
     async fn each_request_is_counted_once_by_how_it_ended() {
         let m = Arc::new(ServerMetrics::default());
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut ev = m.observe(Protocol::Http, Instant::now(), rx);
+        let mut ev = m.observe(Protocol::Http, Instant::now(), rx, None);
         tx.send(SeqEvent::Finished {
             reason: FinishReason::Length,
             usage: Usage::default(),
@@ -230,7 +242,7 @@ mod tests {
         assert!(ev.recv().await.is_some());
         drop(ev);
         let (_tx, rx) = mpsc::unbounded_channel();
-        drop(m.observe(Protocol::Grpc, Instant::now(), rx));
+        drop(m.observe(Protocol::Grpc, Instant::now(), rx, None));
         m.rejected(Protocol::Grpc, &RequestError::NotFound("x".into()));
         let mut w = TextWriter::default();
         m.write(&mut w);

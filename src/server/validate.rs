@@ -31,6 +31,17 @@ pub enum AdapterChoice {
     Mixture(Vec<(String, f32)>),
 }
 
+impl AdapterChoice {
+    /// The adapters' names (none: the base model).
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            Self::Base => vec![],
+            Self::One(name) => vec![name.as_str()],
+            Self::Mixture(members) => members.iter().map(|(n, _)| n.as_str()).collect(),
+        }
+    }
+}
+
 /// `adapter` or `adapters`, checked (exclusive, at most 8, names given and distinct,
 /// weights finite, and mixtures served by the backend).
 fn adapter_choice(

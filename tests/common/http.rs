@@ -18,10 +18,48 @@ pub async fn http(
 
 /// [`http`] with the body as given (it need not be JSON).
 pub async fn http_raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let r = request(addr, method, path, body, &[]).await;
+    (r.status, r.body)
+}
+
+/// An answer: status, head (status line and headers) and de-chunked body.
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON (a string if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::String(self.body.clone()))
+    }
+
+    /// A header's value (name in lower case).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// One request with extra `headers` over a fresh connection.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, String)],
+) -> Answer {
     let mut s = TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         {extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -33,7 +71,12 @@ pub async fn http_raw(addr: SocketAddr, method: &str, path: &str, body: &str) ->
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(rest) } else { rest.into() })
+    let body = if chunked { dechunk(rest) } else { rest.into() };
+    Answer {
+        status,
+        head: head.to_string(),
+        body,
+    }
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -274,6 +274,14 @@ pub async fn generate(
     client: &mut GenerationClient<Channel>,
     req: pb::GenerateRequest,
 ) -> Result<Collected, tonic::Status> {
+    generate_request(client, tonic::Request::new(req)).await
+}
+
+/// [`generate`] of a request with metadata or a timeout.
+pub async fn generate_request(
+    client: &mut GenerationClient<Channel>,
+    req: tonic::Request<pb::GenerateRequest>,
+) -> Result<Collected, tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
     let mut out = Collected {
         text: String::new(),

@@ -45,7 +45,11 @@ impl ApiError {
             RequestError::NotFound(_) => ("invalid_request_error", Some("model_not_found")),
             RequestError::PermissionDenied(_) => ("permission_error", None),
             RequestError::Aborted(_) => ("conflict_error", None),
-            RequestError::ResourceExhausted(_) => ("rate_limit_error", None),
+            RequestError::ResourceExhausted(_) | RequestError::Overloaded { .. } => {
+                ("rate_limit_error", None)
+            }
+            RequestError::Unauthenticated(_) => ("authentication_error", Some("invalid_api_key")),
+            RequestError::DeadlineExceeded(_) => ("timeout_error", None),
             RequestError::Unavailable(_) | RequestError::Internal(_) => ("server_error", None),
         };
         let (message, param) = match &self.0 {
@@ -61,6 +65,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Some(ms) = self.0.retry_after_ms() {
+            // Retry-After counts whole seconds: round up, so a retry is never early.
+            let secs = ms.div_ceil(1000).max(1);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        if matches!(self.0, RequestError::Unauthenticated(_)) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }

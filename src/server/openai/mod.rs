@@ -12,6 +12,7 @@ mod error;
 mod lora_admin;
 mod respond;
 
+use super::caller::Caller;
 use super::exposition;
 use super::generation::GenerationService;
 use super::observe::Protocol;
@@ -19,6 +20,7 @@ use crate::error::RequestError;
 use crate::proto::v1::GenerateRequest;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +29,7 @@ use body::{ChatRequest, Common, CompletionRequest};
 use error::ApiError;
 use respond::{Api, Head};
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -88,25 +90,33 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     })
 }
 
-async fn completions(State(front): State<Front>, body: Bytes) -> Response {
+async fn completions(State(front): State<Front>, headers: HeaderMap, body: Bytes) -> Response {
     let base = front.service.info.model_name.clone();
+    let caller = Caller::from_http(&front.service.tenants, &headers);
     let req = parse::<CompletionRequest>(&body).map(|r| (r.to_pb(&base), r.common));
-    respond(front, req, Api::Completion).await
+    respond(front, caller, req, Api::Completion).await
 }
 
-async fn chat_completions(State(front): State<Front>, body: Bytes) -> Response {
+async fn chat_completions(State(front): State<Front>, headers: HeaderMap, body: Bytes) -> Response {
     let base = front.service.info.model_name.clone();
+    let caller = Caller::from_http(&front.service.tenants, &headers);
     let req = parse::<ChatRequest>(&body).map(|r| (r.to_pb(&base), r.common));
-    respond(front, req, Api::Chat).await
+    respond(front, caller, req, Api::Chat).await
 }
 
 /// Starts the generation (errors answered with their status, and counted as rejected
 /// HTTP requests) and answers it whole or streamed.
 async fn respond(
     front: Front,
+    caller: Result<Caller, RequestError>,
     req: Result<(Result<GenerateRequest, RequestError>, Common), ApiError>,
     api: Api,
 ) -> Response {
+    // An unknown key is answered as such before anything about the body.
+    let req = match &caller {
+        Err(e) => Err(ApiError(e.clone())),
+        Ok(_) => req,
+    };
     let (pb, common) = match req {
         Ok((Ok(pb), common)) => (pb, common),
         Ok((Err(e), _)) | Err(ApiError(e)) => {
@@ -115,7 +125,7 @@ async fn respond(
         }
     };
     let include_usage = common.include_usage();
-    let rx = match front.service.start(pb, Protocol::Http).await {
+    let rx = match front.service.start(pb, caller, Protocol::Http).await {
         Ok((rx, _version)) => rx,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -140,29 +150,49 @@ async fn respond(
 }
 
 /// `GET /v1/models`: the base model, then every registered adapter with `parent` = the
-/// base.
-async fn models(State(front): State<Front>) -> Json<Value> {
+/// base; of those, only what the caller may use.
+async fn models(State(front): State<Front>, headers: HeaderMap) -> Response {
+    let tenant = match Caller::from_http(&front.service.tenants, &headers) {
+        Ok(caller) => caller.tenant,
+        Err(e) => return ApiError(e).into_response(),
+    };
     let base = &front.service.info.model_name;
     let created = unix_now();
-    let mut data = vec![json!({
-        "id": base, "object": "model", "created": created, "owned_by": "multilora",
-        "root": base, "parent": null,
-        "max_model_len": front.service.info.context_length,
-    })];
-    for a in front.service.adapters.list() {
+    let mut data = vec![];
+    if tenant.spec.base_model {
+        data.push(json!({
+            "id": base, "object": "model", "created": created, "owned_by": "multilora",
+            "root": base, "parent": null,
+            "max_model_len": front.service.info.context_length,
+        }));
+    }
+    let adapters = front.service.adapters.list();
+    for a in adapters.iter().filter(|a| tenant.may_use_adapter(&a.name)) {
         data.push(json!({
             "id": a.name, "object": "model", "created": created, "owned_by": "multilora",
             "root": a.source, "parent": base,
         }));
     }
-    Json(json!({"object": "list", "data": data}))
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn load_lora(State(front): State<Front>, body: Bytes) -> Response {
+/// The caller, if it may manage adapters.
+fn manager(front: &Front, headers: &HeaderMap) -> Result<(), ApiError> {
+    let caller = Caller::from_http(&front.service.tenants, headers)?;
+    Ok(caller.tenant.check_manage()?)
+}
+
+async fn load_lora(State(front): State<Front>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(e) = manager(&front, &headers) {
+        return e.into_response();
+    }
     lora_admin::load(&front.service.adapters, &body).await
 }
 
-async fn unload_lora(State(front): State<Front>, body: Bytes) -> Response {
+async fn unload_lora(State(front): State<Front>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(e) = manager(&front, &headers) {
+        return e.into_response();
+    }
     lora_admin::unload(&front.service.adapters, &body).await
 }
 

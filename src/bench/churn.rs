@@ -3,6 +3,7 @@
 //! unloaded again, one load then one unload), so a run shows what runtime loading
 //! costs the traffic being served. Every call is timed and its outcome recorded.
 use super::metrics::Percentiles;
+use super::runner::authorized;
 use super::runner::code_name;
 use super::workload::Arrivals;
 use crate::lora::peft::folder::list_adapter_folders;
@@ -26,6 +27,8 @@ pub struct ChurnConfig {
     pub sources: Vec<String>,
     /// Churned adapters are named `PREFIX-K`.
     pub name_prefix: String,
+    /// The API key churn calls send (one that may manage adapters), if any.
+    pub api_key: Option<String>,
 }
 
 /// What a [`ChurnOp`] did.
@@ -145,7 +148,10 @@ pub async fn run_churn(
                     source,
                     ..Default::default()
                 };
-                let result = client.load_adapter(request).await.map(|_| ());
+                let result = client
+                    .load_adapter(authorized(request, cfg.api_key.as_deref()))
+                    .await
+                    .map(|_| ());
                 if result.is_ok() {
                     loaded = Some(name.clone());
                 }
@@ -159,7 +165,10 @@ pub async fn run_churn(
                 (
                     ChurnKind::Unload,
                     name,
-                    client.unload_adapter(request).await.map(|_| ()),
+                    client
+                        .unload_adapter(authorized(request, cfg.api_key.as_deref()))
+                        .await
+                        .map(|_| ()),
                 )
             }
         };
@@ -176,7 +185,9 @@ pub async fn run_churn(
             name,
             drain_timeout_s: None,
         };
-        let _ = client.unload_adapter(request).await;
+        let _ = client
+            .unload_adapter(authorized(request, cfg.api_key.as_deref()))
+            .await;
     }
     Ok(ops)
 }

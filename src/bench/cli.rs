@@ -80,6 +80,11 @@ pub struct BenchArgs {
     /// Churned adapters are named PREFIX-K.
     #[arg(long, default_value = "churn")]
     pub churn_prefix: String,
+    /// A file of API keys, one per line, for a server with tenants: tenant K's
+    /// requests send line K (modulo the count); base requests, tokenization and churn
+    /// send the first line (churn needs a key that may manage adapters).
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
     /// Write the report with per-request records here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -149,6 +154,10 @@ impl BenchArgs {
             }
             None => BUILTIN_CORPUS.to_string(),
         };
+        let api_keys = match &self.api_keys {
+            Some(path) => read_keys(path)?,
+            None => vec![],
+        };
         let churn = match (self.churn, &self.churn_source) {
             (0.0, _) => None,
             (r, _) if !(r.is_finite() && r > 0.0) => bail!("--churn must be a positive rate"),
@@ -157,6 +166,7 @@ impl BenchArgs {
                 rate,
                 sources: list_sources(dir)?,
                 name_prefix: self.churn_prefix.clone(),
+                api_key: api_keys.first().cloned(),
             }),
         };
         Ok(BenchConfig {
@@ -178,8 +188,25 @@ impl BenchArgs {
             verify: self.verify,
             progress: !self.quiet,
             churn,
+            api_keys,
         })
     }
+}
+
+/// The non-empty lines of an API keys file (`#` starts a comment line).
+fn read_keys(path: &std::path::Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--api-keys {}", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if keys.is_empty() {
+        bail!("--api-keys {}: no key in it", path.display());
+    }
+    Ok(keys)
 }
 
 /// Runs the benchmark, prints the table, writes `--json`; fails if `--verify` found a

@@ -73,6 +73,30 @@ pub struct BenchConfig {
     pub progress: bool,
     /// Adapter loads and unloads beside the traffic.
     pub churn: Option<ChurnConfig>,
+    /// API keys of an authenticated server: `tenant-K` sends key K (mod the count),
+    /// base requests and the corpus tokenization the first. Empty: no key sent.
+    pub api_keys: Vec<String>,
+}
+
+/// `message` with `authorization: Bearer KEY` when there is a key.
+pub fn authorized<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = key.and_then(|k| format!("Bearer {k}").parse().ok()) {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// The key a planned request of `tenant` sends (see [`BenchConfig::api_keys`]).
+fn key_of<'a>(keys: &'a [String], tenant: &str) -> Option<&'a str> {
+    if keys.is_empty() {
+        return None;
+    }
+    let k = tenant
+        .strip_prefix("tenant-")
+        .and_then(|k| k.parse::<usize>().ok())
+        .unwrap_or(0);
+    Some(keys[k % keys.len()].as_str())
 }
 
 /// One planned request.
@@ -173,11 +197,27 @@ struct Live {
     tokens: AtomicUsize,
 }
 
+/// How requests are sent: whether EOS is ignored, and the API keys.
+#[derive(Clone)]
+struct Sending {
+    ignore_eos: bool,
+    keys: Arc<Vec<String>>,
+}
+
+impl Sending {
+    fn of(cfg: &BenchConfig) -> Self {
+        Self {
+            ignore_eos: cfg.ignore_eos,
+            keys: Arc::new(cfg.api_keys.clone()),
+        }
+    }
+}
+
 /// Sends one request and records it; also returns the token ids it produced.
 async fn send(
     mut client: GenerationClient<Channel>,
     p: &Planned,
-    ignore_eos: bool,
+    how: &Sending,
     t0: Instant,
     live: &Live,
 ) -> (RequestRecord, Vec<u32>) {
@@ -192,7 +232,10 @@ async fn send(
     let mut ids = Vec::new();
     let outcome: Result<(), tonic::Status> = async {
         let mut stream = client
-            .generate(request_of(p, ignore_eos))
+            .generate(authorized(
+                request_of(p, how.ignore_eos),
+                key_of(&how.keys, &p.tenant),
+            ))
             .await?
             .into_inner();
         while let Some(msg) = stream.message().await? {
@@ -222,9 +265,14 @@ async fn send(
 }
 
 /// Tokenizes the corpus on the server.
-async fn corpus_ids(client: &mut GenerationClient<Channel>, text: &str) -> Result<Vec<u32>> {
+async fn corpus_ids(
+    client: &mut GenerationClient<Channel>,
+    text: &str,
+    key: Option<&str>,
+) -> Result<Vec<u32>> {
+    let request = authorized(pb::TokenizeRequest { text: text.into() }, key);
     let r = client
-        .tokenize(pb::TokenizeRequest { text: text.into() })
+        .tokenize(request)
         .await
         .context("tokenizing the prompt corpus")?;
     Ok(r.into_inner().token_ids)
@@ -236,7 +284,7 @@ type Key = (String, Vec<u32>, u32);
 async fn solo_runs(
     client: &GenerationClient<Channel>,
     plan: &[Planned],
-    ignore_eos: bool,
+    how: &Sending,
 ) -> HashMap<Key, Vec<u32>> {
     let mut solo = HashMap::new();
     let t0 = Instant::now();
@@ -244,7 +292,7 @@ async fn solo_runs(
     for p in plan {
         let key = (p.adapter.clone(), p.prompt_ids.clone(), p.max_new);
         if let std::collections::hash_map::Entry::Vacant(slot) = solo.entry(key) {
-            let (rec, ids) = send(client.clone(), p, ignore_eos, t0, &live).await;
+            let (rec, ids) = send(client.clone(), p, how, t0, &live).await;
             if rec.error.is_none() {
                 slot.insert(ids);
             }
@@ -324,7 +372,7 @@ async fn issue(
         .progress
         .then(|| spawn_progress(live.clone(), plan.len(), t0));
     let deadline = cfg.duration.map(|d| t0 + Duration::from_secs_f64(d));
-    let ignore_eos = cfg.ignore_eos;
+    let how = Sending::of(cfg);
     let mut handles = Vec::with_capacity(plan.len());
     match cfg.mode {
         LoadMode::Open {
@@ -344,9 +392,10 @@ async fn issue(
                     .acquire_owned()
                     .await
                     .context("concurrency cap")?;
-                let (c, plan, live) = (client.clone(), plan.clone(), live.clone());
+                let (c, plan, live, how) =
+                    (client.clone(), plan.clone(), live.clone(), how.clone());
                 handles.push(tokio::spawn(async move {
-                    let r = send(c, &plan[i], ignore_eos, t0, &live).await;
+                    let r = send(c, &plan[i], &how, t0, &live).await;
                     drop(permit);
                     vec![(i, r)]
                 }));
@@ -355,8 +404,13 @@ async fn issue(
         LoadMode::Closed { concurrency } => {
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..concurrency.max(1) {
-                let (c, plan, live, next) =
-                    (client.clone(), plan.clone(), live.clone(), next.clone());
+                let (c, plan, live, next, how) = (
+                    client.clone(),
+                    plan.clone(),
+                    live.clone(),
+                    next.clone(),
+                    how.clone(),
+                );
                 handles.push(tokio::spawn(async move {
                     let mut out = Vec::new();
                     loop {
@@ -364,7 +418,7 @@ async fn issue(
                         if i >= plan.len() || deadline.is_some_and(|d| Instant::now() > d) {
                             return out;
                         }
-                        out.push((i, send(c.clone(), &plan[i], ignore_eos, t0, &live).await));
+                        out.push((i, send(c.clone(), &plan[i], &how, t0, &live).await));
                     }
                 }));
             }
@@ -392,10 +446,11 @@ pub async fn run(cfg: &BenchConfig) -> Result<Report> {
         .await
         .with_context(|| format!("connecting to {}", cfg.endpoint))?;
     let mut client = GenerationClient::new(channel.clone());
-    let ids = corpus_ids(&mut client, &cfg.corpus).await?;
+    let key = cfg.api_keys.first().map(String::as_str);
+    let ids = corpus_ids(&mut client, &cfg.corpus, key).await?;
     let plan = Arc::new(plan(cfg, &ids)?);
     let solo = if cfg.verify {
-        Some(solo_runs(&client, &plan, cfg.ignore_eos).await)
+        Some(solo_runs(&client, &plan, &Sending::of(cfg)).await)
     } else {
         None
     };
@@ -493,6 +548,7 @@ mod tests {
             verify: false,
             progress: false,
             churn: None,
+            api_keys: vec![],
         }
     }
 

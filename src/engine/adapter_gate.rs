@@ -2,8 +2,9 @@
 //! versions is made active in the pool (which may evict idle ones), ready on the backend
 //! (a device copy may still be in flight), and, for prefix tuning, its K/V prefix
 //! written once into the blocks the pool holds for it. Invariants: a sequence's members
-//! are pinned as they activate, so a later member cannot evict an earlier one; a prefix
-//! is written before the first sequence that reads it is admitted.
+//! are pinned as they activate (ready or not), so neither a later member nor a sequence
+//! admitted after it in the step can evict one; a prefix is written before the first
+//! sequence that reads it is admitted.
 use super::adapter_pool::ActivePool;
 use super::block_allocator::BlockAllocator;
 use super::scheduler::{Admission, SharedPrefix};
@@ -36,11 +37,15 @@ impl AdapterGate<'_> {
             if !self
                 .pool
                 .activate(lease.version(), &self.pinned, blocks, self.now)
-                || !self.model.adapter_ready(lease.weights())
             {
                 return Admission::Wait;
             }
+            // Pinned once active, ready or not: sequences admitted after this one in the
+            // step (it may be passed) cannot evict it while its copy is in flight.
             self.pinned.insert(key);
+            if !self.model.adapter_ready(lease.weights()) {
+                return Admission::Wait;
+            }
             if let Some(write) = self.pool.take_prefix_write(key) {
                 if let Err(e) = self.model.write_kv_prefix(&write.weights, &write.blocks) {
                     self.pool.discard(key, blocks);

@@ -5,6 +5,7 @@
 pub mod adapter_gate;
 pub mod adapter_pool;
 pub mod block_allocator;
+pub mod fairness;
 mod handle;
 pub mod sampler;
 pub mod scheduler;
@@ -19,9 +20,10 @@ use adapter_gate::AdapterGate;
 use adapter_pool::{ActivePool, ActiveStats};
 use anyhow::{bail, Context, Result};
 use block_allocator::BlockAllocator;
+use fairness::Fairness;
 use handle::{AliveGuard, Command};
 pub use handle::{EngineHandle, EngineLimits, EngineProgress};
-use scheduler::{schedule, Plan, SchedulerConfig};
+use scheduler::{schedule, Plan, SchedulerConfig, DEFAULT_ADAPTER_WAIT_BOUND};
 use sequence::{FinishReason, SeqEvent, Sequence};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -138,6 +140,7 @@ pub fn spawn(
         max_batch_tokens: cfg.max_batch_tokens.max(1),
         max_running: cfg.max_running.clamp(1, cfg.max_batch_tokens.max(1)),
         watermark_blocks: num_blocks / 100,
+        adapter_wait_bound: DEFAULT_ADAPTER_WAIT_BOUND,
     };
     tracing::info!(
         kv_blocks = num_blocks,
@@ -178,6 +181,8 @@ struct Engine {
     rx: mpsc::Receiver<Command>,
     running: Vec<Sequence>,
     waiting: VecDeque<Sequence>,
+    /// Tenants' fair-share counters (charged as steps are planned).
+    fair: Fairness,
     next_id: AtomicU64,
     stats: EngineStats,
 }
@@ -204,6 +209,7 @@ impl Engine {
             rx,
             running: Vec::new(),
             waiting: VecDeque::new(),
+            fair: Fairness::new(),
             next_id: AtomicU64::new(1),
             stats,
         }
@@ -390,6 +396,8 @@ impl Engine {
             &mut self.waiting,
             &mut self.blocks,
             &mut gate,
+            &mut self.fair,
+            std::time::Instant::now(),
         );
         self.stats.preemptions += plan.preempted as u64;
         self.release_evicted();

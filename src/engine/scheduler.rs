@@ -1,7 +1,17 @@
 //! Chooses the work of one step within a token budget: decode tokens of running
 //! sequences first (preempting the newest sequence when KV blocks run out), then
-//! prefill chunks of running sequences, then admission of waiting sequences in arrival
-//! order. A sequence whose adapter holds a K/V prefix (prefix tuning) starts from it:
+//! prefill chunks of running sequences, then admission of waiting sequences in fair
+//! order ([`Fairness`]: the oldest of the tenant served least, by weighted tokens; one
+//! tenant alone is first come first served). Every planned chunk is charged to its
+//! tenant as it is planned. A sequence whose adapter cannot be made active yet (the
+//! gate says wait) lets the sequences behind it try, until it has waited
+//! [`SchedulerConfig::adapter_wait_bound`] since it arrived: then admission stops at it
+//! until it can start, so it cannot be passed for ever. One that the gate admits but
+//! whose blocks are not free stops admission too (as in arrival order): small prompts
+//! do not pass a large one for ever. Preemption still takes the
+//! newest running sequence whatever its tenant (a preempted sequence goes back to the
+//! queue and is readmitted in fair order).
+//! A sequence whose adapter holds a K/V prefix (prefix tuning) starts from it:
 //! its table begins with shared references to the prefix's whole blocks and its own copy
 //! of a partly filled last one (in [`Plan::copies`]), and only its real tokens run.
 //! Invariant: every scheduled chunk has KV blocks for all its positions, and writes only
@@ -9,8 +19,13 @@
 //! whole pool) is taken out and handed back in [`Plan::impossible`] rather than holding
 //! up the others.
 use super::block_allocator::{Allocation, BlockAllocator};
+use super::fairness::Fairness;
 use super::sequence::Sequence;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How long a sequence waiting for its adapter may be passed by later ones, by default.
+pub const DEFAULT_ADAPTER_WAIT_BOUND: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug)]
 pub struct SchedulerConfig {
@@ -20,6 +35,9 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Blocks kept free at admission so running sequences can grow.
     pub watermark_blocks: usize,
+    /// A sequence whose adapter cannot be made active yet lets later ones start until
+    /// it is this old (since it arrived); then no one passes it.
+    pub adapter_wait_bound: Duration,
 }
 
 /// One sequence's share of a step: `len` tokens of `running[index]` from `num_computed`.
@@ -73,28 +91,44 @@ pub fn admit_all(_: &Sequence, _: &mut BlockAllocator, _: usize) -> Admission {
     Admission::Start(None)
 }
 
-/// Plans one step, moving sequences between `waiting` and `running` as needed.
+/// Plans one step at time `now`, moving sequences between `waiting` and `running` as
+/// needed and charging what it plans to the tenants in `fair`.
 pub fn schedule(
     cfg: &SchedulerConfig,
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
     blocks: &mut BlockAllocator,
     gate: &mut AdmissionGate<'_>,
+    fair: &mut Fairness,
+    now: Instant,
 ) -> Plan {
+    fair.observe_arrivals(waiting);
     let mut plan = Plan::default();
     let mut budget = cfg.max_batch_tokens;
-    schedule_decodes(running, waiting, blocks, &mut plan, &mut budget);
+    schedule_decodes(running, waiting, blocks, fair, &mut plan, &mut budget);
     for (index, seq) in running.iter().enumerate() {
         if budget == 0 {
             break;
         }
         if seq.pending() > 1 && !plan.scheduled.iter().any(|s| s.index == index) {
             let len = seq.pending().min(budget);
+            fair.charge(seq, len);
             plan.scheduled.push(Scheduled { index, len });
             budget -= len;
         }
     }
-    admit(cfg, running, waiting, blocks, gate, &mut plan, &mut budget);
+    let mut pass = Admit {
+        cfg,
+        blocks,
+        gate,
+        fair,
+        now,
+        plan,
+        budget,
+    };
+    pass.run(running, waiting);
+    let plan = pass.plan;
+    fair.settle(waiting, running);
     plan
 }
 
@@ -102,6 +136,7 @@ fn schedule_decodes(
     running: &mut Vec<Sequence>,
     waiting: &mut VecDeque<Sequence>,
     blocks: &mut BlockAllocator,
+    fair: &mut Fairness,
     plan: &mut Plan,
     budget: &mut usize,
 ) {
@@ -116,6 +151,7 @@ fn schedule_decodes(
             let seq = &mut running[i];
             match blocks.allocate(&mut seq.block_table, need) {
                 Allocation::Ok => {
+                    fair.charge(seq, 1);
                     plan.scheduled.push(Scheduled { index: i, len: 1 });
                     *budget -= 1;
                     i += 1;
@@ -153,62 +189,107 @@ fn preempt(
     waiting.push_front(seq);
 }
 
-fn admit(
-    cfg: &SchedulerConfig,
-    running: &mut Vec<Sequence>,
-    waiting: &mut VecDeque<Sequence>,
-    blocks: &mut BlockAllocator,
-    gate: &mut AdmissionGate<'_>,
-    plan: &mut Plan,
-    budget: &mut usize,
-) {
-    while *budget > 0 && running.len() < cfg.max_running {
-        let Some(seq) = waiting.front_mut() else {
-            break;
+/// What trying one waiting sequence came to.
+enum Tried {
+    /// It started, or was taken out (impossible, or failed by the gate).
+    Done,
+    /// Its adapter cannot be made active yet; later sequences may go ahead of it.
+    Passed(u64),
+    /// Admission stops for this step.
+    Stop,
+}
+
+/// One step's admission pass, after the running sequences' work is planned.
+struct Admit<'s, 'g> {
+    cfg: &'s SchedulerConfig,
+    blocks: &'s mut BlockAllocator,
+    gate: &'s mut AdmissionGate<'g>,
+    fair: &'s mut Fairness,
+    now: Instant,
+    plan: Plan,
+    budget: usize,
+}
+
+impl Admit<'_, '_> {
+    /// Admits waiting sequences in fair order while budget, room and blocks last.
+    fn run(&mut self, running: &mut Vec<Sequence>, waiting: &mut VecDeque<Sequence>) {
+        let mut passed = HashSet::new();
+        while self.budget > 0 && running.len() < self.cfg.max_running {
+            let Some(i) = self.fair.pick(waiting, &passed) else {
+                break;
+            };
+            match self.try_start(i, running, waiting) {
+                Tried::Done => {}
+                Tried::Passed(id) => {
+                    passed.insert(id);
+                }
+                Tried::Stop => break,
+            }
+        }
+    }
+
+    /// Tries to start `waiting[i]`.
+    fn try_start(
+        &mut self,
+        i: usize,
+        running: &mut Vec<Sequence>,
+        waiting: &mut VecDeque<Sequence>,
+    ) -> Tried {
+        let (blocks, plan) = (&mut *self.blocks, &mut self.plan);
+        let Some(seq) = waiting.get_mut(i) else {
+            return Tried::Stop;
         };
         let need = blocks.blocks_for(seq.tokens.len());
         if blocks.can_allocate(need) == Allocation::Impossible {
-            plan.impossible.extend(waiting.pop_front());
-            continue;
+            plan.impossible.extend(waiting.remove(i));
+            return Tried::Done;
         }
         let watermark = if running.is_empty() {
             0
         } else {
-            cfg.watermark_blocks
+            self.cfg.watermark_blocks
         };
-        let prefix = match gate(seq, blocks, need + watermark) {
+        let prefix = match (self.gate)(seq, blocks, need + watermark) {
             Admission::Start(prefix) => prefix,
-            Admission::Wait => break,
+            Admission::Wait => {
+                let age = self.now.saturating_duration_since(seq.arrived());
+                return if age < self.cfg.adapter_wait_bound {
+                    Tried::Passed(seq.id)
+                } else {
+                    Tried::Stop
+                };
+            }
             Admission::Fail(message) => {
-                plan.failed
-                    .extend(waiting.pop_front().map(|s| (s, message)));
-                continue;
+                plan.failed.extend(waiting.remove(i).map(|s| (s, message)));
+                return Tried::Done;
             }
         };
         let shared = prefix
             .as_ref()
             .map_or(0, |p| p.tokens / blocks.block_size());
         if need - shared + watermark > blocks.num_free_blocks() {
-            break;
+            return Tried::Stop;
         }
         if let Some(prefix) = prefix {
             start_from_prefix(seq, &prefix, blocks, plan);
         }
         let len = seq.tokens.len();
         if blocks.allocate(&mut seq.block_table, len) != Allocation::Ok {
-            break;
+            return Tried::Stop;
         }
-        let Some(mut seq) = waiting.pop_front() else {
-            break;
+        let Some(mut seq) = waiting.remove(i) else {
+            return Tried::Stop;
         };
         seq.mark_scheduled();
-        let chunk = seq.pending().min(*budget);
-        *budget -= chunk;
+        let chunk = seq.pending().min(self.budget);
+        self.fair.charge(&seq, chunk);
+        self.budget -= chunk;
         plan.scheduled.push(Scheduled {
             index: running.len(),
             len: chunk,
         });
         running.push(seq);
+        Tried::Done
     }
 }
 
@@ -269,6 +350,7 @@ mod tests {
             max_batch_tokens,
             max_running: 8,
             watermark_blocks: 0,
+            adapter_wait_bound: DEFAULT_ADAPTER_WAIT_BOUND,
         }
     }
 
@@ -295,6 +377,8 @@ mod tests {
             &mut waiting,
             &mut kv,
             &mut admit_all,
+            &mut Fairness::new(),
+            Instant::now(),
         );
         assert_eq!(
             plan.scheduled,
@@ -315,6 +399,8 @@ mod tests {
             &mut waiting,
             &mut kv,
             &mut admit_all,
+            &mut Fairness::new(),
+            Instant::now(),
         );
         assert_eq!(
             plan.scheduled,
@@ -342,6 +428,8 @@ mod tests {
             &mut waiting,
             &mut kv,
             &mut admit_all,
+            &mut Fairness::new(),
+            Instant::now(),
         );
         // The older sequence decodes; the newer one went back to the queue's front.
         assert_eq!(plan.scheduled, vec![Scheduled { index: 0, len: 1 }]);
@@ -366,6 +454,8 @@ mod tests {
             &mut waiting,
             &mut kv,
             &mut admit_all,
+            &mut Fairness::new(),
+            Instant::now(),
         );
         // The first (5 blocks) fits; the second (1 block) fits in what is left.
         assert_eq!(plan.scheduled.len(), 2);
@@ -378,6 +468,8 @@ mod tests {
             &mut waiting,
             &mut kv,
             &mut admit_all,
+            &mut Fairness::new(),
+            Instant::now(),
         );
         // No blocks: the newcomer waits; running sequences continue their prefill.
         assert_eq!(waiting.len(), 1);
@@ -405,7 +497,15 @@ mod tests {
             receivers.push(rx);
         }
         let mut running = Vec::new();
-        let plan = schedule(&cfg(64), &mut running, &mut waiting, &mut kv, &mut gate);
+        let plan = schedule(
+            &cfg(64),
+            &mut running,
+            &mut waiting,
+            &mut kv,
+            &mut gate,
+            &mut Fairness::new(),
+            Instant::now(),
+        );
         // Only the real tokens run; each sequence has its own copy of the second block.
         assert_eq!(
             plan.scheduled,
@@ -444,6 +544,8 @@ mod tests {
             &mut waiting,
             &mut kv,
             &mut admit_all,
+            &mut Fairness::new(),
+            Instant::now(),
         );
         // 17 tokens need 5 blocks of 4; the pool has 4. It is taken out, and the
         // request behind it runs.

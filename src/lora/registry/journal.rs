@@ -11,7 +11,8 @@
 //! fold; a missing file is an empty journal. Opening rewrites the file as its folded
 //! state (a temporary file renamed over it), so the journal holds one line per name
 //! and never ends in a torn line that the next append would be glued to. Versions in
-//! the journal only grow per name (the registry numbers past every journaled one).
+//! the journal only grow per name (the registry numbers past every journaled one). One
+//! open journal per folder: an exclusive lock on `adapters.lock` is held while open.
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,6 +22,13 @@ use std::path::{Path, PathBuf};
 
 /// The journal's file name inside the state folder.
 pub const JOURNAL_FILE: &str = "adapters.jsonl";
+
+/// The file whose exclusive lock says a server has the state folder open.
+const LOCK_FILE: &str = "adapters.lock";
+
+/// Versions at or above this are corrupt (JSON integers are exact below 2^53, and a
+/// registry would never count that far), so a bad record cannot exhaust the numbering.
+const MAX_VERSION: u64 = 1 << 53;
 
 /// What a record says happened to a name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +129,9 @@ fn parse_line(line: &[u8]) -> Result<Record, String> {
     if rec.op != Op::Unload && (rec.source.is_empty() || rec.version == 0) {
         return Err("a load without a source or a version".into());
     }
+    if rec.version >= MAX_VERSION {
+        return Err(format!("version {} is out of range", rec.version));
+    }
     Ok(rec)
 }
 
@@ -155,14 +166,18 @@ pub struct Journal {
     state: BTreeMap<String, Final>,
     /// An append failed part-way: the next one starts on a fresh line.
     torn: bool,
+    /// Held locked while the journal is open: one server per state folder.
+    _lock: File,
 }
 
 impl Journal {
     /// Opens the journal in `dir` (created if missing): folds what is there, rewrites
-    /// the file as that folded state, and opens it for appending.
+    /// the file as that folded state, and opens it for appending. An error if another
+    /// open journal (this process or another) holds `dir`.
     pub fn open(dir: &Path) -> Result<(Self, Folded)> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the state folder {}", dir.display()))?;
+        let lock = lock_folder(dir)?;
         let path = dir.join(JOURNAL_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -180,6 +195,7 @@ impl Journal {
             file,
             state: folded.names.clone(),
             torn: false,
+            _lock: lock,
         };
         Ok((journal, folded))
     }
@@ -222,6 +238,28 @@ impl Journal {
         self.torn = false;
         settle(&mut self.state, rec);
         Ok(())
+    }
+}
+
+/// The state folder's lock file, locked exclusively (released when it is closed).
+fn lock_folder(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "the state folder {} is in use by another server",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
     }
 }
 

@@ -88,12 +88,17 @@ fn torn_and_corrupt_lines_are_skipped_and_the_rest_folds() {
     bytes.extend_from_slice(b"{\"op\":\"load\",\"name\":\"a\",\"version\":8}\n"); // no source
     bytes.extend_from_slice(b"{\"op\":\"load\",\"name\":\"\",\"source\":\"/x\",\"version\":8}\n");
     bytes.extend_from_slice(b"{\"op\":\"unload\",\"name\":\"\xff\xfe\",\"version\":1}\n");
+    let huge = format!(
+        "{{\"op\":\"load\",\"name\":\"h\",\"source\":\"/x\",\"version\":{}}}\n",
+        u64::MAX
+    );
+    bytes.extend_from_slice(huge.as_bytes());
     bytes.extend_from_slice(b"\n   \n");
     bytes.extend_from_slice(later.as_bytes());
     // A torn tail: the start of a record, no newline.
     bytes.extend_from_slice(&later.as_bytes()[..later.len() / 2]);
     let folded = fold(&bytes, Path::new("j"));
-    assert_eq!(folded.skipped, 6);
+    assert_eq!(folded.skipped, 7);
     assert_eq!(folded.names.len(), 2);
     assert_eq!(folded.names["a"], loaded("/r/a", 3));
     assert_eq!(folded.names["b"], loaded("/r/b", 4));
@@ -107,6 +112,16 @@ fn a_missing_journal_is_empty_and_its_folder_is_created() {
     let (_j, folded) = Journal::open(&dir).unwrap();
     assert_eq!(folded, Folded::default());
     assert!(dir.join(JOURNAL_FILE).is_file());
+}
+
+#[test]
+fn one_open_journal_per_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(tmp.path()).unwrap();
+    let err = Journal::open(tmp.path()).unwrap_err();
+    assert!(format!("{err:#}").contains("in use"), "{err:#}");
+    drop(j);
+    Journal::open(tmp.path()).unwrap();
 }
 
 #[test]

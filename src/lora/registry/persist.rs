@@ -48,7 +48,7 @@ impl AdapterRegistry {
         let (journal, folded) = Journal::open(dir)?;
         self.inner
             .next_version
-            .fetch_max(folded.max_version + 1, Ordering::SeqCst);
+            .fetch_max(folded.max_version.saturating_add(1), Ordering::SeqCst);
         let mut summary = ReplaySummary {
             skipped_lines: folded.skipped,
             ..Default::default()

@@ -111,6 +111,12 @@ pub(crate) struct ServeArgs {
     /// health says NOT_SERVING.
     #[arg(long, default_value_t = 5000)]
     engine_stall_timeout_ms: u64,
+    /// A folder (created if missing) where runtime adapter loads, replacements and
+    /// unloads are journaled, and replayed from at start-up after --adapter and
+    /// --adapter-dir have registered, so they survive a restart (replayed adapters load
+    /// on first use, with their versions). Unset: they last until the server stops.
+    #[arg(long, env = "MULTILORA_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
     /// Seconds in-flight streams may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -148,6 +154,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         adapters.register(name, source)?;
     }
     tracing::info!(count = lazy.len(), "adapters registered from --adapter-dir");
+    if let Some(dir) = &args.state_dir {
+        // After the start-up registrations: runtime replacements and unloads win.
+        adapters
+            .open_journal(dir)
+            .with_context(|| format!("--state-dir {}", dir.display()))?;
+    }
     let engine_cfg = EngineConfig {
         kv_cache_memory: args.kv_cache_memory,
         adapter_memory: args.adapter_memory,
@@ -267,6 +279,13 @@ mod tests {
         assert_eq!(a.adapter_host_memory, 1 << 20);
         let err = ServeArgs::try_parse_from(["serve", "--kv-cache-memory", "2 parsecs"]);
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn state_dir_is_optional() {
+        assert_eq!(serve_args(&[]).state_dir, None);
+        let a = serve_args(&["--state-dir", "/var/lib/multilora"]);
+        assert_eq!(a.state_dir, Some("/var/lib/multilora".into()));
     }
 
     #[test]

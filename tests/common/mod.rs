@@ -63,6 +63,8 @@ pub struct TestServer {
     registered: Vec<(String, String)>,
     options: ServerOptions,
     sources: SourcePolicy,
+    /// The adapter journal's folder (`--state-dir`).
+    state_dir: Option<PathBuf>,
 }
 
 /// A started test server with a generation client.
@@ -102,6 +104,7 @@ impl TestServer {
             registered: Vec::new(),
             options: ServerOptions::default(),
             sources: SourcePolicy::unconfined(),
+            state_dir: None,
         }
     }
 
@@ -168,6 +171,13 @@ impl TestServer {
         self
     }
 
+    /// Journals runtime adapter changes in `dir` and replays what it holds after the
+    /// start-up adapters are registered (`--state-dir`).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
     /// The model's shape (without loading it, for random models).
     pub fn config(&self) -> ModelConfig {
         match &self.base {
@@ -213,9 +223,17 @@ impl TestServer {
             cfg.host_memory = bytes;
         }
         cfg.sources = self.sources.clone();
-        let registry = AdapterRegistry::with_adapters(cfg, &self.loaded).unwrap();
-        for (name, source) in &self.registered {
+        // As `serve`: register every start-up adapter, replay the journal, then load.
+        let registry = AdapterRegistry::new(cfg);
+        for (name, source) in self.loaded.iter().chain(&self.registered) {
             registry.register(name, source).unwrap();
+        }
+        if let Some(dir) = &self.state_dir {
+            registry.open_journal(dir).unwrap();
+        }
+        for (name, _) in &self.loaded {
+            // A failure is kept with the name and answered NOT_FOUND.
+            let _ = registry.load_now(name);
         }
         start_engine(model, tokenizer, registry, self.engine, &dtype).unwrap()
     }

@@ -115,6 +115,7 @@ impl AdapterRegistry {
             return; // unloaded meanwhile: its waiters were answered
         };
         let v = self.new_version(entry, &name, &source, weights, t0.elapsed());
+        let admin = entry.loading.as_ref().is_some_and(|j| j.admin);
         let credit = entry
             .current
             .as_ref()
@@ -125,7 +126,13 @@ impl AdapterRegistry {
         if !self.make_room(&mut st, &name, 0, credit) {
             tracing::warn!(adapter = %name, "adapter larger than its reservation; host budget exceeded");
         }
-        self.install(&mut st, &name, v);
+        self.install(&mut st, &name, v.clone());
+        drop(st);
+        if admin {
+            // Here, not in the caller's future: a caller that has gone still changed
+            // what the name serves.
+            self.journal_load(&name, &v);
+        }
     }
 
     /// Waits until `need` more bytes fit the host budget (evicting unleased versions),

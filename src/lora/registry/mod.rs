@@ -10,14 +10,21 @@
 //! lease are evicted back to *registered*. Invariants: leases are created only under the
 //! state lock and only on a current version, so an unleased version being evicted cannot
 //! gain one; a failed load registers nothing new; every waiter gets exactly one answer.
+//! With a journal open ([`AdapterRegistry::open_journal`]), runtime loads, replacements
+//! and unloads are recorded in it and replayed by the next server (`persist.rs`).
 mod confine;
+mod inspect;
+mod journal;
 mod loading;
+mod persist;
 mod source;
 #[cfg(test)]
 mod tests;
 mod version;
 
 pub use confine::{echo, SourcePolicy};
+pub use journal::JOURNAL_FILE;
+pub use persist::ReplaySummary;
 pub use source::{collect_specs, validate_name, AdapterSource};
 pub use version::{AdapterEvent, AdapterLease, AdapterVersion, EventKind};
 
@@ -32,7 +39,7 @@ use crate::metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot};
 use version::Accounting;
@@ -156,6 +163,9 @@ struct Waiter {
 struct LoadJob {
     source: String,
     waiters: Vec<Waiter>,
+    /// Started or joined by a `LoadAdapter` call: its result is journaled, even if
+    /// that caller has gone by the time it is installed.
+    admin: bool,
 }
 
 struct Entry {
@@ -193,6 +203,9 @@ struct Inner {
     acc: Arc<Accounting>,
     /// Seconds each successful load took (Prometheus).
     load_seconds: Histogram,
+    /// Where runtime operations are recorded, once opened. Lock order: this lock
+    /// before the state lock.
+    journal: OnceLock<Mutex<journal::Journal>>,
 }
 
 /// The shared registry; cheap to clone.
@@ -211,6 +224,7 @@ impl AdapterRegistry {
                 max_adapter_bytes: AtomicUsize::new(usize::MAX),
                 acc: Accounting::new(),
                 load_seconds: Histogram::new(LATENCY_BUCKETS),
+                journal: OnceLock::new(),
             }),
         }
     }
@@ -291,6 +305,7 @@ impl AdapterRegistry {
                     entry.loading = Some(LoadJob {
                         source: source.clone(),
                         waiters: vec![waiter],
+                        admin: false,
                     });
                     Some((entry.epoch, source))
                 }
@@ -332,7 +347,12 @@ impl AdapterRegistry {
         source: &str,
         expected_version: Option<u64>,
     ) -> Result<Arc<AdapterVersion>, RequestError> {
-        self.load_from(name, source, expected_version, false).await
+        let v = self
+            .load_from(name, source, expected_version, false)
+            .await?;
+        // Also journaled by the load task; the caller waits until it is on disk.
+        self.journal_load(name, &v);
+        Ok(v)
     }
 
     /// As [`Self::load`], but reads `source` again even if the current version came from
@@ -342,7 +362,9 @@ impl AdapterRegistry {
         name: &str,
         source: &str,
     ) -> Result<Arc<AdapterVersion>, RequestError> {
-        self.load_from(name, source, None, true).await
+        let v = self.load_from(name, source, None, true).await?;
+        self.journal_load(name, &v);
+        Ok(v)
     }
 
     async fn load_from(
@@ -394,7 +416,10 @@ impl AdapterRegistry {
             let (tx, rx) = oneshot::channel();
             let waiter = Waiter { tx, admin: true };
             match &mut entry.loading {
-                Some(job) if job.source == source => job.waiters.push(waiter),
+                Some(job) if job.source == source => {
+                    job.waiters.push(waiter);
+                    job.admin = true;
+                }
                 Some(job) => {
                     return Err(RequestError::Aborted(format!(
                         "adapter {name:?} is being loaded from {:?}; retry when that ends",
@@ -405,6 +430,7 @@ impl AdapterRegistry {
                     entry.loading = Some(LoadJob {
                         source: source.to_string(),
                         waiters: vec![waiter],
+                        admin: true,
                     });
                     let epoch = entry.epoch;
                     self.spawn_load(name, epoch, source.to_string());
@@ -422,9 +448,21 @@ impl AdapterRegistry {
     /// answered NOT_FOUND, and the current version retires (freed when its last lease
     /// ends; watch `remaining`).
     pub fn unload(&self, name: &str) -> Result<Unloaded, RequestError> {
+        self.journaled_unload(name)
+    }
+
+    /// Removes `name` (unrecorded): its [`Unloaded`] and the version number it had.
+    fn remove(&self, name: &str) -> Result<(Unloaded, u64), RequestError> {
         let mut st = self.lock();
         let entry = st.entries.remove(name).ok_or_else(|| not_loaded(name))?;
         drop(st);
+        let version = entry.version;
+        Ok((self.retire_entry(name, entry), version))
+    }
+
+    /// Ends a removed entry: its load's waiters are answered NOT_FOUND and its current
+    /// version retires.
+    fn retire_entry(&self, name: &str, entry: Entry) -> Unloaded {
         if let Some(job) = entry.loading {
             for w in job.waiters {
                 let _ = w.tx.send(Err(RequestError::NotFound(format!(
@@ -433,12 +471,12 @@ impl AdapterRegistry {
             }
         }
         let Some(v) = entry.current else {
-            return Ok(Unloaded {
+            return Unloaded {
                 version: 0,
                 id: 0,
                 bytes: 0,
                 remaining: Weak::new(),
-            });
+            };
         };
         v.retire();
         self.inner.acc.emit(
@@ -447,12 +485,12 @@ impl AdapterRegistry {
             v.version,
             format!("{} requests in flight", v.leases()),
         );
-        Ok(Unloaded {
+        Unloaded {
             version: v.version,
             id: v.id,
             bytes: v.bytes(),
             remaining: Arc::downgrade(&v),
-        })
+        }
     }
 
     /// Waits until `version` is freed, or `deadline` passes (false).
@@ -474,59 +512,6 @@ impl AdapterRegistry {
             let _ = tokio::time::timeout(nap, notified).await;
         }
     }
-
-    pub fn get(&self, name: &str) -> Option<AdapterInfo> {
-        let st = self.lock();
-        st.entries.get(name).map(|e| e.info(name))
-    }
-
-    /// Every name, sorted.
-    pub fn list(&self) -> Vec<AdapterInfo> {
-        let st = self.lock();
-        let mut all: Vec<AdapterInfo> = st.entries.iter().map(|(n, e)| e.info(n)).collect();
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        all
-    }
-
-    /// How long successful loads took.
-    pub fn load_seconds(&self) -> HistogramSnapshot {
-        self.inner.load_seconds.snapshot()
-    }
-
-    pub fn stats(&self) -> RegistryStats {
-        let st = self.lock();
-        let mut s = st.stats.clone();
-        s.registered = st.entries.len();
-        s.host_budget_bytes = self.inner.cfg.host_memory;
-        let mut current_versions = 0;
-        for e in st.entries.values() {
-            if let Some(v) = &e.current {
-                s.host_resident += 1;
-                s.host_bytes += v.bytes();
-                current_versions += 1;
-            }
-            if let Some(job) = &e.loading {
-                s.waiting_for_load += job.waiters.iter().filter(|w| !w.admin).count();
-            }
-        }
-        for (name, e) in &st.entries {
-            let waiting = e
-                .loading
-                .as_ref()
-                .map_or(0, |job| job.waiters.iter().filter(|w| !w.admin).count());
-            if waiting > 0 {
-                s.waiting_for_load_by_adapter.insert(name.clone(), waiting);
-            }
-        }
-        s.resident_bytes = self.inner.acc.resident_bytes.load(Ordering::SeqCst);
-        s.draining_versions = self
-            .inner
-            .acc
-            .live_versions
-            .load(Ordering::SeqCst)
-            .saturating_sub(current_versions);
-        s
-    }
 }
 
 impl Entry {
@@ -541,48 +526,6 @@ impl Entry {
             version: 0,
             last_used: 0,
         }
-    }
-
-    fn info(&self, name: &str) -> AdapterInfo {
-        let state = match (&self.current, &self.loading, &self.failure) {
-            (Some(v), _, _) if v.is_active() => AdapterState::Active,
-            (Some(_), _, _) => AdapterState::Host,
-            (None, Some(_), _) => AdapterState::Loading,
-            (None, None, Some(_)) => AdapterState::Failed,
-            (None, None, None) => AdapterState::Registered,
-        };
-        let waiting_for_load = self
-            .loading
-            .as_ref()
-            .map_or(0, |j| j.waiters.iter().filter(|w| !w.admin).count());
-        let mut info = AdapterInfo {
-            name: name.to_string(),
-            source: self.source.clone(),
-            version: self.version,
-            state,
-            kind: None,
-            rank: 0,
-            target_modules: vec![],
-            bytes: 0,
-            in_flight: 0,
-            waiting_for_load,
-            loaded_at: None,
-            load_time: Duration::ZERO,
-            last_used_ms: 0,
-            error: self.failure.clone().unwrap_or_default(),
-        };
-        if let Some(v) = &self.current {
-            info.version = v.version;
-            info.kind = Some(v.weights.kind);
-            info.rank = v.weights.rank_max;
-            info.target_modules = v.weights.target_modules.clone();
-            info.bytes = v.bytes();
-            info.in_flight = v.leases();
-            info.loaded_at = Some(v.loaded_at);
-            info.load_time = v.load_time;
-            info.last_used_ms = v.last_used_ms();
-        }
-        info
     }
 }
 

@@ -12,8 +12,10 @@ use multilora::model::placement::{
 };
 use multilora::server::admission::QueueBounds;
 use multilora::server::tenants::Tenants;
+use multilora::server::tls::{TlsAcceptors, TlsOptions};
 use multilora::server::{self, ServerOptions};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -120,12 +122,55 @@ pub(crate) struct ServeArgs {
     /// Seconds in-flight streams may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
+    /// Serve gRPC and HTTP over TLS with this PEM certificate chain (leaf first);
+    /// needs --tls-key.
+    #[arg(
+        long,
+        env = "MULTILORA_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "MULTILORA_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by one of these PEM CA
+    /// certificates (others cannot connect); needs --tls-cert and --tls-key.
+    #[arg(
+        long,
+        env = "MULTILORA_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The TLS settings, checked (the files read) before the model loads.
+    fn tls(&self) -> Result<Option<TlsOptions>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let tls = TlsOptions {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        };
+        TlsAcceptors::load(&tls).context("--tls-cert, --tls-key or --tls-client-ca")?;
+        Ok(Some(tls))
+    }
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     if args.block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 {
         anyhow::bail!("--block-size, --max-batch-tokens and --max-running must be positive");
     }
+    let tls = args.tls()?;
     let placement = Placement {
         device: args.device,
         dtype: args.dtype,
@@ -192,6 +237,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         http_listen: args.http_listen.0,
         engine_stall_timeout: Duration::from_millis(args.engine_stall_timeout_ms.max(1)),
+        tls,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -286,6 +332,26 @@ mod tests {
         assert_eq!(serve_args(&[]).state_dir, None);
         let a = serve_args(&["--state-dir", "/var/lib/multilora"]);
         assert_eq!(a.state_dir, Some("/var/lib/multilora".into()));
+    }
+
+    #[test]
+    fn tls_flags_come_as_cert_and_key_and_the_client_ca_only_with_them() {
+        assert!(serve_args(&[]).tls().unwrap().is_none());
+        for partial in [
+            &["--tls-cert", "c.pem"][..],
+            &["--tls-key", "k.pem"],
+            &["--tls-client-ca", "ca.pem"],
+            &["--tls-key", "k.pem", "--tls-client-ca", "ca.pem"],
+        ] {
+            let argv = ["serve"].iter().chain(partial).copied();
+            assert!(ServeArgs::try_parse_from(argv).is_err(), "{partial:?}");
+        }
+        let a = serve_args(&["--tls-cert", "/nonexistent/c.pem", "--tls-key", "k.pem"]);
+        let err = format!("{:#}", a.tls().unwrap_err());
+        assert!(
+            err.contains("--tls-cert") && err.contains("/nonexistent/c.pem"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn config(endpoint: String, adapters: &[&str], mode: LoadMode, requests: usize) 
         verify: true,
         progress: false,
         churn: None,
+        api_keys: vec![],
     }
 }
 
@@ -241,6 +242,7 @@ async fn run_with_churn(endpoint: String, sources: &str) -> Report {
         rate: 40.0,
         sources: list_sources(std::path::Path::new(sources)).unwrap(),
         name_prefix: "churn".into(),
+        api_key: None,
     });
     run(&cfg).await.unwrap()
 }

@@ -10,6 +10,7 @@ pub mod generation;
 pub mod observe;
 pub mod openai;
 pub mod tenants;
+pub mod tls;
 pub mod validate;
 
 use crate::engine::sequence::{EngineRequest, GenerationParams, SeqEvent};
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tenants::Tenants;
+use tls::{TlsAcceptors, TlsListener, TlsOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic_health::server::HealthReporter;
@@ -43,6 +45,8 @@ pub struct ServerOptions {
     /// How long the engine loop may make no progress with work pending before health
     /// says NOT_SERVING.
     pub engine_stall_timeout: Duration,
+    /// TLS (mutual TLS with a client CA) on both fronts; None: plaintext.
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for ServerOptions {
@@ -51,6 +55,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(30),
             http_listen: None,
             engine_stall_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -203,17 +208,13 @@ fn watch_engine(
     });
 }
 
-/// Serves gRPC on `listener` (and the OpenAI front on `http`, if given) until
-/// `shutdown` resolves, then drains.
-pub async fn serve(
-    listener: TcpListener,
-    http: Option<TcpListener>,
+/// The gRPC services: generation, adapters, health and reflection (v1 and v1alpha).
+fn grpc_router(
     service: GenerationService,
-    opts: ServerOptions,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::transport::server::Router> {
     // Both reflection versions: current grpcurl speaks v1, older tools v1alpha.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -226,7 +227,6 @@ pub async fn serve(
     let reflection_alpha = reflection_builder()
         .build_v1alpha()
         .context("building the v1alpha reflection service")?;
-    let engine = service.engine.clone();
     let tenants = service.tenants.clone();
     if tenants.is_open() {
         tracing::warn!(
@@ -238,10 +238,57 @@ pub async fn serve(
     }
     let adapters_service = adapters::AdaptersService {
         registry: service.adapters.clone(),
-        engine: engine.clone(),
+        engine: service.engine.clone(),
     };
+    Ok(tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(GenerationServer::new(service))
+        .add_service(AdaptersServer::with_interceptor(
+            adapters_service,
+            manage_adapters_only(tenants),
+        )))
+}
+
+/// Serves the OpenAI front on `http` (over TLS with `tls`) in a task of its own until
+/// `stopped` resolves.
+fn spawn_http(
+    http: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: GenerationService,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let http_addr = http.local_addr()?;
+    tracing::info!(%http_addr, tls = tls.is_some(), "serving the OpenAI-compatible HTTP API");
+    Ok(tokio::spawn(openai::serve(http, tls, service, stopped)))
+}
+
+/// Once shutdown has `fired`, waits `drain`, then cancels the sequences still running.
+fn cancel_after_drain(engine: EngineHandle, fired: oneshot::Receiver<()>, drain: Duration) {
+    tokio::spawn(async move {
+        if fired.await.is_ok() {
+            tokio::time::sleep(drain).await;
+            tracing::warn!("drain deadline reached; cancelling remaining sequences");
+            let _ = engine.cancel_all().await;
+        }
+    });
+}
+
+/// Serves gRPC on `listener` (and the OpenAI front on `http`, if given; both over TLS
+/// where `opts.tls` says) until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    service: GenerationService,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let tls = opts.tls.as_ref().map(TlsAcceptors::load).transpose()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
+    let engine = service.engine.clone();
     let addr = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
 
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
     let (stop_http, mut http_stopped) = tokio::sync::watch::channel(false);
@@ -258,41 +305,32 @@ pub async fn serve(
     };
     let http_task = match http {
         Some(http) => {
-            let http_addr = http.local_addr()?;
-            tracing::info!(%http_addr, "serving the OpenAI-compatible HTTP API");
             let stopped = async move {
                 let _ = http_stopped.wait_for(|stop| *stop).await;
             };
-            Some(tokio::spawn(openai::serve(http, service.clone(), stopped)))
+            let http_tls = tls.as_ref().map(|t| t.http.clone());
+            Some(spawn_http(http, http_tls, service.clone(), stopped)?)
         }
         None => None,
     };
-    let drain_engine = engine.clone();
-    let drain = opts.drain_timeout;
-    tokio::spawn(async move {
-        if fired_rx.await.is_ok() {
-            tokio::time::sleep(drain).await;
-            tracing::warn!("drain deadline reached; cancelling remaining sequences");
-            let _ = drain_engine.cancel_all().await;
-        }
-    });
+    cancel_after_drain(engine.clone(), fired_rx, opts.drain_timeout);
 
-    let server = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(GenerationServer::new(service))
-        .add_service(AdaptersServer::with_interceptor(
-            adapters_service,
-            manage_adapters_only(tenants),
-        ))
-        .serve_with_incoming_shutdown(incoming, signal);
-    let server = tokio::spawn(server);
+    let router = grpc_router(service, health)?;
+    let server = match &tls {
+        Some(tls) => {
+            let incoming = TlsListener::new(listener, tls.grpc.clone()).into_incoming();
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+    };
 
     warm_up(&engine).await.context("warming up the model")?;
     set_health(&reporter, tonic_health::ServingStatus::Serving).await;
     watch_engine(engine, reporter, opts.engine_stall_timeout, draining);
-    tracing::info!(%addr, "serving");
+    tracing::info!(%addr, tls = tls.is_some(), "serving");
     server
         .await
         .context("server task")?
@@ -321,6 +359,9 @@ impl RunningServer {
     /// `opts.http_listen` says) and serves `service` there; returns once the ports
     /// accept connections (warm-up may still be running).
     pub async fn start(service: GenerationService, opts: ServerOptions) -> Result<Self> {
+        if let Some(tls) = &opts.tls {
+            TlsAcceptors::load(tls)?; // fail here rather than in the background task
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let http = match opts.http_listen {

@@ -16,6 +16,7 @@ use super::caller::Caller;
 use super::exposition;
 use super::generation::GenerationService;
 use super::observe::Protocol;
+use super::tls::TlsListener;
 use crate::error::RequestError;
 use crate::proto::v1::GenerateRequest;
 use axum::body::Bytes;
@@ -35,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// The front's shared state.
 #[derive(Clone)]
@@ -62,16 +64,28 @@ pub fn router(service: GenerationService) -> Router {
         .with_state(front)
 }
 
-/// Serves the routes on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish (the engine's drain deadline bounds them).
+/// Serves the routes on `listener` (over TLS where `tls` is given) until `shutdown`
+/// resolves, then lets in-flight requests finish (the engine's drain deadline bounds
+/// them).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     service: GenerationService,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(service))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let routes = router(service);
+    match tls {
+        Some(tls) => {
+            axum::serve(TlsListener::new(listener, tls), routes)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, routes)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
 
 fn unix_now() -> u64 {

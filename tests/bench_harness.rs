@@ -308,3 +308,50 @@ async fn failed_churn_is_counted_and_leaves_traffic_alone() {
     assert_eq!(names, ["good-0", "good-1"]);
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_drive_an_authenticated_server_one_key_per_tenant() {
+    use multilora::server::tenants::{key_digest, Tenants};
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::tiny();
+    for i in 0..2 {
+        server = server.register(
+            &format!("good-{i}"),
+            synth_lora_dir(dir.path(), &format!("good-{i}"), i),
+        );
+    }
+    let tenants = Tenants::from_toml(&format!(
+        "[[tenant]]\nname = \"zero\"\napi_key_sha256 = [\"{}\"]\nadapters = [\"good-0\"]\n\
+         [[tenant]]\nname = \"one\"\napi_key_sha256 = [\"{}\"]\nadapters = [\"good-1\"]\n",
+        key_digest("key-0"),
+        key_digest("key-1")
+    ))
+    .unwrap();
+    let started = Started::serve(server.service().with_tenants(tenants), Default::default()).await;
+    let mut cfg = config(
+        started.server.endpoint(),
+        &["good-0", "good-1"],
+        LoadMode::Closed { concurrency: 4 },
+        20,
+    );
+    cfg.verify = false;
+    let refused = run(&cfg).await.unwrap_err();
+    assert!(format!("{refused:#}").contains("API key"), "{refused:#}");
+    cfg.api_keys = vec!["key-0".into(), "key-1".into()];
+    let report = run(&cfg).await.unwrap();
+    assert_eq!(report.summary.succeeded, 20, "{:?}", report.summary.errors);
+    let mut gen = started.gen.clone();
+    let mut req = tonic::Request::new(pb::GetEngineStatsRequest {});
+    req.metadata_mut()
+        .insert("authorization", "Bearer key-0".parse().unwrap());
+    let usage = gen
+        .get_engine_stats(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    // Base requests send the first key, so tenant zero has its adapter's and the base's.
+    let zero = report.by_tenant["tenant-0"].requests + report.by_tenant["base"].requests;
+    assert_eq!(usage["zero"].requests as usize, zero);
+    started.stop().await;
+}

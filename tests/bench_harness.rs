@@ -54,6 +54,7 @@ fn config(endpoint: String, adapters: &[&str], mode: LoadMode, requests: usize) 
         progress: false,
         churn: None,
         api_keys: vec![],
+        deadline: None,
     }
 }
 

@@ -8,6 +8,7 @@ use super::runner::{run, BenchConfig, LoadMode, BUILTIN_CORPUS};
 use super::workload::{Arrivals, Length, Popularity};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -85,6 +86,10 @@ pub struct BenchArgs {
     /// send the first line (churn needs a key that may manage adapters).
     #[arg(long)]
     pub api_keys: Option<PathBuf>,
+    /// A gRPC deadline (milliseconds) on every request: one still running then is
+    /// stopped by the server (DEADLINE_EXCEEDED), as a client timeout would.
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
     /// Write the report with per-request records here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -189,6 +194,7 @@ impl BenchArgs {
             progress: !self.quiet,
             churn,
             api_keys,
+            deadline: self.deadline_ms.map(Duration::from_millis),
         })
     }
 }

@@ -76,6 +76,8 @@ pub struct BenchConfig {
     /// API keys of an authenticated server: `tenant-K` sends key K (mod the count),
     /// base requests and the corpus tokenization the first. Empty: no key sent.
     pub api_keys: Vec<String>,
+    /// A gRPC deadline on every request (the server stops it when it passes).
+    pub deadline: Option<Duration>,
 }
 
 /// `message` with `authorization: Bearer KEY` when there is a key.
@@ -202,6 +204,7 @@ struct Live {
 struct Sending {
     ignore_eos: bool,
     keys: Arc<Vec<String>>,
+    deadline: Option<Duration>,
 }
 
 impl Sending {
@@ -209,6 +212,7 @@ impl Sending {
         Self {
             ignore_eos: cfg.ignore_eos,
             keys: Arc::new(cfg.api_keys.clone()),
+            deadline: cfg.deadline,
         }
     }
 }
@@ -231,13 +235,11 @@ async fn send(
     };
     let mut ids = Vec::new();
     let outcome: Result<(), tonic::Status> = async {
-        let mut stream = client
-            .generate(authorized(
-                request_of(p, how.ignore_eos),
-                key_of(&how.keys, &p.tenant),
-            ))
-            .await?
-            .into_inner();
+        let mut request = authorized(request_of(p, how.ignore_eos), key_of(&how.keys, &p.tenant));
+        if let Some(d) = how.deadline {
+            request.set_timeout(d);
+        }
+        let mut stream = client.generate(request).await?.into_inner();
         while let Some(msg) = stream.message().await? {
             match msg.event {
                 Some(pb::generate_response::Event::Delta(d)) => {
@@ -549,6 +551,7 @@ mod tests {
             progress: false,
             churn: None,
             api_keys: vec![],
+            deadline: None,
         }
     }
 

@@ -25,12 +25,64 @@ pub async fn render(service: &GenerationService) -> Result<String, RequestError>
     service.metrics.write(&mut w);
     write_engine(&mut w, &engine, &registry);
     write_adapters(&mut w, &engine, &registry);
+    write_admission(&mut w, service, &engine);
     w.histogram(
         "multilora_adapter_load_seconds",
         "How long successful adapter loads took (read, convert, place in host memory).",
         &service.adapters.load_seconds(),
     );
     Ok(w.finish())
+}
+
+/// The front door's queue and refusals, deadlines, and usage by tenant (tenant names
+/// are the operator's, so a bounded label set).
+fn write_admission(w: &mut TextWriter, service: &GenerationService, e: &EngineStats) {
+    let (queued, queued_tokens) = service.admission.waiting();
+    w.gauge(
+        "multilora_requests_queued",
+        "Requests admitted and not yet started (bounded by --max-waiting-requests).",
+        &[(&[], queued as f64)],
+    );
+    w.gauge(
+        "multilora_queued_prompt_tokens",
+        "Prompt tokens of the queued requests (bounded by --max-waiting-tokens).",
+        &[(&[], queued_tokens as f64)],
+    );
+    w.counter(
+        "multilora_requests_refused",
+        "Requests refused at once for a queue bound or a tenant's limit.",
+        &[(&[], service.admission.refused() as f64)],
+    );
+    w.counter(
+        "multilora_deadline_expired",
+        "Sequences stopped by their deadline: before they started, or while running.",
+        &[
+            (&[("when", "waiting")], e.deadline_expired_waiting as f64),
+            (&[("when", "running")], e.deadline_expired_running as f64),
+        ],
+    );
+    let usage = super::admission::Admission::usage(&service.tenants);
+    let tokens: Vec<([(&str, &str); 2], f64)> = usage
+        .iter()
+        .flat_map(|(t, u)| {
+            [
+                (
+                    [("tenant", t.as_str()), ("kind", "prompt")],
+                    u.prompt_tokens as f64,
+                ),
+                (
+                    [("tenant", t.as_str()), ("kind", "generated")],
+                    u.completion_tokens as f64,
+                ),
+            ]
+        })
+        .collect();
+    let tokens: Vec<_> = tokens.iter().map(|(l, n)| (&l[..], *n)).collect();
+    w.counter(
+        "multilora_tenant_tokens",
+        "Tokens by tenant (\"\" is the open server's anonymous caller) and kind.",
+        &tokens,
+    );
 }
 
 /// Requests the gateway counts as waiting: queued in the engine, or waiting for their

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint unit model python bench bench-micro bench-peers check-cuda gpu-build clean
+.PHONY: run test lint unit model python bench bench-micro bench-peers check-cuda gpu-build soak clean
 
 # Demo adapters: two synthetic LoRA adapters (demo-0 rank 8, demo-1 rank 16).
 DEMO := models/demo-adapters
@@ -51,6 +51,12 @@ check-cuda:
 # target/gpu-stage (carry it to the GPU machine and run its run.sh there).
 gpu-build: $(GGUF)
 	bash scripts/gpu-check.sh build
+
+# Not part of CI: 10 minutes (SOAK_SECONDS) of two tenants' traffic with adapter churn,
+# deadlines and a queue bound; checks error codes, memory and KV blocks afterwards.
+soak: $(GGUF)
+	cargo build --release
+	bash scripts/soak.sh
 
 # The README's experiment (about 15 minutes): default model and a synthetic 1B-class
 # model, base only and 1 to 2,048 adapters; writes bench/results/.

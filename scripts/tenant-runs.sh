@@ -76,7 +76,7 @@ start_server --max-waiting-requests $bound
 rss0=$(rss)
 echo "overload: $((10 * bound)) requests at once against a queue of $bound"
 "$bin" bench --endpoint "http://$grpc" --api-keys "$work/a.txt" --rate 100000 \
-  --requests $((10 * bound)) --input-len 64 --output-len 32 --ignore-eos --quiet \
+  --requests $((10 * bound)) --concurrency 0 --input-len 64 --output-len 32 --ignore-eos --quiet \
   --json "$work/overload.json" >/dev/null
 sleep 2
 rss1=$(rss)

@@ -17,16 +17,7 @@ use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn load(name: &str, source: &str) -> pb::LoadAdapterRequest {
-    pb::LoadAdapterRequest {
-        name: name.into(),
-        source: source.into(),
-        revision: None,
-        expected_version: None,
-    }
-}
-
-fn unload(name: &str) -> pb::UnloadAdapterRequest {
+fn unload_request(name: &str) -> pb::UnloadAdapterRequest {
     pb::UnloadAdapterRequest {
         name: name.into(),
         drain_timeout_s: None,
@@ -81,17 +72,32 @@ async fn a_restart_brings_back_the_same_names_and_versions() {
     let started = server(&folders, &runtime, &state).start().await;
     let mut adapters = started.adapters().await;
     let mut gen = started.gen.clone();
-    let alpha1 = adapters.load_adapter(load("alpha", "x1")).await.unwrap();
-    adapters.load_adapter(load("beta", "x2")).await.unwrap();
-    let alpha2 = adapters.load_adapter(load("alpha", "x3")).await.unwrap();
+    let alpha1 = adapters
+        .load_adapter(load_request("alpha", "x1"))
+        .await
+        .unwrap();
+    adapters
+        .load_adapter(load_request("beta", "x2"))
+        .await
+        .unwrap();
+    let alpha2 = adapters
+        .load_adapter(load_request("alpha", "x3"))
+        .await
+        .unwrap();
     assert!(alpha2.get_ref().version > alpha1.get_ref().version);
     // A start-up folder adapter replaced at runtime, in place over HTTP.
     let addr = started.server.http_addr.unwrap();
     let body = json!({"lora_name": "folder-a", "lora_path": "x2", "load_inplace": true});
     let (status, text) = post(addr, "/v1/load_lora_adapter", body).await;
     assert_eq!(status, 200, "{text}");
-    adapters.unload_adapter(unload("beta")).await.unwrap();
-    adapters.unload_adapter(unload("folder-b")).await.unwrap();
+    adapters
+        .unload_adapter(unload_request("beta"))
+        .await
+        .unwrap();
+    adapters
+        .unload_adapter(unload_request("folder-b"))
+        .await
+        .unwrap();
     let before = listed(&mut adapters).await;
     let names: Vec<&str> = before.iter().map(|(n, _, _)| n.as_str()).collect();
     assert_eq!(names, ["alpha", "folder-a"]);
@@ -127,7 +133,10 @@ async fn a_restart_brings_back_the_same_names_and_versions() {
     }
     // The next load is numbered past every replayed version and serves.
     let newest = before.iter().map(|(_, _, v)| *v).max().unwrap();
-    let gamma = adapters.load_adapter(load("gamma", "x1")).await.unwrap();
+    let gamma = adapters
+        .load_adapter(load_request("gamma", "x1"))
+        .await
+        .unwrap();
     assert!(gamma.get_ref().version > newest);
     generate(&mut gen, request("gamma")).await.unwrap();
     let after = listed(&mut adapters).await;

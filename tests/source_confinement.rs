@@ -28,15 +28,6 @@ fn canary_folder(dir: &Path) {
     }
 }
 
-fn load(name: &str, source: &str) -> pb::LoadAdapterRequest {
-    pb::LoadAdapterRequest {
-        name: name.into(),
-        source: source.into(),
-        revision: None,
-        expected_version: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_loads_outside_the_roots_are_refused_alike() {
     let tmp = tempfile::tempdir().unwrap();
@@ -69,7 +60,7 @@ async fn runtime_loads_outside_the_roots_are_refused_alike() {
     ];
     let mut messages = Vec::new();
     for (i, source) in corpus.iter().enumerate() {
-        let call = adapters.load_adapter(load("probe", source));
+        let call = adapters.load_adapter(load_request("probe", source));
         let err = tokio::time::timeout(Duration::from_secs(10), call)
             .await
             .expect("the load hung: it opened a file outside the root")
@@ -80,7 +71,10 @@ async fn runtime_loads_outside_the_roots_are_refused_alike() {
         messages.push(err.message().replace(&echo(source), "<source>"));
         // The next valid request still succeeds.
         let name = format!("good-{i}");
-        adapters.load_adapter(load(&name, "good")).await.unwrap();
+        adapters
+            .load_adapter(load_request(&name, "good"))
+            .await
+            .unwrap();
         let mut req = greedy(vec![3, 70], 4);
         req.adapter = name;
         generate(&mut gen, req).await.unwrap();
@@ -112,7 +106,7 @@ async fn a_huge_name_is_refused_with_a_short_message() {
     let started = TestServer::tiny().start().await;
     let mut adapters = started.adapters().await;
     let err = adapters
-        .load_adapter(load(&"n".repeat(1 << 20), "/tmp"))
+        .load_adapter(load_request(&"n".repeat(1 << 20), "/tmp"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());

@@ -39,6 +39,20 @@ manage_adapters = true
     Tenants::from_toml(&text).unwrap()
 }
 
+/// A server with the tenants above and adapters `acme-chat` and `globex-sql` (in the
+/// returned folder).
+async fn serve_tenants(
+    options: multilora::server::ServerOptions,
+) -> (tempfile::TempDir, common::Started) {
+    let dir = tempfile::tempdir().unwrap();
+    let service = TestServer::tiny()
+        .register("acme-chat", synth_lora_dir(dir.path(), "acme-chat", 1))
+        .register("globex-sql", synth_lora_dir(dir.path(), "globex-sql", 2))
+        .service()
+        .with_tenants(tenants());
+    (dir, common::Started::serve(service, options).await)
+}
+
 fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut()
@@ -62,13 +76,7 @@ async fn unary(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_adapters_and_admin_rights_are_enforced_over_grpc() {
-    let dir = tempfile::tempdir().unwrap();
-    let service = TestServer::tiny()
-        .register("acme-chat", synth_lora_dir(dir.path(), "acme-chat", 1))
-        .register("globex-sql", synth_lora_dir(dir.path(), "globex-sql", 2))
-        .service()
-        .with_tenants(tenants());
-    let started = common::Started::serve(service, Default::default()).await;
+    let (dir, started) = serve_tenants(Default::default()).await;
     let mut gen = started.gen.clone();
     let good = || with_key(on_adapter("acme-chat"), "acme-key");
 
@@ -161,13 +169,7 @@ async fn keys_adapters_and_admin_rights_are_enforced_over_grpc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_front_checks_the_bearer_key_and_lists_only_usable_models() {
-    let dir = tempfile::tempdir().unwrap();
-    let service = TestServer::tiny()
-        .register("acme-chat", synth_lora_dir(dir.path(), "acme-chat", 1))
-        .register("globex-sql", synth_lora_dir(dir.path(), "globex-sql", 2))
-        .service()
-        .with_tenants(tenants());
-    let started = common::Started::serve(service, with_http()).await;
+    let (dir, started) = serve_tenants(with_http()).await;
     let addr = started.server.http_addr.unwrap();
     let auth = |key: &str| vec![("authorization", format!("Bearer {key}"))];
     let body = |model: &str| {

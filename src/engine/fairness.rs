@@ -58,6 +58,11 @@ impl Fairness {
         self.counters.get(tenant).copied()
     }
 
+    /// The counter of `seq`'s tenant (an untracked one would start at the floor).
+    pub fn counter_of(&self, seq: &Sequence) -> f64 {
+        self.counter(&seq.tenant.tenant).unwrap_or(self.last_left)
+    }
+
     /// Tenants tracked (waiting, running, or idle above the floor).
     pub fn tracked(&self) -> usize {
         self.counters.len()

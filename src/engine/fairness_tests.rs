@@ -264,6 +264,42 @@ fn a_late_tenant_is_served_promptly_and_does_not_starve_the_early_one() {
 }
 
 #[test]
+fn a_light_tenant_starts_before_a_heavy_tenants_long_prefills_finish() {
+    // Tenant a floods long prompts (400 tokens: 7 steps of 64 each); b sends one short
+    // request while they prefill. b is admitted the step it arrives, ahead of a's next
+    // chunks; a's prefills keep the rest of the step.
+    let mut sim = Sim::new(cfg(64, 8));
+    for id in 1..=3 {
+        sim.waiting.push_back(seq(id, "a", 1.0, 400));
+    }
+    sim.next_id = 4;
+    sim.step(&mut admit_all);
+    sim.step(&mut admit_all);
+    sim.waiting.push_back(seq(99, "b", 1.0, 8));
+    sim.step(&mut admit_all);
+    assert_eq!(
+        sim.first_start.get("b"),
+        Some(&3),
+        "b starts the step it arrives"
+    );
+    assert!(
+        sim.served("a") > 128.0,
+        "a's prefills went on in the same steps"
+    );
+    // One tenant alone: its running prefills go before its own waiting sequences.
+    let mut alone = Sim::new(cfg(64, 8));
+    alone.waiting.push_back(seq(1, "a", 1.0, 400));
+    alone.step(&mut admit_all);
+    alone.waiting.push_back(seq(2, "a", 1.0, 8));
+    alone.step(&mut admit_all);
+    assert_eq!(
+        alone.running.len(),
+        1,
+        "the running prefill took the whole step"
+    );
+}
+
+#[test]
 fn admission_alternates_between_tenants_by_served_tokens() {
     let mut sim = Sim::new(cfg(1000, 4));
     for id in 1..=3 {

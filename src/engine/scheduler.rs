@@ -106,17 +106,25 @@ pub fn schedule(
     let mut plan = Plan::default();
     let mut budget = cfg.max_batch_tokens;
     schedule_decodes(running, waiting, blocks, fair, &mut plan, &mut budget);
-    for (index, seq) in running.iter().enumerate() {
-        if budget == 0 {
-            break;
-        }
-        if seq.pending() > 1 && !plan.scheduled.iter().any(|s| s.index == index) {
-            let len = seq.pending().min(budget);
-            fair.charge(seq, len);
-            plan.scheduled.push(Scheduled { index, len });
-            budget -= len;
-        }
-    }
+    // Waiting tenants with no prefill under way, served no more than every tenant
+    // with one, are admitted before those prefills' next chunks, so a flood of long
+    // prompts does not hold a light tenant's first token back for the length of its
+    // prefills. (One tenant alone: its prefills go first, as they always did.)
+    let prefilling = running
+        .iter()
+        .filter(|s| s.pending() > 1)
+        .map(|s| fair.counter_of(s))
+        .min_by(f64::total_cmp);
+    let prefill_tenants: HashSet<&str> = running
+        .iter()
+        .filter(|s| s.pending() > 1)
+        .map(|s| &*s.tenant.tenant)
+        .collect();
+    let their_waiting: HashSet<u64> = waiting
+        .iter()
+        .filter(|s| prefill_tenants.contains(&*s.tenant.tenant))
+        .map(|s| s.id)
+        .collect();
     let mut pass = Admit {
         cfg,
         blocks,
@@ -125,11 +133,38 @@ pub fn schedule(
         now,
         plan,
         budget,
+        below: prefilling,
     };
-    pass.run(running, waiting);
+    if prefilling.is_some() {
+        pass.run(running, waiting, their_waiting);
+    }
+    schedule_prefills(running, pass.fair, &mut pass.plan, &mut pass.budget);
+    pass.below = None;
+    pass.run(running, waiting, HashSet::new());
     let plan = pass.plan;
     fair.settle(waiting, running);
     plan
+}
+
+/// Plans the next prefill chunk of each running sequence not yet in the plan, in order,
+/// within the budget.
+fn schedule_prefills(
+    running: &[Sequence],
+    fair: &mut Fairness,
+    plan: &mut Plan,
+    budget: &mut usize,
+) {
+    for (index, seq) in running.iter().enumerate() {
+        if *budget == 0 {
+            break;
+        }
+        if seq.pending() > 1 && !plan.scheduled.iter().any(|s| s.index == index) {
+            let len = seq.pending().min(*budget);
+            fair.charge(seq, len);
+            plan.scheduled.push(Scheduled { index, len });
+            *budget -= len;
+        }
+    }
 }
 
 fn schedule_decodes(
@@ -208,16 +243,30 @@ struct Admit<'s, 'g> {
     now: Instant,
     plan: Plan,
     budget: usize,
+    /// Admit only tenants whose counter is at most this (None: any).
+    below: Option<f64>,
 }
 
 impl Admit<'_, '_> {
-    /// Admits waiting sequences in fair order while budget, room and blocks last.
-    fn run(&mut self, running: &mut Vec<Sequence>, waiting: &mut VecDeque<Sequence>) {
-        let mut passed = HashSet::new();
+    /// Admits waiting sequences, except those in `passed`, in fair order while budget,
+    /// room and blocks last (and, with `below`, while the next one's tenant is served
+    /// no more than that).
+    fn run(
+        &mut self,
+        running: &mut Vec<Sequence>,
+        waiting: &mut VecDeque<Sequence>,
+        mut passed: HashSet<u64>,
+    ) {
         while self.budget > 0 && running.len() < self.cfg.max_running {
             let Some(i) = self.fair.pick(waiting, &passed) else {
                 break;
             };
+            if self
+                .below
+                .is_some_and(|cap| self.fair.counter_of(&waiting[i]) > cap)
+            {
+                break;
+            }
             match self.try_start(i, running, waiting) {
                 Tried::Done => {}
                 Tried::Passed(id) => {

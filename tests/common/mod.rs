@@ -352,6 +352,16 @@ pub async fn assert_concurrent_equal_alone(
     }
 }
 
+/// A `LoadAdapter` request of `source` under `name` (no revision, no compare-and-set).
+pub fn load_request(name: &str, source: &str) -> pb::LoadAdapterRequest {
+    pb::LoadAdapterRequest {
+        name: name.into(),
+        source: source.into(),
+        revision: None,
+        expected_version: None,
+    }
+}
+
 /// A synthetic rank-4 LoRA on q and v for the tiny model, written to `root/name`.
 pub fn synth_lora_dir(root: &std::path::Path, name: &str, seed: u64) -> PathBuf {
     use multilora::lora::peft::{AdapterKind, LoraSite};

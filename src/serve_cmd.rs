@@ -184,27 +184,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let hub = args.hub.options();
     let loaded = load_model_on(&args.model, args.revision.as_deref(), &hub, &placement)?;
     let eager = registry::collect_specs(&args.adapters, &[])?;
-    let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
-    let roots: Vec<std::path::PathBuf> =
-        (args.adapter_dirs.iter().chain(&args.adapter_roots).cloned()).collect();
-    let sources = registry::SourcePolicy::confined(&roots, args.allow_hub_adapters)?;
-    tracing::info!(roots = ?sources.roots(), hub = args.allow_hub_adapters, "runtime adapter loads confined");
-    let adapters = registry::AdapterRegistry::new(RegistryConfig {
-        host_memory: args.adapter_host_memory,
-        hub,
-        sources,
-        ..RegistryConfig::for_model(loaded.model.as_ref())
-    });
-    for (name, source) in eager.iter().chain(&lazy) {
-        adapters.register(name, source)?;
-    }
-    tracing::info!(count = lazy.len(), "adapters registered from --adapter-dir");
-    if let Some(dir) = &args.state_dir {
-        // After the start-up registrations: runtime replacements and unloads win.
-        adapters
-            .open_journal(dir)
-            .with_context(|| format!("--state-dir {}", dir.display()))?;
-    }
+    let adapters = adapter_registry(&args, hub, loaded.model.as_ref(), &eager)?;
     let engine_cfg = EngineConfig {
         kv_cache_memory: args.kv_cache_memory,
         adapter_memory: args.adapter_memory,
@@ -257,6 +237,39 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         };
         server::serve(listener, http, service, opts, shutdown_signal()).await
     })
+}
+
+/// The adapter registry of the flags: runtime loads confined to the adapter roots,
+/// `eager` (`--adapter`) and the `--adapter-dir` folders registered, then the journal in
+/// `--state-dir` replayed over them.
+fn adapter_registry(
+    args: &ServeArgs,
+    hub: multilora::hub::HubOptions,
+    model: &dyn multilora::model::BaseModel,
+    eager: &[(String, String)],
+) -> Result<registry::AdapterRegistry> {
+    let lazy = registry::collect_specs(&[], &args.adapter_dirs)?;
+    let roots: Vec<std::path::PathBuf> =
+        (args.adapter_dirs.iter().chain(&args.adapter_roots).cloned()).collect();
+    let sources = registry::SourcePolicy::confined(&roots, args.allow_hub_adapters)?;
+    tracing::info!(roots = ?sources.roots(), hub = args.allow_hub_adapters, "runtime adapter loads confined");
+    let adapters = registry::AdapterRegistry::new(RegistryConfig {
+        host_memory: args.adapter_host_memory,
+        hub,
+        sources,
+        ..RegistryConfig::for_model(model)
+    });
+    for (name, source) in eager.iter().chain(&lazy) {
+        adapters.register(name, source)?;
+    }
+    tracing::info!(count = lazy.len(), "adapters registered from --adapter-dir");
+    if let Some(dir) = &args.state_dir {
+        // After the start-up registrations: runtime replacements and unloads win.
+        adapters
+            .open_journal(dir)
+            .with_context(|| format!("--state-dir {}", dir.display()))?;
+    }
+    Ok(adapters)
 }
 
 /// `--http-listen`: an address, or none.

@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${SOAK_SECONDS:-600}
+# Resident memory climbs in shrinking steps over the first minutes of traffic (most
+# of it in the first 4 minutes in one 8-minute probe); compare after a long warm-up.
+warmup=${SOAK_WARMUP_SECONDS:-300}
 rate=${SOAK_RATE:-6}
 bin=target/release/multilora
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -71,8 +74,8 @@ bench() {
     --input-len lognormal:64,0.8 --output-len lognormal:64,0.8 --requests 1000000 \
     --churn 0.5 --churn-source "$work/churn" --deadline-ms 4000 --quiet "$@"
 }
-echo "warm-up: 60 s"
-bench --rate "$rate" --duration 60 --json "$work/warmup.json" >"$work/warmup.txt"
+echo "warm-up: $warmup s"
+bench --rate "$rate" --duration "$warmup" --json "$work/warmup.json" >"$work/warmup.txt"
 sleep 3
 read -r rss0 seq0 free0 < <(probe)
 echo "soak: $secs s at $rate requests/s"

@@ -115,16 +115,6 @@ pub fn schedule(
         .filter(|s| s.pending() > 1)
         .map(|s| fair.counter_of(s))
         .min_by(f64::total_cmp);
-    let prefill_tenants: HashSet<&str> = running
-        .iter()
-        .filter(|s| s.pending() > 1)
-        .map(|s| &*s.tenant.tenant)
-        .collect();
-    let their_waiting: HashSet<u64> = waiting
-        .iter()
-        .filter(|s| prefill_tenants.contains(&*s.tenant.tenant))
-        .map(|s| s.id)
-        .collect();
     let mut pass = Admit {
         cfg,
         blocks,
@@ -136,7 +126,8 @@ pub fn schedule(
         below: prefilling,
     };
     if prefilling.is_some() {
-        pass.run(running, waiting, their_waiting);
+        let theirs = waiting_of_prefilling_tenants(running, waiting);
+        pass.run(running, waiting, theirs);
     }
     schedule_prefills(running, pass.fair, &mut pass.plan, &mut pass.budget);
     pass.below = None;
@@ -144,6 +135,23 @@ pub fn schedule(
     let plan = pass.plan;
     fair.settle(waiting, running);
     plan
+}
+
+/// Ids of the waiting sequences whose tenant has a prefill under way.
+fn waiting_of_prefilling_tenants(
+    running: &[Sequence],
+    waiting: &VecDeque<Sequence>,
+) -> HashSet<u64> {
+    let tenants: HashSet<&str> = running
+        .iter()
+        .filter(|s| s.pending() > 1)
+        .map(|s| &*s.tenant.tenant)
+        .collect();
+    waiting
+        .iter()
+        .filter(|s| tenants.contains(&*s.tenant.tenant))
+        .map(|s| s.id)
+        .collect()
 }
 
 /// Plans the next prefill chunk of each running sequence not yet in the plan, in order,

@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu-check.sh build   # here, on a machine without a GPU
 #   bash run.sh                       # on the GPU machine, inside the staged folder
+#   bash run.sh quick                 # the same without (c) and (c2)
 #
 # Build half: links the CUDA test and bench binaries and the server with the pinned
 # CUDA 13.0 toolchain (scripts/cuda-env.sh) against the CUDA 13 libraries from PyPI and a
@@ -18,7 +19,8 @@
 #   (tests/cuda_backend.rs, with --include-ignored); (c) the kernel and step benchmark
 #   (benches/cuda_lora.rs); (d) a closed-loop load run of the server on the synthetic 1B
 #   model in bf16: base only, one adapter, 64 distinct adapters, and cold rank-64
-#   all-linear adapters loaded beside 16 running streams.
+#   all-linear adapters loaded beside 16 running streams; (e) tenants, a burst beyond the
+#   queue bounds, mid-generation deadlines and another tenant's adapter on the GPU.
 set -euo pipefail
 
 # The GPU machine receives at most 64 MiB: the working tree and the staged folder.
@@ -134,21 +136,26 @@ run_half() {
   { echo "# gpu-check $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee -a "$out"
   echo "## (a) kernels against their oracles, (b) the model on the CPU and the GPU" | tee -a "$out"
   timeout 150 ./bin/cuda_backend --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out" || echo "TESTS FAILED" | tee -a "$out"
-  echo "## (c) kernel and step benchmark" | tee -a "$out"
-  timeout 120 ./bin/cuda_lora --bench 2>&1 | tee -a "$out" || echo "BENCH FAILED" | tee -a "$out"
-  echo "## (c2) GPU time per kernel of the 1B decode step (ncu; the bench's step figures under the profiler)"
-  if command -v ncu > /dev/null; then
-    timeout 150 ncu --metrics gpu__time_duration.sum --print-summary per-kernel \
-      ./bin/cuda_lora --bench --step-only > "$work/ncu.txt" 2>&1 || echo "NCU FAILED" | tee -a "$out"
-    python3 "$(pwd)/ncu_summary.py" "$work/ncu.txt" 2>&1 | tee -a "$out" || true
-    if [ -n "${OUT:-}" ]; then gzip -c "$work/ncu.txt" > "$OUT/ncu.txt.gz"; fi
-  else
-    echo "ncu not found" | tee -a "$out"
+  # `quick` leaves out the benchmark and the profile (c, c2): the server's checks only.
+  if [ "${1:-run}" != quick ]; then
+    echo "## (c) kernel and step benchmark" | tee -a "$out"
+    timeout 120 ./bin/cuda_lora --bench 2>&1 | tee -a "$out" || echo "BENCH FAILED" | tee -a "$out"
+    echo "## (c2) GPU time per kernel of the 1B decode step (ncu; the bench's step figures under the profiler)"
+    if command -v ncu > /dev/null; then
+      timeout 150 ncu --metrics gpu__time_duration.sum --print-summary per-kernel \
+        ./bin/cuda_lora --bench --step-only > "$work/ncu.txt" 2>&1 || echo "NCU FAILED" | tee -a "$out"
+      python3 "$(pwd)/ncu_summary.py" "$work/ncu.txt" 2>&1 | tee -a "$out" || true
+      if [ -n "${OUT:-}" ]; then gzip -c "$work/ncu.txt" > "$OUT/ncu.txt.gz"; fi
+    else
+      echo "ncu not found" | tee -a "$out"
+    fi
   fi
   echo "## (d) closed-loop load on the synthetic 1B model (bf16)" | tee -a "$out"
   timeout 200 bash "$(basename "$0")" load "$work" 2>&1 | tee -a "$out" || echo "LOAD RUN FAILED" | tee -a "$out"
+  echo "## (e) tenants, backpressure and deadlines on the GPU" | tee -a "$out"
+  timeout 120 bash "$(basename "$0")" tenants "$work" 2>&1 | tee -a "$out" || echo "TENANT RUN FAILED" | tee -a "$out"
   echo "figures in $out"
-  if [ -n "${OUT:-}" ]; then cp "$work/server.log" "$OUT/" 2>/dev/null || true; fi
+  if [ -n "${OUT:-}" ]; then cp "$work/server.log" "$work/tenants-server.log" "$OUT/" 2>/dev/null || true; fi
 }
 
 load_runs() {
@@ -203,9 +210,66 @@ for label, path in zip(["alone", "beside the cold loads"], sys.argv[1:]):
 PY
 }
 
+# Issue 15's limits with the engine on the GPU (the synthetic 1B model of load_runs):
+# a burst of 10x the running and waiting bounds (the excess refused at once), deadlines
+# that expire mid-generation (every KV block back afterwards), another tenant's adapter
+# (PERMISSION_DENIED), and a valid request after each.
+tenant_runs() {
+  local work=$1 bin=./bin/multilora port=50073 http=8073
+  [ -f "$work/m1b/model.safetensors" ] || $bin model synth --shape 1b --out "$work/m1b" --tokenizer-from tokenizer > /dev/null
+  [ -d "$work/a64" ] || $bin adapters synth --model "$work/m1b" --out "$work/a64" --count 64 --prefix a --ranks 16 --targets q,k,v,o --distinct 8 > /dev/null
+  digest() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+  printf '[[tenant]]\nname = "a"\napi_key_sha256 = ["%s"]\nadapters = ["*"]\n\n[[tenant]]\nname = "b"\napi_key_sha256 = ["%s"]\nadapters = ["b-*"]\n' \
+    "$(digest gpu-key-a)" "$(digest gpu-key-b)" > "$work/tenants.toml"
+  echo gpu-key-a > "$work/a.key"
+  echo gpu-key-b > "$work/b.key"
+  $bin serve --model "$work/m1b" --device cuda --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http" \
+    --adapter-dir "$work/a64" --tenants-file "$work/tenants.toml" --max-running 32 \
+    --max-waiting-requests 16 --kv-cache-memory 8GiB > "$work/tenants-server.log" 2>&1 &
+  local pid=$!
+  trap 'kill $pid 2>/dev/null || true' RETURN
+  wait_port $port $pid || { tail -20 "$work/tenants-server.log"; return 1; }
+  local common=(--endpoint "http://127.0.0.1:$port" --warmup 0 --seed 1 --quiet --ignore-eos)
+  local ok=(--api-keys "$work/a.key" --concurrency 1 --requests 1 --input-len 16 --output-len 8)
+  echo "- burst: 480 at once against 32 running + 16 waiting (the excess RESOURCE_EXHAUSTED)"
+  $bin bench "${common[@]}" --api-keys "$work/a.key" --concurrency 480 --requests 480 \
+    --input-len 128 --output-len 256 --num-adapters 8 --adapter-prefix a --json "$work/burst.json" | head -3
+  echo "- deadline 400 ms on 16 requests of 1,024 tokens (DEADLINE_EXCEEDED mid-generation)"
+  $bin bench "${common[@]}" --api-keys "$work/a.key" --concurrency 16 --requests 16 \
+    --input-len 64 --output-len 1024 --deadline-ms 400 --json "$work/deadline.json" | head -3
+  sleep 0.5
+  echo "- tenant b asks for a-0 (PERMISSION_DENIED)"
+  $bin bench "${common[@]}" --api-keys "$work/b.key" --concurrency 1 --requests 1 \
+    --input-len 16 --output-len 8 --adapters a-0 --json "$work/denied.json" | head -3
+  echo "- a valid request after each"
+  $bin bench "${common[@]}" "${ok[@]}" --adapters a-1 --json "$work/after.json" | head -3
+  python3 - "$work" "$http" <<'PY'
+import json, re, sys, urllib.request
+work, http = sys.argv[1], sys.argv[2]
+def summary(name):
+    return json.load(open(f"{work}/{name}.json"))["summary"]
+metrics = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10).read().decode()
+held = re.search(r'multilora_kv_blocks\{state="sequences"\} (\S+)', metrics)
+burst, deadline, denied, after = (summary(n) for n in ["burst", "deadline", "denied", "after"])
+print(f"burst: {burst['succeeded']} served, errors {burst.get('errors', {})}")
+print(f"deadline: {deadline['succeeded']} finished, errors {deadline.get('errors', {})}")
+print(f"denied: errors {denied.get('errors', {})}; after: {after['succeeded']} succeeded")
+print(f"KV blocks held by sequences afterwards: {held.group(1) if held else 'not found'}")
+checks = [
+    set(burst.get("errors", {})) <= {"RESOURCE_EXHAUSTED"} and burst.get("errors"),
+    set(deadline.get("errors", {})) == {"DEADLINE_EXCEEDED"},
+    denied.get("errors") == {"PERMISSION_DENIED": 1},
+    after["succeeded"] == 1,
+    held is not None and float(held.group(1)) == 0,
+]
+print("tenant checks: " + ("passed" if all(checks) else f"FAILED {checks}"))
+PY
+}
+
 case "${1:-run}" in
   build) build_half ;;
-  run) run_half ;;
+  run|quick) run_half "${1:-run}" ;;
   load) cd "$(dirname "$0")" && load_runs "$2" ;;
-  *) echo "usage: $0 build|run|load WORK" >&2; exit 2 ;;
+  tenants) cd "$(dirname "$0")" && tenant_runs "$2" ;;
+  *) echo "usage: $0 build|run|quick|load WORK|tenants WORK" >&2; exit 2 ;;
 esac

@@ -76,11 +76,13 @@ bench() {
 }
 echo "warm-up: $warmup s"
 bench --rate "$rate" --duration "$warmup" --json "$work/warmup.json" >"$work/warmup.txt"
-sleep 3
+# The server hands freed heap memory back after a second or two of idling (after work);
+# probe once it has.
+sleep 5
 read -r rss0 seq0 free0 < <(probe)
 echo "soak: $secs s at $rate requests/s"
 bench --rate "$rate" --duration "$secs" --json "$work/soak.json" --plot "$work/plots" >"$work/soak.txt"
-sleep 3
+sleep 5
 read -r rss1 seq1 free1 < <(probe)
 cat "$work/soak.txt"
 python3 - "$work/soak.json" "$rss0" "$rss1" "$seq0" "$seq1" "$free0" "$free1" <<'PY'

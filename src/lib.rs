@@ -4,6 +4,7 @@ pub mod bench;
 pub mod byte_size;
 pub mod engine;
 pub mod error;
+pub mod heap;
 pub mod hub;
 pub mod lora;
 pub mod metrics;

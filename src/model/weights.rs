@@ -81,31 +81,14 @@ pub fn load_resolved<B: Backend>(
     let built = Llama::load(backend, &loaded.checkpoint, &loaded.config)
         .with_context(|| format!("building the model from {model}"))?;
     drop(loaded.checkpoint);
-    release_freed_memory();
+    // The checkpoint's tensors and the load's intermediate copies are freed by now:
+    // the server's resident memory is its model, not the peak of its load.
+    crate::heap::release_freed_memory();
     Ok(LoadedModel {
         model: built,
         tokenizer: loaded.tokenizer,
         source_dtype: loaded.source_dtype,
     })
-}
-
-/// Hands the heap memory freed after loading (the checkpoint's tensors, the load's
-/// intermediate copies) back to the operating system, so the resident memory of a
-/// server is its model, not the peak of its load. glibc keeps freed heap pages
-/// otherwise; elsewhere this does nothing.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: glibc's `malloc_trim` takes a byte count and only releases free
-        // memory of the allocator's own heaps; it is safe to call at any time from any
-        // thread, and no pointer is passed.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
 }
 
 impl<B: Backend> LoadedModel<Llama<B>> {

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod caller;
 pub mod exposition;
 pub mod generation;
+mod idle_trim;
 pub mod observe;
 pub mod openai;
 pub mod tenants;
@@ -329,6 +330,7 @@ pub async fn serve(
 
     warm_up(&engine).await.context("warming up the model")?;
     set_health(&reporter, tonic_health::ServingStatus::Serving).await;
+    idle_trim::trim_when_idle(engine.clone());
     watch_engine(engine, reporter, opts.engine_stall_timeout, draining);
     tracing::info!(%addr, tls = tls.is_some(), "serving");
     server

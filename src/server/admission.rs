@@ -314,8 +314,21 @@ impl Ticket {
     /// The request finished having generated `usage.completion_tokens`.
     pub fn finished(&mut self, usage: &Usage) {
         self.started();
+        self.charge_generated(usage.completion_tokens);
+    }
+
+    /// The request ended without finishing (an error, a deadline, the client gone)
+    /// after `tokens` were generated for it: they are charged all the same, so a
+    /// deadline or a disconnect is no way around `tokens_per_minute`.
+    pub fn ended_early(&mut self, tokens: usize) {
+        self.started();
+        self.charge_generated(tokens);
+    }
+
+    /// Charges the generated tokens once, whichever way the request ends first.
+    fn charge_generated(&mut self, tokens: usize) {
         if !std::mem::replace(&mut self.charged, true) {
-            self.tenant.gate.charge_completion(usage.completion_tokens);
+            self.tenant.gate.charge_completion(tokens);
         }
     }
 }

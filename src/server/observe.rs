@@ -97,7 +97,8 @@ impl ServerMetrics {
 
     /// Wraps a started request's events so they are measured as they are read; its
     /// admission ticket (if any) leaves the waiting queue at the first event, is charged
-    /// the generated tokens at the end, and is given back when the events drop.
+    /// the generated tokens at the end (those read so far if the request fails or its
+    /// reader goes), and is given back when the events drop.
     pub fn observe(
         self: &Arc<Self>,
         protocol: Protocol,
@@ -112,6 +113,7 @@ impl ServerMetrics {
             protocol,
             arrived,
             last_token: None,
+            tokens_read: 0,
             ended: false,
         }
     }
@@ -167,6 +169,8 @@ pub struct ObservedEvents {
     protocol: Protocol,
     arrived: Instant,
     last_token: Option<Instant>,
+    /// Token events read so far.
+    tokens_read: usize,
     /// Whether the request's outcome is counted.
     ended: bool,
 }
@@ -176,10 +180,14 @@ impl ObservedEvents {
     pub async fn recv(&mut self) -> Option<SeqEvent> {
         let ev = self.rx.recv().await;
         let now = Instant::now();
+        if matches!(ev, Some(SeqEvent::Token(_))) {
+            self.tokens_read += 1;
+        }
         if let Some(ticket) = &mut self.ticket {
             match &ev {
                 Some(SeqEvent::Finished { usage, .. }) => ticket.finished(usage),
-                _ => ticket.started(),
+                Some(SeqEvent::Token(_)) => ticket.started(),
+                Some(SeqEvent::Error(_)) | None => ticket.ended_early(self.tokens_read),
             }
         }
         let m = &self.metrics;
@@ -218,6 +226,9 @@ impl ObservedEvents {
 
 impl Drop for ObservedEvents {
     fn drop(&mut self) {
+        if let Some(ticket) = &mut self.ticket {
+            ticket.ended_early(self.tokens_read);
+        }
         let code = self.protocol.gone_code().to_string();
         self.end(Instant::now(), "cancelled", code);
     }
@@ -255,5 +266,77 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
+    }
+
+    fn token() -> SeqEvent {
+        SeqEvent::Token(crate::engine::sequence::TokenEvent {
+            token_id: 1,
+            text: "x".into(),
+            logprob: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn tokens_of_a_request_that_fails_or_is_dropped_are_charged_to_its_tenant() {
+        use crate::server::admission::{Admission, QueueBounds};
+        use crate::server::tenants::{key_digest, Tenants};
+        let text = format!(
+            "[[tenant]]\nname = \"t\"\napi_key_sha256 = [\"{}\"]\nadapters = [\"*\"]\n\
+             tokens_per_minute = 1000\n",
+            key_digest("k")
+        );
+        let tenant = Tenants::from_toml(&text)
+            .unwrap()
+            .authenticate(Some(b"Bearer k"))
+            .unwrap();
+        let admission = Arc::new(Admission::new(QueueBounds {
+            max_waiting_requests: 8,
+            max_waiting_tokens: 1_000,
+        }));
+        let m = Arc::new(ServerMetrics::default());
+        // Three tokens, then a deadline: the three are charged.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ticket = admission.admit(&tenant, 10).unwrap();
+        let mut ev = m.observe(Protocol::Grpc, Instant::now(), rx, Some(ticket));
+        for _ in 0..3 {
+            tx.send(token()).unwrap();
+        }
+        tx.send(SeqEvent::Error(RequestError::DeadlineExceeded(
+            "late".into(),
+        )))
+        .unwrap();
+        for _ in 0..4 {
+            ev.recv().await.unwrap();
+        }
+        drop(ev);
+        assert_eq!(tenant.gate.usage().completion_tokens, 3);
+        // Two tokens read, then the reader goes (the client disconnected): two more.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ticket = admission.admit(&tenant, 10).unwrap();
+        let mut ev = m.observe(Protocol::Grpc, Instant::now(), rx, Some(ticket));
+        tx.send(token()).unwrap();
+        tx.send(token()).unwrap();
+        ev.recv().await.unwrap();
+        ev.recv().await.unwrap();
+        drop(ev);
+        // A finished request is charged its usage once, not again when dropped.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ticket = admission.admit(&tenant, 10).unwrap();
+        let mut ev = m.observe(Protocol::Grpc, Instant::now(), rx, Some(ticket));
+        tx.send(token()).unwrap();
+        tx.send(SeqEvent::Finished {
+            reason: FinishReason::Length,
+            usage: Usage {
+                completion_tokens: 1,
+                ..Usage::default()
+            },
+            matched_stop: None,
+        })
+        .unwrap();
+        ev.recv().await.unwrap();
+        ev.recv().await.unwrap();
+        drop(ev);
+        let usage = tenant.gate.usage();
+        assert_eq!((usage.completion_tokens, usage.in_flight), (6, 0));
     }
 }

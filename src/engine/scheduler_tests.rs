@@ -37,6 +37,24 @@ fn cfg(max_batch_tokens: usize) -> SchedulerConfig {
     }
 }
 
+/// One step that admits whatever fits, with fresh fair-sharing state.
+fn schedule_open(
+    cfg: &SchedulerConfig,
+    running: &mut Vec<Sequence>,
+    waiting: &mut VecDeque<Sequence>,
+    kv: &mut BlockAllocator,
+) -> Plan {
+    schedule(
+        cfg,
+        running,
+        waiting,
+        kv,
+        &mut admit_all,
+        &mut Fairness::new(),
+        Instant::now(),
+    )
+}
+
 /// Makes `s` a decoding sequence: all but its last token computed, blocks held.
 fn decoding(s: &mut Sequence, kv: &mut BlockAllocator) {
     s.num_computed = s.tokens.len() - 1;
@@ -54,15 +72,7 @@ fn decode_tokens_come_first_and_prefill_is_chunked_to_the_budget() {
     let (b, _rb) = seq(2, 100);
     let mut running = vec![a];
     let mut waiting = VecDeque::from(vec![b]);
-    let plan = schedule(
-        &cfg(16),
-        &mut running,
-        &mut waiting,
-        &mut kv,
-        &mut admit_all,
-        &mut Fairness::new(),
-        Instant::now(),
-    );
+    let plan = schedule_open(&cfg(16), &mut running, &mut waiting, &mut kv);
     assert_eq!(
         plan.scheduled,
         vec![
@@ -76,15 +86,7 @@ fn decode_tokens_come_first_and_prefill_is_chunked_to_the_budget() {
     running[0].num_computed += 1;
     running[0].tokens.push(7);
     running[1].num_computed += 15;
-    let plan = schedule(
-        &cfg(16),
-        &mut running,
-        &mut waiting,
-        &mut kv,
-        &mut admit_all,
-        &mut Fairness::new(),
-        Instant::now(),
-    );
+    let plan = schedule_open(&cfg(16), &mut running, &mut waiting, &mut kv);
     assert_eq!(
         plan.scheduled,
         vec![
@@ -105,15 +107,7 @@ fn out_of_blocks_preempts_the_newest_sequence_for_recompute() {
     assert_eq!(kv.num_free_blocks(), 0);
     let mut running = vec![a, b];
     let mut waiting = VecDeque::new();
-    let plan = schedule(
-        &cfg(16),
-        &mut running,
-        &mut waiting,
-        &mut kv,
-        &mut admit_all,
-        &mut Fairness::new(),
-        Instant::now(),
-    );
+    let plan = schedule_open(&cfg(16), &mut running, &mut waiting, &mut kv);
     // The older sequence decodes; the newer one went back to the queue's front.
     assert_eq!(plan.scheduled, vec![Scheduled { index: 0, len: 1 }]);
     assert_eq!(plan.preempted, 1);
@@ -131,29 +125,13 @@ fn admission_is_first_come_first_served_within_free_blocks() {
     let (small, _r2) = seq(2, 2);
     let mut running = Vec::new();
     let mut waiting = VecDeque::from(vec![big, small]);
-    let plan = schedule(
-        &cfg(64),
-        &mut running,
-        &mut waiting,
-        &mut kv,
-        &mut admit_all,
-        &mut Fairness::new(),
-        Instant::now(),
-    );
+    let plan = schedule_open(&cfg(64), &mut running, &mut waiting, &mut kv);
     // The first (5 blocks) fits; the second (1 block) fits in what is left.
     assert_eq!(plan.scheduled.len(), 2);
     assert_eq!(kv.num_free_blocks(), 0);
     let (late, _r3) = seq(3, 2);
     waiting.push_back(late);
-    let plan = schedule(
-        &cfg(64),
-        &mut running,
-        &mut waiting,
-        &mut kv,
-        &mut admit_all,
-        &mut Fairness::new(),
-        Instant::now(),
-    );
+    let plan = schedule_open(&cfg(64), &mut running, &mut waiting, &mut kv);
     // No blocks: the newcomer waits; running sequences continue their prefill.
     assert_eq!(waiting.len(), 1);
     assert!(plan.scheduled.iter().all(|s| s.index < 2));
@@ -221,15 +199,7 @@ fn a_sequence_larger_than_the_pool_is_handed_back_not_waited_on() {
     let (small, _r2) = seq(2, 2);
     let mut running = Vec::new();
     let mut waiting = VecDeque::from(vec![huge, small]);
-    let plan = schedule(
-        &cfg(64),
-        &mut running,
-        &mut waiting,
-        &mut kv,
-        &mut admit_all,
-        &mut Fairness::new(),
-        Instant::now(),
-    );
+    let plan = schedule_open(&cfg(64), &mut running, &mut waiting, &mut kv);
     // 17 tokens need 5 blocks of 4; the pool has 4. It is taken out, and the
     // request behind it runs.
     assert_eq!(plan.impossible.len(), 1);

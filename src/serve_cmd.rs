@@ -79,6 +79,11 @@ pub(crate) struct ServeArgs {
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 256)]
     max_running: usize,
+    /// Milliseconds a request waiting for its adapter to load may be passed by later
+    /// requests whose adapters are ready; then admission waits for it, so it is never
+    /// passed for ever.
+    #[arg(long, default_value_t = 2000)]
+    adapter_wait_bound_ms: u64,
     /// An adapter to load at start-up, as NAME=PATH (a local PEFT folder) or
     /// NAME=OWNER/REPO[@REVISION] (Hub); repeatable. One that fails is logged and
     /// answers NOT_FOUND with the reason.
@@ -192,6 +197,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.max_running,
         max_active_adapters: args.max_active_adapters as usize,
+        adapter_wait_bound: std::time::Duration::from_millis(args.adapter_wait_bound_ms),
         ..Default::default()
     };
     let service = server::start_engine(

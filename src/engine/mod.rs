@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub command_queue: usize,
     /// Adapter versions active at once at most, beside `adapter_memory`.
     pub max_active_adapters: usize,
+    /// How long a request waiting for its adapter may be passed by later requests
+    /// whose adapters are ready; then admission stops at it until it can start.
+    pub adapter_wait_bound: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +62,7 @@ impl Default for EngineConfig {
             max_running: 256,
             command_queue: 1024,
             max_active_adapters: 64,
+            adapter_wait_bound: DEFAULT_ADAPTER_WAIT_BOUND,
         }
     }
 }
@@ -140,7 +144,7 @@ pub fn spawn(
         max_batch_tokens: cfg.max_batch_tokens.max(1),
         max_running: cfg.max_running.clamp(1, cfg.max_batch_tokens.max(1)),
         watermark_blocks: num_blocks / 100,
-        adapter_wait_bound: DEFAULT_ADAPTER_WAIT_BOUND,
+        adapter_wait_bound: cfg.adapter_wait_bound,
     };
     tracing::info!(
         kv_blocks = num_blocks,

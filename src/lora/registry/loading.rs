@@ -64,6 +64,15 @@ impl AdapterRegistry {
         Ok(())
     }
 
+    /// Holds every runtime load (one started after or waiting when this returns) just
+    /// before it reads its weights, until the guard is dropped: for tests of what goes
+    /// on while a load is in progress. Nothing else takes the hold exclusively, so
+    /// without it a load never waits there.
+    #[doc(hidden)]
+    pub async fn hold_loads(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.inner.load_hold.clone().write_owned().await
+    }
+
     pub(super) fn max_adapter_bytes(&self) -> usize {
         self.inner
             .max_adapter_bytes
@@ -98,6 +107,7 @@ impl AdapterRegistry {
         if !self.reserve(&name, epoch, estimate).await {
             return;
         }
+        drop(self.inner.load_hold.read().await);
         let cfg = self.inner.cfg.clone();
         let loaded = tokio::task::spawn_blocking(move || read_weights(&dir, &cfg, max))
             .await

@@ -206,6 +206,9 @@ struct Inner {
     /// Where runtime operations are recorded, once opened. Lock order: this lock
     /// before the state lock.
     journal: OnceLock<Mutex<journal::Journal>>,
+    /// Taken (shared) by each runtime load before it reads weights; only
+    /// [`AdapterRegistry::hold_loads`] takes it exclusively.
+    load_hold: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// The shared registry; cheap to clone.
@@ -225,6 +228,7 @@ impl AdapterRegistry {
                 acc: Accounting::new(),
                 load_seconds: Histogram::new(LATENCY_BUCKETS),
                 journal: OnceLock::new(),
+                load_hold: Arc::default(),
             }),
         }
     }

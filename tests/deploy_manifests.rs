@@ -4,7 +4,11 @@
 //! the Deployment's pods, that ports, gRPC probes and the InferencePool's target port
 //! match the `--listen`/`--http-listen` args, that every flag in the container's args is
 //! one `multilora serve --help` lists (with values of the right form), that the memory
-//! budgets fit the limits, and that the termination grace period outlasts the drain.
+//! budgets fit the limits, that the termination grace period outlasts the drain, that a
+//! tenants file is given and it and any TLS files are on read-only mounts (with probes
+//! that can reach a TLS port), and that no two replicas share a `--state-dir`.
+//! `tests/python/check_deploy_refusals.py` shows the checker refuses each of those
+//! mistakes in an edited copy of the manifests.
 
 mod common;
 
@@ -16,6 +20,23 @@ async fn deploy_manifests_match_the_binary() {
     let deploy = common::repo_path("deploy/kubernetes");
     let stdout = run_python(
         "tests/python/check_deploy.py",
+        [
+            "--binary",
+            env!("CARGO_BIN_EXE_multilora"),
+            "--deploy",
+            deploy.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(stdout.starts_with("ok: "), "unexpected output:\n{stdout}");
+}
+
+#[tokio::test]
+#[ignore = "needs the Python venv: make test"]
+async fn the_manifest_checker_refuses_open_or_shared_state_deployments() {
+    let deploy = common::repo_path("deploy/kubernetes");
+    let stdout = run_python(
+        "tests/python/check_deploy_refusals.py",
         [
             "--binary",
             env!("CARGO_BIN_EXE_multilora"),

@@ -25,6 +25,10 @@ success one summary line is printed. What is checked:
   endpointPickerRef is complete; the HTTPRoute's backendRef names the InferencePool;
 * --model and --adapter-dir paths lie on mounted volumes (the adapter volume
   read-only) and every volumeMount names a volume;
+* a --tenants-file is given (or MULTILORA_TENANTS_FILE), and it and any TLS files lie
+  on read-only mounts; gRPC probes can reach a TLS port (`mode: TLS`, and no
+  --tls-client-ca: the kubelet has no client certificate);
+  a --state-dir lies on a writable mount that no two replicas share;
 * resources have CPU and memory requests and limits; the KV pool plus the host
   adapter cache fit under the memory limit; --adapter-memory is at most half of
   --kv-cache-memory;
@@ -309,6 +313,82 @@ def check_values(values):
     return ports.get("listen"), ports.get("http-listen"), sizes
 
 
+def mount_at(mounts, path):
+    """The volumeMount (of `mounts`) that `path` lies on, the deepest one; None if none."""
+    best = None
+    for m in mounts:
+        root = str(m.get("mountPath", "")).rstrip("/")
+        if root and (path == root or path.startswith(root + "/")):
+            if best is None or len(root) > len(best["mountPath"].rstrip("/")):
+                best = m
+    return best
+
+
+def flag_or_env(values, container, flag):
+    """The value `--flag` has in the args, else the one its MULTILORA_* env var has."""
+    got = last(values, flag)
+    if got is not None:
+        return got
+    env_name = "MULTILORA_" + flag.upper().replace("-", "_")
+    for env in container.get("env") or []:
+        if env.get("name") == env_name and "value" in env:
+            return str(env["value"])
+    return None
+
+
+def check_tenants_tls_state(values, container, pod, replicas):
+    """The tenants file and TLS material lie on read-only volumes, the state dir on a
+    writable one no other replica shares, and gRPC probes can still reach the server."""
+    mounts = container.get("volumeMounts") or []
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    tenants = flag_or_env(values, container, "tenants-file")
+    if tenants is None:
+        error(
+            "deployment: no --tenants-file: every caller could use every adapter and load "
+            "adapters (the server runs open only for local use)"
+        )
+    for flag in ("tenants-file", "tls-cert", "tls-key", "tls-client-ca"):
+        path = flag_or_env(values, container, flag)
+        if path is None:
+            continue
+        m = mount_at(mounts, path)
+        if m is None:
+            error(f"deployment: --{flag} {path} is on no mounted volume")
+        elif not m.get("readOnly"):
+            error(f"deployment: --{flag} {path} is mounted read-write; mount it read-only (a Secret)")
+    probes = [container.get(k) or {} for k in ("startupProbe", "readinessProbe", "livenessProbe")]
+    grpc_probes = [p["grpc"] for p in probes if p.get("grpc")]
+    if flag_or_env(values, container, "tls-client-ca") is not None and grpc_probes:
+        error(
+            "deployment: --tls-client-ca with gRPC probes: the kubelet presents no client "
+            "certificate, so the pod would never be ready; terminate TLS at the gateway"
+        )
+    elif flag_or_env(values, container, "tls-cert") is not None:
+        if any(str(g.get("mode", "")).upper() != "TLS" for g in grpc_probes):
+            error(
+                "deployment: --tls-cert with a plaintext gRPC probe, which cannot reach a TLS "
+                "port: set the probes' `mode: TLS` where the cluster has it, or terminate TLS "
+                "at the gateway"
+            )
+    state = flag_or_env(values, container, "state-dir")
+    if state is None:
+        return
+    m = mount_at(mounts, state)
+    if m is None:
+        error(f"deployment: --state-dir {state} is on no mounted volume (the root filesystem is read-only)")
+        return
+    if m.get("readOnly"):
+        error(f"deployment: --state-dir {state} is mounted read-only; the journal is written there")
+    volume = volumes.get(m.get("name")) or {}
+    if "persistentVolumeClaim" in volume and replicas != 1:
+        error(
+            f"deployment: --state-dir {state} is on claim "
+            f"{volume['persistentVolumeClaim'].get('claimName')!r}, shared by {replicas} replicas: "
+            "each would replay the others' runtime loads and append to one journal; keep runtime "
+            "adapters in the shared adapter volume, or run one replica per claim (a StatefulSet)"
+        )
+
+
 def probe_window(probe):
     return (probe.get("periodSeconds") or 10) * (probe.get("failureThreshold") or 3)
 
@@ -387,13 +467,7 @@ def check_deployment(dep, known, envs):
             error(f"deployment: volumeMount {m.get('name')!r} names no volume")
 
     def mount_of(path):
-        best = None
-        for m in mounts:
-            root = str(m.get("mountPath", "")).rstrip("/")
-            if root and (path == root or path.startswith(root + "/")):
-                if best is None or len(root) > len(best["mountPath"].rstrip("/")):
-                    best = m
-        return best
+        return mount_at(mounts, path)
 
     model = last(values, "model")
     if model is None:
@@ -409,6 +483,8 @@ def check_deployment(dep, known, envs):
             error(f"deployment: --adapter-dir {d} is on no mounted volume")
         elif not m.get("readOnly"):
             error(f"deployment: --adapter-dir {d} is mounted read-write; mount the shared adapters read-only")
+
+    check_tenants_tls_state(values, container, pod, spec.get("replicas", 1))
 
     # Resources and memory budgets.
     resources = container.get("resources") or {}

@@ -14,36 +14,27 @@ mod common;
 
 use common::python::run_python;
 
-#[tokio::test]
-#[ignore = "needs the Python venv: make test"]
-async fn deploy_manifests_match_the_binary() {
+/// Runs `script` over deploy/kubernetes and this binary; it must say ok.
+async fn check(script: &str) {
     let deploy = common::repo_path("deploy/kubernetes");
-    let stdout = run_python(
-        "tests/python/check_deploy.py",
-        [
-            "--binary",
-            env!("CARGO_BIN_EXE_multilora"),
-            "--deploy",
-            deploy.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let args = [
+        "--binary",
+        env!("CARGO_BIN_EXE_multilora"),
+        "--deploy",
+        deploy.to_str().unwrap(),
+    ];
+    let stdout = run_python(script, args).await;
     assert!(stdout.starts_with("ok: "), "unexpected output:\n{stdout}");
 }
 
 #[tokio::test]
 #[ignore = "needs the Python venv: make test"]
+async fn deploy_manifests_match_the_binary() {
+    check("tests/python/check_deploy.py").await;
+}
+
+#[tokio::test]
+#[ignore = "needs the Python venv: make test"]
 async fn the_manifest_checker_refuses_open_or_shared_state_deployments() {
-    let deploy = common::repo_path("deploy/kubernetes");
-    let stdout = run_python(
-        "tests/python/check_deploy_refusals.py",
-        [
-            "--binary",
-            env!("CARGO_BIN_EXE_multilora"),
-            "--deploy",
-            deploy.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert!(stdout.starts_with("ok: "), "unexpected output:\n{stdout}");
+    check("tests/python/check_deploy_refusals.py").await;
 }

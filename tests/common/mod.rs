@@ -8,6 +8,7 @@ pub mod http;
 pub mod oracle;
 pub mod peft_folders;
 pub mod python;
+pub mod swap;
 
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::BaseShape;

@@ -7,22 +7,13 @@ mod common;
 use common::*;
 use multilora::engine::EngineConfig;
 use multilora::lora::peft::LoraSite;
-use multilora::lora::synth::{write_synthetic_adapter, SynthSpec};
 use multilora::proto::v1 as pb;
 use tonic::Code;
 
-fn synth(dir: &std::path::Path, name: &str, rank: usize, sites: &[LoraSite]) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let spec = SynthSpec {
-        kind: Default::default(),
-        rank,
-        alpha: 2.0 * rank as f32,
-        sites: sites.to_vec(),
-        seed: 3,
-    };
+/// A synthetic LoRA for the tiny model (seed 3).
+fn synth(dir: &std::path::Path, name: &str, rank: usize, sites: &[LoraSite]) -> String {
     let base = TestServer::tiny().base_shape();
-    write_synthetic_adapter(&path, &base, &spec).unwrap();
-    path
+    common::swap::synth(dir, name, &base, rank, sites, 3)
 }
 
 fn on_adapter(adapter: &str, max_new: u32) -> pb::GenerateRequest {
@@ -121,7 +112,7 @@ async fn budget_errors_are_resource_exhausted_and_name_no_flag() {
     let err = adm
         .load_adapter(pb::LoadAdapterRequest {
             name: "big".into(),
-            source: big.to_string_lossy().into_owned(),
+            source: big,
             revision: None,
             expected_version: None,
         })

@@ -35,7 +35,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
     for spec in tensor_specs(cfg) {
         let (std, offset) = match spec.kind {
             TensorKind::Embedding => (0.5, 0.0),
-            TensorKind::Norm => (0.05, 1.0),
+            TensorKind::Norm | TensorKind::HeadNorm if cfg.arch.norm_offset => (0.05, 0.0),
+            TensorKind::Norm | TensorKind::HeadNorm => (0.05, 1.0),
+            TensorKind::Bias(_) => (0.1, 0.0),
             TensorKind::LmHead => (0.1, 0.0),
             TensorKind::Linear(_) => (1.0 / (spec.shape[1] as f32).sqrt(), 0.0),
         };
@@ -102,6 +104,7 @@ pub fn random_adapter(
         target_modules,
         layers,
         scales: Vec::new(),
+        offsets: Vec::new(),
         bytes,
         prompt: None,
         prefix: None,

@@ -221,11 +221,7 @@ fn all_base_and_empty_batches_are_untouched() {
 #[test]
 #[ignore = "needs a CUDA device (scripts/gpu-check.sh)"]
 fn paged_attention_matches_the_cpu() {
-    let shape = HeadShape {
-        num_heads: 8,
-        num_kv_heads: 2,
-        head_dim: 64,
-    };
+    let shape = HeadShape::causal(8, 2, 64);
     let layout = KvLayout {
         num_layers: 2,
         num_kv_heads: 2,

@@ -1,9 +1,12 @@
 //! The base model's shape, read from a Hugging Face `config.json` or GGUF metadata.
+use super::arch::{Architecture, Dims, Family};
+use super::rope::{Rope, RopeScaling};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 
-/// Everything the forward pass needs to know about a Llama-family model.
+/// Everything the forward pass needs to know about a model: its shape, and what its
+/// family changes ([`Architecture`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub name: String,
@@ -20,33 +23,49 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// End-of-sequence ids from the model config (the tokenizer may add more).
     pub eos_token_ids: Vec<u32>,
+    /// What the model's family changes in the decoder (Llama's by default).
+    pub arch: Architecture,
 }
 
 impl ModelConfig {
-    /// Reads a Hugging Face `config.json` (Llama architecture only).
+    /// Reads a Hugging Face `config.json` of any family in [`Family`]; anything the
+    /// family does not serve exactly is refused by name.
     pub fn from_hf_config(path: &Path, name: &str) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Self::from_hf_json(&json, name).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// As [`Self::from_hf_config`], from the parsed JSON.
+    pub fn from_hf_json(json: &serde_json::Value, name: &str) -> Result<Self> {
         let model_type = json["model_type"].as_str().unwrap_or("llama");
-        if model_type != "llama" {
-            bail!("model_type {model_type:?} is not supported (only llama)");
-        }
-        if !json["rope_scaling"].is_null() {
-            bail!(
-                "rope_scaling is not supported yet: {}",
-                json["rope_scaling"]
-            );
-        }
-        let cfg: candle_transformers::models::llama::LlamaConfig =
-            serde_json::from_value(json.clone())
-                .with_context(|| format!("{}: not a Llama config", path.display()))?;
-        let num_kv_heads = cfg.num_key_value_heads();
-        let head_dim = json["head_dim"]
-            .as_u64()
-            .map(|d| d as usize)
-            .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
+        let family = Family::from_model_type(model_type)?;
+        let size = |key: &str| -> Result<usize> {
+            json[key]
+                .as_u64()
+                .map(|v| v as usize)
+                .with_context(|| format!("config.json lacks {key} (a positive integer)"))
+        };
+        let hidden_size = size("hidden_size")?;
+        let num_heads = size("num_attention_heads")?;
+        let num_kv_heads = size("num_key_value_heads").unwrap_or(num_heads);
+        let head_dim = match json.get("head_dim").and_then(|v| v.as_u64()) {
+            Some(d) => d as usize,
+            None => hidden_size / num_heads.max(1),
+        };
+        let max_position_embeddings = size("max_position_embeddings")?;
+        let num_layers = size("num_hidden_layers")?;
+        let dims = Dims {
+            num_layers,
+            head_dim,
+            hidden_size,
+            max_position_embeddings,
+        };
+        let arch = family.architecture(json, &dims)?;
+        let (rope_theta, _, _) = super::arch::read_rope(json, &dims)?;
+        let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
         let eos_token_ids = match &json["eos_token_id"] {
             serde_json::Value::Number(n) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             serde_json::Value::Array(a) => a
@@ -58,18 +77,21 @@ impl ModelConfig {
         };
         let out = Self {
             name: name.to_string(),
-            hidden_size: cfg.hidden_size,
-            intermediate_size: cfg.intermediate_size,
-            vocab_size: cfg.vocab_size,
-            num_layers: cfg.num_hidden_layers,
-            num_heads: cfg.num_attention_heads,
+            hidden_size,
+            intermediate_size: size("intermediate_size")?,
+            vocab_size: size("vocab_size")?,
+            num_layers,
+            num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: cfg.rms_norm_eps,
-            rope_theta: cfg.rope_theta,
-            max_position_embeddings: cfg.max_position_embeddings,
-            tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
+            rms_norm_eps: json["rms_norm_eps"]
+                .as_f64()
+                .unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
+            rope_theta,
+            max_position_embeddings,
+            tie_word_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(gemma),
             eos_token_ids,
+            arch,
         };
         out.validate()?;
         Ok(out)
@@ -118,9 +140,44 @@ impl ModelConfig {
             max_position_embeddings: u("llama.context_length")?,
             tie_word_embeddings: !has_output,
             eos_token_ids,
+            arch: Architecture {
+                rope_scaling: gguf_rope_scaling(md)?,
+                ..Architecture::default()
+            },
         };
         out.validate()?;
         Ok(out)
+    }
+
+    /// Sets llama.cpp's per-frequency rope divisors (`rope_freqs.weight` of a GGUF).
+    pub fn set_rope_factors(&mut self, factors: Vec<f32>) -> Result<()> {
+        if factors.len() != self.head_dim / 2 {
+            bail!(
+                "rope_freqs.weight has {} factors for head_dim {}",
+                factors.len(),
+                self.head_dim
+            );
+        }
+        if self.arch.rope_scaling != RopeScaling::None {
+            bail!("rope_freqs.weight beside another rope scaling");
+        }
+        self.arch.rope_scaling = RopeScaling::Factors(factors);
+        Ok(())
+    }
+
+    /// The rope of the full-attention layers (every layer but for Gemma 3's sliding ones).
+    pub fn global_rope(&self) -> Rope {
+        Rope {
+            theta: self.rope_theta,
+            scaling: self.arch.rope_scaling.clone(),
+        }
+    }
+
+    /// Attention scores' scale.
+    pub fn attention_scale(&self) -> f32 {
+        self.arch
+            .attention_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
     }
 
     fn validate(&self) -> Result<()> {
@@ -157,5 +214,26 @@ impl ModelConfig {
     /// Bytes of K and V for one token across all layers (f32).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+}
+
+/// The rope scaling of GGUF metadata (`llama.rope.scaling.*`); Llama 3's scaling comes
+/// as `rope_freqs.weight` instead, which the loader reads.
+fn gguf_rope_scaling(
+    md: &std::collections::HashMap<String, gguf_file::Value>,
+) -> Result<RopeScaling> {
+    let Some(kind) = md.get("llama.rope.scaling.type") else {
+        return Ok(RopeScaling::None);
+    };
+    match kind.to_string()?.as_str() {
+        "none" => Ok(RopeScaling::None),
+        "linear" => {
+            let factor = md
+                .get("llama.rope.scaling.factor")
+                .context("GGUF linear rope scaling lacks llama.rope.scaling.factor")?
+                .to_f32()?;
+            Ok(RopeScaling::Linear { factor })
+        }
+        other => bail!("GGUF rope scaling type {other:?} is not supported (none, linear)"),
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! Invariant: [`tensor_specs`] lists every tensor a model of that config has, once, in a
 //! fixed order (embedding, final norm, the untied LM head, then per layer the seven
-//! linear sites in [`LoraSite::ALL`] order and the two norms).
+//! linear sites in [`LoraSite::ALL`] order, the two norms, and what the family adds:
+//! biases, Gemma's two extra norms, per-head q/k norms); a checkpoint tensor not in it
+//! is not served, and the loader refuses it by name.
 use super::config::ModelConfig;
 use crate::lora::peft::LoraSite;
 
@@ -23,6 +25,10 @@ pub enum TensorKind {
     Norm,
     /// A linear projection `[out, in]` at an adapter site.
     Linear(LoraSite),
+    /// The bias `[out]` of a site's projection.
+    Bias(LoraSite),
+    /// A per-head RMS-norm weight `[head_dim]` (q or k).
+    HeadNorm,
     LmHead,
 }
 
@@ -61,6 +67,37 @@ pub fn post_attention_norm(layer: usize) -> String {
     format!("model.layers.{layer}.post_attention_layernorm.weight")
 }
 
+/// The bias of a site's projection.
+pub fn linear_bias(layer: usize, site: LoraSite) -> String {
+    format!("{}.bias", site.module_path(layer))
+}
+
+/// Gemma's norm before the MLP of `layer` (Llama's `post_attention_layernorm` plays
+/// that part there; in Gemma that one norms the attention output).
+pub fn pre_feedforward_norm(layer: usize) -> String {
+    format!("model.layers.{layer}.pre_feedforward_layernorm.weight")
+}
+
+/// Gemma's norm of the MLP output of `layer`.
+pub fn post_feedforward_norm(layer: usize) -> String {
+    format!("model.layers.{layer}.post_feedforward_layernorm.weight")
+}
+
+/// The per-head RMS norm of the queries (`q`) or keys (`k`) of `layer`.
+pub fn head_norm(layer: usize, which: char) -> String {
+    format!("model.layers.{layer}.self_attn.{which}_norm.weight")
+}
+
+/// Whether the family gives `site` a bias.
+pub fn has_bias(cfg: &ModelConfig, site: LoraSite) -> bool {
+    let a = &cfg.arch;
+    match site {
+        LoraSite::Q | LoraSite::K | LoraSite::V => a.qkv_bias,
+        LoraSite::O => a.o_bias,
+        LoraSite::Gate | LoraSite::Up | LoraSite::Down => a.mlp_bias,
+    }
+}
+
 /// Every tensor of a model with config `cfg`, in the fixed order of the module docs.
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     let h = cfg.hidden_size;
@@ -94,8 +131,28 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
                 kind: TensorKind::Linear(site),
             });
         }
+        for site in LoraSite::ALL.into_iter().filter(|s| has_bias(cfg, *s)) {
+            specs.push(TensorSpec {
+                name: linear_bias(layer, site),
+                shape: vec![base.dims(site).1],
+                kind: TensorKind::Bias(site),
+            });
+        }
         specs.push(norm(input_norm(layer)));
         specs.push(norm(post_attention_norm(layer)));
+        if cfg.arch.sandwich_norms {
+            specs.push(norm(pre_feedforward_norm(layer)));
+            specs.push(norm(post_feedforward_norm(layer)));
+        }
+        if cfg.arch.qk_norm {
+            for which in ['q', 'k'] {
+                specs.push(TensorSpec {
+                    name: head_norm(layer, which),
+                    shape: vec![cfg.head_dim],
+                    kind: TensorKind::HeadNorm,
+                });
+            }
+        }
     }
     specs
 }

@@ -5,13 +5,16 @@
 //! the backend promises). Weights are read from a [`Checkpoint`] under the names of
 //! [`super::layout`]; linear weights reach the backend as the checkpoint holds them
 //! (dense or quantized blocks).
+use super::arch::Activation;
 use super::backend::{Backend, HeadShape, KvLayout, SitePart};
 use super::batch::{virtual_row, ForwardBatch};
 use super::checkpoint::{Checkpoint, HostWeight};
 use super::config::ModelConfig;
 use super::layout;
+use super::rope::Rope;
 use crate::lora::peft::{AdapterKind, AdapterWeights, BaseShape, LoraSite, ServedBase};
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -20,6 +23,8 @@ use std::sync::Arc;
 /// all, and each part gets its adapters' deltas.
 struct Linear<B: Backend> {
     weight: B::Weight,
+    /// The stacked parts' biases (zeros for a part without one), if any part has one.
+    bias: Option<B::Vector>,
     parts: Vec<SitePart>,
 }
 
@@ -28,12 +33,15 @@ impl<B: Backend> Linear<B> {
     fn load(
         backend: &B,
         ckpt: &Checkpoint,
-        base: &BaseShape,
+        cfg: &ModelConfig,
         layer: usize,
         sites: &[LoraSite],
     ) -> Result<Self> {
+        let base = cfg.base_shape();
         let mut weights = Vec::with_capacity(sites.len());
         let mut parts = Vec::with_capacity(sites.len());
+        let mut bias = Vec::new();
+        let biased = sites.iter().any(|&s| layout::has_bias(cfg, s));
         for &site in sites {
             let (inp, out) = base.dims(site);
             let name = layout::linear_weight(layer, site);
@@ -41,13 +49,33 @@ impl<B: Backend> Linear<B> {
                 ckpt.linear((out, inp), &name)
                     .with_context(|| format!("loading {name}"))?,
             );
+            if layout::has_bias(cfg, site) {
+                let name = layout::linear_bias(layer, site);
+                let b = ckpt
+                    .tensor(&[out], &name)
+                    .with_context(|| format!("loading {name}"))?;
+                bias.extend(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+            } else if biased {
+                bias.extend(std::iter::repeat_n(0.0, out));
+            }
             parts.push(SitePart {
                 site,
                 out_features: out,
             });
         }
+        let bias = if biased {
+            let n = bias.len();
+            Some(backend.vector(&candle_core::Tensor::from_vec(
+                bias,
+                n,
+                &candle_core::Device::Cpu,
+            )?)?)
+        } else {
+            None
+        };
         Ok(Self {
             weight: backend.weight(&HostWeight::stack(weights)?)?,
+            bias,
             parts,
         })
     }
@@ -62,9 +90,45 @@ impl<B: Backend> Linear<B> {
     ) -> Result<B::Matrix> {
         let scaled = backend.adapter_input(step, layer, &self.parts, x)?;
         let x = scaled.as_ref().unwrap_or(x);
-        let mut y = backend.linear(x, &self.weight)?;
+        let mut y = self.project(backend, x)?;
+        if self.parts.len() > 1 {
+            self.scaled_parts(backend, step, layer, x, &mut y)?;
+        }
         backend.lora(step, layer, &self.parts, x, &mut y)?;
         Ok(y)
+    }
+
+    /// `x W^T + b`.
+    fn project(&self, backend: &B, x: &B::Matrix) -> Result<B::Matrix> {
+        let mut y = backend.linear(x, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            backend.add_bias(&mut y, bias)?;
+        }
+        Ok(y)
+    }
+
+    /// The columns of each part some token scales the input of ((IA)³ feed-forward
+    /// scaling of `up_proj` beside `gate_proj`), recomputed from the scaled input (rows
+    /// without a scale come out bit-identical).
+    fn scaled_parts(
+        &self,
+        backend: &B,
+        step: &B::Step,
+        layer: usize,
+        x: &B::Matrix,
+        y: &mut B::Matrix,
+    ) -> Result<()> {
+        let mut offset = 0;
+        for part in &self.parts {
+            let cols = offset..offset + part.out_features;
+            offset = cols.end;
+            let Some(xp) = backend.adapter_input(step, layer, std::slice::from_ref(part), x)?
+            else {
+                continue;
+            };
+            backend.copy_columns(y, &self.project(backend, &xp)?, cols)?;
+        }
+        Ok(())
     }
 
     fn widths(&self) -> Vec<usize> {
@@ -74,35 +138,63 @@ impl<B: Backend> Linear<B> {
 
 struct DecoderLayer<B: Backend> {
     input_norm: B::Vector,
+    /// Llama: the norm before the MLP; Gemma: the norm of the attention output.
     post_norm: B::Vector,
+    /// Gemma's norms before the MLP and of its output.
+    feedforward_norms: Option<(B::Vector, B::Vector)>,
+    /// Per-head q and k norms (Qwen3, Gemma 3).
+    head_norms: Option<(B::Vector, B::Vector)>,
     qkv: Linear<B>,
     o_proj: Linear<B>,
     gate_up: Linear<B>,
     down_proj: Linear<B>,
 }
 
-fn load_vector<B: Backend>(
+/// Norm weights `name` `[n]`, as the forward pass multiplies by them: Gemma's offsets
+/// from one become `1 + w` (in f32, as transformers computes them).
+fn load_norm<B: Backend>(
     backend: &B,
     ckpt: &Checkpoint,
+    cfg: &ModelConfig,
     name: &str,
     n: usize,
 ) -> Result<B::Vector> {
-    backend.vector(
-        &ckpt
-            .tensor(&[n], name)
-            .with_context(|| format!("loading {name}"))?,
-    )
+    let w = ckpt
+        .tensor(&[n], name)
+        .with_context(|| format!("loading {name}"))?;
+    let w = if cfg.arch.norm_offset {
+        (w.to_dtype(candle_core::DType::F32)? + 1.0)?
+    } else {
+        w
+    };
+    backend.vector(&w)
 }
 
 impl<B: Backend> DecoderLayer<B> {
     fn load(backend: &B, ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         use LoraSite::*;
-        let base = cfg.base_shape();
         let h = cfg.hidden_size;
-        let linear = |sites: &[LoraSite]| Linear::load(backend, ckpt, &base, layer, sites);
+        let linear = |sites: &[LoraSite]| Linear::load(backend, ckpt, cfg, layer, sites);
+        let norm = |name: String, n: usize| load_norm(backend, ckpt, cfg, &name, n);
+        let feedforward_norms = match cfg.arch.sandwich_norms {
+            true => Some((
+                norm(layout::pre_feedforward_norm(layer), h)?,
+                norm(layout::post_feedforward_norm(layer), h)?,
+            )),
+            false => None,
+        };
+        let head_norms = match cfg.arch.qk_norm {
+            true => Some((
+                norm(layout::head_norm(layer, 'q'), cfg.head_dim)?,
+                norm(layout::head_norm(layer, 'k'), cfg.head_dim)?,
+            )),
+            false => None,
+        };
         Ok(Self {
-            input_norm: load_vector(backend, ckpt, &layout::input_norm(layer), h)?,
-            post_norm: load_vector(backend, ckpt, &layout::post_attention_norm(layer), h)?,
+            input_norm: norm(layout::input_norm(layer), h)?,
+            post_norm: norm(layout::post_attention_norm(layer), h)?,
+            feedforward_norms,
+            head_norms,
             qkv: linear(&[Q, K, V])?,
             o_proj: linear(&[O])?,
             gate_up: linear(&[Gate, Up])?,
@@ -114,6 +206,8 @@ impl<B: Backend> DecoderLayer<B> {
 /// A model's linear weights as its backend serves them, shared with adapter loads.
 struct ServedLlama<B: Backend> {
     backend: Arc<B>,
+    /// Host copies of the projections' biases (DoRA's output offsets need them).
+    biases: Arc<HashMap<(usize, LoraSite), Vec<f32>>>,
     layers: Arc<[DecoderLayer<B>]>,
 }
 
@@ -151,6 +245,10 @@ impl<B: Backend> ServedBase for ServedLlama<B> {
     fn serves(&self, kind: AdapterKind) -> bool {
         self.backend.serves(kind)
     }
+
+    fn bias(&self, layer: usize, site: LoraSite) -> Option<Vec<f32>> {
+        self.biases.get(&(layer, site)).cloned()
+    }
 }
 
 /// The resident base model on backend `B`.
@@ -164,28 +262,53 @@ pub struct Llama<B: Backend> {
     norm: B::Vector,
     /// `[vocab, hidden]`; the embedding matrix again when tied.
     lm_head: B::Weight,
-    /// `[max_positions, head_dim / 2]` rotary tables.
-    rope_cos: B::Matrix,
-    rope_sin: B::Matrix,
+    /// `[max_positions, head_dim / 2]` cos and sin tables of the global rope, and of
+    /// the sliding layers' rope where it differs (Gemma 3).
+    rope: RopeTables<B>,
+    local_rope: Option<RopeTables<B>>,
+    /// Host copies of the projections' biases, for adapter loads ([`ServedLlama`]).
+    biases: Arc<HashMap<(usize, LoraSite), Vec<f32>>>,
 }
 
-/// Rotary cos/sin tables `[max_positions, head_dim / 2]` with transformers' arithmetic:
-/// `inv_freq = 1 / theta^(2i/d)` in f32, `angle = position * inv_freq` in f32.
-fn rope_tables(head_dim: usize, theta: f32, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(max_positions * half);
-    let mut sin = Vec::with_capacity(max_positions * half);
-    for p in 0..max_positions {
-        for f in &inv_freq {
-            let angle = p as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
+/// Every projection bias of the checkpoint, by (layer, site), in f32.
+fn host_biases(
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+) -> Result<HashMap<(usize, LoraSite), Vec<f32>>> {
+    let base = cfg.base_shape();
+    let mut out = HashMap::new();
+    for layer in 0..cfg.num_layers {
+        for site in LoraSite::ALL
+            .into_iter()
+            .filter(|&s| layout::has_bias(cfg, s))
+        {
+            let name = layout::linear_bias(layer, site);
+            let b = ckpt.tensor(&[base.dims(site).1], &name)?;
+            out.insert(
+                (layer, site),
+                b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+            );
         }
     }
-    (cos, sin)
+    Ok(out)
+}
+
+/// One rope's cos and sin tables on the backend.
+struct RopeTables<B: Backend> {
+    cos: B::Matrix,
+    sin: B::Matrix,
+}
+
+impl<B: Backend> RopeTables<B> {
+    fn new(backend: &B, rope: &Rope, cfg: &ModelConfig) -> Result<Self> {
+        let max = cfg.max_position_embeddings;
+        let (cos, sin) = rope.tables(cfg.head_dim, max);
+        let half = cfg.head_dim / 2;
+        Ok(Self {
+            cos: backend.upload(cos, max, half)?,
+            sin: backend.upload(sin, max, half)?,
+        })
+    }
 }
 
 impl<B: Backend> Llama<B> {
@@ -195,7 +318,7 @@ impl<B: Backend> Llama<B> {
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(&backend, ckpt, cfg, i))
             .collect::<Result<Arc<[_]>>>()?;
-        let norm = load_vector(&backend, ckpt, layout::FINAL_NORM, cfg.hidden_size)?;
+        let norm = load_norm(&backend, ckpt, cfg, layout::FINAL_NORM, cfg.hidden_size)?;
         let head_name = if cfg.tie_word_embeddings {
             layout::EMBEDDING
         } else {
@@ -212,12 +335,23 @@ impl<B: Backend> Llama<B> {
                 .context("loading the token embedding")?,
             cfg.tie_word_embeddings.then_some(&lm_head),
         )?;
-        let max = cfg.max_position_embeddings;
-        let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_theta, max);
-        let half = cfg.head_dim / 2;
+        if cfg.tie_word_embeddings {
+            // A tied model's LM head is the embedding, whatever else the file holds
+            // (transformers ties the two the same way).
+            ckpt.skip(layout::LM_HEAD);
+        }
+        ckpt.refuse_unused(cfg.arch.family.name())?;
+        let rope = RopeTables::new(&backend, &cfg.global_rope(), cfg)?;
+        let local_rope = match cfg.arch.local_rope_theta {
+            Some(theta) if cfg.arch.has_local_rope() => {
+                Some(RopeTables::new(&backend, &Rope::plain(theta), cfg)?)
+            }
+            _ => None,
+        };
         Ok(Self {
-            rope_cos: backend.upload(cos, max, half)?,
-            rope_sin: backend.upload(sin, max, half)?,
+            rope,
+            local_rope,
+            biases: Arc::new(host_biases(ckpt, cfg)?),
             backend: Arc::new(backend),
             cfg: cfg.clone(),
             embedding,
@@ -244,6 +378,7 @@ impl<B: Backend> Llama<B> {
     pub fn served_base(&self) -> Arc<dyn ServedBase> {
         Arc::new(ServedLlama {
             backend: self.backend.clone(),
+            biases: self.biases.clone(),
             layers: self.layers.clone(),
         })
     }
@@ -308,12 +443,19 @@ impl<B: Backend> Llama<B> {
         let be = &self.backend;
         let step = be.begin_step(batch, adapters)?;
         let mut x = be.embed(&step, batch, &self.embedding)?;
+        if self.cfg.arch.embed_scale {
+            be.scale_embeddings(batch, &mut x, (self.cfg.hidden_size as f32).sqrt())?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             self.layer_forward(i, layer, &mut x, batch, kv, &step)?;
         }
         let last = be.gather_logit_rows(&step, batch, &x)?;
         let normed = be.rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        be.to_host(be.linear(&normed, &self.lm_head)?)
+        let mut logits = be.to_host(be.linear(&normed, &self.lm_head)?)?;
+        if let Some(cap) = self.cfg.arch.final_softcap {
+            logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
+        }
+        Ok(logits)
     }
 
     /// Token ids, positions and adapter slots are in range.
@@ -355,11 +497,13 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    fn head_shape(&self) -> HeadShape {
+    /// The attention of layer `layer`: heads, scale, soft-cap and window.
+    fn head_shape(&self, layer: usize) -> HeadShape {
         HeadShape {
-            num_heads: self.cfg.num_heads,
-            num_kv_heads: self.cfg.num_kv_heads,
-            head_dim: self.cfg.head_dim,
+            scale: self.cfg.attention_scale(),
+            softcap: self.cfg.arch.attention_softcap,
+            window: self.cfg.arch.window(layer),
+            ..HeadShape::causal(self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim)
         }
     }
 
@@ -373,7 +517,7 @@ impl<B: Backend> Llama<B> {
         step: &B::Step,
     ) -> Result<()> {
         let be = &self.backend;
-        let shape = self.head_shape();
+        let shape = self.head_shape(index);
         let eps = self.cfg.rms_norm_eps as f32;
         let h = be.rms_norm(x, &layer.input_norm, eps)?;
         let qkv = layer.qkv.forward(be, step, index, &h)?;
@@ -381,16 +525,37 @@ impl<B: Backend> Llama<B> {
         let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
         };
-        let tables = (&self.rope_cos, &self.rope_sin);
+        if let Some((q_norm, k_norm)) = &layer.head_norms {
+            q = be.rms_norm_heads(&q, q_norm, eps)?;
+            k = be.rms_norm_heads(&k, k_norm, eps)?;
+        }
+        let rope = match (&self.local_rope, shape.window) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        };
+        let tables = (&rope.cos, &rope.sin);
         be.rope(step, batch, &mut q, tables, shape.num_heads)?;
         be.rope(step, batch, &mut k, tables, shape.num_kv_heads)?;
         let attn = be.paged_attention(step, batch, kv, index, &q, &k, &v, shape)?;
-        let o = layer.o_proj.forward(be, step, index, &attn)?;
+        let mut o = layer.o_proj.forward(be, step, index, &attn)?;
+        let pre_mlp = match &layer.feedforward_norms {
+            Some((pre, _)) => {
+                o = be.rms_norm(&o, &layer.post_norm, eps)?;
+                pre
+            }
+            None => &layer.post_norm,
+        };
         be.add_assign(x, &o)?;
-        let h = be.rms_norm(x, &layer.post_norm, eps)?;
+        let h = be.rms_norm(x, pre_mlp, eps)?;
         let gate_up = layer.gate_up.forward(be, step, index, &h)?;
-        let act = be.silu_mul(&gate_up)?;
-        let down = layer.down_proj.forward(be, step, index, &act)?;
+        let act = match self.cfg.arch.activation {
+            Activation::Silu => be.silu_mul(&gate_up)?,
+            Activation::GeluTanh => be.gelu_tanh_mul(&gate_up)?,
+        };
+        let mut down = layer.down_proj.forward(be, step, index, &act)?;
+        if let Some((_, post)) = &layer.feedforward_norms {
+            down = be.rms_norm(&down, post, eps)?;
+        }
         be.add_assign(x, &down)?;
         Ok(())
     }

@@ -45,6 +45,7 @@ pub fn shape(name: &str, vocab_size: usize) -> Result<ModelConfig> {
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
         eos_token_ids: Vec::new(),
+        arch: Default::default(),
     })
 }
 
@@ -59,7 +60,8 @@ pub fn parameter_count(cfg: &ModelConfig) -> usize {
 fn distribution(spec: &TensorSpec) -> (f32, f32) {
     match spec.kind {
         TensorKind::Embedding => (0.0, 0.5),
-        TensorKind::Norm => (1.0, 0.1),
+        TensorKind::Norm | TensorKind::HeadNorm => (1.0, 0.1),
+        TensorKind::Bias(_) => (0.0, 0.1),
         TensorKind::Linear(_) | TensorKind::LmHead => (0.0, (3.0 / spec.shape[1] as f32).sqrt()),
     }
 }

@@ -2,12 +2,13 @@
 //! (`super::chat_template`) and streaming detokenization (`super::detokenizer`).
 //!
 //! A [`TextTokenizer`] can be built from a Hugging Face model folder (`tokenizer.json` and
-//! friends), from GGUF metadata (byte-level BPE, `tokenizer.ggml.model == "gpt2"`, built the
-//! same way Hugging Face transformers builds it), or as a tiny byte-level tokenizer for tests.
+//! friends), from GGUF metadata (byte-level BPE, `tokenizer.ggml.model == "gpt2"`, or
+//! SentencePiece-style BPE, `"llama"`, in `tokenizer_spm.rs`; both built the way Hugging Face
+//! transformers builds them), or as a tiny byte-level tokenizer for tests.
 //! [`IncrementalDetokenizer`] turns a stream of generated ids into text deltas that never end
 //! in a broken UTF-8 sequence.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
@@ -24,6 +25,11 @@ pub use super::detokenizer::IncrementalDetokenizer;
 const GGUF_TOKEN_TYPE_CONTROL: i64 = 3;
 /// GGUF `tokenizer.ggml.token_type` value of a user-defined token (matched in text, not special).
 const GGUF_TOKEN_TYPE_USER_DEFINED: i64 = 4;
+/// The `tokenizer.ggml.model`s [`TextTokenizer::from_gguf`] can build.
+const SUPPORTED_GGUF_MODELS: [&str; 2] = ["gpt2", "llama"];
+
+/// GGUF metadata, as `candle` reads it.
+type GgufMetadata = HashMap<String, gguf_file::Value>;
 
 /// The chat template of SmolLM2-Instruct, also used by [`TextTokenizer::byte_level_for_tests`].
 #[cfg(any(test, feature = "test-support"))]
@@ -99,12 +105,17 @@ impl TextTokenizer {
         ))
     }
 
-    /// From GGUF metadata. Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported;
-    /// the tokenizer is built exactly like Hugging Face transformers builds it from a GGUF:
-    /// BPE over `tokenizer.ggml.tokens` (index = id) and `tokenizer.ggml.merges`, GPT-2
-    /// byte-level pre-tokenizer and decoder, and every control token (`token_type` 3) as a
-    /// special added token. EOS ids come from `tokenizer.ggml.eos_token_id` (plus
-    /// `eot_token_id` / `eom_token_id` when present), the template from `tokenizer.chat_template`.
+    /// From GGUF metadata, built exactly like Hugging Face transformers builds it from a GGUF.
+    /// Two `tokenizer.ggml.model`s are supported:
+    /// - `"gpt2"`, byte-level BPE: BPE over `tokenizer.ggml.tokens` (index = id) and
+    ///   `tokenizer.ggml.merges`, GPT-2 byte-level pre-tokenizer and decoder;
+    /// - `"llama"`, SentencePiece-style BPE with byte fallback (Llama-2, Mistral, Phi-3, Gemma),
+    ///   merges derived from `tokenizer.ggml.scores`; see `tokenizer_spm.rs`.
+    ///
+    /// Every control token (`token_type` 3) is a special added token, recognised in text; a
+    /// user-defined one (4) a plain added token. EOS ids come from `tokenizer.ggml.eos_token_id`
+    /// (plus `eot_token_id` / `eom_token_id` when present), the template from
+    /// `tokenizer.chat_template`. Any other tokenizer model is refused by name.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let md = &content.metadata;
         let model = md
@@ -112,72 +123,20 @@ impl TextTokenizer {
             .context("GGUF has no tokenizer.ggml.model: no tokenizer in this file")?
             .to_string()
             .map_err(|e| anyhow!("GGUF tokenizer.ggml.model is not a string: {e}"))?;
-        if model != "gpt2" {
+        if !SUPPORTED_GGUF_MODELS.contains(&model.as_str()) {
             bail!(
-                "unsupported GGUF tokenizer model {model:?}: only byte-level BPE (\"gpt2\") is supported"
+                "unsupported GGUF tokenizer model {model:?}: supported are {}",
+                SUPPORTED_GGUF_MODELS.map(|m| format!("{m:?}")).join(", ")
             );
         }
-
-        let tokens: Vec<String> = gguf_array(md, "tokenizer.ggml.tokens")?
-            .context("GGUF has no tokenizer.ggml.tokens")?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|e| anyhow!("GGUF tokenizer.ggml.tokens[{i}] is not a string: {e}"))
-            })
-            .collect::<Result<_>>()?;
-        let token_types: Vec<i64> = match gguf_array(md, "tokenizer.ggml.token_type")? {
-            None => Vec::new(),
-            Some(values) => values
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    gguf_int(v).with_context(|| {
-                        format!("GGUF tokenizer.ggml.token_type[{i}] is not an integer")
-                    })
-                })
-                .collect::<Result<_>>()?,
+        let tokens = gguf_tokens(md)?;
+        let token_types = gguf_token_types(md, tokens.len())?;
+        let merges = gguf_merges(md)?;
+        let inner = if model == "llama" {
+            spm::spm_tokenizer(md, &tokens, &token_types, merges)?
+        } else {
+            gpt2_tokenizer(&tokens, &token_types, merges.unwrap_or_default())?
         };
-        if !token_types.is_empty() && token_types.len() != tokens.len() {
-            bail!(
-                "GGUF has {} tokens but {} token types",
-                tokens.len(),
-                token_types.len()
-            );
-        }
-        let merges: Vec<Json> = match gguf_array(md, "tokenizer.ggml.merges")? {
-            None => Vec::new(),
-            Some(values) => values
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    let s = v.to_string().map_err(|e| {
-                        anyhow!("GGUF tokenizer.ggml.merges[{i}] is not a string: {e}")
-                    })?;
-                    let (a, b) = s.split_once(' ').with_context(|| {
-                        format!("GGUF tokenizer.ggml.merges[{i}] = {s:?} is not \"a b\"")
-                    })?;
-                    Ok(json!([a, b]))
-                })
-                .collect::<Result<_>>()?,
-        };
-
-        let mut vocab = serde_json::Map::with_capacity(tokens.len());
-        let mut added_tokens = Vec::new();
-        for (id, token) in tokens.iter().enumerate() {
-            if vocab.insert(token.clone(), json!(id)).is_some() {
-                bail!("GGUF token {token:?} appears twice in tokenizer.ggml.tokens");
-            }
-            let special = match token_types.get(id).copied() {
-                Some(GGUF_TOKEN_TYPE_CONTROL) => true,
-                Some(GGUF_TOKEN_TYPE_USER_DEFINED) => false,
-                _ => continue,
-            };
-            added_tokens.push(added_token(id, token, special));
-        }
-        let inner = byte_level_bpe(Json::Object(vocab), merges, added_tokens)?;
 
         let token_of = |key: &str| -> Result<Option<(u32, String)>> {
             let Some(v) = md.get(key) else {
@@ -341,6 +300,88 @@ impl TextTokenizer {
     }
 }
 
+/// The byte-level BPE tokenizer of a `"gpt2"` GGUF: every control token special, every
+/// user-defined one a plain added token.
+fn gpt2_tokenizer(
+    tokens: &[String],
+    token_types: &[i64],
+    merges: Vec<(String, String)>,
+) -> Result<Tokenizer> {
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut added_tokens = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        if vocab.insert(token.clone(), json!(id)).is_some() {
+            bail!("GGUF token {token:?} appears twice in tokenizer.ggml.tokens");
+        }
+        let special = match token_types.get(id).copied() {
+            Some(GGUF_TOKEN_TYPE_CONTROL) => true,
+            Some(GGUF_TOKEN_TYPE_USER_DEFINED) => false,
+            _ => continue,
+        };
+        added_tokens.push(added_token(id, token, special));
+    }
+    let merges = merges.into_iter().map(|(a, b)| json!([a, b])).collect();
+    byte_level_bpe(Json::Object(vocab), merges, added_tokens)
+}
+
+/// `tokenizer.ggml.tokens`, index = id.
+fn gguf_tokens(md: &GgufMetadata) -> Result<Vec<String>> {
+    gguf_array(md, "tokenizer.ggml.tokens")?
+        .context("GGUF has no tokenizer.ggml.tokens")?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.to_string()
+                .cloned()
+                .map_err(|e| anyhow!("GGUF tokenizer.ggml.tokens[{i}] is not a string: {e}"))
+        })
+        .collect()
+}
+
+/// `tokenizer.ggml.token_type`, one per token, or empty when the file has none.
+fn gguf_token_types(md: &GgufMetadata, token_count: usize) -> Result<Vec<i64>> {
+    let token_types: Vec<i64> = match gguf_array(md, "tokenizer.ggml.token_type")? {
+        None => return Ok(Vec::new()),
+        Some(values) => values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                gguf_int(v).with_context(|| {
+                    format!("GGUF tokenizer.ggml.token_type[{i}] is not an integer")
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
+    if token_types.len() != token_count {
+        bail!(
+            "GGUF has {token_count} tokens but {} token types",
+            token_types.len()
+        );
+    }
+    Ok(token_types)
+}
+
+/// `tokenizer.ggml.merges` ("a b" strings) as pairs, if the file has them.
+fn gguf_merges(md: &GgufMetadata) -> Result<Option<Vec<(String, String)>>> {
+    let Some(values) = gguf_array(md, "tokenizer.ggml.merges")? else {
+        return Ok(None);
+    };
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = v
+                .to_string()
+                .map_err(|e| anyhow!("GGUF tokenizer.ggml.merges[{i}] is not a string: {e}"))?;
+            let (a, b) = s.split_once(' ').with_context(|| {
+                format!("GGUF tokenizer.ggml.merges[{i}] = {s:?} is not \"a b\"")
+            })?;
+            Ok((a.to_owned(), b.to_owned()))
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
 /// An `added_tokens` entry of a tokenizer.json: matched whole, never normalised.
 fn added_token(id: usize, content: &str, special: bool) -> Json {
     json!({
@@ -476,10 +517,7 @@ fn push_unique(ids: &mut Vec<u32>, id: u32) {
 }
 
 /// An array-valued GGUF metadata entry, if present.
-fn gguf_array<'a>(
-    md: &'a std::collections::HashMap<String, gguf_file::Value>,
-    key: &str,
-) -> Result<Option<&'a Vec<gguf_file::Value>>> {
+fn gguf_array<'a>(md: &'a GgufMetadata, key: &str) -> Result<Option<&'a Vec<gguf_file::Value>>> {
     match md.get(key) {
         None => Ok(None),
         Some(v) => v
@@ -504,6 +542,9 @@ fn gguf_int(v: &gguf_file::Value) -> Option<i64> {
         _ => None,
     }
 }
+
+#[path = "tokenizer_spm.rs"]
+mod spm;
 
 #[cfg(test)]
 #[path = "tokenizer_tests.rs"]

@@ -291,9 +291,204 @@ fn from_gguf_synthetic() {
 
 #[test]
 fn from_gguf_rejects_other_models() {
-    let err = TextTokenizer::from_gguf(&synthetic_gguf("llama")).unwrap_err();
-    let msg = format!("{err:#}");
-    assert!(msg.contains("\"llama\"") && msg.contains("gpt2"), "{msg}");
+    for model in ["t5", "bert", "rwkv"] {
+        let err = TextTokenizer::from_gguf(&synthetic_gguf(model)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&format!("{model:?}")), "{msg}");
+        assert!(
+            msg.contains("\"gpt2\"") && msg.contains("\"llama\""),
+            "{msg}"
+        );
+    }
+}
+
+// --- SentencePiece-style ("llama") GGUF vocabularies --------------------------------------
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tokenizers")
+        .join(name)
+}
+
+fn fixture_tokenizer(name: &str) -> TextTokenizer {
+    let mut file = std::fs::File::open(fixture(name)).unwrap();
+    TextTokenizer::from_gguf(&gguf_file::Content::read(&mut file).unwrap()).unwrap()
+}
+
+/// llama.cpp's reference tokenizations (`tests/test-tokenizer-0.cpp`'s format): inputs split
+/// on "\n__ggml_vocab_test__\n", one line of space-separated ids per input.
+fn llama_cpp_cases(vocab: &str) -> Vec<(String, Vec<u32>)> {
+    let inp = std::fs::read_to_string(fixture(&format!("{vocab}.inp"))).unwrap();
+    let out = std::fs::read_to_string(fixture(&format!("{vocab}.out"))).unwrap();
+    // As the C++ reader: a separator at the very end opens no further input.
+    let inp = inp.strip_suffix("\n__ggml_vocab_test__\n").unwrap_or(&inp);
+    let inputs: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    let outputs: Vec<&str> = out.lines().collect();
+    assert_eq!(inputs.len(), outputs.len());
+    inputs
+        .into_iter()
+        .zip(outputs)
+        .map(|(text, ids)| {
+            let ids = ids.split_whitespace().map(|id| id.parse().unwrap());
+            (text.to_owned(), ids.collect())
+        })
+        .collect()
+}
+
+#[test]
+fn spm_gguf_matches_llama_cpp_reference() {
+    for vocab in ["ggml-vocab-llama-spm.gguf", "ggml-vocab-phi-3.gguf"] {
+        let t = fixture_tokenizer(vocab);
+        let cases = llama_cpp_cases(vocab);
+        assert!(cases.len() > 40, "{vocab}");
+        for (text, expected) in &cases {
+            let ids = t.encode(text).unwrap();
+            assert_eq!(&ids, expected, "{vocab}: ids of {text:?}");
+            assert_eq!(t.decode(&ids, false).unwrap(), *text, "{vocab}: decode");
+            assert_eq!(stream(&t, &ids).concat(), *text, "{vocab}: streamed");
+        }
+    }
+}
+
+#[test]
+fn spm_gguf_llama_shape() {
+    let t = fixture_tokenizer("ggml-vocab-llama-spm.gguf");
+    assert_eq!(t.vocab_size(), 32000);
+    assert_eq!(t.eos_token_ids(), &[2]);
+    assert_eq!(t.special_token_ids(), HashSet::from([0, 1, 2]));
+    assert!(!t.has_chat_template());
+    // Control tokens are recognised in text, each followed by a fresh space prefix (as llama.cpp).
+    assert_eq!(t.encode("<s>Hello</s>").unwrap(), vec![1, 15043, 2]);
+    // add_bos_token: the post-processor adds BOS when special tokens are asked for.
+    let with_bos = t.inner().encode_fast("Hello", true).unwrap();
+    assert_eq!(with_bos.get_ids(), &[1, 15043]);
+}
+
+/// Checks a tokenizer against `transformers_oracle.py`'s output for the same GGUF.
+fn check_against_transformers(gguf: &str, cases: &str, eos: &[u32]) {
+    let t = fixture_tokenizer(gguf);
+    let oracle: Json =
+        serde_json::from_str(&std::fs::read_to_string(fixture(cases)).unwrap()).unwrap();
+    let ids = |v: &Json| -> Vec<u32> {
+        let ids = v.as_array().unwrap().iter();
+        ids.map(|id| u32::try_from(id.as_u64().unwrap()).unwrap())
+            .collect()
+    };
+    assert_eq!(
+        t.vocab_size() as u64,
+        oracle["vocab_size"].as_u64().unwrap()
+    );
+    let specials: HashSet<u32> = ids(&oracle["special_ids"]).into_iter().collect();
+    assert_eq!(t.special_token_ids(), specials, "{gguf}");
+    assert_eq!(t.eos_token_ids(), eos, "{gguf}");
+    for case in oracle["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let expected = ids(&case["ids"]);
+        assert_eq!(t.encode(text).unwrap(), expected, "{gguf}: ids of {text:?}");
+        let with_special = t.inner().encode_fast(text, true).unwrap();
+        assert_eq!(
+            with_special.get_ids(),
+            ids(&case["ids_with_special"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            t.decode(&expected, false).unwrap(),
+            case["decoded"],
+            "{text:?}"
+        );
+        let skipped = t.decode(&expected, true).unwrap();
+        assert_eq!(skipped, case["decoded_skip_special"], "{text:?}");
+        assert_eq!(
+            stream(&t, &expected).concat(),
+            skipped,
+            "{gguf}: streamed {text:?}"
+        );
+    }
+    for case in oracle["decodes"].as_array().unwrap() {
+        let case_ids = ids(&case["ids"]);
+        assert_eq!(
+            t.decode(&case_ids, false).unwrap(),
+            case["decoded"],
+            "{case}"
+        );
+        let skipped = t.decode(&case_ids, true).unwrap();
+        assert_eq!(skipped, case["decoded_skip_special"], "{case}");
+    }
+    let chat = &oracle["chat"];
+    let user = chat["user"].as_str().unwrap();
+    let rendered = t
+        .apply_chat_template(&[ChatMessage::new("user", user)])
+        .unwrap();
+    assert_eq!(rendered, chat["rendered"], "{gguf}: chat template");
+    assert_eq!(
+        t.encode(&rendered).unwrap(),
+        ids(&chat["ids"]),
+        "{gguf}: chat ids"
+    );
+}
+
+#[test]
+fn spm_gguf_phi3_matches_transformers() {
+    check_against_transformers(
+        "ggml-vocab-phi-3.gguf",
+        "phi3_transformers_cases.json",
+        &[32000],
+    );
+}
+
+#[test]
+fn spm_gguf_gemma_matches_transformers() {
+    // No space prefix, space runs respelled as `▁` runs, merges ranked by position.
+    check_against_transformers("gemma_synthetic.gguf", "gemma_synthetic_cases.json", &[1]);
+}
+
+#[test]
+fn spm_merges_match_transformers_generate_merges() {
+    // Expected: transformers' `generate_merges(vocab, dict(zip(tokens, scores)))` on this input.
+    let tokens = [
+        "▁", "a", "b", "c", "ab", "bc", "abc", "▁a", "▁ab", "ca", "é", "aé", "ab",
+    ];
+    let scores = [
+        0.0, 0.0, 0.0, 0.0, -1.0, -1.0, -2.0, -0.5, -3.0, -1.0, 0.0, -2.0, -0.25,
+    ];
+    let tokens: Vec<String> = tokens.map(str::to_owned).to_vec();
+    let merges = spm::generate_merges(&tokens, &scores);
+    let expected = [
+        ("a", "b"),
+        ("▁", "a"),
+        ("b", "c"),
+        ("c", "a"),
+        ("ab", "c"),
+        ("a", "bc"),
+        ("a", "é"),
+        ("▁a", "b"),
+        ("▁", "ab"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect();
+    assert_eq!(merges, expected);
+}
+
+#[test]
+fn spm_gguf_needs_scores_or_merges() {
+    use gguf_file::Value as V;
+    let tokens = ["<unk>", "<s>", "</s>", "▁", "a"].map(|t| V::String(t.to_owned()));
+    let metadata = [
+        ("tokenizer.ggml.model", V::String("llama".to_owned())),
+        ("tokenizer.ggml.tokens", V::Array(tokens.to_vec())),
+    ];
+    let refs: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let mut buf = Cursor::new(Vec::new());
+    gguf_file::write(&mut buf, &refs, &[]).unwrap();
+    buf.set_position(0);
+    let content = gguf_file::Content::read(&mut buf).unwrap();
+    let err = TextTokenizer::from_gguf(&content).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("tokenizer.ggml.scores"),
+        "{err:#}"
+    );
 }
 
 #[test]
@@ -301,4 +496,19 @@ fn is_send_sync() {
     fn assert_send_sync<T: Send + Sync + 'static>() {}
     assert_send_sync::<TextTokenizer>();
     assert_send_sync::<IncrementalDetokenizer>();
+}
+
+#[test]
+fn spm_gguf_survives_hf_files_round_trip() {
+    let t = fixture_tokenizer("ggml-vocab-phi-3.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    t.save_hf_files(dir.path()).unwrap();
+    let back = TextTokenizer::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(back.vocab_size(), t.vocab_size());
+    assert_eq!(back.special_token_ids(), t.special_token_ids());
+    for (text, ids) in llama_cpp_cases("ggml-vocab-phi-3.gguf") {
+        assert_eq!(back.encode(&text).unwrap(), ids, "{text:?}");
+    }
+    let text = "<|user|>\nHi<|end|>\n<|assistant|>\n";
+    assert_eq!(back.encode(text).unwrap(), t.encode(text).unwrap());
 }

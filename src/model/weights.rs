@@ -238,15 +238,25 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedWeights> {
     }
     // SAFETY: the files are memory-mapped read-only and must not change while loaded,
     // which is the contract of every safetensors loader.
+    let names: Vec<String> = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .with_context(|| format!("reading safetensors headers in {}", dir.display()))?
+        .tensors()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    // SAFETY: as above.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
         .with_context(|| format!("loading safetensors from {}", dir.display()))?;
     Ok(LoadedWeights {
         config,
         tokenizer,
-        checkpoint: Checkpoint::dense(vb),
+        checkpoint: Checkpoint::dense(vb, names),
         source_dtype: "safetensors".into(),
     })
 }
+
+/// llama.cpp's per-frequency rope divisors (Llama 3.1+ rope scaling).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 fn load_gguf(path: &Path) -> Result<LoadedWeights> {
     let mut file =
@@ -257,15 +267,25 @@ fn load_gguf(path: &Path) -> Result<LoadedWeights> {
         .file_stem()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "model".into());
-    let config = ModelConfig::from_gguf(&content, &name)?;
+    let mut config = ModelConfig::from_gguf(&content, &name)?;
     let tokenizer = TextTokenizer::from_gguf(&content)?;
+    if content.tensor_infos.contains_key(ROPE_FREQS) {
+        let factors = content
+            .tensor(&mut file, ROPE_FREQS, &Device::Cpu)
+            .and_then(|t| t.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .with_context(|| format!("reading GGUF tensor {ROPE_FREQS}"))?;
+        config.set_rope_factors(factors)?;
+    }
     let mut vectors = HashMap::new();
     let mut blocks = HashMap::new();
     let mut dtypes = Vec::new();
     for (gguf_name, info) in content.tensor_infos.iter() {
-        let Some((hf_name, site)) = layout::from_gguf(gguf_name) else {
-            tracing::debug!(tensor = %gguf_name, "ignoring GGUF tensor");
+        if gguf_name == ROPE_FREQS {
             continue;
+        }
+        let Some((hf_name, site)) = layout::from_gguf(gguf_name) else {
+            bail!("GGUF tensor {gguf_name} is not one a llama model uses; refusing to serve the file without it");
         };
         dtypes.push(format!("{:?}", info.ggml_dtype));
         let qt = content
@@ -293,11 +313,12 @@ fn load_gguf(path: &Path) -> Result<LoadedWeights> {
     }
     dtypes.sort();
     dtypes.dedup();
+    let names: Vec<String> = vectors.keys().cloned().collect();
     let vb = VarBuilder::from_tensors(vectors, DType::F32, &Device::Cpu);
     Ok(LoadedWeights {
         config,
         tokenizer,
-        checkpoint: Checkpoint::with_blocks(vb, blocks),
+        checkpoint: Checkpoint::with_blocks(vb, names, blocks),
         source_dtype: format!("gguf {}", dtypes.join("/")),
     })
 }

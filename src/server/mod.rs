@@ -93,7 +93,7 @@ pub fn start_engine(
     adapters.set_max_adapter_bytes(engine.limits().max_adapter_bytes);
     let info = pb::ModelInfo {
         model_name: cfg.name.clone(),
-        architecture: "llama".into(),
+        architecture: cfg.arch.family.name().into(),
         context_length: cfg.max_position_embeddings as u32,
         vocab_size: cfg.vocab_size as u32,
         dtype,

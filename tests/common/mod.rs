@@ -43,7 +43,7 @@ enum Base {
     /// Seeded random weights of this shape on a CPU backend (f32 unless changed by
     /// [`TestServer::cpu_backend`]), with the byte-level test tokenizer.
     Random {
-        cfg: ModelConfig,
+        cfg: Box<ModelConfig>,
         seed: u64,
         backend: CpuBackend,
     },
@@ -117,7 +117,7 @@ impl TestServer {
     /// A random model of shape `cfg` (vocabulary [`TINY_VOCAB`]) from `seed`.
     pub fn random(cfg: ModelConfig, seed: u64) -> Self {
         Self::with_base(Base::Random {
-            cfg,
+            cfg: Box::new(cfg),
             seed,
             backend: CpuBackend::default(),
         })
@@ -182,7 +182,7 @@ impl TestServer {
     /// The model's shape (without loading it, for random models).
     pub fn config(&self) -> ModelConfig {
         match &self.base {
-            Base::Random { cfg, .. } => cfg.clone(),
+            Base::Random { cfg, .. } => (**cfg).clone(),
             Base::Real => {
                 let source = weights::resolve(real_model_path().to_str().unwrap(), None).unwrap();
                 weights::read_config(&source).unwrap()

@@ -25,7 +25,7 @@ use crate::lora::batch::LoraBatch;
 use crate::lora::values::LoraView;
 
 pub use reference::lora_apply_reference;
-pub use scale::{scale_input, scale_output};
+pub use scale::{add_output_offset, scale_input, scale_output};
 
 /// One adapter slot's weights for one site, as the kernels read them (each matrix f32 or
 /// bf16, as stored).

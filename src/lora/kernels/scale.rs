@@ -63,6 +63,35 @@ pub fn scale_output(
     Ok(())
 }
 
+/// Adds to the site's columns of each token's row of `y` its slot's output offset
+/// (`[out_features]`), after the output scales.
+pub fn add_output_offset(
+    slots: &[i32],
+    y: &mut [f32],
+    shape: SiteShape,
+    offsets: &[Option<&[f32]>],
+) -> Result<()> {
+    check(slots, offsets, shape.out_features)?;
+    ensure!(
+        shape.y_offset + shape.out_features <= shape.y_stride
+            && slots.len() * shape.y_stride == y.len(),
+        "offset output has {} values for {} tokens of stride {}",
+        y.len(),
+        slots.len(),
+        shape.y_stride
+    );
+    let columns = shape.y_offset..shape.y_offset + shape.out_features;
+    for (row, &s) in y.chunks_exact_mut(shape.y_stride).zip(slots) {
+        let Some(Some(v)) = usize::try_from(s).ok().map(|s| offsets[s]) else {
+            continue;
+        };
+        for (y, o) in row[columns.clone()].iter_mut().zip(v) {
+            *y += o;
+        }
+    }
+    Ok(())
+}
+
 /// `x` (`[T, in_features]`) with each token's row multiplied by its slot's input scale
 /// (`[in_features]`), or None when no token's slot has one.
 pub fn scale_input(

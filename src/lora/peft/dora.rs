@@ -18,7 +18,13 @@ pub(super) fn output_scales(
     weights: &mut AdapterWeights,
     served: &dyn ServedBase,
 ) -> Result<(), AdapterError> {
-    let AdapterWeights { layers, scales, .. } = weights;
+    let AdapterWeights {
+        layers,
+        scales,
+        offsets,
+        bytes,
+        ..
+    } = weights;
     for (layer, (pairs, sites)) in layers.iter().zip(scales.iter_mut()).enumerate() {
         for site in LoraSite::ALL {
             let (Some(pair), Some(SiteScale::Output(m))) =
@@ -36,6 +42,16 @@ pub(super) fn output_scales(
                         site.module_name()
                     )));
                 }
+            }
+            if let Some(bias) = served.bias(layer, site) {
+                // PEFT computes `g (x W^T + s B A x) + b`; the step scales the output with
+                // the bias in it, so it adds `(1 - g) b` after.
+                if offsets.is_empty() {
+                    *offsets = vec![Default::default(); layers.len()];
+                }
+                let offset: Vec<f32> = m.iter().zip(&bias).map(|(g, b)| (1.0 - g) * b).collect();
+                *bytes += 4 * offset.len();
+                offsets[layer][site.index()] = Some(offset);
             }
         }
     }
@@ -131,6 +147,7 @@ mod tests {
             target_modules: vec!["q_proj".into()],
             layers: vec![layer],
             scales: vec![scales],
+            offsets: Vec::new(),
             bytes: 0,
             prompt: None,
             prefix: None,

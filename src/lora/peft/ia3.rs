@@ -8,9 +8,9 @@
 //! ends with an entry (plain `str.endswith`, no dot boundary) or, given as a string, when
 //! it fully matches that regex.
 //!
-//! Invariants: every targeted site has exactly one finite vector of its side's width; an
-//! input (feed-forward) scale sits only where the site is the sole projection of its
-//! linear layer (`o_proj`, `down_proj`), since q/k/v and gate/up share one input pass.
+//! Invariants: every targeted site has exactly one finite vector of its side's width. An
+//! input (feed-forward) scale may sit on any site, a stacked one (`up_proj` beside
+//! `gate_proj`) included: the model runs that part's projection on the scaled input.
 use super::config::{is_set, RawConfig};
 use super::select::ModuleMatch;
 use super::tensors::{finite, split_key, SafeTensors};
@@ -102,13 +102,6 @@ impl Ia3Config {
             for site in LoraSite::ALL.into_iter().filter(|s| sites[s.index()]) {
                 let path = site.module_path(layer);
                 let feedforward = self.is_feedforward(&path);
-                if feedforward && !matches!(site, LoraSite::O | LoraSite::Down) {
-                    return Err(Unsupported(format!(
-                        "(IA)³ input scaling of {path} (feed-forward scaling is served on \
-                         o_proj and down_proj only: {} shares its input pass)",
-                        site.module_name()
-                    )));
-                }
                 row[site.index()] = Some(feedforward);
             }
             plan.push(row);

@@ -254,6 +254,10 @@ pub struct AdapterWeights {
     /// Keys and values every layer attends to before the request's tokens (prefix
     /// tuning).
     pub prefix: Option<KvPrefix>,
+    /// `offsets[l][site.index()]`: added to the site's output after its output scale;
+    /// DoRA on a base projection with a bias `b` (`(1 - g) b`: PEFT scales `x W^T`, not
+    /// the bias). Empty when no site has one.
+    pub offsets: Vec<[Option<Vec<f32>>; 7]>,
     /// Bytes held (every pair's values in the storage type, every scale in f32).
     pub bytes: usize,
 }
@@ -267,10 +271,16 @@ impl AdapterWeights {
             target_modules: Vec::new(),
             layers: Vec::new(),
             scales: Vec::new(),
+            offsets: Vec::new(),
             bytes: 0,
             prompt: None,
             prefix: None,
         }
+    }
+
+    /// The output offset of `site` at `layer`, if the adapter has one there.
+    pub fn offset(&self, layer: usize, site: LoraSite) -> Option<&[f32]> {
+        self.offsets.get(layer)?[site.index()].as_deref()
     }
 
     /// The scale of `site` at `layer`, if the adapter has one there.
@@ -345,6 +355,11 @@ pub trait ServedBase: Send + Sync {
     ) -> anyhow::Result<Vec<f32>>;
     /// Whether this backend's steps apply adapters of `kind`.
     fn serves(&self, kind: AdapterKind) -> bool;
+    /// The bias `[out]` of the base projection of `site` at `layer`, if it has one
+    /// (Qwen2's q, k, v).
+    fn bias(&self, _layer: usize, _site: LoraSite) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 impl std::fmt::Debug for dyn ServedBase {

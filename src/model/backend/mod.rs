@@ -33,7 +33,8 @@
 //!   caller (the engine's block allocator) guarantees are in range and not shared by two
 //!   writers. [`Backend::paged_attention`] first writes the step's K and V rows at their
 //!   positions, then computes causal attention of each query over its own sequence's
-//!   positions `0..=pos`.
+//!   positions `0..=pos` (or the last `window` of them on a sliding layer), with the
+//!   [`HeadShape`]'s scale and soft-cap.
 //! - **Host traffic.** Only [`Backend::upload`] (at load) and [`Backend::to_host`] (the
 //!   step's logits) cross between host and backend memory; nothing else needs to.
 //! - **Errors.** Operations return errors instead of panicking on shapes they cannot
@@ -58,12 +59,38 @@ use candle_core::Tensor;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// Head layout of one attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Head layout and options of one attention call (one layer).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HeadShape {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Scores `q . k` times this (`1 / sqrt(head_dim)` for most families).
+    pub scale: f32,
+    /// Scaled scores soft-capped to `c * tanh(s / c)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+    /// A query at position `p` attends to positions `p + 1 - window ..= p` only (a
+    /// sliding layer); None: to `0..=p`.
+    pub window: Option<usize>,
+}
+
+impl HeadShape {
+    /// Plain causal attention with the `1 / sqrt(head_dim)` scale.
+    pub fn causal(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+            window: None,
+        }
+    }
+
+    /// The first position a query at `pos` attends to.
+    pub fn first_position(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
 }
 
 /// The paged K/V storage of a model: `num_blocks` blocks of `block_size` token slots, each
@@ -176,10 +203,34 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn linear(&self, x: &Self::Matrix, w: &Self::Weight) -> Result<Self::Matrix>;
     /// `x / sqrt(mean(x^2) + eps) * w`, per row.
     fn rms_norm(&self, x: &Self::Matrix, w: &Self::Vector, eps: f32) -> Result<Self::Matrix>;
+    /// RMS norm of every `w.len()`-wide head of every row (`x` is `[t, heads * w.len()]`):
+    /// per-head q/k norms.
+    fn rms_norm_heads(&self, x: &Self::Matrix, w: &Self::Vector, eps: f32) -> Result<Self::Matrix>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Matrix, y: &Self::Matrix) -> Result<()>;
+    /// `x[t] += bias` for every row `t` (a linear layer's bias, `[cols]`).
+    fn add_bias(&self, x: &mut Self::Matrix, bias: &Self::Vector) -> Result<()>;
+    /// Rows of vocabulary tokens of `batch` times `factor` (Gemma's embedding scale,
+    /// part of its embedding lookup in transformers); virtual-token rows, which PEFT puts
+    /// beside the looked-up embeddings, are left as they are.
+    fn scale_embeddings(
+        &self,
+        batch: &ForwardBatch,
+        x: &mut Self::Matrix,
+        factor: f32,
+    ) -> Result<()>;
     /// SwiGLU: rows of `[gate | up]` (width `2 i`) to `silu(gate) * up` (width `i`).
     fn silu_mul(&self, gate_up: &Self::Matrix) -> Result<Self::Matrix>;
+    /// GeGLU: rows of `[gate | up]` to `gelu_tanh(gate) * up`, with GELU's tanh
+    /// approximation `0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))`.
+    fn gelu_tanh_mul(&self, gate_up: &Self::Matrix) -> Result<Self::Matrix>;
+    /// Columns `cols` of `src` written over the same columns of `dst` (same shape).
+    fn copy_columns(
+        &self,
+        dst: &mut Self::Matrix,
+        src: &Self::Matrix,
+        cols: Range<usize>,
+    ) -> Result<()>;
     /// The column blocks of `x` of the given widths (which sum to its width), in order.
     fn split_columns(&self, x: &Self::Matrix, widths: &[usize]) -> Result<Vec<Self::Matrix>>;
     /// Rotates every head of every row in place (rotate-half convention): `x` is
@@ -245,8 +296,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
     /// `x` (`[t, in]`, the input of the linear layer of `parts`) with each token's row
     /// multiplied by its adapter's input scale at those sites, or None when no token of
-    /// the step has one there (the caller then uses `x`). A backend that serves only LoRA
-    /// has none.
+    /// the step has one there (the caller then uses `x`). Asked with one part at a time
+    /// (a stacked layer's parts one by one: the model then runs that part's columns on
+    /// the scaled input). A backend that serves only LoRA has none.
     fn adapter_input(
         &self,
         _step: &Self::Step,
@@ -275,7 +327,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
     /// Adds each part's LoRA delta of `layer` to its columns of `y` (`[t, sum of the
     /// parts' widths]`), for input `x` (`[t, in]`), then multiplies those columns by each
-    /// token's adapter output scale at that part's site.
+    /// token's adapter output scale at that part's site and adds its output offset.
     fn lora(
         &self,
         step: &Self::Step,

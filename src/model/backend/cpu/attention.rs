@@ -106,7 +106,8 @@ struct Query<'a> {
     table: &'a [u32],
 }
 
-/// One query row (all heads) at position `pos` against cached positions `0..=pos`.
+/// One query row (all heads) at position `pos` against cached positions `0..=pos` (the
+/// last `window` of them on a sliding layer).
 fn attend_one<E: KvValue>(
     query: Query,
     out: &mut [f32],
@@ -154,9 +155,12 @@ fn attend_one_generic<E: KvValue>(
     let heads = shape.num_heads;
     let group = heads / shape.num_kv_heads;
     let kv_row = shape.num_kv_heads * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let n = pos + 1;
-    let offsets: Vec<usize> = (0..n).map(|j| slot_offset(layout, table, j)).collect();
+    let scale = shape.scale;
+    let first = shape.first_position(pos);
+    let n = pos + 1 - first;
+    let offsets: Vec<usize> = (first..=pos)
+        .map(|j| slot_offset(layout, table, j))
+        .collect();
     let mut scores = vec![0f32; n * heads];
     for (j, &off) in offsets.iter().enumerate() {
         let k = &lkv.k[off..off + kv_row];
@@ -164,6 +168,9 @@ fn attend_one_generic<E: KvValue>(
             let kvh = h / group;
             scores[h * n + j] = dot(&q[h * hd..(h + 1) * hd], &k[kvh * hd..(kvh + 1) * hd]) * scale;
         }
+    }
+    if let Some(cap) = shape.softcap {
+        scores.iter_mut().for_each(|s| *s = (*s / cap).tanh() * cap);
     }
     for h in 0..heads {
         softmax_in_place(&mut scores[h * n..(h + 1) * n]);

@@ -15,7 +15,9 @@ pub mod zeroed;
 
 use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
 use crate::lora::batch::LoraBatch;
-use crate::lora::kernels::{lora_apply, scale_input, scale_output, SiteShape, SlotWeights};
+use crate::lora::kernels::{
+    add_output_offset, lora_apply, scale_input, scale_output, SiteShape, SlotWeights,
+};
 use crate::lora::peft::{AdapterKind, AdapterWeights, KvPrefix, LoraSite, SiteScale};
 use crate::lora::values::AdapterDType;
 use crate::model::batch::{virtual_row, ForwardBatch};
@@ -222,6 +224,54 @@ impl Backend for CpuBackend {
         HostMatrix::new(ops::rms_norm(&x.data, w, eps), x.cols)
     }
 
+    fn rms_norm_heads(&self, x: &HostMatrix, w: &Vec<f32>, eps: f32) -> Result<HostMatrix> {
+        ensure!(
+            !w.is_empty() && x.cols.is_multiple_of(w.len()),
+            "head norm width {} for rows of {}",
+            w.len(),
+            x.cols
+        );
+        HostMatrix::new(ops::rms_norm(&x.data, w, eps), x.cols)
+    }
+
+    fn add_bias(&self, x: &mut HostMatrix, bias: &Vec<f32>) -> Result<()> {
+        ensure!(
+            x.cols == bias.len(),
+            "a bias of {} for rows of {}",
+            bias.len(),
+            x.cols
+        );
+        ops::add_bias(&mut x.data, bias);
+        Ok(())
+    }
+
+    fn scale_embeddings(
+        &self,
+        batch: &ForwardBatch,
+        x: &mut HostMatrix,
+        factor: f32,
+    ) -> Result<()> {
+        ensure!(
+            batch.tokens.len() == x.rows(),
+            "embedding rows for another batch"
+        );
+        let rows = x.data.chunks_exact_mut(x.cols).zip(&batch.tokens);
+        for (row, _) in rows.filter(|(_, &id)| virtual_row(id).is_none()) {
+            row.iter_mut().for_each(|v| *v *= factor);
+        }
+        Ok(())
+    }
+
+    fn gelu_tanh_mul(&self, gate_up: &HostMatrix) -> Result<HostMatrix> {
+        ensure!(
+            gate_up.cols.is_multiple_of(2),
+            "gate|up width {} is odd",
+            gate_up.cols
+        );
+        let i = gate_up.cols / 2;
+        HostMatrix::new(ops::gelu_tanh_mul(&gate_up.data, i), i)
+    }
+
     fn add_assign(&self, x: &mut HostMatrix, y: &HostMatrix) -> Result<()> {
         ensure!(
             x.data.len() == y.data.len(),
@@ -239,6 +289,25 @@ impl Backend for CpuBackend {
         );
         let i = gate_up.cols / 2;
         HostMatrix::new(ops::silu_mul(&gate_up.data, i), i)
+    }
+
+    fn copy_columns(
+        &self,
+        dst: &mut HostMatrix,
+        src: &HostMatrix,
+        cols: Range<usize>,
+    ) -> Result<()> {
+        ensure!(
+            dst.cols == src.cols && dst.data.len() == src.data.len() && cols.end <= dst.cols,
+            "copying columns {cols:?} between matrices of {} and {} columns",
+            dst.cols,
+            src.cols
+        );
+        let n = dst.cols;
+        for (d, s) in dst.data.chunks_exact_mut(n).zip(src.data.chunks_exact(n)) {
+            d[cols.clone()].copy_from_slice(&s[cols.clone()]);
+        }
+        Ok(())
     }
 
     fn split_columns(&self, x: &HostMatrix, widths: &[usize]) -> Result<Vec<HostMatrix>> {
@@ -374,7 +443,7 @@ impl Backend for CpuBackend {
         parts: &[SitePart],
         x: &HostMatrix,
     ) -> Result<Option<HostMatrix>> {
-        // The loader puts input scales only on single-part layers (o_proj, down_proj).
+        // The model asks a stacked layer's parts one at a time.
         let [part] = parts else {
             return Ok(None);
         };
@@ -434,6 +503,15 @@ impl Backend for CpuBackend {
                 if scales.iter().any(Option::is_some) {
                     let slots = step.batch.slots();
                     scale_output(slots, &mut y.data, shape, &scales).with_context(at)?;
+                }
+                let offsets: Vec<Option<&[f32]>> = step
+                    .adapters
+                    .iter()
+                    .map(|a| a.offset(layer, part.site))
+                    .collect();
+                if offsets.iter().any(Option::is_some) {
+                    let slots = step.batch.slots();
+                    add_output_offset(slots, &mut y.data, shape, &offsets).with_context(at)?;
                 }
             }
             y_offset += part.out_features;

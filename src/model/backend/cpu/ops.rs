@@ -48,6 +48,37 @@ pub fn silu_mul(gate_up: &[f32], i: usize) -> Vec<f32> {
     out
 }
 
+/// GeGLU: rows of `[gate | up]` (width `2 * i`) to `gelu_tanh(gate) * up` (width `i`),
+/// with PyTorch's tanh approximation in f32.
+pub fn gelu_tanh_mul(gate_up: &[f32], i: usize) -> Vec<f32> {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let rows = gate_up.len() / (2 * i);
+    let mut out = vec![0f32; rows * i];
+    let row = |(src, dst): (&[f32], &mut [f32])| {
+        let (gate, up) = src.split_at(i);
+        for ((d, &g), u) in dst.iter_mut().zip(gate).zip(up) {
+            let inner = SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g);
+            *d = 0.5 * g * (1.0 + inner.tanh()) * u;
+        }
+    };
+    if rows >= PARALLEL_ROWS {
+        gate_up
+            .par_chunks(2 * i)
+            .zip(out.par_chunks_mut(i))
+            .for_each(row);
+    } else {
+        gate_up.chunks(2 * i).zip(out.chunks_mut(i)).for_each(row);
+    }
+    out
+}
+
+/// `x[row] += bias` for every row of width `bias.len()`.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
 /// `x += y`.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {

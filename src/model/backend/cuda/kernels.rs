@@ -212,7 +212,9 @@ impl Kernels {
             "attention heads {shape:?} are not supported on CUDA (head_dim <= {MAX_HEAD_DIM})"
         );
         let f = self.func("paged_attention", false)?;
-        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let scale = shape.scale;
+        let softcap = shape.softcap.unwrap_or(0.0);
+        let window = int(shape.window.unwrap_or(0))?;
         let (mb, bs) = (int(meta.max_blocks)?, int(meta.block_size)?);
         let (nh, nkv, hd) = (
             int(shape.num_heads)?,
@@ -225,6 +227,7 @@ impl Kernels {
             .arg(&meta.row_chunk)
             .arg(&meta.block_tables);
         b.arg(&mb).arg(&bs).arg(&nh).arg(&nkv).arg(&hd).arg(&scale);
+        b.arg(&softcap).arg(&window);
         // SAFETY: matches `paged_attention_<T>`; the block tables cover every position
         // of their chunks and `out` has `rows * num_heads * head_dim` elements.
         unsafe { b.launch(grid(rows, shape.num_heads, 32 * ATTN_WARPS, 0)?) }?;

@@ -166,6 +166,37 @@ impl Backend for CudaBackend {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?)
     }
 
+    fn rms_norm_heads(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(x)?;
+        let hd = w.dim(0)?;
+        ensure!(
+            hd > 0 && cols % hd == 0,
+            "head norm width {hd} for rows of {cols}"
+        );
+        let heads = x.contiguous()?.reshape((rows * cols / hd, hd))?;
+        Ok(candle_nn::ops::rms_norm(&heads, w, eps)?.reshape((rows, cols))?)
+    }
+
+    fn add_bias(&self, x: &mut Tensor, bias: &Tensor) -> Result<()> {
+        *x = x.broadcast_add(bias)?;
+        Ok(())
+    }
+
+    fn scale_embeddings(&self, _batch: &ForwardBatch, x: &mut Tensor, factor: f32) -> Result<()> {
+        // No virtual tokens reach this backend (it serves no prompt learning).
+        *x = x.affine(factor as f64, 0.0)?;
+        Ok(())
+    }
+
+    fn gelu_tanh_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
+        let (_, cols) = rows_cols(gate_up)?;
+        ensure!(cols % 2 == 0, "gate|up width {cols} is odd");
+        let i = cols / 2;
+        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
+        let gate = gate_up.narrow(1, 0, i)?.gelu()?;
+        Ok(gate.mul(&gate_up.narrow(1, i, i)?)?)
+    }
+
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
         *x = x.add(y)?;
         Ok(())
@@ -177,6 +208,13 @@ impl Backend for CudaBackend {
         let i = cols / 2;
         let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)?;
         Ok(gate.mul(&gate_up.narrow(1, i, i)?)?)
+    }
+
+    fn copy_columns(&self, dst: &mut Tensor, src: &Tensor, cols: Range<usize>) -> Result<()> {
+        let (rows, _) = rows_cols(dst)?;
+        let part = src.narrow(1, cols.start, cols.len())?;
+        *dst = dst.slice_assign(&[0..rows, cols], &part)?;
+        Ok(())
     }
 
     fn split_columns(&self, x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {

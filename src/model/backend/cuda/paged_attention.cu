@@ -52,7 +52,7 @@ template <typename T>
 __device__ void attention(T* out, const T* q, const T* k_cache, const T* v_cache,
                           const int* positions, const int* row_chunk, const int* block_tables,
                           int max_blocks, int block_size, int num_heads, int num_kv_heads,
-                          int head_dim, float scale) {
+                          int head_dim, float scale, float softcap, int window) {
     __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
     __shared__ float s_acc[ATTN_WARPS][32 * MAX_DIMS_PER_LANE];
     const int t = blockIdx.x, hd = blockIdx.y;
@@ -70,8 +70,10 @@ __device__ void attention(T* out, const T* q, const T* k_cache, const T* v_cache
     }
     const int* table = block_tables + (size_t)row_chunk[t] * max_blocks;
     const int last = positions[t];
+    // A sliding layer attends to the last `window` positions only (window 0: all).
+    const int first = window > 0 ? max(0, last + 1 - window) : 0;
     float m = -INFINITY, l = 0.f;
-    for (int p = warp; p <= last; p += ATTN_WARPS) {
+    for (int p = first + warp; p <= last; p += ATTN_WARPS) {
         const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
         const T* krow = k_cache + slot * kv_width + (size_t)kvh * head_dim;
         const T* vrow = v_cache + slot * kv_width + (size_t)kvh * head_dim;
@@ -81,7 +83,9 @@ __device__ void attention(T* out, const T* q, const T* k_cache, const T* v_cache
             const int d = lane + 32 * i;
             if (i < dims && d < head_dim) dot = fmaf(qv[i], to_f(krow[d]), dot);
         }
-        const float s = warp_sum(dot);
+        const float raw = warp_sum(dot);
+        // Soft-capped scores (Gemma 2): softcap * tanh(s / softcap); 0: none.
+        const float s = softcap > 0.f ? tanhf(raw / softcap) * softcap : raw;
         const float m_new = fmaxf(m, s);
         const float corr = expf(m - m_new), e = expf(s - m_new);
         l = l * corr + e;
@@ -130,9 +134,11 @@ __device__ void attention(T* out, const T* q, const T* k_cache, const T* v_cache
     extern "C" __global__ void paged_attention_##SUFFIX(                                      \
         T* out, const T* q, const T* k_cache, const T* v_cache, const int* positions,         \
         const int* row_chunk, const int* block_tables, int max_blocks, int block_size,        \
-        int num_heads, int num_kv_heads, int head_dim, float scale) {                         \
+        int num_heads, int num_kv_heads, int head_dim, float scale, float softcap,            \
+        int window) {                                                                         \
         attention<T>(out, q, k_cache, v_cache, positions, row_chunk, block_tables,            \
-                     max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale);       \
+                     max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale,        \
+                     softcap, window);                                                        \
     }
 
 ATTENTION_KERNELS(float, f32)

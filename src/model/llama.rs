@@ -1,5 +1,6 @@
-//! The Llama-family forward pass over a ragged batch, written once against the
-//! [`Backend`] seam: the linear layers run once over every scheduled token of every
+//! The decoder forward pass of every model family over a ragged batch, written once
+//! against the [`Backend`] seam (what a family changes is its [`super::arch`]
+//! `Architecture`: biases, norms, activation, attention options, rope, windows): the linear layers run once over every scheduled token of every
 //! sequence, each with its adapter sites attached; attention is per sequence over the
 //! paged K/V. Every per-token result is independent of the rest of the batch (as far as
 //! the backend promises). Weights are read from a [`Checkpoint`] under the names of
@@ -208,6 +209,8 @@ struct ServedLlama<B: Backend> {
     backend: Arc<B>,
     /// Host copies of the projections' biases (DoRA's output offsets need them).
     biases: Arc<HashMap<(usize, LoraSite), Vec<f32>>>,
+    /// Some layer attends through a sliding window.
+    sliding: bool,
     layers: Arc<[DecoderLayer<B>]>,
 }
 
@@ -243,7 +246,10 @@ impl<B: Backend> ServedBase for ServedLlama<B> {
     }
 
     fn serves(&self, kind: AdapterKind) -> bool {
-        self.backend.serves(kind)
+        // Prefix tuning's virtual keys on a sliding layer: whether they stay in every
+        // query's window is not settled against PEFT, so not served there yet.
+        let prefix_on_window = kind == AdapterKind::PrefixTuning && self.sliding;
+        self.backend.serves(kind) && !prefix_on_window
     }
 
     fn bias(&self, layer: usize, site: LoraSite) -> Option<Vec<f32>> {
@@ -379,6 +385,7 @@ impl<B: Backend> Llama<B> {
         Arc::new(ServedLlama {
             backend: self.backend.clone(),
             biases: self.biases.clone(),
+            sliding: (0..self.cfg.num_layers).any(|l| self.cfg.arch.window(l).is_some()),
             layers: self.layers.clone(),
         })
     }

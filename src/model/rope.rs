@@ -280,6 +280,50 @@ mod tests {
         );
     }
 
+    /// llama.cpp's converter writes Llama 3's scaling as per-frequency divisors
+    /// (`rope_freqs.weight`, computed as in its `convert_hf_to_gguf.py`); read back as
+    /// [`RopeScaling::Factors`] they give transformers' `llama3` frequencies.
+    #[test]
+    fn llama_cpp_rope_factors_reproduce_llama3_scaling() {
+        let (theta, dim, factor, low, high, old) = (500_000f32, 64, 8f32, 1f32, 4f32, 8192f32);
+        let (freqs, _) = Rope::plain(theta).inv_freq(dim);
+        let factors: Vec<f32> = freqs
+            .iter()
+            .map(|&f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < old / high {
+                    1.0
+                } else if wavelen > old / low {
+                    factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        let gguf = Rope {
+            theta,
+            scaling: RopeScaling::Factors(factors),
+        }
+        .inv_freq(dim)
+        .0;
+        let hf = Rope {
+            theta,
+            scaling: RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            },
+        }
+        .inv_freq(dim)
+        .0;
+        for (a, b) in gguf.iter().zip(&hf) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
+        }
+        assert_ne!(gguf[dim / 2 - 1], freqs[dim / 2 - 1], "the factors apply");
+    }
+
     #[test]
     fn unknown_rope_types_and_options_are_refused_by_name() {
         let err = Rope::from_params(&json!({"rope_type": "longrope"}), Some(1e4), 64);

@@ -3,7 +3,8 @@
 //! binding roofline (the bytes are the weights as each mode holds them), with the GEMM
 //! rate and the read bandwidth measured in the same run, and quantized / f32 per batch.
 //! Each step runs as the server runs it, on a worker of the CPU kernels' pool.
-//! `cargo bench --bench decode_step` (needs `make model`).
+//! `cargo bench --bench decode_step` (needs `make model`). `DECODE_STEP_MODEL` may name a
+//! model folder too (`model synth --arch qwen2 --shape 1b`).
 //! Under `cargo test` it runs one quick pass as a smoke test. `DECODE_STEP_BATCHES=32`
 //! selects batch sizes; `DECODE_STEP_MODEL=path` another model; `DECODE_STEP_FORMATS=f32`
 //! or `quantized` one mode.
@@ -36,7 +37,7 @@ fn main() {
         Ok(p) => std::path::PathBuf::from(p),
         Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL),
     };
-    if !path.is_file() {
+    if !path.exists() {
         eprintln!(
             "decode_step: {} missing (run `make model`); skipping",
             path.display()

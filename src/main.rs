@@ -133,6 +133,10 @@ enum ModelCommand {
         /// tiny, 135m (SmolLM2-135M) or 1b (Llama-3.2-1B's layout).
         #[arg(long, default_value = "1b")]
         shape: String,
+        /// The model family the folder is a checkpoint of: llama, mistral, qwen2, qwen3,
+        /// gemma2 or gemma3 (its options on the same shape; gguf: llama only).
+        #[arg(long, default_value = "llama")]
+        arch: String,
         /// The folder to write (safetensors) or the file (gguf).
         #[arg(long)]
         out: std::path::PathBuf,
@@ -196,12 +200,19 @@ fn main() -> Result<()> {
         ),
         Command::Model(ModelCommand::Synth {
             shape,
+            arch,
             out,
             format,
             quant_type,
             tokenizer_from,
             seed,
-        }) => synth_model(&shape, &out, (format, quant_type), &tokenizer_from, seed),
+        }) => synth_model(
+            (&shape, &arch),
+            &out,
+            (format, quant_type),
+            &tokenizer_from,
+            seed,
+        ),
         Command::Download {
             repo,
             revision,
@@ -315,7 +326,7 @@ fn link_adapter(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
 }
 
 fn synth_model(
-    shape: &str,
+    (shape, arch): (&str, &str),
     out: &std::path::Path,
     (format, quant_type): (SynthFormat, GgmlDType),
     tokenizer_from: &str,
@@ -324,7 +335,8 @@ fn synth_model(
     use multilora::model::synth;
     let source = weights::resolve(tokenizer_from, None)?;
     let tokenizer = weights::load_tokenizer(&source)?;
-    let cfg = synth::shape(shape, tokenizer.vocab_size())?;
+    let family = multilora::model::arch::Family::from_name(arch)?;
+    let cfg = synth::with_family(&synth::shape(shape, tokenizer.vocab_size())?, family)?;
     let start = std::time::Instant::now();
     let params = match (format, &source) {
         (SynthFormat::Safetensors, _) => synth::write_synthetic_model(out, &cfg, &tokenizer, seed)?,
@@ -336,8 +348,9 @@ fn synth_model(
         ),
     };
     println!(
-        "{}: {shape} Llama, {:.3} B parameters, written in {:.1} s",
+        "{}: {shape} {}, {:.3} B parameters, written in {:.1} s",
         out.display(),
+        family.name(),
         params as f64 / 1e9,
         start.elapsed().as_secs_f64()
     );

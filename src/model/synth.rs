@@ -3,6 +3,7 @@
 //! shape with seeded random weights, written tensor by tensor so a 1B-class model needs
 //! no download and little RAM. Both formats hold the same values for a seed (the GGUF's
 //! before quantization).
+use super::arch::Family;
 use super::config::ModelConfig;
 use super::layout::{tensor_specs, to_gguf, TensorKind, TensorSpec};
 use super::tokenizer::TextTokenizer;
@@ -49,6 +50,19 @@ pub fn shape(name: &str, vocab_size: usize) -> Result<ModelConfig> {
     })
 }
 
+/// `cfg` as a model of `family`: the family's options on the same shape (Qwen2's q/k/v
+/// biases, Qwen3's q/k norms, Mistral's and Gemma's sliding windows, Gemma's norms,
+/// activation, embedding scale and attention scalar), read back through the family's
+/// own config parsing so the written `config.json` says exactly that.
+pub fn with_family(cfg: &ModelConfig, family: Family) -> Result<ModelConfig> {
+    let mut json = hf_config_json(cfg, family);
+    json["vocab_size"] = cfg.vocab_size.into();
+    let mut out = ModelConfig::from_hf_json(&json, &cfg.name)
+        .with_context(|| format!("a {} of this shape", family.model_type()))?;
+    out.eos_token_ids = cfg.eos_token_ids.clone();
+    Ok(out)
+}
+
 /// The model's parameter count.
 pub fn parameter_count(cfg: &ModelConfig) -> usize {
     tensor_specs(cfg).iter().map(TensorSpec::len).sum()
@@ -57,9 +71,11 @@ pub fn parameter_count(cfg: &ModelConfig) -> usize {
 /// The uniform distribution `offset + uniform(-bound, bound)` a tensor's values are
 /// drawn from: PyTorch's default Linear init scale (std 1/sqrt(fan_in)) for
 /// projections, so activations keep their size through the layers.
-fn distribution(spec: &TensorSpec) -> (f32, f32) {
+fn distribution(spec: &TensorSpec, norm_offset: bool) -> (f32, f32) {
     match spec.kind {
         TensorKind::Embedding => (0.0, 0.5),
+        // Gemma's norm weights are offsets from one.
+        TensorKind::Norm | TensorKind::HeadNorm if norm_offset => (0.0, 0.1),
         TensorKind::Norm | TensorKind::HeadNorm => (1.0, 0.1),
         TensorKind::Bias(_) => (0.0, 0.1),
         TensorKind::Linear(_) | TensorKind::LmHead => (0.0, (3.0 / spec.shape[1] as f32).sqrt()),
@@ -77,8 +93,8 @@ fn bf16_bits(x: f32) -> u16 {
 const CHUNK: usize = 1 << 16;
 
 /// The bf16 bytes of one tensor, deterministic in (`seed`, `index`).
-fn tensor_bytes(spec: &TensorSpec, seed: u64, index: usize) -> Vec<u8> {
-    let (offset, bound) = distribution(spec);
+fn tensor_bytes(spec: &TensorSpec, norm_offset: bool, seed: u64, index: usize) -> Vec<u8> {
+    let (offset, bound) = distribution(spec, norm_offset);
     let mut out = vec![0u8; 2 * spec.len()];
     out.par_chunks_mut(2 * CHUNK)
         .enumerate()
@@ -97,9 +113,16 @@ fn tensor_bytes(spec: &TensorSpec, seed: u64, index: usize) -> Vec<u8> {
 
 /// The Hugging Face `config.json` of `cfg`.
 fn hf_config(cfg: &ModelConfig, tokenizer: &TextTokenizer) -> serde_json::Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let mut json = hf_config_json(cfg, cfg.arch.family);
+    json["eos_token_id"] = tokenizer.eos_token_ids().into();
+    json
+}
+
+/// The `config.json` keys of `cfg` as a model of `family` (its own options at their
+/// usual values: a 4,096-token window, Gemma's alternating layers).
+fn hf_config_json(cfg: &ModelConfig, family: Family) -> serde_json::Value {
+    let mut json = json!({
+        "model_type": family.model_type(),
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
@@ -111,10 +134,50 @@ fn hf_config(cfg: &ModelConfig, tokenizer: &TextTokenizer) -> serde_json::Value 
         "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "eos_token_id": tokenizer.eos_token_ids(),
         "hidden_act": "silu",
         "torch_dtype": "bfloat16",
-    })
+    });
+    let arch_name = match family {
+        Family::Llama => "LlamaForCausalLM",
+        Family::Mistral => "MistralForCausalLM",
+        Family::Qwen2 => "Qwen2ForCausalLM",
+        Family::Qwen3 => "Qwen3ForCausalLM",
+        Family::Gemma2 => "Gemma2ForCausalLM",
+        Family::Gemma3 => "Gemma3ForCausalLM",
+    };
+    json["architectures"] = json!([arch_name]);
+    let a = &cfg.arch;
+    match family {
+        Family::Llama => {
+            json["attention_bias"] = a.qkv_bias.into();
+            json["mlp_bias"] = a.mlp_bias.into();
+        }
+        Family::Mistral => json["sliding_window"] = 4096.into(),
+        Family::Qwen2 | Family::Qwen3 => json["use_sliding_window"] = false.into(),
+        Family::Gemma2 | Family::Gemma3 => {
+            if let Some(obj) = json.as_object_mut() {
+                obj.remove("hidden_act");
+            }
+            json["hidden_activation"] = "gelu_pytorch_tanh".into();
+            json["sliding_window"] = 4096.into();
+            json["query_pre_attn_scalar"] = cfg.head_dim.into();
+            let sliding = |i: usize| match family {
+                Family::Gemma2 => i.is_multiple_of(2),
+                _ => !(i + 1).is_multiple_of(6),
+            };
+            let types: Vec<&str> = (0..cfg.num_layers)
+                .map(|i| {
+                    if sliding(i) {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            json["layer_types"] = json!(types);
+        }
+    }
+    json
 }
 
 /// Writes a model folder at `dir`: `config.json`, the tokenizer's files and
@@ -167,7 +230,7 @@ pub fn write_synthetic_model(
         .with_context(write_err)?;
     w.write_all(header.as_bytes()).with_context(write_err)?;
     for (index, t) in specs.iter().enumerate() {
-        w.write_all(&tensor_bytes(t, seed, index))
+        w.write_all(&tensor_bytes(t, cfg.arch.norm_offset, seed, index))
             .with_context(write_err)?;
     }
     w.flush().with_context(write_err)?;
@@ -179,7 +242,7 @@ pub fn write_synthetic_model(
 
 /// One tensor's seeded values (the bf16 values of [`tensor_bytes`]) as an f32 tensor.
 fn tensor_values(spec: &TensorSpec, seed: u64, index: usize) -> Result<Tensor> {
-    let values: Vec<f32> = tensor_bytes(spec, seed, index)
+    let values: Vec<f32> = tensor_bytes(spec, false, seed, index)
         .chunks_exact(2)
         .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
         .collect();
@@ -248,6 +311,12 @@ pub fn write_synthetic_gguf(
     dtype: GgmlDType,
     seed: u64,
 ) -> Result<usize> {
+    if cfg.arch != Default::default() {
+        bail!(
+            "GGUF files of {} models are not written yet (only llama)",
+            cfg.arch.family.model_type()
+        );
+    }
     let mut source = std::fs::File::open(tokenizer_from)
         .with_context(|| format!("opening {}", tokenizer_from.display()))?;
     let content = gguf_file::Content::read(&mut source)

@@ -158,3 +158,28 @@ fn gguf_holds_the_same_model_as_the_folder() {
     let size = |p: &Path| std::fs::metadata(p).unwrap().len();
     assert!(size(&file) < size(&folder.join("model.safetensors")));
 }
+
+#[test]
+fn every_family_writes_a_folder_that_loads_as_that_family_and_runs() {
+    let tok = TextTokenizer::byte_level_for_tests().unwrap();
+    let tiny = shape("tiny", tok.vocab_size()).unwrap();
+    for family in Family::ALL {
+        let cfg = with_family(&tiny, family).unwrap();
+        assert_eq!(cfg.arch.family, family);
+        let dir = tempfile::tempdir().unwrap();
+        write_synthetic_model(dir.path(), &cfg, &tok, 3).unwrap();
+        let loaded = weights::load_model(dir.path().to_str().unwrap(), None)
+            .unwrap_or_else(|e| panic!("{family:?}: {e:#}"));
+        assert_eq!(loaded.model.config().arch, cfg.arch, "{family:?}");
+        let mut batch = ForwardBatch::default();
+        batch.push_chunk(&[5, 6, 7], 0, &[0]);
+        batch.logit_rows = vec![2];
+        let model = crate::testing::random_llama(&cfg, 1).unwrap();
+        let mut kv = model.new_kv(1, 16).unwrap();
+        let logits = model.forward(&batch, &mut kv).unwrap();
+        assert!(logits.iter().all(|l| l.is_finite()), "{family:?}");
+    }
+    let gemma = with_family(&tiny, Family::Gemma2).unwrap();
+    let path = std::path::Path::new("unused.gguf");
+    assert!(write_synthetic_gguf(path, &gemma, path, GgmlDType::Q8_0, 0).is_err());
+}

@@ -40,27 +40,7 @@ pub fn scale_output(
     shape: SiteShape,
     scales: &[Option<&[f32]>],
 ) -> Result<()> {
-    check(slots, scales, shape.out_features)?;
-    ensure!(
-        shape.y_offset + shape.out_features <= shape.y_stride
-            && slots.len() * shape.y_stride == y.len(),
-        "scaled output has {} values for {} tokens of stride {} (site columns {}..{})",
-        y.len(),
-        slots.len(),
-        shape.y_stride,
-        shape.y_offset,
-        shape.y_offset + shape.out_features
-    );
-    let columns = shape.y_offset..shape.y_offset + shape.out_features;
-    for (row, &s) in y.chunks_exact_mut(shape.y_stride).zip(slots) {
-        let Some(Some(v)) = usize::try_from(s).ok().map(|s| scales[s]) else {
-            continue;
-        };
-        for (y, g) in row[columns.clone()].iter_mut().zip(v) {
-            *y *= g;
-        }
-    }
-    Ok(())
+    per_site_row(slots, y, shape, scales, |y, g| *y *= g)
 }
 
 /// Adds to the site's columns of each token's row of `y` its slot's output offset
@@ -71,22 +51,36 @@ pub fn add_output_offset(
     shape: SiteShape,
     offsets: &[Option<&[f32]>],
 ) -> Result<()> {
-    check(slots, offsets, shape.out_features)?;
+    per_site_row(slots, y, shape, offsets, |y, o| *y += o)
+}
+
+/// `op(y, v[o])` on the site's columns of each token's row of `y` whose slot has a
+/// vector `v` in `vectors`.
+fn per_site_row(
+    slots: &[i32],
+    y: &mut [f32],
+    shape: SiteShape,
+    vectors: &[Option<&[f32]>],
+    op: impl Fn(&mut f32, f32),
+) -> Result<()> {
+    check(slots, vectors, shape.out_features)?;
     ensure!(
         shape.y_offset + shape.out_features <= shape.y_stride
             && slots.len() * shape.y_stride == y.len(),
-        "offset output has {} values for {} tokens of stride {}",
+        "site output has {} values for {} tokens of stride {} (site columns {}..{})",
         y.len(),
         slots.len(),
-        shape.y_stride
+        shape.y_stride,
+        shape.y_offset,
+        shape.y_offset + shape.out_features
     );
     let columns = shape.y_offset..shape.y_offset + shape.out_features;
     for (row, &s) in y.chunks_exact_mut(shape.y_stride).zip(slots) {
-        let Some(Some(v)) = usize::try_from(s).ok().map(|s| offsets[s]) else {
+        let Some(Some(v)) = usize::try_from(s).ok().map(|s| vectors[s]) else {
             continue;
         };
-        for (y, o) in row[columns.clone()].iter_mut().zip(v) {
-            *y += o;
+        for (y, &g) in row[columns.clone()].iter_mut().zip(v) {
+            op(y, g);
         }
     }
     Ok(())

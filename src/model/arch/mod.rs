@@ -13,7 +13,7 @@ mod llama;
 mod qwen;
 
 use super::rope::{Rope, RopeScaling};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value as Json;
 
 /// A model family: one `model_type` (or a few that differ only in their defaults).
@@ -53,6 +53,17 @@ impl Family {
                 bail!("model_type {other:?} is not supported (supported: {known:?})")
             }
         })
+    }
+
+    /// The family called `name` ([`Family::name`] or its `model_type`).
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name || f.model_type() == name)
+            .with_context(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown model family {name:?}; use one of {names:?}")
+            })
     }
 
     /// The Hugging Face `model_type`.

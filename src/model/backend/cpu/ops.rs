@@ -29,36 +29,26 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
 
 /// SwiGLU: rows of `[gate | up]` (width `2 * i`) to `silu(gate) * up` (width `i`).
 pub fn silu_mul(gate_up: &[f32], i: usize) -> Vec<f32> {
-    let rows = gate_up.len() / (2 * i);
-    let mut out = vec![0f32; rows * i];
-    let row = |(src, dst): (&[f32], &mut [f32])| {
-        let (gate, up) = src.split_at(i);
-        for ((d, g), u) in dst.iter_mut().zip(gate).zip(up) {
-            *d = g / (1.0 + (-g).exp()) * u;
-        }
-    };
-    if rows >= PARALLEL_ROWS {
-        gate_up
-            .par_chunks(2 * i)
-            .zip(out.par_chunks_mut(i))
-            .for_each(row);
-    } else {
-        gate_up.chunks(2 * i).zip(out.chunks_mut(i)).for_each(row);
-    }
-    out
+    gated(gate_up, i, |g| g / (1.0 + (-g).exp()))
 }
 
 /// GeGLU: rows of `[gate | up]` (width `2 * i`) to `gelu_tanh(gate) * up` (width `i`),
 /// with PyTorch's tanh approximation in f32.
 pub fn gelu_tanh_mul(gate_up: &[f32], i: usize) -> Vec<f32> {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    gated(gate_up, i, |g| {
+        0.5 * g * (1.0 + (SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g)).tanh())
+    })
+}
+
+/// Rows of `[gate | up]` (width `2 * i`) to `act(gate) * up` (width `i`).
+fn gated(gate_up: &[f32], i: usize, act: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let rows = gate_up.len() / (2 * i);
     let mut out = vec![0f32; rows * i];
     let row = |(src, dst): (&[f32], &mut [f32])| {
         let (gate, up) = src.split_at(i);
         for ((d, &g), u) in dst.iter_mut().zip(gate).zip(up) {
-            let inner = SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g);
-            *d = 0.5 * g * (1.0 + inner.tanh()) * u;
+            *d = act(g) * u;
         }
     };
     if rows >= PARALLEL_ROWS {

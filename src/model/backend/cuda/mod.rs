@@ -24,6 +24,7 @@ use adapters::AdapterCache;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kernels::{device_ptr, Kernels, LoraLaunch};
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 pub use step::CudaStep;

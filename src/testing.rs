@@ -39,7 +39,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
             TensorKind::Norm | TensorKind::HeadNorm => (0.05, 1.0),
             TensorKind::Bias(_) => (0.1, 0.0),
             TensorKind::LmHead => (0.1, 0.0),
-            TensorKind::Linear(_) => (1.0 / (spec.shape[1] as f32).sqrt(), 0.0),
+            TensorKind::Linear(_) | TensorKind::FusedLinear => {
+                (1.0 / (spec.shape[1] as f32).sqrt(), 0.0)
+            }
         };
         let data: Vec<f32> = (0..spec.len())
             .map(|_| offset + std * rng.approx_normal())

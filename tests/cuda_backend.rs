@@ -75,6 +75,7 @@ fn lora_case(dtype: DType, n: usize, hidden: usize, ranks: &[usize], runs: &[usi
         q_out: hidden,
         kv_out: hidden / 4,
         intermediate_size: 2 * hidden,
+        modules: &multilora::lora::peft::SEPARATE_MODULES,
     };
     let adapters: Vec<Arc<AdapterWeights>> = (0..n)
         .map(|i| {
@@ -193,6 +194,7 @@ fn all_base_and_empty_batches_are_untouched() {
         q_out: 64,
         kv_out: 16,
         intermediate_size: 128,
+        modules: &multilora::lora::peft::SEPARATE_MODULES,
     };
     let adapter = Arc::new(random_adapter(&base, 8, &[LoraSite::Q], 9));
     let step = be.begin_step(&batch, &[adapter]).unwrap();

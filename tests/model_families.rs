@@ -326,7 +326,46 @@ fn a_tensor_the_config_does_not_declare_is_refused_by_name() {
 }
 
 #[test]
-fn families_not_served_yet_are_refused_by_name() {
-    let err = load_error(&family_dir("phi3"));
-    assert!(err.contains("\"phi3\" is not supported"), "{err}");
+fn phi3_fused_projections_match_transformers() {
+    // qkv_proj and gate_up_proj are single modules to the checkpoint and to PEFT: a
+    // LoRA on one is one A and one B over the fused output; (IA)³ scales gate_up_proj's
+    // input (feed-forward) and qkv_proj's output.
+    assert_family("phi3", &[4, 16]);
+}
+
+#[test]
+fn phi3_longrope_is_refused_by_name() {
+    let dir = edited_copy("phi3", |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": vec![1.0; 8], "long_factor": vec![2.0; 8]});
+    });
+    let err = load_error(dir.path());
+    assert!(err.contains("longrope"), "{err}");
+}
+
+#[test]
+fn phi3_adapters_name_its_fused_modules() {
+    // A PEFT adapter for Phi-3 targets qkv_proj; one naming q_proj (a Llama module) is
+    // refused by name, not silently applied to part of the fused projection.
+    let model = load_model(&family_dir("phi3"));
+    let dir = tempfile::tempdir().unwrap();
+    let src = family_dir("phi3").join("lora");
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let path = dir.path().join("adapter_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["target_modules"] = serde_json::json!(["q_proj", "v_proj"]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let served = model.served_base();
+    let err = load_peft_adapter_served(
+        dir.path(),
+        &model.base_shape(),
+        &AdapterLimits::default(),
+        model.backend().adapter_dtype(),
+        Some(&*served),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("q_proj"), "{err}");
 }

@@ -32,6 +32,7 @@ fn shape_7b() -> BaseShape {
         q_out: 4096,
         kv_out: 1024,
         intermediate_size: 11008,
+        modules: &multilora::lora::peft::SEPARATE_MODULES,
     }
 }
 

@@ -208,6 +208,7 @@ impl ModelConfig {
             q_out: self.num_heads * self.head_dim,
             kv_out: self.num_kv_heads * self.head_dim,
             intermediate_size: self.intermediate_size,
+            modules: super::layout::modules(self),
         }
     }
 

@@ -3,8 +3,9 @@
 //! GGUF files. Loading, the GGUF mapping, synthetic models and test weights all read it.
 //!
 //! Invariant: [`tensor_specs`] lists every tensor a model of that config has, once, in a
-//! fixed order (embedding, final norm, the untied LM head, then per layer the seven
-//! linear sites in [`LoraSite::ALL`] order, the two norms, and what the family adds:
+//! fixed order (embedding, final norm, the untied LM head, then per layer the
+//! projection modules of [`modules`] (the seven sites in [`LoraSite::ALL`] order, or
+//! Phi-3's fused ones), the two norms, and what the family adds:
 //! biases, Gemma's two extra norms, per-head q/k norms); a checkpoint tensor not in it
 //! is not served, and the loader refuses it by name.
 use super::config::ModelConfig;
@@ -17,6 +18,76 @@ pub const FINAL_NORM: &str = "model.norm.weight";
 /// The LM head `[vocab, hidden]` (absent when tied to the embedding).
 pub const LM_HEAD: &str = "lm_head.weight";
 
+/// One projection module of a decoder layer as the checkpoint and PEFT name it, and the
+/// adapter sites it computes, stacked in this order (output rows). Most families have
+/// one module per site; Phi-3 fuses q/k/v (`qkv_proj`) and gate/up (`gate_up_proj`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProjectionModule {
+    /// `self_attn` or `mlp`.
+    pub parent: &'static str,
+    pub name: &'static str,
+    pub sites: &'static [LoraSite],
+}
+
+impl ProjectionModule {
+    /// `model.layers.{layer}.self_attn.qkv_proj` and the like.
+    pub fn path(&self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.{}", self.parent, self.name)
+    }
+}
+
+const fn module(
+    parent: &'static str,
+    name: &'static str,
+    sites: &'static [LoraSite],
+) -> ProjectionModule {
+    ProjectionModule {
+        parent,
+        name,
+        sites,
+    }
+}
+
+/// One module per site (every family but Phi-3), in [`LoraSite::ALL`] order.
+pub const SEPARATE_MODULES: [ProjectionModule; 7] = [
+    module("self_attn", "q_proj", &[LoraSite::Q]),
+    module("self_attn", "k_proj", &[LoraSite::K]),
+    module("self_attn", "v_proj", &[LoraSite::V]),
+    module("self_attn", "o_proj", &[LoraSite::O]),
+    module("mlp", "gate_proj", &[LoraSite::Gate]),
+    module("mlp", "up_proj", &[LoraSite::Up]),
+    module("mlp", "down_proj", &[LoraSite::Down]),
+];
+
+/// Phi-3's modules: q/k/v and gate/up fused.
+pub const FUSED_MODULES: [ProjectionModule; 4] = [
+    module(
+        "self_attn",
+        "qkv_proj",
+        &[LoraSite::Q, LoraSite::K, LoraSite::V],
+    ),
+    module("self_attn", "o_proj", &[LoraSite::O]),
+    module("mlp", "gate_up_proj", &[LoraSite::Gate, LoraSite::Up]),
+    module("mlp", "down_proj", &[LoraSite::Down]),
+];
+
+/// The projection modules of a model of `cfg`'s family.
+pub fn modules(cfg: &ModelConfig) -> &'static [ProjectionModule] {
+    if cfg.arch.fused_projections {
+        &FUSED_MODULES
+    } else {
+        &SEPARATE_MODULES
+    }
+}
+
+/// The module of `modules` computing exactly `sites`, when one does.
+pub fn module_of<'a>(
+    modules: &'a [ProjectionModule],
+    sites: &[LoraSite],
+) -> Option<&'a ProjectionModule> {
+    modules.iter().find(|m| m.sites == sites)
+}
+
 /// What a tensor is, which decides how it is used (and initialised, for random models).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorKind {
@@ -25,6 +96,8 @@ pub enum TensorKind {
     Norm,
     /// A linear projection `[out, in]` at an adapter site.
     Linear(LoraSite),
+    /// A fused projection `[sum of out, in]` of several sites (Phi-3).
+    FusedLinear,
     /// The bias `[out]` of a site's projection.
     Bias(LoraSite),
     /// A per-head RMS-norm weight `[head_dim]` (q or k).
@@ -123,12 +196,17 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
         });
     }
     for layer in 0..cfg.num_layers {
-        for site in LoraSite::ALL {
-            let (inp, out) = base.dims(site);
+        for module in modules(cfg) {
+            let (inp, _) = base.dims(module.sites[0]);
+            let out = module.sites.iter().map(|&s| base.dims(s).1).sum();
+            let kind = match module.sites {
+                [site] => TensorKind::Linear(*site),
+                _ => TensorKind::FusedLinear,
+            };
             specs.push(TensorSpec {
-                name: linear_weight(layer, site),
+                name: format!("{}.weight", module.path(layer)),
                 shape: vec![out, inp],
-                kind: TensorKind::Linear(site),
+                kind,
             });
         }
         for site in LoraSite::ALL.into_iter().filter(|s| has_bias(cfg, *s)) {

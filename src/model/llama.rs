@@ -15,7 +15,6 @@ use super::layout;
 use super::rope::Rope;
 use crate::lora::peft::{AdapterKind, AdapterWeights, BaseShape, LoraSite, ServedBase};
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -27,6 +26,8 @@ struct Linear<B: Backend> {
     /// The stacked parts' biases (zeros for a part without one), if any part has one.
     bias: Option<B::Vector>,
     parts: Vec<SitePart>,
+    /// Host copies of the parts' own biases (DoRA's output offsets need them).
+    host_biases: Vec<Option<Vec<f32>>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -42,22 +43,40 @@ impl<B: Backend> Linear<B> {
         let mut weights = Vec::with_capacity(sites.len());
         let mut parts = Vec::with_capacity(sites.len());
         let mut bias = Vec::new();
+        let mut host_biases = Vec::with_capacity(sites.len());
         let biased = sites.iter().any(|&s| layout::has_bias(cfg, s));
+        let fused = layout::module_of(layout::modules(cfg), sites).filter(|m| m.sites.len() > 1);
+        if let Some(module) = fused {
+            // The checkpoint holds the stacked weight itself (Phi-3).
+            let out = sites.iter().map(|&s| base.dims(s).1).sum();
+            let name = format!("{}.weight", module.path(layer));
+            let w = ckpt
+                .linear((out, base.dims(sites[0]).0), &name)
+                .with_context(|| format!("loading {name}"))?;
+            weights.push(w);
+        }
         for &site in sites {
             let (inp, out) = base.dims(site);
-            let name = layout::linear_weight(layer, site);
-            weights.push(
-                ckpt.linear((out, inp), &name)
-                    .with_context(|| format!("loading {name}"))?,
-            );
+            if fused.is_none() {
+                let name = layout::linear_weight(layer, site);
+                weights.push(
+                    ckpt.linear((out, inp), &name)
+                        .with_context(|| format!("loading {name}"))?,
+                );
+            }
             if layout::has_bias(cfg, site) {
                 let name = layout::linear_bias(layer, site);
                 let b = ckpt
                     .tensor(&[out], &name)
                     .with_context(|| format!("loading {name}"))?;
-                bias.extend(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
-            } else if biased {
-                bias.extend(std::iter::repeat_n(0.0, out));
+                let b = b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                bias.extend_from_slice(&b);
+                host_biases.push(Some(b));
+            } else {
+                if biased {
+                    bias.extend(std::iter::repeat_n(0.0, out));
+                }
+                host_biases.push(None);
             }
             parts.push(SitePart {
                 site,
@@ -78,6 +97,7 @@ impl<B: Backend> Linear<B> {
             weight: backend.weight(&HostWeight::stack(weights)?)?,
             bias,
             parts,
+            host_biases,
         })
     }
 
@@ -207,26 +227,31 @@ impl<B: Backend> DecoderLayer<B> {
 /// A model's linear weights as its backend serves them, shared with adapter loads.
 struct ServedLlama<B: Backend> {
     backend: Arc<B>,
-    /// Host copies of the projections' biases (DoRA's output offsets need them).
-    biases: Arc<HashMap<(usize, LoraSite), Vec<f32>>>,
     /// Some layer attends through a sliding window.
     sliding: bool,
     layers: Arc<[DecoderLayer<B>]>,
 }
 
-impl<B: Backend> ServedBase for ServedLlama<B> {
-    fn weight_rows(&self, layer: usize, site: LoraSite, rows: Range<usize>) -> Result<Vec<f32>> {
+impl<B: Backend> ServedLlama<B> {
+    /// The stacked linear layer holding `site` of `layer`.
+    fn linear(&self, layer: usize, site: LoraSite) -> Result<&Linear<B>> {
         use LoraSite::*;
         let l = self
             .layers
             .get(layer)
             .with_context(|| format!("layer {layer} of {}", self.layers.len()))?;
-        let linear = match site {
+        Ok(match site {
             Q | K | V => &l.qkv,
             O => &l.o_proj,
             Gate | Up => &l.gate_up,
             Down => &l.down_proj,
-        };
+        })
+    }
+}
+
+impl<B: Backend> ServedBase for ServedLlama<B> {
+    fn weight_rows(&self, layer: usize, site: LoraSite, rows: Range<usize>) -> Result<Vec<f32>> {
+        let linear = self.linear(layer, site)?;
         let mut offset = 0;
         for part in &linear.parts {
             if part.site == site {
@@ -253,7 +278,9 @@ impl<B: Backend> ServedBase for ServedLlama<B> {
     }
 
     fn bias(&self, layer: usize, site: LoraSite) -> Option<Vec<f32>> {
-        self.biases.get(&(layer, site)).cloned()
+        let linear = self.linear(layer, site).ok()?;
+        let part = linear.parts.iter().position(|p| p.site == site)?;
+        linear.host_biases[part].clone()
     }
 }
 
@@ -272,31 +299,6 @@ pub struct Llama<B: Backend> {
     /// the sliding layers' rope where it differs (Gemma 3).
     rope: RopeTables<B>,
     local_rope: Option<RopeTables<B>>,
-    /// Host copies of the projections' biases, for adapter loads ([`ServedLlama`]).
-    biases: Arc<HashMap<(usize, LoraSite), Vec<f32>>>,
-}
-
-/// Every projection bias of the checkpoint, by (layer, site), in f32.
-fn host_biases(
-    ckpt: &Checkpoint,
-    cfg: &ModelConfig,
-) -> Result<HashMap<(usize, LoraSite), Vec<f32>>> {
-    let base = cfg.base_shape();
-    let mut out = HashMap::new();
-    for layer in 0..cfg.num_layers {
-        for site in LoraSite::ALL
-            .into_iter()
-            .filter(|&s| layout::has_bias(cfg, s))
-        {
-            let name = layout::linear_bias(layer, site);
-            let b = ckpt.tensor(&[base.dims(site).1], &name)?;
-            out.insert(
-                (layer, site),
-                b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
-            );
-        }
-    }
-    Ok(out)
 }
 
 /// One rope's cos and sin tables on the backend.
@@ -348,16 +350,13 @@ impl<B: Backend> Llama<B> {
         }
         ckpt.refuse_unused(cfg.arch.family.name())?;
         let rope = RopeTables::new(&backend, &cfg.global_rope(), cfg)?;
-        let local_rope = match cfg.arch.local_rope_theta {
-            Some(theta) if cfg.arch.has_local_rope() => {
-                Some(RopeTables::new(&backend, &Rope::plain(theta), cfg)?)
-            }
-            _ => None,
+        let local_rope = match cfg.arch.local_rope() {
+            Some(rope) => Some(RopeTables::new(&backend, &rope, cfg)?),
+            None => None,
         };
         Ok(Self {
             rope,
             local_rope,
-            biases: Arc::new(host_biases(ckpt, cfg)?),
             backend: Arc::new(backend),
             cfg: cfg.clone(),
             embedding,
@@ -384,7 +383,6 @@ impl<B: Backend> Llama<B> {
     pub fn served_base(&self) -> Arc<dyn ServedBase> {
         Arc::new(ServedLlama {
             backend: self.backend.clone(),
-            biases: self.biases.clone(),
             sliding: (0..self.cfg.num_layers).any(|l| self.cfg.arch.window(l).is_some()),
             layers: self.layers.clone(),
         })

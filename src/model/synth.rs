@@ -78,7 +78,9 @@ fn distribution(spec: &TensorSpec, norm_offset: bool) -> (f32, f32) {
         TensorKind::Norm | TensorKind::HeadNorm if norm_offset => (0.0, 0.1),
         TensorKind::Norm | TensorKind::HeadNorm => (1.0, 0.1),
         TensorKind::Bias(_) => (0.0, 0.1),
-        TensorKind::Linear(_) | TensorKind::LmHead => (0.0, (3.0 / spec.shape[1] as f32).sqrt()),
+        TensorKind::Linear(_) | TensorKind::FusedLinear | TensorKind::LmHead => {
+            (0.0, (3.0 / spec.shape[1] as f32).sqrt())
+        }
     }
 }
 
@@ -144,6 +146,7 @@ fn hf_config_json(cfg: &ModelConfig, family: Family) -> serde_json::Value {
         Family::Qwen3 => "Qwen3ForCausalLM",
         Family::Gemma2 => "Gemma2ForCausalLM",
         Family::Gemma3 => "Gemma3ForCausalLM",
+        Family::Phi3 => "Phi3ForCausalLM",
     };
     json["architectures"] = json!([arch_name]);
     let a = &cfg.arch;
@@ -153,6 +156,7 @@ fn hf_config_json(cfg: &ModelConfig, family: Family) -> serde_json::Value {
             json["mlp_bias"] = a.mlp_bias.into();
         }
         Family::Mistral => json["sliding_window"] = 4096.into(),
+        Family::Phi3 => json["sliding_window"] = serde_json::Value::Null,
         Family::Qwen2 | Family::Qwen3 => json["use_sliding_window"] = false.into(),
         Family::Gemma2 | Family::Gemma3 => {
             if let Some(obj) = json.as_object_mut() {

@@ -17,6 +17,7 @@ pub const SMOLLM2: BaseShape = BaseShape {
     q_out: 576,
     kv_out: 192,
     intermediate_size: 1536,
+    modules: &multilora::lora::peft::SEPARATE_MODULES,
 };
 
 pub const TINY: BaseShape = BaseShape {
@@ -25,6 +26,7 @@ pub const TINY: BaseShape = BaseShape {
     q_out: 8,
     kv_out: 4,
     intermediate_size: 12,
+    modules: &multilora::lora::peft::SEPARATE_MODULES,
 };
 
 pub fn fixture(name: &str) -> PathBuf {

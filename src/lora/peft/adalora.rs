@@ -80,7 +80,7 @@ impl AdaLoraConfig {
             .enumerate()
             .map(|(layer, sites)| {
                 std::array::from_fn(|i| {
-                    let path = LoraSite::ALL[i].module_path(layer);
+                    let path = base.module_path(LoraSite::ALL[i], layer);
                     let mask = self.masks.iter().find(|(m, _)| *m == path);
                     sites[i].then(|| {
                         mask.map_or(self.init_r, |(_, m)| m.iter().filter(|&&b| b).count())

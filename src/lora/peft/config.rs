@@ -223,7 +223,7 @@ impl LoraConfig {
             .map(|(layer, sites)| {
                 std::array::from_fn(|i| {
                     let site = LoraSite::ALL[i];
-                    sites[i].then(|| self.site_plan(&site.module_path(layer)))
+                    sites[i].then(|| self.site_plan(&base.module_path(site, layer)))
                 })
             })
             .collect())

@@ -100,7 +100,7 @@ impl Ia3Config {
         for (layer, sites) in selected.iter().enumerate() {
             let mut row = [None; 7];
             for site in LoraSite::ALL.into_iter().filter(|s| sites[s.index()]) {
-                let path = site.module_path(layer);
+                let path = base.module_path(site, layer);
                 let feedforward = self.is_feedforward(&path);
                 row[site.index()] = Some(feedforward);
             }

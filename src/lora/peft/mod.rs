@@ -17,6 +17,7 @@ mod adalora;
 mod config;
 mod dora;
 pub mod folder;
+mod fused;
 mod ia3;
 mod prompt;
 mod select;
@@ -29,6 +30,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::lora::values::{AdapterDType, LoraValues};
+pub use crate::model::layout::{ProjectionModule, SEPARATE_MODULES};
 use tensors::{assemble, SafeTensors};
 
 /// The seven Llama linear sites, in this order.
@@ -102,7 +104,8 @@ impl LoraSite {
     }
 }
 
-/// Base-model dimensions adapters are checked against.
+/// Base-model dimensions adapters are checked against, and its projection modules as
+/// PEFT names them (the model's table: one per site, or Phi-3's fused ones).
 #[derive(Clone, Copy, Debug)]
 pub struct BaseShape {
     pub num_layers: usize,
@@ -110,9 +113,34 @@ pub struct BaseShape {
     pub q_out: usize,
     pub kv_out: usize,
     pub intermediate_size: usize,
+    pub modules: &'static [ProjectionModule],
 }
 
 impl BaseShape {
+    /// The module computing `site`, and the site's rows of that module's output.
+    pub fn module_of(&self, site: LoraSite) -> (&'static ProjectionModule, Range<usize>) {
+        let modules: &'static [ProjectionModule] = self.modules;
+        let module = modules
+            .iter()
+            .find(|m| m.sites.contains(&site))
+            .unwrap_or(&SEPARATE_MODULES[site.index()]);
+        let mut start = 0;
+        for &s in module.sites {
+            let rows = self.dims(s).1;
+            if s == site {
+                return (module, start..start + rows);
+            }
+            start += rows;
+        }
+        (module, 0..self.dims(site).1)
+    }
+
+    /// The module name PEFT matches patterns against for `site` of `layer`:
+    /// `model.layers.{layer}.self_attn.q_proj` (or Phi-3's `...qkv_proj`).
+    pub fn module_path(&self, site: LoraSite, layer: usize) -> String {
+        self.module_of(site).0.path(layer)
+    }
+
     /// `(in_features, out_features)` of a site's base linear layer.
     pub fn dims(&self, site: LoraSite) -> (usize, usize) {
         match site {
@@ -554,22 +582,22 @@ pub fn load_peft_adapter_served(
     }
     if kind == AdapterKind::Ia3 {
         let plan = ia3::Ia3Config::parse(&raw)?.plan(base)?;
-        let file = SafeTensors::read(&weights_path, limits)?;
+        let file = SafeTensors::read(&weights_path, limits)?.unfused(base)?;
         return ia3::assemble(&plan, &file, base);
     }
     if matches!(
         kind,
         AdapterKind::PromptTuning | AdapterKind::PTuning | AdapterKind::PrefixTuning
     ) {
-        let file = SafeTensors::read(&weights_path, limits)?;
+        let file = SafeTensors::read(&weights_path, limits)?.unfused(base)?;
         return prompt::load(&raw, &file, base, kind);
     }
     if kind == AdapterKind::AdaLora {
-        let file = SafeTensors::read(&weights_path, limits)?;
+        let file = SafeTensors::read(&weights_path, limits)?.unfused(base)?;
         return adalora::load(&raw, &file, base, dtype);
     }
     if kind == AdapterKind::Vera {
-        let file = SafeTensors::read(&weights_path, limits)?;
+        let file = SafeTensors::read(&weights_path, limits)?.unfused(base)?;
         return vera::load(&raw, &file, base, dtype);
     }
     if kind == AdapterKind::Dora && served.is_none() {
@@ -579,7 +607,7 @@ pub fn load_peft_adapter_served(
     }
     let config = LoraConfig::parse(&raw)?;
     let plan = config.plan(base)?;
-    let file = SafeTensors::read(&weights_path, limits)?;
+    let file = SafeTensors::read(&weights_path, limits)?.unfused(base)?;
     let mut weights = assemble(&plan, &file, base, dtype, kind)?;
     if let Some(served) = served.filter(|_| kind == AdapterKind::Dora) {
         dora::output_scales(&mut weights, served)?;

@@ -113,7 +113,7 @@ impl ModuleMatch {
         self.check_known_targets(base)?;
         let selected: Vec<[bool; 7]> = (0..base.num_layers)
             .map(|layer| {
-                std::array::from_fn(|i| self.selects(&LoraSite::ALL[i].module_path(layer)))
+                std::array::from_fn(|i| self.selects(&base.module_path(LoraSite::ALL[i], layer)))
             })
             .collect();
         if !selected.iter().flatten().any(|&s| s) {
@@ -150,7 +150,7 @@ impl ModuleMatch {
                 for name in names {
                     let known = (0..base.num_layers.max(1)).any(|layer| {
                         LoraSite::ALL.iter().any(|s| {
-                            let path = s.module_path(layer);
+                            let path = base.module_path(*s, layer);
                             path == *name || ends_with_dotted(&path, name)
                         })
                     });

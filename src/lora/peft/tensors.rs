@@ -19,12 +19,13 @@ use super::KEY_PREFIX;
 use crate::lora::values::{AdapterDType, LoraValues};
 
 /// One tensor's header entry; `start..end` indexes the data section.
+#[derive(Clone)]
 pub(super) struct TensorInfo {
     pub(super) name: String,
-    dtype: String,
+    pub(super) dtype: String,
     pub(super) shape: Vec<usize>,
-    start: usize,
-    end: usize,
+    pub(super) start: usize,
+    pub(super) end: usize,
 }
 
 /// A safetensors file read whole, its header checked for bounds and consistency.

@@ -10,6 +10,7 @@
 //! nothing else.
 mod gemma;
 mod llama;
+mod phi3;
 mod qwen;
 
 use super::rope::{Rope, RopeScaling};
@@ -26,17 +27,19 @@ pub enum Family {
     Qwen3,
     Gemma2,
     Gemma3,
+    Phi3,
 }
 
 impl Family {
     /// Every family, in the README's order.
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
         Family::Qwen3,
         Family::Gemma2,
         Family::Gemma3,
+        Family::Phi3,
     ];
 
     /// The family of a Hugging Face `model_type`.
@@ -48,6 +51,7 @@ impl Family {
             "qwen3" => Family::Qwen3,
             "gemma2" => Family::Gemma2,
             "gemma3_text" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             other => {
                 let known: Vec<&str> = Self::ALL.iter().map(|f| f.model_type()).collect();
                 bail!("model_type {other:?} is not supported (supported: {known:?})")
@@ -75,6 +79,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -92,6 +97,7 @@ impl Family {
             Family::Llama | Family::Mistral => llama::architecture(self, json, dims),
             Family::Qwen2 | Family::Qwen3 => qwen::architecture(self, json, dims),
             Family::Gemma2 | Family::Gemma3 => gemma::architecture(self, json, dims),
+            Family::Phi3 => phi3::architecture(self, json, dims),
         }
     }
 }
@@ -159,6 +165,9 @@ pub struct Architecture {
     pub sliding_window: Option<usize>,
     /// Each layer's attention; empty: every layer [`LayerAttention::Full`].
     pub layers: Vec<LayerAttention>,
+    /// q/k/v and gate/up are single modules in the checkpoint and to PEFT (Phi-3;
+    /// `layout::FUSED_MODULES`).
+    pub fused_projections: bool,
 }
 
 impl Default for Architecture {
@@ -181,6 +190,7 @@ impl Default for Architecture {
             local_rope_theta: None,
             sliding_window: None,
             layers: Vec::new(),
+            fused_projections: false,
         }
     }
 }
@@ -199,9 +209,13 @@ impl Architecture {
         }
     }
 
-    /// Whether any layer's rope differs from the global one (tables per layer kind).
-    pub fn has_local_rope(&self) -> bool {
-        self.local_rope_theta.is_some() && self.layers.contains(&LayerAttention::Sliding)
+    /// The rope of the sliding layers where it differs from the global one (Gemma 3),
+    /// so they need tables of their own.
+    pub fn local_rope(&self) -> Option<crate::model::rope::Rope> {
+        let theta = self.local_rope_theta?;
+        self.layers
+            .contains(&LayerAttention::Sliding)
+            .then(|| crate::model::rope::Rope::plain(theta))
     }
 }
 
@@ -381,7 +395,10 @@ mod tests {
 
     #[test]
     fn what_a_family_does_not_serve_is_refused_by_name() {
-        assert!(err(json!({"model_type": "phi3"})).contains("\"phi3\" is not supported"));
+        assert!(err(json!({"model_type": "phi4"})).contains("\"phi4\" is not supported"));
+        let longrope = json!({"model_type": "phi3", "rope_scaling": {"type": "longrope",
+            "short_factor": [1.0], "long_factor": [1.0]}});
+        assert!(err(longrope).contains("longrope"));
         assert!(err(json!({"model_type": "llama", "sliding_window": 8})).contains("sliding_window"));
         assert!(
             err(json!({"model_type": "qwen2", "attn_logit_softcapping": 30.0}))

@@ -95,6 +95,8 @@ pub struct CpuStep {
     /// Some adapter scales a site's input or output (DoRA, (IA)³): else the scale
     /// passes are skipped at every layer.
     scaled: bool,
+    /// Some adapter adds a per-site output offset (DoRA on a biased projection).
+    offset: bool,
 }
 
 /// The f32 values of a host tensor, flattened.
@@ -408,6 +410,7 @@ impl Backend for CpuBackend {
             batch: lora_batch,
             adapters: adapters.to_vec(),
             scaled: adapters.iter().any(|a| !a.scales.is_empty()),
+            offset: adapters.iter().any(|a| !a.offsets.is_empty()),
         })
     }
 
@@ -504,6 +507,8 @@ impl Backend for CpuBackend {
                     let slots = step.batch.slots();
                     scale_output(slots, &mut y.data, shape, &scales).with_context(at)?;
                 }
+            }
+            if step.offset {
                 let offsets: Vec<Option<&[f32]>> = step
                     .adapters
                     .iter()

@@ -134,7 +134,7 @@ enum ModelCommand {
         #[arg(long, default_value = "1b")]
         shape: String,
         /// The model family the folder is a checkpoint of: llama, mistral, qwen2, qwen3,
-        /// gemma2 or gemma3 (its options on the same shape; gguf: llama only).
+        /// gemma2, gemma3 or phi3 (its options on the same shape, in either format).
         #[arg(long, default_value = "llama")]
         arch: String,
         /// The folder to write (safetensors) or the file (gguf).

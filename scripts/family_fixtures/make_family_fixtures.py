@@ -36,17 +36,13 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import warnings  # noqa: E402
-
-warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # scripts/
+# fixture_common sets the offline environment before it imports torch, transformers and PEFT
+from fixture_common import REPO, TOP_K, freeze, kv_cache, last_logits, log, save_peft_folder, setup  # noqa: E402
+from fixture_common import greedy_full_forward as full_forward  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import peft  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
@@ -62,12 +58,8 @@ from transformers import (  # noqa: E402
 )
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
 
-EXPECTED_VERSIONS = {"transformers": "5.24.0", "peft": "0.21.2"}
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
 VOCAB = 320
 NEW_TOKENS = 10
-TOP_K = 5
 PROMPT_LENGTHS = [5, 11, 19, 29]
 PROMPT_SEED = 20240
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -109,6 +101,11 @@ IA3_STD = dict(target=["k_proj", "v_proj", "up_proj", "down_proj"], ff=["up_proj
 IA3_PHI3 = dict(target=["qkv_proj", "gate_up_proj", "down_proj"], ff=["gate_up_proj", "down_proj"])
 
 
+def plain_rope(theta):
+    """A `sensitivity` variant: the config's RoPE (scaled) replaced by plain RoPE with `theta`."""
+    return lambda c: setattr(c, "rope_parameters", {"rope_type": "default", "rope_theta": theta})
+
+
 def families():
     """name -> dict(config=factory, adapters=[...], gemma_norm, classic, ...)"""
     return {
@@ -140,8 +137,7 @@ def families():
                 },
             },
             adapters=["lora"],
-            sensitivity={"rope_default_theta_500000": lambda c: setattr(
-                c, "rope_parameters", {"rope_type": "default", "rope_theta": 500000.0})},
+            sensitivity={"rope_default_theta_500000": plain_rope(500000.0)},
         ),
         "llama-bias": dict(
             config=lambda: LlamaConfig(
@@ -181,8 +177,7 @@ def families():
                 "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
             },
             adapters=["lora"],
-            sensitivity={"rope_default_no_yarn": lambda c: setattr(
-                c, "rope_parameters", {"rope_type": "default", "rope_theta": 10000.0})},
+            sensitivity={"rope_default_no_yarn": plain_rope(10000.0)},
         ),
         "qwen3": dict(
             config=lambda: Qwen3Config(
@@ -260,10 +255,6 @@ def families():
 
 
 # --------------------------------------------------------------------------- helpers
-def log(*a):
-    print(*a, flush=True)
-
-
 def bf16_round_(t):
     t.data.copy_(t.data.to(torch.bfloat16).to(t.dtype))
     return t
@@ -389,11 +380,7 @@ def load_f32(folder, config_file=None):
     kw = {}
     if config_file is not None:
         kw["config"] = transformers.AutoConfig.from_pretrained(config_file)
-    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kw)
-    m.eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
+    return freeze(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kw))
 
 
 def save_checkpoint(model, folder, spec):
@@ -414,29 +401,10 @@ def tensor_table(path):
 
 
 # --------------------------------------------------------------------------- references
-def step_record(logits, chosen):
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    vals, idx = torch.topk(lp, TOP_K)
-    return {
-        "token": int(chosen),
-        "logprob": float(lp[chosen]),
-        "top": [[int(i), float(v)] for v, i in zip(vals.tolist(), idx.tolist())],
-        "margin": float(vals[0] - vals[1]),
-    }
-
-
-@torch.no_grad()
 def greedy_full_forward(model, prompt_ids):
-    """Greedy, each step one full forward (no cache) over the whole sequence so far."""
-    cur = list(prompt_ids)
-    gen, steps = [], []
-    for _ in range(NEW_TOKENS):
-        x = torch.tensor([cur])
-        logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, -1]
-        t = int(torch.argmax(logits))
-        gen.append(t)
-        steps.append(step_record(logits, t))
-        cur.append(t)
+    """Greedy, each step one full forward (no cache) over the whole sequence so far; no EOS stopping,
+    steps with their margin."""
+    gen, steps, _ = full_forward(model, prompt_ids, NEW_TOKENS, margin=True)
     return gen, steps
 
 
@@ -448,7 +416,7 @@ def cached_vs_full(model, entries):
     for e in entries:
         x = torch.tensor([e["prompt_ids"]])
         out = model(input_ids=x, use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = kv_cache(out)
         logits = out.logits[0, -1]
         for s in e["steps"]:
             lp = torch.log_softmax(logits.float(), -1)
@@ -456,7 +424,7 @@ def cached_vs_full(model, entries):
             same = same and t == s["token"]
             d = max(d, max(abs(float(lp[i]) - v) for i, v in s["top"]))
             out = model(input_ids=torch.tensor([[s["token"]]]), cache=cache, use_cache=True)
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            cache = kv_cache(out)
             logits = out.logits[0, -1]
     return same, d
 
@@ -474,12 +442,6 @@ def run_prompts(model, extra=None):
 
 def min_margin(entries):
     return min(s["margin"] for e in entries for s in e["steps"])
-
-
-@torch.no_grad()
-def last_logits(model, ids):
-    x = torch.tensor([ids])
-    return model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, -1]
 
 
 # --------------------------------------------------------------------------- adapters
@@ -525,12 +487,7 @@ def randomize_adapter(pm, kind, gen, embed_std):
 
 
 def save_adapter(pm, folder, family):
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    pm.save_pretrained(folder, safe_serialization=True)
-    readme = os.path.join(folder, "README.md")  # PEFT's model card
-    if os.path.exists(readme):
-        os.remove(readme)
+    save_peft_folder(pm, folder)
     # record a repository-relative name instead of the (absolute, machine-specific) folder path
     cpath = os.path.join(folder, "adapter_config.json")
     cfg = json.load(open(cpath))
@@ -789,12 +746,7 @@ def main():
                                                     "names, resolved target modules, checks) to this JSON file")
     args = ap.parse_args()
 
-    have = {"transformers": transformers.__version__, "peft": peft.__version__}
-    for pkg, want in EXPECTED_VERSIONS.items():
-        if have[pkg] != want:
-            sys.exit(f"{pkg} {have[pkg]} is installed, but these fixtures need {pkg}=={want}")
-    log(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
-    torch.set_num_threads(args.threads)
+    setup(args.threads)
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)

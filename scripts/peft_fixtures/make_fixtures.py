@@ -36,21 +36,16 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import warnings  # noqa: E402
-
-warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # scripts/
+# fixture_common sets the offline environment before it imports torch, transformers and PEFT
+from fixture_common import REPO, TOP_K, freeze, kv_cache, log, setup, step_record  # noqa: E402
+from fixture_common import greedy_full_forward as full_forward  # noqa: E402
+from fixture_common import save_peft_folder as save_adapter  # noqa: E402
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
-import peft  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from peft import (  # noqa: E402
@@ -64,13 +59,10 @@ from peft import (  # noqa: E402
     get_peft_model,
 )
 
-EXPECTED_VERSIONS = {"transformers": "5.24.0", "peft": "0.21.2"}
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 GGUF_DIR = os.path.join(REPO, "models")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the shared adapters record
 MAX_NEW_TOKENS = 24
-TOP_K = 5
 EOS_ID = 2
 MODEL_DESC = "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to f32"
 
@@ -180,17 +172,10 @@ def adapter_specs():
 
 
 # --------------------------------------------------------------------------- helpers
-def log(*a):
-    print(*a, flush=True)
-
-
 def load_base():
     tok = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model.eval()
+    model = freeze(AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE, dtype=torch.float32))
     model.name_or_path = BASE_NAME  # recorded as base_model_name_or_path in adapter_config.json
-    for p in model.parameters():
-        p.requires_grad_(False)
     return tok, model
 
 
@@ -241,25 +226,6 @@ def train(name, spec, tok, base):
     return model
 
 
-def save_adapter(model, folder):
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    readme = os.path.join(folder, "README.md")  # PEFT's model card; the shared folders have none
-    if os.path.exists(readme):
-        os.remove(readme)
-
-
-def step_record(logits, chosen):
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    vals, idx = torch.topk(lp, TOP_K)
-    return {
-        "token": int(chosen),
-        "logprob": float(lp[chosen]),
-        "top": [[int(i), float(v)] for v, i in zip(vals.tolist(), idx.tolist())],
-    }
-
-
 @torch.no_grad()
 def greedy_generate(model, prompt_ids):
     """Greedy decoding through model.generate (for models whose input sequence is unchanged)."""
@@ -279,22 +245,9 @@ def greedy_generate(model, prompt_ids):
     return gen, steps
 
 
-@torch.no_grad()
 def greedy_full_forward(model, prompt_ids):
     """Greedy decoding, each step a full forward (no cache) of the whole sequence so far."""
-    cur = list(prompt_ids)
-    gen, steps, logits_list = [], [], []
-    for _ in range(MAX_NEW_TOKENS):
-        x = torch.tensor([cur])
-        logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, -1]
-        t = int(torch.argmax(logits))
-        gen.append(t)
-        steps.append(step_record(logits, t))
-        logits_list.append(logits)
-        cur.append(t)
-        if t == EOS_ID:
-            break
-    return gen, steps, logits_list
+    return full_forward(model, prompt_ids, MAX_NEW_TOKENS, eos_id=EOS_ID)
 
 
 @torch.no_grad()
@@ -303,7 +256,7 @@ def greedy_incremental(pm, prompt_ids):
     the base model with that cache (positions continue from the cache length)."""
     x = torch.tensor([prompt_ids])
     out = pm(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = kv_cache(out)
     base = pm.get_base_model()
     gen, logits_list = [], []
     logits = out.logits[0, -1]
@@ -496,13 +449,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    for pkg, want in EXPECTED_VERSIONS.items():
-        have = {"transformers": transformers.__version__, "peft": peft.__version__}[pkg]
-        if have != want:
-            sys.exit(f"{pkg} {have} is installed, but these fixtures need {pkg}=={want}")
-    log(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
-
-    torch.set_num_threads(args.threads)
+    setup(args.threads)
     torch.manual_seed(0)
     t_start = time.time()
 

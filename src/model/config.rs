@@ -97,53 +97,63 @@ impl ModelConfig {
         Ok(out)
     }
 
-    /// Reads the `llama.*` metadata of a GGUF file.
+    /// Reads the `{arch}.*` metadata of a GGUF file (llama.cpp's architecture names;
+    /// [`super::arch::gguf`]).
     pub fn from_gguf(content: &gguf_file::Content, name: &str) -> Result<Self> {
-        let md = &content.metadata;
-        let get = |key: &str| -> Result<&gguf_file::Value> {
-            md.get(key)
-                .with_context(|| format!("GGUF metadata lacks {key}"))
-        };
-        let arch = get("general.architecture")?.to_string()?.clone();
-        if arch != "llama" {
-            bail!("GGUF architecture {arch:?} is not supported (only llama)");
-        }
-        let u = |key: &str| -> Result<usize> { Ok(get(key)?.to_u32()? as usize) };
-        let hidden_size = u("llama.embedding_length")?;
-        let num_heads = u("llama.attention.head_count")?;
-        let num_kv_heads = u("llama.attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = u("llama.rope.dimension_count").unwrap_or(hidden_size / num_heads);
-        let vocab_size = match u("llama.vocab_size") {
+        use super::arch::gguf::{architecture, family_of, GgufDims, GgufMetadata};
+        let meta = GgufMetadata::new(&content.metadata)?;
+        let family = family_of(&meta.arch)?;
+        let hidden_size = meta.size("embedding_length")?;
+        let num_heads = meta.size("attention.head_count")?;
+        let num_kv_heads = meta.size("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = meta
+            .size("attention.key_length")
+            .or_else(|_| meta.size("rope.dimension_count"))
+            .unwrap_or(hidden_size / num_heads.max(1));
+        let vocab_size = match meta.size("vocab_size") {
             Ok(v) => v,
-            Err(_) => match get("tokenizer.ggml.tokens")? {
-                gguf_file::Value::Array(a) => a.len(),
-                _ => bail!("tokenizer.ggml.tokens is not an array"),
+            Err(_) => match content.metadata.get("tokenizer.ggml.tokens") {
+                Some(gguf_file::Value::Array(a)) => a.len(),
+                _ => bail!("GGUF metadata lacks tokenizer.ggml.tokens (an array)"),
             },
         };
-        let has_output = content.tensor_infos.contains_key("output.weight");
-        let eos_token_ids = u("tokenizer.ggml.eos_token_id")
-            .map(|e| vec![e as u32])
+        let has = |t: &str| content.tensor_infos.contains_key(t);
+        let num_layers = meta.size("block_count")?;
+        let dims = GgufDims {
+            num_layers,
+            num_heads,
+            hidden_size,
+            head_dim,
+            biases: [
+                has("blk.0.attn_q.bias"),
+                has("blk.0.attn_output.bias"),
+                has("blk.0.ffn_down.bias"),
+            ],
+        };
+        let eos_token_ids = content
+            .metadata
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .map(|e| vec![e])
             .unwrap_or_default();
         let out = Self {
             name: name.to_string(),
             hidden_size,
-            intermediate_size: u("llama.feed_forward_length")?,
+            intermediate_size: meta.size("feed_forward_length")?,
             vocab_size,
-            num_layers: u("llama.block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: get("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
-            rope_theta: get("llama.rope.freq_base")
-                .and_then(|v| Ok(v.to_f32()?))
-                .unwrap_or(10_000.0),
-            max_position_embeddings: u("llama.context_length")?,
-            tie_word_embeddings: !has_output,
+            rms_norm_eps: meta
+                .number("attention.layer_norm_rms_epsilon")?
+                .context("GGUF metadata lacks attention.layer_norm_rms_epsilon")?
+                as f64,
+            rope_theta: meta.number("rope.freq_base")?.unwrap_or(10_000.0),
+            max_position_embeddings: meta.size("context_length")?,
+            tie_word_embeddings: !has("output.weight"),
             eos_token_ids,
-            arch: Architecture {
-                rope_scaling: gguf_rope_scaling(md)?,
-                ..Architecture::default()
-            },
+            arch: architecture(family, &meta, &dims)?,
         };
         out.validate()?;
         Ok(out)
@@ -215,26 +225,5 @@ impl ModelConfig {
     /// Bytes of K and V for one token across all layers (f32).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
-    }
-}
-
-/// The rope scaling of GGUF metadata (`llama.rope.scaling.*`); Llama 3's scaling comes
-/// as `rope_freqs.weight` instead, which the loader reads.
-fn gguf_rope_scaling(
-    md: &std::collections::HashMap<String, gguf_file::Value>,
-) -> Result<RopeScaling> {
-    let Some(kind) = md.get("llama.rope.scaling.type") else {
-        return Ok(RopeScaling::None);
-    };
-    match kind.to_string()?.as_str() {
-        "none" => Ok(RopeScaling::None),
-        "linear" => {
-            let factor = md
-                .get("llama.rope.scaling.factor")
-                .context("GGUF linear rope scaling lacks llama.rope.scaling.factor")?
-                .to_f32()?;
-            Ok(RopeScaling::Linear { factor })
-        }
-        other => bail!("GGUF rope scaling type {other:?} is not supported (none, linear)"),
     }
 }

@@ -235,21 +235,35 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     specs
 }
 
-/// llama.cpp's name of a linear site inside `blk.N.`.
-fn gguf_site(site: LoraSite) -> &'static str {
-    match site {
-        LoraSite::Q => "attn_q",
-        LoraSite::K => "attn_k",
-        LoraSite::V => "attn_v",
-        LoraSite::O => "attn_output",
-        LoraSite::Gate => "ffn_gate",
-        LoraSite::Up => "ffn_up",
-        LoraSite::Down => "ffn_down",
-    }
+/// llama.cpp's name of a module inside `blk.N.` (`rest` being the Hugging Face name
+/// inside `model.layers.N.`), for a model of `cfg`'s family.
+fn gguf_module(cfg: &ModelConfig, rest: &str) -> Option<&'static str> {
+    Some(match rest {
+        "input_layernorm" => "attn_norm",
+        // Gemma's post_attention_layernorm norms the attention output; Llama's is the
+        // norm before the MLP.
+        "post_attention_layernorm" if cfg.arch.sandwich_norms => "post_attention_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        // Phi-3's fused gate/up (gate rows first) is llama.cpp's ffn_up.
+        "mlp.gate_up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    })
 }
 
-/// The GGUF (llama.cpp) name of a Hugging Face tensor name; the inverse of [`from_gguf`].
-pub fn to_gguf(hf: &str) -> Option<String> {
+/// The GGUF (llama.cpp) name of a Hugging Face tensor name of a model of `cfg`.
+pub fn to_gguf(cfg: &ModelConfig, hf: &str) -> Option<String> {
     match hf {
         EMBEDDING => return Some("token_embd.weight".into()),
         FINAL_NORM => return Some("output_norm.weight".into()),
@@ -257,41 +271,22 @@ pub fn to_gguf(hf: &str) -> Option<String> {
         _ => {}
     }
     let rest = hf.strip_prefix("model.layers.")?;
-    let layer: usize = rest.split_once('.')?.0.parse().ok()?;
-    let module = if hf == input_norm(layer) {
-        "attn_norm"
-    } else if hf == post_attention_norm(layer) {
-        "ffn_norm"
-    } else {
-        let site = LoraSite::ALL
-            .into_iter()
-            .find(|s| linear_weight(layer, *s) == hf)?;
-        gguf_site(site)
-    };
-    Some(format!("blk.{layer}.{module}.weight"))
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    Some(format!(
+        "blk.{layer}.{}.{suffix}",
+        gguf_module(cfg, module)?
+    ))
 }
 
-/// The Hugging Face name of a GGUF tensor, and the linear site it is (if one); None for
-/// tensors the model does not use.
-pub fn from_gguf(gguf: &str) -> Option<(String, Option<LoraSite>)> {
-    match gguf {
-        "token_embd.weight" => return Some((EMBEDDING.into(), None)),
-        "output_norm.weight" => return Some((FINAL_NORM.into(), None)),
-        "output.weight" => return Some((LM_HEAD.into(), None)),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let module = tail.strip_suffix(".weight")?;
-    match module {
-        "attn_norm" => Some((input_norm(layer), None)),
-        "ffn_norm" => Some((post_attention_norm(layer), None)),
-        _ => LoraSite::ALL
-            .into_iter()
-            .find(|s| gguf_site(*s) == module)
-            .map(|s| (linear_weight(layer, s), Some(s))),
-    }
+/// Every tensor of a model of `cfg` by its GGUF name (the inverse of [`to_gguf`] over
+/// [`tensor_specs`]): a GGUF tensor not here is not one the model uses.
+pub fn gguf_specs(cfg: &ModelConfig) -> std::collections::HashMap<String, TensorSpec> {
+    tensor_specs(cfg)
+        .into_iter()
+        .filter_map(|spec| Some((to_gguf(cfg, &spec.name)?, spec)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -300,25 +295,32 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf() {
-        assert_eq!(
-            from_gguf("blk.3.attn_q.weight"),
-            Some((
-                "model.layers.3.self_attn.q_proj.weight".into(),
-                Some(LoraSite::Q)
-            ))
-        );
-        assert_eq!(
-            from_gguf("blk.0.ffn_norm.weight").map(|n| n.0).as_deref(),
-            Some("model.layers.0.post_attention_layernorm.weight")
-        );
-        assert_eq!(from_gguf("rope_freqs.weight"), None);
         let cfg = crate::model::synth::shape("tiny", 100).unwrap();
-        for spec in tensor_specs(&cfg) {
-            let gguf = to_gguf(&spec.name).unwrap();
-            assert_eq!(from_gguf(&gguf).map(|n| n.0), Some(spec.name), "{gguf}");
-        }
-        assert_eq!(to_gguf("model.layers.0.mlp.nothing.weight"), None);
-        assert_eq!(from_gguf("blk.x.attn_q.weight"), None);
+        let specs = gguf_specs(&cfg);
+        assert_eq!(
+            specs["blk.3.attn_q.weight"].name,
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            specs["blk.0.ffn_norm.weight"].name,
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert!(!specs.contains_key("rope_freqs.weight"));
+        assert_eq!(specs.len(), tensor_specs(&cfg).len());
+        assert_eq!(to_gguf(&cfg, "model.layers.0.mlp.nothing.weight"), None);
+        // Gemma's four norms: ffn_norm is the one before the MLP there.
+        let gemma =
+            crate::model::synth::with_family(&cfg, crate::model::arch::Family::Gemma2).unwrap();
+        let specs = gguf_specs(&gemma);
+        assert_eq!(
+            specs["blk.0.ffn_norm.weight"].name,
+            "model.layers.0.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            specs["blk.0.post_attention_norm.weight"].name,
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(specs.len(), tensor_specs(&gemma).len());
     }
 
     #[test]

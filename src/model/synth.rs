@@ -245,8 +245,8 @@ pub fn write_synthetic_model(
 }
 
 /// One tensor's seeded values (the bf16 values of [`tensor_bytes`]) as an f32 tensor.
-fn tensor_values(spec: &TensorSpec, seed: u64, index: usize) -> Result<Tensor> {
-    let values: Vec<f32> = tensor_bytes(spec, false, seed, index)
+fn tensor_values(spec: &TensorSpec, norm_offset: bool, seed: u64, index: usize) -> Result<Tensor> {
+    let values: Vec<f32> = tensor_bytes(spec, norm_offset, seed, index)
         .chunks_exact(2)
         .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
         .collect();
@@ -257,34 +257,63 @@ fn tensor_values(spec: &TensorSpec, seed: u64, index: usize) -> Result<Tensor> {
     )?)
 }
 
-/// The llama metadata of `cfg`, as llama.cpp's converter writes it.
-fn gguf_llama_metadata(cfg: &ModelConfig) -> Vec<(String, gguf_file::Value)> {
+/// The metadata of `cfg` under llama.cpp's architecture name of its family, as
+/// llama.cpp's converter writes it (what a GGUF cannot say, such as Mistral's window,
+/// is left out, as the converter does).
+fn gguf_metadata(cfg: &ModelConfig) -> Result<Vec<(String, gguf_file::Value)>> {
     use gguf_file::Value::{String as S, F32, U32};
+    let a = &cfg.arch;
+    if a.rope_scaling != Default::default()
+        || a.attention_scale
+            .is_some_and(|s| (s - 1.0 / (cfg.head_dim as f32).sqrt()).abs() > 1e-7)
+    {
+        bail!("a GGUF file of this config would not say its rope scaling or attention scale");
+    }
+    let arch = match a.family {
+        Family::Llama | Family::Mistral => "llama",
+        f => f.name(),
+    };
     let u = |v: usize| U32(v as u32);
-    vec![
-        ("general.architecture".into(), S("llama".into())),
+    let mut md = vec![
+        ("general.architecture".to_string(), S(arch.into())),
         ("general.name".into(), S(cfg.name.clone())),
-        (
-            "llama.context_length".into(),
-            u(cfg.max_position_embeddings),
-        ),
-        ("llama.embedding_length".into(), u(cfg.hidden_size)),
-        ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
-        ("llama.block_count".into(), u(cfg.num_layers)),
-        ("llama.attention.head_count".into(), u(cfg.num_heads)),
-        ("llama.attention.head_count_kv".into(), u(cfg.num_kv_heads)),
-        ("llama.rope.dimension_count".into(), u(cfg.head_dim)),
-        ("llama.vocab_size".into(), u(cfg.vocab_size)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            F32(cfg.rms_norm_eps as f32),
-        ),
-        ("llama.rope.freq_base".into(), F32(cfg.rope_theta)),
-    ]
+    ];
+    let mut put = |key: &str, v: gguf_file::Value| md.push((format!("{arch}.{key}"), v));
+    put("context_length", u(cfg.max_position_embeddings));
+    put("embedding_length", u(cfg.hidden_size));
+    put("feed_forward_length", u(cfg.intermediate_size));
+    put("block_count", u(cfg.num_layers));
+    put("attention.head_count", u(cfg.num_heads));
+    put("attention.head_count_kv", u(cfg.num_kv_heads));
+    put("attention.key_length", u(cfg.head_dim));
+    put("attention.value_length", u(cfg.head_dim));
+    put("rope.dimension_count", u(cfg.head_dim));
+    put("vocab_size", u(cfg.vocab_size));
+    put(
+        "attention.layer_norm_rms_epsilon",
+        F32(cfg.rms_norm_eps as f32),
+    );
+    put("rope.freq_base", F32(cfg.rope_theta));
+    if let (Some(theta), Family::Gemma3) = (a.local_rope_theta, a.family) {
+        put("rope.freq_base_swa", F32(theta));
+    }
+    if matches!(a.family, Family::Gemma2 | Family::Gemma3 | Family::Phi3) {
+        put("attention.sliding_window", u(a.sliding_window.unwrap_or(0)));
+    }
+    for (key, cap) in [
+        ("attn_logit_softcapping", a.attention_softcap),
+        ("final_logit_softcapping", a.final_softcap),
+    ] {
+        if let Some(cap) = cap {
+            put(key, F32(cap));
+        }
+    }
+    Ok(md)
 }
 
-/// One tensor as the GGUF holds it: norms in f32; matrices quantized to `dtype`, Q/K rows
-/// permuted as llama.cpp's converter does (the loader undoes it).
+/// One tensor as the GGUF holds it: norms and biases in f32 (Gemma's norms with their one
+/// added); matrices quantized to `dtype`, a `llama` file's Q/K rows permuted as
+/// llama.cpp's converter does (the loader undoes it).
 fn gguf_tensor(
     cfg: &ModelConfig,
     spec: &TensorSpec,
@@ -292,13 +321,27 @@ fn gguf_tensor(
     seed: u64,
     index: usize,
 ) -> Result<QTensor> {
-    let t = tensor_values(spec, seed, index)?;
+    let t = tensor_values(spec, cfg.arch.norm_offset, seed, index)?;
+    let norm = matches!(spec.kind, TensorKind::Norm | TensorKind::HeadNorm);
+    let permuted = crate::model::arch::gguf::permuted_qk(cfg.arch.family);
     if spec.shape.len() != 2 {
+        // Gemma's norms are stored with their one added, as llama.cpp's converter does.
+        let t = match spec.kind {
+            _ if norm && cfg.arch.norm_offset => (t + 1.0)?,
+            TensorKind::Bias(site @ (LoraSite::Q | LoraSite::K)) if permuted => {
+                let heads = match site {
+                    LoraSite::Q => cfg.num_heads,
+                    _ => cfg.num_kv_heads,
+                };
+                permute_qk(&t.unsqueeze(1)?, heads)?.squeeze(1)?
+            }
+            _ => t,
+        };
         return Ok(QTensor::quantize(&t, GgmlDType::F32)?);
     }
     let t = match spec.kind {
-        TensorKind::Linear(LoraSite::Q) => permute_qk(&t, cfg.num_heads)?,
-        TensorKind::Linear(LoraSite::K) => permute_qk(&t, cfg.num_kv_heads)?,
+        TensorKind::Linear(LoraSite::Q) if permuted => permute_qk(&t, cfg.num_heads)?,
+        TensorKind::Linear(LoraSite::K) if permuted => permute_qk(&t, cfg.num_kv_heads)?,
         _ => t,
     };
     QTensor::quantize(&t, dtype).with_context(|| format!("quantizing {} to {dtype:?}", spec.name))
@@ -315,12 +358,6 @@ pub fn write_synthetic_gguf(
     dtype: GgmlDType,
     seed: u64,
 ) -> Result<usize> {
-    if cfg.arch != Default::default() {
-        bail!(
-            "GGUF files of {} models are not written yet (only llama)",
-            cfg.arch.family.model_type()
-        );
-    }
     let mut source = std::fs::File::open(tokenizer_from)
         .with_context(|| format!("opening {}", tokenizer_from.display()))?;
     let content = gguf_file::Content::read(&mut source)
@@ -332,7 +369,7 @@ pub fn write_synthetic_gguf(
             cfg.vocab_size
         );
     }
-    let mut metadata = gguf_llama_metadata(cfg);
+    let mut metadata = gguf_metadata(cfg)?;
     let mut tokenizer: Vec<_> = content
         .metadata
         .iter()
@@ -346,8 +383,8 @@ pub fn write_synthetic_gguf(
         .par_iter()
         .enumerate()
         .map(|(index, spec)| {
-            let name =
-                to_gguf(&spec.name).with_context(|| format!("no GGUF name for {}", spec.name))?;
+            let name = to_gguf(cfg, &spec.name)
+                .with_context(|| format!("no GGUF name for {}", spec.name))?;
             Ok((name, gguf_tensor(cfg, spec, dtype, seed, index)?))
         })
         .collect::<Result<Vec<_>>>()?;

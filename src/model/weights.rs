@@ -255,6 +255,14 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedWeights> {
     })
 }
 
+/// llama.cpp's name of the model's architecture.
+fn content_arch(config: &ModelConfig) -> &'static str {
+    match config.arch.family {
+        crate::model::arch::Family::Mistral => "llama",
+        f => f.name(),
+    }
+}
+
 /// llama.cpp's per-frequency rope divisors (Llama 3.1+ rope scaling).
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
@@ -280,36 +288,57 @@ fn load_gguf(path: &Path) -> Result<LoadedWeights> {
     let mut vectors = HashMap::new();
     let mut blocks = HashMap::new();
     let mut dtypes = Vec::new();
+    let specs = layout::gguf_specs(&config);
+    let permuted = crate::model::arch::gguf::permuted_qk(config.arch.family);
     for (gguf_name, info) in content.tensor_infos.iter() {
         if gguf_name == ROPE_FREQS {
             continue;
         }
-        let Some((hf_name, site)) = layout::from_gguf(gguf_name) else {
-            bail!("GGUF tensor {gguf_name} is not one a llama model uses; refusing to serve the file without it");
+        let Some(spec) = specs.get(gguf_name) else {
+            bail!(
+                "GGUF tensor {gguf_name} is not one a {} model uses; refusing to serve the file without it",
+                content_arch(&config)
+            );
         };
         dtypes.push(format!("{:?}", info.ggml_dtype));
         let qt = content
             .tensor(&mut file, gguf_name, &Device::Cpu)
             .with_context(|| format!("reading GGUF tensor {gguf_name}"))?;
+        // llama.cpp's `llama` files hold Q/K rows (and biases) permuted for its rope.
+        let heads = match spec.kind {
+            layout::TensorKind::Linear(LoraSite::Q) | layout::TensorKind::Bias(LoraSite::Q) => {
+                Some(config.num_heads)
+            }
+            layout::TensorKind::Linear(LoraSite::K) | layout::TensorKind::Bias(LoraSite::K) => {
+                Some(config.num_kv_heads)
+            }
+            _ => None,
+        }
+        .filter(|_| permuted);
         if qt.rank() != 2 {
             let t = qt
                 .dequantize(&Device::Cpu)
-                .with_context(|| format!("dequantizing {gguf_name}"))?;
-            vectors.insert(hf_name, t.to_dtype(DType::F32)?);
+                .with_context(|| format!("dequantizing {gguf_name}"))?
+                .to_dtype(DType::F32)?;
+            let t = match heads {
+                Some(h) => {
+                    let order: Vec<u32> = unpermute_qk_order(t.dim(0)?, h)
+                        .into_iter()
+                        .map(|i| i as u32)
+                        .collect();
+                    t.index_select(&Tensor::new(order, &Device::Cpu)?, 0)?
+                }
+                None => t,
+            };
+            vectors.insert(spec.name.clone(), t);
             continue;
         }
         let mut rows = BlockRows::from_qtensor(&qt).with_context(|| gguf_name.to_string())?;
         drop(qt);
-        match site {
-            Some(LoraSite::Q) => {
-                rows = rows.select_rows(&unpermute_qk_order(rows.rows, config.num_heads))?
-            }
-            Some(LoraSite::K) => {
-                rows = rows.select_rows(&unpermute_qk_order(rows.rows, config.num_kv_heads))?
-            }
-            _ => {}
+        if let Some(h) = heads {
+            rows = rows.select_rows(&unpermute_qk_order(rows.rows, h))?;
         }
-        blocks.insert(hf_name, rows);
+        blocks.insert(spec.name.clone(), rows);
     }
     dtypes.sort();
     dtypes.dedup();

@@ -9,6 +9,7 @@
 //! an [`Architecture`] is complete once read: the forward pass and the loader consult
 //! nothing else.
 mod gemma;
+pub mod gguf;
 mod llama;
 mod phi3;
 mod qwen;

@@ -298,8 +298,8 @@ mod tests {
         let cfg = crate::model::synth::shape("tiny", 100).unwrap();
         let specs = gguf_specs(&cfg);
         assert_eq!(
-            specs["blk.3.attn_q.weight"].name,
-            "model.layers.3.self_attn.q_proj.weight"
+            specs["blk.1.attn_q.weight"].name,
+            "model.layers.1.self_attn.q_proj.weight"
         );
         assert_eq!(
             specs["blk.0.ffn_norm.weight"].name,

@@ -61,8 +61,8 @@ fn divide(t: TensorInfo, base: &BaseShape) -> Result<Vec<TensorInfo>, AdapterErr
         let own = SEPARATE_MODULES
             .iter()
             .find(|m| m.parent == parent && m.name == name);
-        if let Some(own) = own.filter(|m| base.module_of(m.sites[0]).0.sites.len() > 1) {
-            let fused = base.module_of(own.sites[0]).0.name;
+        if let Some(own) = own.filter(|m| base.module_of(m.sites[0]).sites.len() > 1) {
+            let fused = base.module_of(own.sites[0]).name;
             return Err(Invalid(format!(
                 "unexpected key {} (this base model fuses {} into {fused})",
                 t.name, own.name

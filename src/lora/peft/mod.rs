@@ -117,28 +117,18 @@ pub struct BaseShape {
 }
 
 impl BaseShape {
-    /// The module computing `site`, and the site's rows of that module's output.
-    pub fn module_of(&self, site: LoraSite) -> (&'static ProjectionModule, Range<usize>) {
-        let modules: &'static [ProjectionModule] = self.modules;
-        let module = modules
+    /// The module computing `site`.
+    pub fn module_of(&self, site: LoraSite) -> &'static ProjectionModule {
+        self.modules
             .iter()
             .find(|m| m.sites.contains(&site))
-            .unwrap_or(&SEPARATE_MODULES[site.index()]);
-        let mut start = 0;
-        for &s in module.sites {
-            let rows = self.dims(s).1;
-            if s == site {
-                return (module, start..start + rows);
-            }
-            start += rows;
-        }
-        (module, 0..self.dims(site).1)
+            .unwrap_or(&SEPARATE_MODULES[site.index()])
     }
 
     /// The module name PEFT matches patterns against for `site` of `layer`:
     /// `model.layers.{layer}.self_attn.q_proj` (or Phi-3's `...qkv_proj`).
     pub fn module_path(&self, site: LoraSite, layer: usize) -> String {
-        self.module_of(site).0.path(layer)
+        self.module_of(site).path(layer)
     }
 
     /// `(in_features, out_features)` of a site's base linear layer.

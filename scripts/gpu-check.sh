@@ -4,6 +4,7 @@
 #   bash scripts/gpu-check.sh build   # here, on a machine without a GPU
 #   bash run.sh                       # on the GPU machine, inside the staged folder
 #   bash run.sh quick                 # the same without (c) and (c2)
+#   bash run.sh perf                  # the decode-speed figures, as JSON (under 5 minutes)
 #
 # Build half: links the CUDA test and bench binaries and the server with the pinned
 # CUDA 13.0 toolchain (scripts/cuda-env.sh) against the CUDA 13 libraries from PyPI and a
@@ -120,17 +121,22 @@ wait_port() {
   return 1
 }
 
-run_half() {
-  cd "$(dirname "$0")"
-  # On the device tool's machine, $OUT is what comes back: write there as we go, so a
-  # run stopped at its time limit still returns what it measured.
-  local out=${OUT:+$OUT/}gpu-figures.txt work=gpu-work
-  if [ -f bin.tar.xz ]; then
+# Unpacks the staged binaries (once) and points the loader at the CUDA 13 libraries.
+unpack() {
+  if [ -f bin.tar.xz ] && [ ! -x bin/multilora ]; then
     mkdir -p bin
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' bin.tar.xz bin
     chmod +x bin/*
   fi
   export LD_LIBRARY_PATH="$(find_cuda_libs):${LD_LIBRARY_PATH:-}"
+}
+
+run_half() {
+  cd "$(dirname "$0")"
+  # On the device tool's machine, $OUT is what comes back: write there as we go, so a
+  # run stopped at its time limit still returns what it measured.
+  local out=${OUT:+$OUT/}gpu-figures.txt work=gpu-work
+  unpack
   mkdir -p "$work"
   : > "$out"
   { echo "# gpu-check $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee -a "$out"
@@ -266,10 +272,131 @@ print("tenant checks: " + ("passed" if all(checks) else f"FAILED {checks}"))
 PY
 }
 
+
+# The decode-speed figures (issue 30), under 5 minutes: the attention kernels against the
+# CPU first, then the kernel and step benchmark with cudarc's event tracking on and off
+# and with each attention kernel, then the closed loop on the synthetic 1B model (bf16):
+# base only, one adapter, 64 distinct rank-16 adapters on q,v and on every linear layer,
+# and base only again with event tracking on. Text in gpu-perf.txt, one JSON object in
+# gpu-figures-<card>.json (commit both under bench/results/).
+perf_half() {
+  cd "$(dirname "$0")"
+  unpack
+  local work=gpu-work bin=./bin/multilora
+  mkdir -p "$work"
+  local card
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z' | sed 's/^nvidia-//; s/-*$//')
+  local out=${OUT:+$OUT/}gpu-perf.txt json=${OUT:+$OUT/}gpu-figures-${card:-unknown}.json
+  : > "$out"
+  { echo "# gpu-check perf $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee -a "$out"
+  echo "## attention kernels against the CPU" | tee -a "$out"
+  timeout 90 ./bin/cuda_backend --include-ignored --test-threads=1 paged_attention 2>&1 | tee "$work/attention-parity.txt" | tail -4 | tee -a "$out" || true
+  echo "## kernel and step benchmark (event tracking off, the default)" | tee -a "$out"
+  timeout 120 ./bin/cuda_lora --bench 2>&1 | tee -a "$out" > "$work/bench.txt" || echo "BENCH FAILED" | tee -a "$out"
+  echo "## the step with event tracking on" | tee -a "$out"
+  MULTILORA_CUDA_EVENT_TRACKING=1 timeout 60 ./bin/cuda_lora --bench --step-only 2>&1 | tee -a "$out" > "$work/step-events.txt" || true
+  echo "## the step with split decode attention" | tee -a "$out"
+  MULTILORA_CUDA_ATTENTION=split timeout 60 ./bin/cuda_lora --bench --step-only 2>&1 | tee -a "$out" > "$work/step-split.txt" || true
+  echo "## closed loop" | tee -a "$out"
+  timeout 200 bash "$(basename "$0")" closed-loop "$work" 2>&1 | tee -a "$out" || echo "CLOSED LOOP FAILED" | tee -a "$out"
+  python3 - "$work" "$json" "${card:-unknown}" <<'PY' | tee -a "$out"
+import json, os, re, sys, datetime
+work, path, card = sys.argv[1:]
+def figures(name):
+    found = {}
+    try:
+        for line in open(os.path.join(work, name)):
+            m = re.match(r"figure (\S+) (\S+)", line)
+            if m:
+                found[m.group(1)] = float(m.group(2))
+    except FileNotFoundError:
+        pass
+    return found
+def loop(name):
+    try:
+        s = json.load(open(os.path.join(work, f"loop-{name}.json")))["summary"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    return {"tok_s": s["token_throughput"], "tpot_p50_ms": s["tpot"]["p50"] * 1e3,
+            "ttft_p50_ms": s["ttft"]["p50"] * 1e3}
+def phases():
+    pattern = re.compile(r"step phases over (\d+) steps \(mean us per step, (\S+) rows\): plan (\d+), "
+                         r"upload (\d+), enqueue (\d+), sync (\d+), sample (\d+)")
+    windows = []
+    try:
+        for line in open(os.path.join(work, "perf-server-0.log")):
+            m = pattern.search(line)
+            if m:
+                keys = ["steps", "rows", "plan_us", "upload_us", "enqueue_us", "sync_us", "sample_us"]
+                windows.append(dict(zip(keys, map(float, m.groups()))))
+    except FileNotFoundError:
+        pass
+    return windows
+bench, events, split = figures("bench.txt"), figures("step-events.txt"), figures("step-split.txt")
+parity = open(os.path.join(work, "attention-parity.txt")).read() if os.path.exists(os.path.join(work, "attention-parity.txt")) else ""
+run = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device": card,
+    # No CUDA graphs yet: nothing replays, so nothing can be compared bitwise.
+    "graph_vs_eager_bitwise": None,
+    "attention_parity_passed": "test result: ok" in parity,
+    "step_ms_b64": bench.get("step_ms_b64"),
+    "gemm_ms_b64": bench.get("gemm_ms_b64"),
+    "gemm_timing": "eager (not graph-captured)",
+    "step_over_gemm": bench.get("step_over_gemm"),
+    "distinct64_step_ratio": bench.get("distinct64_step_ratio"),
+    "step_ms_b64_event_tracking_on": events.get("step_ms_b64"),
+    "step_ms_b64_split_attention": split.get("step_ms_b64"),
+    "attention_pct_of_copy": {k: bench.get(f"attention_pct_of_copy.{k}.per_head") for k in ["b64_ctx128", "b8_ctx8192"]},
+    "attention_pct_of_copy_split": {k: bench.get(f"attention_pct_of_copy.{k}.split") for k in ["b64_ctx128", "b8_ctx8192"]},
+    "bgmv_pct_of_copy": bench.get("bgmv_pct_of_copy"),
+    "closed_loop": {k: loop(k) for k in ["base", "one_adapter", "distinct64_qv_r16", "distinct64_all_r16"]},
+    "closed_loop_event_tracking_on": {"base": loop("base_events")},
+    # The server's own log: mean microseconds per step over each 10-second window.
+    "step_phases": phases(),
+}
+json.dump([run], open(path, "w"), indent=1)
+print(json.dumps(run, indent=1))
+print(f"figures in {path}")
+PY
+}
+
+# The closed loops of perf_half: 64 streams, 128-token prompts, 64 tokens out, equal
+# warm-up and request counts for every run.
+closed_loop_runs() {
+  local work=$1 bin=./bin/multilora port=50075
+  [ -f "$work/m1b/model.safetensors" ] || $bin model synth --shape 1b --out "$work/m1b" --tokenizer-from tokenizer > /dev/null
+  [ -d "$work/qv" ] || $bin adapters synth --model "$work/m1b" --out "$work/qv" --count 64 --prefix qv --ranks 16 --targets q,v --distinct 8 > /dev/null
+  [ -d "$work/all" ] || $bin adapters synth --model "$work/m1b" --out "$work/all" --count 64 --prefix all --ranks 16 \
+    --targets q,k,v,o,gate,up,down --distinct 8 > /dev/null
+  local common=(--endpoint "http://127.0.0.1:$port" --concurrency 64 --input-len 128 --output-len 64
+                --ignore-eos --quiet --seed 1 --warmup 64 --requests 256)
+  for events in 0 1; do
+    MULTILORA_CUDA_EVENT_TRACKING=$events $bin serve --model "$work/m1b" --device cuda --listen "127.0.0.1:$port" \
+      --adapter-dir "$work/qv" --adapter-dir "$work/all" --kv-cache-memory 8GiB --adapter-memory 4GiB > "$work/perf-server-$events.log" 2>&1 &
+    local pid=$!
+    wait_port $port $pid || { tail -20 "$work/perf-server-$events.log"; kill $pid 2>/dev/null; return 1; }
+    if [ $events = 0 ]; then
+      echo "- base only";     $bin bench "${common[@]}" --json "$work/loop-base.json" | head -3
+      echo "- one adapter";   $bin bench "${common[@]}" --adapters qv-0 --json "$work/loop-one_adapter.json" | head -3
+      echo "- 64 distinct q,v rank 16"
+      $bin bench "${common[@]}" --num-adapters 64 --adapter-prefix qv --popularity distinct --json "$work/loop-distinct64_qv_r16.json" | head -3
+      echo "- 64 distinct all-linear rank 16"
+      $bin bench "${common[@]}" --num-adapters 64 --adapter-prefix all --popularity distinct --json "$work/loop-distinct64_all_r16.json" | head -3
+    else
+      echo "- base only, event tracking on"; $bin bench "${common[@]}" --json "$work/loop-base_events.json" | head -3
+    fi
+    kill $pid 2>/dev/null || true
+    wait $pid 2>/dev/null || true
+  done
+}
+
 case "${1:-run}" in
   build) build_half ;;
   run|quick) run_half "${1:-run}" ;;
+  perf) perf_half ;;
+  closed-loop) cd "$(dirname "$0")" && closed_loop_runs "$2" ;;
   load) cd "$(dirname "$0")" && load_runs "$2" ;;
   tenants) cd "$(dirname "$0")" && tenant_runs "$2" ;;
-  *) echo "usage: $0 build|run|quick|load WORK|tenants WORK" >&2; exit 2 ;;
+  *) echo "usage: $0 build|run|quick|perf|load WORK|tenants WORK|closed-loop WORK" >&2; exit 2 ;;
 esac

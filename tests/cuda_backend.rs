@@ -223,7 +223,20 @@ fn all_base_and_empty_batches_are_untouched() {
 #[test]
 #[ignore = "needs a CUDA device (scripts/gpu-check.sh)"]
 fn paged_attention_matches_the_cpu() {
-    let shape = HeadShape::causal(8, 2, 64);
+    let mut gemma = HeadShape::causal(8, 2, 64);
+    gemma.window = Some(300);
+    gemma.softcap = Some(30.0);
+    for shape in [HeadShape::causal(8, 2, 64), gemma] {
+        for dtype in [DType::F32, DType::BF16] {
+            // Both attention kernels: per (row, head), and split decode attention.
+            for split in [false, true] {
+                attention_case(shape, dtype, split);
+            }
+        }
+    }
+}
+
+fn attention_case(shape: HeadShape, dtype: DType, split: bool) {
     let layout = KvLayout {
         num_layers: 2,
         num_kv_heads: 2,
@@ -231,56 +244,64 @@ fn paged_attention_matches_the_cpu() {
         block_size: 16,
         num_blocks: 64,
     };
-    for dtype in [DType::F32, DType::BF16] {
-        let gpu = cuda(dtype);
-        let cpu = CpuBackend::default();
-        let mut gkv = gpu.kv_store(layout).unwrap();
-        let mut ckv = cpu.kv_store(layout).unwrap();
-        // Block tables deliberately out of order.
-        let tables: [Vec<u32>; 3] = [vec![7, 3, 40, 41, 5], vec![12], vec![63, 0, 22]];
-        let prompts = [70usize, 9, 33];
-        let mut rng = Xoshiro256::from_seed(11);
-        let mut first = ForwardBatch::default();
-        for (p, table) in prompts.iter().zip(&tables) {
-            first.push_chunk(&vec![0; *p], 0, table);
-        }
-        let mut second = ForwardBatch::default();
-        for (p, table) in prompts.iter().zip(&tables) {
-            second.push_chunk(&[0], *p, table);
-        }
-        for batch in [&first, &second] {
-            let t = batch.tokens.len();
-            let q = round(&rng.symmetric_vec(t * 512, 1.0), dtype);
-            let k = round(&rng.symmetric_vec(t * 128, 1.0), dtype);
-            let v = round(&rng.symmetric_vec(t * 128, 1.0), dtype);
-            let want = {
-                let step = cpu.begin_step(batch, &[]).unwrap();
-                let (q, k, v) = (
-                    cpu.upload(q.clone(), t, 512).unwrap(),
-                    cpu.upload(k.clone(), t, 128).unwrap(),
-                    cpu.upload(v.clone(), t, 128).unwrap(),
-                );
-                cpu.to_host(
-                    cpu.paged_attention(&step, batch, &mut ckv, 1, &q, &k, &v, shape)
-                        .unwrap(),
-                )
-                .unwrap()
-            };
-            let step = gpu.begin_step(batch, &[]).unwrap();
+    let gpu = cuda(dtype).with_split_attention(split);
+    let cpu = CpuBackend::default();
+    let mut gkv = gpu.kv_store(layout).unwrap();
+    let mut ckv = cpu.kv_store(layout).unwrap();
+    // Block tables deliberately out of order; the last sequence spans two splits of
+    // the split kernel (512 positions each).
+    let used = [7u32, 3, 40, 41, 5, 12, 63, 0, 22];
+    let long: Vec<u32> = (0..64u32)
+        .rev()
+        .filter(|b| !used.contains(b))
+        .take(40)
+        .collect();
+    let tables: [Vec<u32>; 4] = [vec![7, 3, 40, 41, 5], vec![12], vec![63, 0, 22], long];
+    let prompts = [70usize, 9, 33, 600];
+    let mut rng = Xoshiro256::from_seed(11);
+    let mut first = ForwardBatch::default();
+    for (p, table) in prompts.iter().zip(&tables) {
+        first.push_chunk(&vec![0; *p], 0, table);
+    }
+    let mut second = ForwardBatch::default();
+    for (p, table) in prompts.iter().zip(&tables) {
+        second.push_chunk(&[0], *p, table);
+    }
+    for batch in [&first, &second] {
+        let t = batch.tokens.len();
+        let q = round(&rng.symmetric_vec(t * 512, 1.0), dtype);
+        let k = round(&rng.symmetric_vec(t * 128, 1.0), dtype);
+        let v = round(&rng.symmetric_vec(t * 128, 1.0), dtype);
+        let want = {
+            let step = cpu.begin_step(batch, &[]).unwrap();
             let (q, k, v) = (
-                gpu.upload(q, t, 512).unwrap(),
-                gpu.upload(k, t, 128).unwrap(),
-                gpu.upload(v, t, 128).unwrap(),
+                cpu.upload(q.clone(), t, 512).unwrap(),
+                cpu.upload(k.clone(), t, 128).unwrap(),
+                cpu.upload(v.clone(), t, 128).unwrap(),
             );
-            let got = gpu
-                .to_host(
-                    gpu.paged_attention(&step, batch, &mut gkv, 1, &q, &k, &v, shape)
-                        .unwrap(),
-                )
-                .unwrap();
-            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                assert!(close(g, w, dtype), "{dtype:?} element {i}: {g} vs {w}");
-            }
+            cpu.to_host(
+                cpu.paged_attention(&step, batch, &mut ckv, 1, &q, &k, &v, shape)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let step = gpu.begin_step(batch, &[]).unwrap();
+        let (q, k, v) = (
+            gpu.upload(q, t, 512).unwrap(),
+            gpu.upload(k, t, 128).unwrap(),
+            gpu.upload(v, t, 128).unwrap(),
+        );
+        let got = gpu
+            .to_host(
+                gpu.paged_attention(&step, batch, &mut gkv, 1, &q, &k, &v, shape)
+                    .unwrap(),
+            )
+            .unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                close(g, w, dtype),
+                "{dtype:?} split {split} {shape:?} element {i}: {g} vs {w}"
+            );
         }
     }
 }

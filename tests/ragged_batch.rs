@@ -6,12 +6,14 @@
 //! model's rows are multiples of 256, the k-quants' block.
 use candle_core::quantized::GgmlDType;
 use multilora::engine::block_allocator::{Allocation, BlockAllocator};
+use multilora::lora::peft::LoraSite;
 use multilora::model::backend::cpu::kv::CpuKvStore;
 use multilora::model::backend::cpu::weight::QUANT_TYPES;
 use multilora::model::backend::cpu::{CpuWeightFormat, KvDType};
-use multilora::model::{CpuBackend, ForwardBatch, Llama, ModelConfig};
+use multilora::model::{BaseModel, CpuBackend, ForwardBatch, Llama, ModelConfig, ModelRunner};
 use multilora::rng::Xoshiro256;
-use multilora::testing::{llama_on, random_weights, tiny_config};
+use multilora::testing::{llama_on, random_adapter, random_weights, tiny_config};
+use std::sync::Arc;
 
 const VOCAB: usize = 97;
 
@@ -226,5 +228,67 @@ fn ragged_batches_match_alone(model: &Model, rounds: u64) {
             "all blocks return to the pool"
         );
         eprintln!("round {round}: {n_seqs} sequences, {steps} steps, {preempted} preemptions");
+    }
+}
+
+/// Decode padding, what one captured CUDA graph per batch bucket replays: a decode step
+/// padded to its bucket with base rows (at position 0, writing the scratch block) gives
+/// every real row the logits it has unpadded, bit for bit, step after step, with
+/// adapters in the batch; so the padded rows wrote nothing a real sequence reads.
+#[test]
+fn decode_steps_padded_to_their_bucket_equal_unpadded() {
+    let cfg = config();
+    let runner = || {
+        let model = llama_on(
+            CpuBackend::default(),
+            random_weights(&cfg, 7).unwrap(),
+            &cfg,
+        );
+        let mut runner = ModelRunner::new(model.unwrap()).unwrap();
+        runner.allocate_kv(64, 4).unwrap();
+        runner
+    };
+    let mut plain = runner();
+    let mut padded = runner().with_decode_padding();
+    let shape = plain.base_shape();
+    let adapters: Vec<_> = (0..2)
+        .map(|i| {
+            Arc::new(random_adapter(
+                &shape,
+                4 + 4 * i,
+                &[LoraSite::Q, LoraSite::V],
+                i as u64,
+            ))
+        })
+        .collect();
+    let mut rng = Xoshiro256::from_seed(11);
+    // Seven sequences of distinct blocks (8 each), slots -1, 0, 1 in turn.
+    let tables: Vec<Vec<u32>> = (0..7).map(|s| (s * 8..s * 8 + 8).collect()).collect();
+    let slot = |s: usize| (s % 3) as i32 - 1;
+    let mut lens = [0usize; 7];
+    let mut prefill = ForwardBatch::default();
+    for (s, table) in tables.iter().enumerate() {
+        let prompt: Vec<u32> = (0..3 + s).map(|_| below(&mut rng, VOCAB) as u32).collect();
+        let row = prefill.push_adapter_chunk(&prompt, 0, table, slot(s));
+        prefill.logit_rows.push(row);
+        lens[s] = prompt.len();
+    }
+    assert_eq!(
+        plain.forward(&prefill, &adapters).unwrap(),
+        padded.forward(&prefill, &adapters).unwrap()
+    );
+    // Decode steps of 7, 5, 3, 1, 6, 2, 7 rows: buckets 8, 8, 4, 1, 8, 2, 8.
+    for rows in [7, 5, 3, 1, 6, 2, 7] {
+        let mut step = ForwardBatch::default();
+        for s in (0..7).filter(|s| s % 7 < rows) {
+            let token = [below(&mut rng, VOCAB) as u32];
+            let row = step.push_adapter_chunk(&token, lens[s], &tables[s], slot(s));
+            step.logit_rows.push(row);
+            lens[s] += 1;
+        }
+        let expected = plain.forward(&step, &adapters).unwrap();
+        assert_eq!(expected.len(), rows * VOCAB);
+        let got = padded.forward(&step, &adapters).unwrap();
+        assert!(expected == got, "a step of {rows} rows differs padded");
     }
 }

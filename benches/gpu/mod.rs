@@ -3,7 +3,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use multilora::lora::peft::{AdapterWeights, BaseShape, LoraSite};
 use multilora::model::backend::cuda::CudaBackend;
-use multilora::model::backend::{Backend, SitePart};
+use multilora::model::backend::{Backend, HeadShape, KvLayout, SitePart};
 use multilora::model::{BaseModel, ForwardBatch, ModelRunner};
 use multilora::rng::Xoshiro256;
 use multilora::testing::{llama_on, random_adapter, random_weights};
@@ -167,6 +167,57 @@ fn lora_figures(
         "{label}: {t} tokens, {} adapters, {:.0} MB of adapter weights per call: ours {:.3} ms = {:.0} GB/s ({:.0}% of copy), {:.2} TFLOP/s; reference loop {:.3} ms ({:.1}x slower)",
         ads.len(), bytes / 1e6, ours * 1e3, bytes / ours / 1e9, 100.0 * bytes / ours / 1e9 / copy_gbs, flops / ours / 1e12, refr * 1e3, refr / ours
     );
+    if label.contains("BGMV") {
+        figure("bgmv_pct_of_copy", 100.0 * bytes / ours / 1e9 / copy_gbs);
+    }
+    Ok(())
+}
+
+/// A machine-readable figure for `gpu-check.sh perf` (which gathers them into JSON).
+fn figure(key: &str, value: f64) {
+    println!("figure {key} {value:.4}");
+}
+
+/// One layer's attention call (K/V write included) of the 1B model's heads in bf16, for
+/// `rows` sequences of `context` positions, with each attention kernel: KV bytes read
+/// per call over its time, against the copy rate.
+fn attention_figures(copy_gbs: f64) -> Result<()> {
+    let shape = HeadShape::causal(32, 8, 64);
+    for (rows, context, key) in [(64, 128, "b64_ctx128"), (8, 8192, "b8_ctx8192")] {
+        for (split, kernel) in [(false, "per_head"), (true, "split")] {
+            let be = CudaBackend::new(0, DType::BF16)?.with_split_attention(split);
+            let dev = be.device().clone();
+            let blocks = context / 16 + 1;
+            let layout = KvLayout {
+                num_layers: 1,
+                num_kv_heads: 8,
+                head_dim: 64,
+                block_size: 16,
+                num_blocks: rows * blocks,
+            };
+            let mut kv = be.kv_store(layout)?;
+            let mut b = ForwardBatch::default();
+            for s in 0..rows {
+                let table: Vec<u32> = (0..blocks).map(|i| (s * blocks + i) as u32).collect();
+                b.push_chunk(&[0], context, &table);
+            }
+            let step = be.begin_step(&b, &[])?;
+            let q = be.upload(vec![0.1; rows * 2048], rows, 2048)?;
+            let k = be.upload(vec![0.1; rows * 512], rows, 512)?;
+            let secs = time(&dev, 20, || {
+                be.paged_attention(&step, &b, &mut kv, 0, &q, &k, &k, shape)?;
+                Ok(())
+            })?;
+            let bytes = (rows * (context + 1) * 2 * 512 * 2) as f64;
+            let pct = 100.0 * bytes / secs / 1e9 / copy_gbs;
+            println!(
+                "attention, batch {rows}, context {context}, {kernel} kernel: {:.1} us, {:.0} GB/s of K/V ({pct:.0}% of copy)",
+                secs * 1e6,
+                bytes / secs / 1e9
+            );
+            figure(&format!("attention_pct_of_copy.{key}.{kernel}"), pct);
+        }
+    }
     Ok(())
 }
 
@@ -247,6 +298,10 @@ fn model_figures(iters: usize) -> Result<()> {
         "1B decode step, batch 64, context 128: base only {:.2} ms, its GEMMs alone {:.2} ms ({:.2}x); 64 distinct adapters {:.2} ms ({:.2} of base-only throughput)",
         base * 1e3, gemms * 1e3, base / gemms, multi * 1e3, base / multi
     );
+    figure("step_ms_b64", base * 1e3);
+    figure("gemm_ms_b64", gemms * 1e3);
+    figure("step_over_gemm", base / gemms);
+    figure("distinct64_step_ratio", base / multi);
     Ok(())
 }
 
@@ -275,5 +330,6 @@ pub fn run(step_only: bool) -> Result<()> {
         &adapters(8, &[64]),
         copy,
     )?;
+    attention_figures(copy)?;
     model_figures(20)
 }

@@ -10,6 +10,7 @@ mod handle;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod step_phases;
 pub mod stop;
 
 use crate::error::RequestError;
@@ -28,6 +29,7 @@ use sequence::{FinishReason, SeqEvent, Sequence};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use step_phases::{PhaseLog, StepPhases};
 use tokio::sync::mpsc;
 
 /// Engine sizing, validated at start-up.
@@ -189,6 +191,8 @@ struct Engine {
     fair: Fairness,
     next_id: AtomicU64,
     stats: EngineStats,
+    /// Where steps' time goes (logged every few seconds).
+    phases: PhaseLog,
 }
 
 impl Engine {
@@ -216,6 +220,7 @@ impl Engine {
             fair: Fairness::new(),
             next_id: AtomicU64::new(1),
             stats,
+            phases: PhaseLog::default(),
         }
     }
 
@@ -371,6 +376,7 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        let started = std::time::Instant::now();
         let now = self.stats.steps + 1;
         let pinned = self.pinned();
         self.pool.purge(&pinned, &mut self.blocks);
@@ -415,8 +421,18 @@ impl Engine {
         }
         self.stats.steps += 1;
         let (batch, sampled, adapters) = self.build_batch(&plan);
+        let planned = started.elapsed();
         match self.model.forward(&batch, &adapters) {
-            Ok(logits) => self.finish_step(&plan, &sampled, &logits),
+            Ok(logits) => {
+                let sampling = std::time::Instant::now();
+                self.finish_step(&plan, &sampled, &logits);
+                self.phases.record(StepPhases {
+                    plan: planned,
+                    model: self.model.last_phases().unwrap_or_default(),
+                    sample: sampling.elapsed(),
+                    rows: batch.tokens.len(),
+                });
+            }
             Err(e) => self.fail_step(&plan, &format!("{e:#}")),
         }
     }

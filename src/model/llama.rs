@@ -17,6 +17,16 @@ use crate::lora::peft::{AdapterKind, AdapterWeights, BaseShape, LoraSite, Served
 use anyhow::{bail, Context, Result};
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where a model step's time went on the host: preparing the step (on a GPU, uploading
+/// its metadata), enqueueing every operation, and waiting for the logits.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardPhases {
+    pub upload: Duration,
+    pub enqueue: Duration,
+    pub sync: Duration,
+}
 
 /// A linear layer with its adapter sites: one weight stacking the projections of
 /// `parts` (their output columns in order), so one pass over the input computes them
@@ -441,12 +451,24 @@ impl<B: Backend> Llama<B> {
         kv: &mut B::KvStore,
         adapters: &[Arc<AdapterWeights>],
     ) -> Result<Vec<f32>> {
+        Ok(self.forward_timed(batch, kv, adapters)?.0)
+    }
+
+    /// [`Self::forward_with_adapters`], with where its time went.
+    pub fn forward_timed(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvStore,
+        adapters: &[Arc<AdapterWeights>],
+    ) -> Result<(Vec<f32>, ForwardPhases)> {
         if batch.tokens.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), ForwardPhases::default()));
         }
         self.check(batch, adapters)?;
         let be = &self.backend;
+        let start = Instant::now();
         let step = be.begin_step(batch, adapters)?;
+        let uploaded = Instant::now();
         let mut x = be.embed(&step, batch, &self.embedding)?;
         if self.cfg.arch.embed_scale {
             be.scale_embeddings(batch, &mut x, (self.cfg.hidden_size as f32).sqrt())?;
@@ -456,11 +478,18 @@ impl<B: Backend> Llama<B> {
         }
         let last = be.gather_logit_rows(&step, batch, &x)?;
         let normed = be.rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let mut logits = be.to_host(be.linear(&normed, &self.lm_head)?)?;
+        let head = be.linear(&normed, &self.lm_head)?;
+        let enqueued = Instant::now();
+        let mut logits = be.to_host(head)?;
+        let phases = ForwardPhases {
+            upload: uploaded - start,
+            enqueue: enqueued - uploaded,
+            sync: enqueued.elapsed(),
+        };
         if let Some(cap) = self.cfg.arch.final_softcap {
             logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
         }
-        Ok(logits)
+        Ok((logits, phases))
     }
 
     /// Token ids, positions and adapter slots are in range.

@@ -25,16 +25,6 @@ struct SiteDesc {
 };
 
 // Elements of T in one 16-byte load.
-template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
-
-template <typename T>
-__device__ __forceinline__ void load16(const T* p, float* out) {
-    uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f(e[i]);
-}
-
 constexpr int SHRINK_WARPS = 4;  // rank rows per block
 constexpr int EXPAND_THREADS = 256;  // output columns per block
 

@@ -49,6 +49,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod plan;
 
 use super::batch::ForwardBatch;
 pub use super::checkpoint::HostWeight;

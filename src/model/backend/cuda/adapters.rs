@@ -14,8 +14,11 @@
 //! when the engine evicts that version from its active pool ([`AdapterCache::release`])
 //! or when the host weights are gone; a ready copy has finished its transfer (its side
 //! stream was synchronised) before any step reads it; a step holds `Arc`s to the copies
-//! it reads, so a release during a step frees nothing it uses. Every A and B starts
-//! 16-byte aligned in the buffer (sgmv.cu's vector loads rely on it).
+//! it reads, so a release during a step frees nothing it uses on the host side; on the
+//! device side (cudarc's event tracking is off, see `super`), dropping a copy first makes
+//! the side stream, on which its memory is freed, wait for the step stream's work enqueued
+//! so far, so no kernel still reading it races the free. Every A and B starts 16-byte
+//! aligned in the buffer (sgmv.cu's vector loads rely on it).
 use crate::lora::peft::AdapterWeights;
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -25,10 +28,14 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
 /// u64 words per `SiteDesc` (two addresses, then rank and scale packed in one word).
-const DESC_WORDS: usize = 3;
+pub(super) const DESC_WORDS: usize = 3;
 
 /// One adapter version on the device.
 pub struct DeviceAdapter {
+    /// The stream its memory was allocated on, which frees it (the side stream)...
+    copy_stream: Arc<CudaStream>,
+    /// ...after the work this stream (the steps') has queued when the copy is dropped.
+    step_stream: Arc<CudaStream>,
     /// Every A and B, in the model's dtype; addressed by `descs`.
     _weights: CudaSlice<u8>,
     /// `SiteDesc[num_layers * 7]`.
@@ -68,8 +75,9 @@ impl DeviceAdapter {
         self.descs.device_ptr(stream).0
     }
 
-    /// Converts and copies `w` on `stream`; returns once the copy has finished.
-    fn upload(w: &AdapterWeights, dtype: DType, stream: &Arc<CudaStream>) -> Result<Self> {
+    /// Converts and copies `w` on the copy stream; returns once the copy has finished.
+    fn upload(w: &AdapterWeights, dtype: DType, streams: &Streams) -> Result<Self> {
+        let stream = &streams.copy;
         let align = 16 / dtype.size_in_bytes();
         let pairs = w.layers.iter().flatten().flatten();
         if pairs
@@ -122,6 +130,8 @@ impl DeviceAdapter {
             })
             .collect();
         Ok(Self {
+            copy_stream: stream.clone(),
+            step_stream: streams.step.clone(),
             sites,
             bytes: bytes.len(),
             _weights: weights,
@@ -129,6 +139,26 @@ impl DeviceAdapter {
             rank_max: w.rank_max,
         })
     }
+}
+
+impl Drop for DeviceAdapter {
+    fn drop(&mut self) {
+        // The buffers are freed on the copy stream when the fields drop, after this:
+        // order that free after every step kernel already queued (the last step holding
+        // this copy has queued all of its kernels by the time its `Arc` goes).
+        if let Err(e) = self.copy_stream.join(&self.step_stream) {
+            tracing::warn!("ordering an adapter's release after the step stream: {e}");
+        }
+    }
+}
+
+/// The two streams an adapter copy involves.
+#[derive(Clone)]
+struct Streams {
+    /// Copies run (and device copies are freed) here.
+    copy: Arc<CudaStream>,
+    /// Steps run here.
+    step: Arc<CudaStream>,
 }
 
 enum State {
@@ -144,8 +174,7 @@ struct Entry {
 /// The device copies of the adapters the engine activated and has not evicted.
 pub struct AdapterCache {
     entries: Mutex<HashMap<usize, Entry>>,
-    /// The side stream copies run on (not the stream steps run on).
-    stream: Arc<CudaStream>,
+    streams: Streams,
     dtype: DType,
 }
 
@@ -154,10 +183,14 @@ fn key(w: &Arc<AdapterWeights>) -> usize {
 }
 
 impl AdapterCache {
-    pub fn new(stream: Arc<CudaStream>, dtype: DType) -> Self {
+    /// Copies run on `copy_stream` (not `step_stream`, which steps run on).
+    pub fn new(copy_stream: Arc<CudaStream>, step_stream: Arc<CudaStream>, dtype: DType) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
-            stream,
+            streams: Streams {
+                copy: copy_stream,
+                step: step_stream,
+            },
             dtype,
         }
     }
@@ -169,8 +202,8 @@ impl AdapterCache {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(&key(w)) else {
             entries.retain(|_, e| e.host.strong_count() > 0);
-            let (weights, dtype, stream) = (w.clone(), self.dtype, self.stream.clone());
-            let copy = std::thread::spawn(move || DeviceAdapter::upload(&weights, dtype, &stream));
+            let (weights, dtype, streams) = (w.clone(), self.dtype, self.streams.clone());
+            let copy = std::thread::spawn(move || DeviceAdapter::upload(&weights, dtype, &streams));
             let state = State::Copying(copy);
             entries.insert(
                 key(w),
@@ -226,7 +259,7 @@ impl AdapterCache {
         };
         let device = match pending {
             Some(copy) => join(copy)?,
-            None => DeviceAdapter::upload(w, self.dtype, &self.stream)?,
+            None => DeviceAdapter::upload(w, self.dtype, &self.streams)?,
         };
         let device = Arc::new(device);
         let state = State::Ready(device.clone());

@@ -5,7 +5,14 @@
 //! the `.cu` files beside the CPU kernels). Accumulation is f32 everywhere.
 //!
 //! Invariants: all work of a step is queued on the device's one stream, so stream order
-//! is the only synchronisation; nothing crosses to the host during a step except the
+//! is the only synchronisation. cudarc's per-buffer event tracking is off (it records an
+//! event per buffer use and makes a stream wait at every allocation and argument: driver
+//! calls the host pays per kernel); buffers made on the step stream are freed in that
+//! stream's order, and the one other stream, the adapter copies' side stream, is joined
+//! explicitly both ways: a copy is synchronised before any step reads it, and a device
+//! adapter's memory is freed only after the step stream's work enqueued before the release
+//! (`adapters`). `MULTILORA_CUDA_EVENT_TRACKING=1` keeps the tracking on, to measure what it
+//! costs. Nothing crosses to the host during a step except the
 //! step metadata (uploaded in `begin_step`, before the step's first kernel) and the
 //! logits (`to_host`, the step's one synchronisation). Adapter copies run on a side
 //! stream from a background thread (`adapters`), overlapping steps. Every operation is row-wise or
@@ -17,16 +24,17 @@ mod adapters;
 pub mod kernels;
 mod step;
 
+use super::plan::launch::{self, LoraSiteShape};
 use super::{Backend, HeadShape, HostWeight, KvLayout, SitePart};
-use crate::lora::peft::AdapterWeights;
+use crate::lora::peft::{AdapterWeights, LoraSite};
 use crate::model::batch::ForwardBatch;
 use adapters::AdapterCache;
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::cuda::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::{DType, Device, Tensor};
-use kernels::{device_ptr, Kernels, LoraLaunch};
+use kernels::{device_ptr, Kernels};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 pub use step::CudaStep;
 
 /// One CUDA device and the dtype weights and activations are kept in.
@@ -36,8 +44,19 @@ pub struct CudaBackend {
     dtype: DType,
     kernels: Kernels,
     adapters: AdapterCache,
-    /// The block size of the last K/V store made (the step metadata needs it).
-    block_size: AtomicUsize,
+    /// What the last K/V store made fixes for every step's metadata.
+    store: Mutex<StoreShape>,
+    /// Whether attention runs the split decode kernel where it applies
+    /// (`MULTILORA_CUDA_ATTENTION=split`; off until a GPU run has checked it against the
+    /// CPU and measured it).
+    split_attention: bool,
+}
+
+/// The block size of the K/V store, and the all-zero adapter descriptor table (one per
+/// site of every layer) that unused slot-table entries point at.
+struct StoreShape {
+    block_size: usize,
+    null_descs: Option<Arc<CudaSlice<u64>>>,
 }
 
 /// The paged K/V of every layer: `[num_blocks * block_size, kv_heads * head_dim]` per
@@ -53,16 +72,35 @@ impl CudaBackend {
         let device = Device::new_cuda_with_stream(ordinal)
             .with_context(|| format!("opening CUDA device {ordinal}"))?;
         let cuda = device.as_cuda_device()?.clone();
+        let step_stream = cuda.cuda_stream();
+        if !event_tracking_requested() {
+            // SAFETY: every buffer made from here on lives on the step stream (candle's
+            // tensors, the step metadata) and is freed in its order, or belongs to the
+            // adapter cache, which orders its side stream against the step stream
+            // explicitly (see the module invariants and `adapters`).
+            unsafe { step_stream.context().disable_event_tracking() };
+        }
         let kernels = Kernels::new(&cuda, dtype)?;
-        let side_stream = cuda.cuda_stream().context().new_stream()?;
+        let side_stream = step_stream.context().new_stream()?;
         Ok(Self {
             device,
             ordinal,
             dtype,
             kernels,
-            adapters: AdapterCache::new(side_stream, dtype),
-            block_size: AtomicUsize::new(1),
+            adapters: AdapterCache::new(side_stream, step_stream, dtype),
+            store: Mutex::new(StoreShape {
+                block_size: 1,
+                null_descs: None,
+            }),
+            split_attention: std::env::var("MULTILORA_CUDA_ATTENTION").is_ok_and(|v| v == "split"),
         })
+    }
+
+    /// The backend with the split decode attention kernel on or off where it applies
+    /// (the default is `MULTILORA_CUDA_ATTENTION=split`, else off).
+    pub fn with_split_attention(mut self, on: bool) -> Self {
+        self.split_attention = on;
+        self
     }
 
     /// The candle device tensors of this backend live on.
@@ -83,9 +121,23 @@ impl CudaBackend {
         device_ptr(t, self.kernels.stream())
     }
 
+    fn elem(&self) -> usize {
+        self.dtype.size_in_bytes()
+    }
+
+    fn lock_store(&self) -> std::sync::MutexGuard<'_, StoreShape> {
+        // Every mutation replaces the whole value, so a poisoned lock is still consistent.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn to_device(&self, host: &Tensor) -> Result<Tensor> {
         Ok(host.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
+}
+
+/// Whether `MULTILORA_CUDA_EVENT_TRACKING` asks to keep cudarc's event tracking on.
+fn event_tracking_requested() -> bool {
+    std::env::var("MULTILORA_CUDA_EVENT_TRACKING").is_ok_and(|v| v == "1")
 }
 
 fn rows_cols(x: &Tensor) -> Result<(usize, usize)> {
@@ -139,7 +191,13 @@ impl Backend for CudaBackend {
     }
 
     fn kv_store(&self, layout: KvLayout) -> Result<CudaKvStore> {
-        self.block_size.store(layout.block_size, Ordering::Relaxed);
+        let sites = layout.num_layers * LoraSite::ALL.len() * adapters::DESC_WORDS;
+        let stream = self.kernels.stream();
+        let null_descs = stream.alloc_zeros::<u64>(sites.max(1))?;
+        *self.lock_store() = StoreShape {
+            block_size: layout.block_size,
+            null_descs: Some(Arc::new(null_descs)),
+        };
         let rows = (layout.num_blocks * layout.block_size).max(1);
         let shape = (rows, layout.slot_len());
         let mut k = Vec::with_capacity(layout.num_layers);
@@ -252,10 +310,15 @@ impl Backend for CudaBackend {
             ensure!(p < max_positions, "position {p} is past the rope tables");
         }
         *x = x.contiguous()?;
-        let tables = (self.ptr(cos)?, self.ptr(sin)?);
-        let positions = step.attention.positions;
-        self.kernels
-            .rope(self.ptr(x)?, rows, tables, positions, heads, half)
+        let plan = launch::rope(&step.layout, heads, half)?;
+        let bound = [
+            ("x", self.ptr(x)?),
+            ("cos", self.ptr(cos)?),
+            ("sin", self.ptr(sin)?),
+        ];
+        // SAFETY: x has the step's rows of `heads` heads and the tables cover every
+        // position (checked above).
+        unsafe { self.kernels.launch(&plan, step.meta_base, &bound) }
     }
 
     fn paged_attention(
@@ -278,23 +341,55 @@ impl Backend for CudaBackend {
         let (Some(kc), Some(vc)) = (kv.k.get(layer), kv.v.get(layer)) else {
             bail!("layer {layer} has no K/V storage");
         };
-        let caches = (self.ptr(kc)?, self.ptr(vc)?);
-        let meta = step.attention;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        self.kernels.kv_write(
-            (self.ptr(&k)?, self.ptr(&v)?),
-            caches,
-            meta.kv_slot,
-            rows,
-            width,
-        )?;
+        let caches = [("k_cache", self.ptr(kc)?), ("v_cache", self.ptr(vc)?)];
+        let write = launch::kv_write(&step.layout, width)?;
+        let bound = [
+            ("k", self.ptr(&k)?),
+            ("v", self.ptr(&v)?),
+            caches[0],
+            caches[1],
+        ];
+        // SAFETY: k and v have the step's rows of `width`; every cache row the metadata
+        // names is in the store (the engine's block tables are in range).
+        unsafe { self.kernels.launch(&write, step.meta_base, &bound) }?;
         let q = q.contiguous()?;
         let out_shape = (rows, shape.num_heads * shape.head_dim);
         // SAFETY: the attention kernel writes every element of `out` (each block writes
         // its row and head) before anything reads it.
         let out = unsafe { Tensor::empty(out_shape, self.dtype, &self.device) }?;
-        self.kernels
-            .paged_attention(self.ptr(&out)?, self.ptr(&q)?, caches, meta, rows, shape)?;
+        let split = match self.split_attention {
+            true => launch::decode_attention(&step.layout, step.block_size, shape, self.elem())?,
+            false => None,
+        };
+        let Some(split) = split else {
+            let attend = launch::attention(&step.layout, step.block_size, shape)?;
+            let bound = [
+                ("out", self.ptr(&out)?),
+                ("q", self.ptr(&q)?),
+                caches[0],
+                caches[1],
+            ];
+            // SAFETY: q and out have the step's rows of every head; the block tables cover
+            // every position of their chunks.
+            unsafe { self.kernels.launch(&attend, step.meta_base, &bound) }?;
+            return Ok(out);
+        };
+        let scratch = launch::decode_partials_len(&step.layout, step.block_size, &shape);
+        // SAFETY: the merge reads only partials the attention kernel wrote (every split
+        // block writes its heads' entries, empty splits included).
+        let partials = unsafe { Tensor::empty(scratch, DType::F32, &self.device) }?;
+        let bound = [
+            ("out", self.ptr(&out)?),
+            ("partials", self.ptr(&partials)?),
+            ("q", self.ptr(&q)?),
+            caches[0],
+            caches[1],
+        ];
+        for plan in &split {
+            // SAFETY: as above, and `partials` holds every (row, head, split) entry.
+            unsafe { self.kernels.launch(plan, step.meta_base, &bound) }?;
+        }
         Ok(out)
     }
 
@@ -330,8 +425,17 @@ impl Backend for CudaBackend {
             .map(|a| self.adapters.get(a))
             .collect::<Result<Vec<_>>>()
             .context("copying adapters to the device")?;
-        let block_size = self.block_size.load(Ordering::Relaxed);
-        CudaStep::new(&self.device, batch, block_size, device_adapters)
+        let (block_size, null_descs) = {
+            let store = self.lock_store();
+            let null = store
+                .null_descs
+                .as_ref()
+                .context("a step before the K/V store was made")?
+                .device_ptr(self.kernels.stream())
+                .0;
+            (store.block_size, null)
+        };
+        CudaStep::new(&self.device, batch, block_size, device_adapters, null_descs)
     }
 
     fn release_adapter(&self, adapter: &Arc<AdapterWeights>) {
@@ -350,12 +454,10 @@ impl Backend for CudaBackend {
         x: &Tensor,
         y: &mut Tensor,
     ) -> Result<()> {
-        let Some(lora) = &step.lora else {
-            return Ok(());
-        };
-        if !parts
-            .iter()
-            .any(|p| step.any_adapter_at(layer, p.site.index()))
+        if !step.has_lora
+            || !parts
+                .iter()
+                .any(|p| step.any_adapter_at(layer, p.site.index()))
         {
             return Ok(());
         }
@@ -368,33 +470,35 @@ impl Backend for CudaBackend {
         );
         let x = x.contiguous()?;
         *y = y.contiguous()?;
+        let max_rank = step.layout.capacity.max_rank;
         // SAFETY: expand reads h[t, r] only for tokens of segments whose slot has weights
         // at the site and r below that slot's rank: exactly what shrink wrote before it.
-        let h = unsafe { Tensor::empty((rows, lora.max_rank), DType::F32, &self.device) }?;
+        let h = unsafe { Tensor::empty((rows, max_rank), DType::F32, &self.device) }?;
+        let bound = [
+            ("x", self.ptr(&x)?),
+            ("h", self.ptr(&h)?),
+            ("y", self.ptr(y)?),
+        ];
         let mut y_offset = 0;
         for part in parts {
-            if !step.any_adapter_at(layer, part.site.index()) {
-                y_offset += part.out_features;
-                continue;
-            }
-            let site = LoraLaunch {
-                x: self.ptr(&x)?,
-                in_features,
-                h: self.ptr(&h)?,
-                h_stride: lora.max_rank,
-                y: self.ptr(y)?,
-                y_stride,
-                y_offset,
-                out_features: part.out_features,
-                site: layer * 7 + part.site.index(),
-                max_rank: lora.max_rank,
-            };
-            for (group, sgmv) in [(lora.sgmv, true), (lora.bgmv, false)] {
-                self.kernels
-                    .lora(&site, group, lora.tables, sgmv)
-                    .with_context(|| {
-                        format!("LoRA at layer {layer} {}", part.site.module_name())
-                    })?;
+            if step.any_adapter_at(layer, part.site.index()) {
+                let site = LoraSiteShape {
+                    in_features,
+                    y_stride,
+                    y_offset,
+                    out_features: part.out_features,
+                    site: layer * LoraSite::ALL.len() + part.site.index(),
+                    x_aligned: bound[0].1.is_multiple_of(16),
+                    elem_bytes: self.elem(),
+                };
+                for plan in launch::lora(&step.layout, &site)? {
+                    // SAFETY: x, h and y have the step's rows ([rows, in], [rows,
+                    // max_rank] f32, [rows, y_stride]); every descriptor of the slot
+                    // table points into a live adapter copy the step holds, or is null.
+                    unsafe { self.kernels.launch(&plan, step.meta_base, &bound) }.with_context(
+                        || format!("LoRA at layer {layer} {}", part.site.module_name()),
+                    )?;
+                }
             }
             y_offset += part.out_features;
         }

@@ -1,5 +1,5 @@
 // Element conversions and reductions shared by our CUDA kernels (sgmv.cu,
-// paged_attention.cu): every kernel loads T (float, __half, __nv_bfloat16), accumulates
+// paged_attention.cu, decode_attention.cu): every kernel loads T (float, __half, __nv_bfloat16), accumulates
 // in f32 and rounds once on store (round-to-nearest-even).
 #pragma once
 #include <cuda_bf16.h>
@@ -15,6 +15,18 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
     return __float2bfloat16_rn(v);
+}
+
+// Elements of T in one 16-byte load.
+template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
+
+// One 16-byte load of Vec16<T>::N elements (p 16-byte aligned), widened to f32.
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* out) {
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f(e[i]);
 }
 
 // The sum over a warp, the same on every lane (a fixed xor-shuffle tree: deterministic).

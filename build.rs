@@ -67,6 +67,12 @@ fn compile_cuda_kernels(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }
+    // A folder holding kernels: a `.cu` file added there reruns this script too.
+    let mut folders: Vec<&Path> = files.iter().filter_map(|f| f.parent()).collect();
+    folders.dedup();
+    for folder in folders {
+        println!("cargo:rerun-if-changed={}", folder.display());
+    }
     // Headers (.cuh) are included (from `src/`), not compiled on their own.
     for file in files
         .iter()

@@ -274,8 +274,8 @@ PY
 
 
 # The decode-speed figures (issue 30), under 5 minutes: the attention kernels against the
-# CPU first, then the kernel and step benchmark with cudarc's event tracking on and off
-# and with each attention kernel, then the closed loop on the synthetic 1B model (bf16):
+# CPU first, then the kernel and step benchmark with cudarc's event tracking on and off,
+# with each attention kernel and with the fused kernels, then the closed loop on the synthetic 1B model (bf16):
 # base only, one adapter, 64 distinct rank-16 adapters on q,v and on every linear layer,
 # and base only again with event tracking on. Text in gpu-perf.txt, one JSON object in
 # gpu-figures-<card>.json (commit both under bench/results/).
@@ -289,14 +289,18 @@ perf_half() {
   local out=${OUT:+$OUT/}gpu-perf.txt json=${OUT:+$OUT/}gpu-figures-${card:-unknown}.json
   : > "$out"
   { echo "# gpu-check perf $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee -a "$out"
-  echo "## attention kernels against the CPU" | tee -a "$out"
-  timeout 90 ./bin/cuda_backend --include-ignored --test-threads=1 paged_attention 2>&1 | tee "$work/attention-parity.txt" | tail -4 | tee -a "$out" || true
+  echo "## attention and fused kernels against the CPU" | tee -a "$out"
+  timeout 90 ./bin/cuda_backend --include-ignored --test-threads=1 paged_attention fused_kernels 2>&1 | tee "$work/attention-parity.txt" | tail -4 | tee -a "$out" || true
   echo "## kernel and step benchmark (event tracking off, the default)" | tee -a "$out"
   timeout 120 ./bin/cuda_lora --bench 2>&1 | tee -a "$out" > "$work/bench.txt" || echo "BENCH FAILED" | tee -a "$out"
   echo "## the step with event tracking on" | tee -a "$out"
   MULTILORA_CUDA_EVENT_TRACKING=1 timeout 60 ./bin/cuda_lora --bench --step-only 2>&1 | tee -a "$out" > "$work/step-events.txt" || true
   echo "## the step with split decode attention" | tee -a "$out"
   MULTILORA_CUDA_ATTENTION=split timeout 60 ./bin/cuda_lora --bench --step-only 2>&1 | tee -a "$out" > "$work/step-split.txt" || true
+  echo "## the step with the fused kernels" | tee -a "$out"
+  MULTILORA_CUDA_FUSED=1 timeout 60 ./bin/cuda_lora --bench --step-only 2>&1 | tee -a "$out" > "$work/step-fused.txt" || true
+  echo "## the step with both" | tee -a "$out"
+  MULTILORA_CUDA_ATTENTION=split MULTILORA_CUDA_FUSED=1 timeout 60 ./bin/cuda_lora --bench --step-only 2>&1 | tee -a "$out" > "$work/step-new.txt" || true
   echo "## closed loop" | tee -a "$out"
   timeout 200 bash "$(basename "$0")" closed-loop "$work" 2>&1 | tee -a "$out" || echo "CLOSED LOOP FAILED" | tee -a "$out"
   python3 - "$work" "$json" "${card:-unknown}" <<'PY' | tee -a "$out"
@@ -333,6 +337,7 @@ def phases():
         pass
     return windows
 bench, events, split = figures("bench.txt"), figures("step-events.txt"), figures("step-split.txt")
+fused, new = figures("step-fused.txt"), figures("step-new.txt")
 parity = open(os.path.join(work, "attention-parity.txt")).read() if os.path.exists(os.path.join(work, "attention-parity.txt")) else ""
 run = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -347,6 +352,8 @@ run = {
     "distinct64_step_ratio": bench.get("distinct64_step_ratio"),
     "step_ms_b64_event_tracking_on": events.get("step_ms_b64"),
     "step_ms_b64_split_attention": split.get("step_ms_b64"),
+    "step_ms_b64_fused": fused.get("step_ms_b64"),
+    "step_ms_b64_split_and_fused": new.get("step_ms_b64"),
     "attention_pct_of_copy": {k: bench.get(f"attention_pct_of_copy.{k}.per_head") for k in ["b64_ctx128", "b8_ctx8192"]},
     "attention_pct_of_copy_split": {k: bench.get(f"attention_pct_of_copy.{k}.split") for k in ["b64_ctx128", "b8_ctx8192"]},
     "bgmv_pct_of_copy": bench.get("bgmv_pct_of_copy"),

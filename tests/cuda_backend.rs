@@ -308,6 +308,67 @@ fn attention_case(shape: HeadShape, dtype: DType, split: bool) {
 
 #[test]
 #[ignore = "needs a CUDA device (scripts/gpu-check.sh)"]
+fn fused_kernels_match_the_cpu() {
+    let (rows, cols) = (7, 1000);
+    let mut rng = Xoshiro256::from_seed(5);
+    for dtype in [DType::F32, DType::BF16] {
+        let gpu = cuda(dtype).with_fused_kernels(true);
+        let cpu = CpuBackend::default();
+        let x = round(&rng.symmetric_vec(rows * cols, 2.0), dtype);
+        let y = round(&rng.symmetric_vec(rows * cols, 2.0), dtype);
+        let w = round(&rng.symmetric_vec(cols, 1.0), dtype);
+        let wt = candle_core::Tensor::from_slice(&w, cols, &candle_core::Device::Cpu).unwrap();
+        let check = |label: &str, got: Vec<f32>, want: Vec<f32>| {
+            assert_eq!(got.len(), want.len());
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    close(g, w, dtype),
+                    "{dtype:?} {label} element {i}: {g} vs {w}"
+                );
+            }
+        };
+        let (mut cx, cy) = (
+            cpu.upload(x.clone(), rows, cols).unwrap(),
+            cpu.upload(y.clone(), rows, cols).unwrap(),
+        );
+        let (mut gx, gy) = (
+            gpu.upload(x.clone(), rows, cols).unwrap(),
+            gpu.upload(y.clone(), rows, cols).unwrap(),
+        );
+        let cn = cpu
+            .add_rms_norm(&mut cx, &cy, &cpu.vector(&wt).unwrap(), 1e-5)
+            .unwrap();
+        let gn = gpu
+            .add_rms_norm(&mut gx, &gy, &gpu.vector(&wt).unwrap(), 1e-5)
+            .unwrap();
+        check(
+            "add_rms_norm",
+            gpu.to_host(gn).unwrap(),
+            cpu.to_host(cn).unwrap(),
+        );
+        check(
+            "residual",
+            gpu.to_host(gx).unwrap(),
+            cpu.to_host(cx).unwrap(),
+        );
+        let gate_up = round(&rng.symmetric_vec(rows * 2 * cols, 4.0), dtype);
+        let cg = cpu.upload(gate_up.clone(), rows, 2 * cols).unwrap();
+        let gg = gpu.upload(gate_up, rows, 2 * cols).unwrap();
+        check(
+            "silu_mul",
+            gpu.to_host(gpu.silu_mul(&gg).unwrap()).unwrap(),
+            cpu.to_host(cpu.silu_mul(&cg).unwrap()).unwrap(),
+        );
+        check(
+            "gelu_tanh_mul",
+            gpu.to_host(gpu.gelu_tanh_mul(&gg).unwrap()).unwrap(),
+            cpu.to_host(cpu.gelu_tanh_mul(&cg).unwrap()).unwrap(),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device (scripts/gpu-check.sh)"]
 fn rope_matches_the_cpu() {
     let mut rng = Xoshiro256::from_seed(5);
     let (heads, half, rows, max_pos) = (4, 32, 6, 100);
@@ -493,9 +554,24 @@ fn model_matches_the_cpu_in_f32_and_bf16() {
         mean_lp < -0.05,
         "greedy tokens' mean logprob {mean_lp}: too peaked (or NaN) to compare"
     );
-    for (dtype, tol, min_equal) in [(DType::F32, 2e-3, 5), (DType::BF16, 0.15, 4)] {
-        let mut gpu =
-            ModelRunner::new(llama_on(cuda(dtype), weights.clone(), &cfg).unwrap()).unwrap();
+    // The proven kernels, then the split decode attention and the fused row-wise kernels.
+    let variants = [
+        (DType::F32, false),
+        (DType::BF16, false),
+        (DType::F32, true),
+        (DType::BF16, true),
+    ];
+    for (dtype, new_kernels) in variants {
+        let (tol, min_equal) = if dtype == DType::F32 {
+            (2e-3, 5)
+        } else {
+            (0.15, 4)
+        };
+        let backend = cuda(dtype)
+            .with_split_attention(new_kernels)
+            .with_fused_kernels(new_kernels);
+        println!("{dtype:?}, split attention and fused kernels {new_kernels}:");
+        let mut gpu = ModelRunner::new(llama_on(backend, weights.clone(), &cfg).unwrap()).unwrap();
         gpu.allocate_kv(32, BLOCK).unwrap();
         let mut equal = 0;
         let (mut worst, mut worst_top) = (0f32, 0f32);

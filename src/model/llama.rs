@@ -473,8 +473,18 @@ impl<B: Backend> Llama<B> {
         if self.cfg.arch.embed_scale {
             be.scale_embeddings(batch, &mut x, (self.cfg.hidden_size as f32).sqrt())?;
         }
+        // Each layer's last residual add is done with the next layer's input norm.
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut pending: Option<B::Matrix> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(i, layer, &mut x, batch, kv, &step)?;
+            let h = match pending.take() {
+                Some(down) => be.add_rms_norm(&mut x, &down, &layer.input_norm, eps)?,
+                None => be.rms_norm(&x, &layer.input_norm, eps)?,
+            };
+            pending = Some(self.layer_forward(i, layer, &mut x, &h, batch, kv, &step)?);
+        }
+        if let Some(down) = pending {
+            be.add_assign(&mut x, &down)?;
         }
         let last = be.gather_logit_rows(&step, batch, &x)?;
         let normed = be.rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
@@ -541,20 +551,23 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// One decoder layer over the residual stream `x`, whose input norm is `h`; returns
+    /// the MLP's output, which the caller adds to `x` (with the next layer's norm).
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         index: usize,
         layer: &DecoderLayer<B>,
         x: &mut B::Matrix,
+        h: &B::Matrix,
         batch: &ForwardBatch,
         kv: &mut B::KvStore,
         step: &B::Step,
-    ) -> Result<()> {
+    ) -> Result<B::Matrix> {
         let be = &self.backend;
         let shape = self.head_shape(index);
         let eps = self.cfg.rms_norm_eps as f32;
-        let h = be.rms_norm(x, &layer.input_norm, eps)?;
-        let qkv = layer.qkv.forward(be, step, index, &h)?;
+        let qkv = layer.qkv.forward(be, step, index, h)?;
         let mut parts = be.split_columns(&qkv, &layer.qkv.widths())?.into_iter();
         let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             bail!("qkv projection lost a part");
@@ -579,8 +592,7 @@ impl<B: Backend> Llama<B> {
             }
             None => &layer.post_norm,
         };
-        be.add_assign(x, &o)?;
-        let h = be.rms_norm(x, pre_mlp, eps)?;
+        let h = be.add_rms_norm(x, &o, pre_mlp, eps)?;
         let gate_up = layer.gate_up.forward(be, step, index, &h)?;
         let act = match self.cfg.arch.activation {
             Activation::Silu => be.silu_mul(&gate_up)?,
@@ -590,7 +602,6 @@ impl<B: Backend> Llama<B> {
         if let Some((_, post)) = &layer.feedforward_norms {
             down = be.rms_norm(&down, post, eps)?;
         }
-        be.add_assign(x, &down)?;
-        Ok(())
+        Ok(down)
     }
 }

@@ -209,6 +209,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rms_norm_heads(&self, x: &Self::Matrix, w: &Self::Vector, eps: f32) -> Result<Self::Matrix>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Matrix, y: &Self::Matrix) -> Result<()>;
+    /// `x += y`, then the RMS norm of the new `x` with `w` (the residual add and the norm
+    /// after it; a backend may fuse them).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Matrix,
+        y: &Self::Matrix,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Result<Self::Matrix> {
+        self.add_assign(x, y)?;
+        self.rms_norm(x, w, eps)
+    }
     /// `x[t] += bias` for every row `t` (a linear layer's bias, `[cols]`).
     fn add_bias(&self, x: &mut Self::Matrix, bias: &Self::Vector) -> Result<()>;
     /// Rows of vocabulary tokens of `batch` times `factor` (Gemma's embedding scale,

@@ -21,6 +21,8 @@ const ATTN_PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attent
 const ATTN_PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.sm90.ptx"));
 const DECODE_PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.sm80.ptx"));
 const DECODE_PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.sm90.ptx"));
+const FUSED_PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.sm80.ptx"));
+const FUSED_PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.sm90.ptx"));
 
 /// The loaded kernel modules of one device, for one element type.
 pub struct Kernels {
@@ -30,6 +32,7 @@ pub struct Kernels {
     sgmv_ptx: &'static str,
     attn_ptx: &'static str,
     decode_ptx: &'static str,
+    fused_ptx: &'static str,
 }
 
 /// The device address of a contiguous CUDA tensor's first element.
@@ -59,10 +62,20 @@ impl Kernels {
             major >= 8,
             "compute capability {major}.{minor}: the CUDA backend needs 8.0 or newer"
         );
-        let (sgmv_ptx, attn_ptx, decode_ptx) = if major >= 9 {
-            (SGMV_PTX_SM90, ATTN_PTX_SM90, DECODE_PTX_SM90)
+        let (sgmv_ptx, attn_ptx, decode_ptx, fused_ptx) = if major >= 9 {
+            (
+                SGMV_PTX_SM90,
+                ATTN_PTX_SM90,
+                DECODE_PTX_SM90,
+                FUSED_PTX_SM90,
+            )
         } else {
-            (SGMV_PTX_SM80, ATTN_PTX_SM80, DECODE_PTX_SM80)
+            (
+                SGMV_PTX_SM80,
+                ATTN_PTX_SM80,
+                DECODE_PTX_SM80,
+                FUSED_PTX_SM80,
+            )
         };
         let suffix = match dtype {
             DType::F32 => "f32",
@@ -77,6 +90,7 @@ impl Kernels {
             sgmv_ptx,
             attn_ptx,
             decode_ptx,
+            fused_ptx,
         })
     }
 
@@ -89,6 +103,7 @@ impl Kernels {
             Module::Lora => ("multilora_sgmv", self.sgmv_ptx),
             Module::Attention => ("multilora_paged_attention", self.attn_ptx),
             Module::DecodeAttention => ("multilora_decode_attention", self.decode_ptx),
+            Module::Fused => ("multilora_fused", self.fused_ptx),
         };
         let full = format!("{name}_{}", self.suffix);
         Ok(self

@@ -50,6 +50,9 @@ pub struct CudaBackend {
     /// (`MULTILORA_CUDA_ATTENTION=split`; off until a GPU run has checked it against the
     /// CPU and measured it).
     split_attention: bool,
+    /// Whether the residual add + RMS norm and the gated activations run as our fused
+    /// kernels (`MULTILORA_CUDA_FUSED=1`; off until a GPU run has checked them).
+    fused: bool,
 }
 
 /// The block size of the K/V store, and the all-zero adapter descriptor table (one per
@@ -93,6 +96,7 @@ impl CudaBackend {
                 null_descs: None,
             }),
             split_attention: std::env::var("MULTILORA_CUDA_ATTENTION").is_ok_and(|v| v == "split"),
+            fused: std::env::var("MULTILORA_CUDA_FUSED").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -101,6 +105,27 @@ impl CudaBackend {
     pub fn with_split_attention(mut self, on: bool) -> Self {
         self.split_attention = on;
         self
+    }
+
+    /// The backend with the fused row-wise kernels on or off (the default is
+    /// `MULTILORA_CUDA_FUSED=1`, else off).
+    pub fn with_fused_kernels(mut self, on: bool) -> Self {
+        self.fused = on;
+        self
+    }
+
+    /// `act(gate) * up` of `[gate | up]` rows by the fused kernel.
+    fn fused_gated(&self, gate_up: &Tensor, gelu: bool) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(gate_up)?;
+        ensure!(cols % 2 == 0, "gate|up width {cols} is odd");
+        let gate_up = gate_up.contiguous()?;
+        // SAFETY: the kernel writes every element of every row before anything reads it.
+        let out = unsafe { Tensor::empty((rows, cols / 2), self.dtype, &self.device) }?;
+        let plan = launch::gated(rows, cols / 2, gelu)?;
+        let bound = [("gate_up", self.ptr(&gate_up)?), ("out", self.ptr(&out)?)];
+        // SAFETY: gate_up is [rows, 2 inter] and out [rows, inter], both contiguous.
+        unsafe { self.kernels.launch(&plan, 0, &bound) }?;
+        Ok(out)
     }
 
     /// The candle device tensors of this backend live on.
@@ -248,6 +273,9 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_tanh_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            return self.fused_gated(gate_up, true);
+        }
         let (_, cols) = rows_cols(gate_up)?;
         ensure!(cols % 2 == 0, "gate|up width {cols} is odd");
         let i = cols / 2;
@@ -256,12 +284,42 @@ impl Backend for CudaBackend {
         Ok(gate.mul(&gate_up.narrow(1, i, i)?)?)
     }
 
+    fn add_rms_norm(&self, x: &mut Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        if !self.fused {
+            self.add_assign(x, y)?;
+            return self.rms_norm(x, w, eps);
+        }
+        let (rows, cols) = rows_cols(x)?;
+        ensure!(
+            rows_cols(y)? == (rows, cols) && w.dims1()? == cols,
+            "a residual of {rows}x{cols} with a norm of {:?}",
+            w.dims()
+        );
+        *x = x.contiguous()?;
+        let y = y.contiguous()?;
+        // SAFETY: the kernel writes every element of every row before anything reads it.
+        let out = unsafe { Tensor::empty((rows, cols), self.dtype, &self.device) }?;
+        let plan = launch::add_rms_norm(rows, cols, eps)?;
+        let bound = [
+            ("x", self.ptr(x)?),
+            ("y", self.ptr(&y)?),
+            ("w", self.ptr(w)?),
+            ("out", self.ptr(&out)?),
+        ];
+        // SAFETY: x, y and out are contiguous [rows, cols]; w has cols values.
+        unsafe { self.kernels.launch(&plan, 0, &bound) }?;
+        Ok(out)
+    }
+
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
         *x = x.add(y)?;
         Ok(())
     }
 
     fn silu_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            return self.fused_gated(gate_up, false);
+        }
         let (_, cols) = rows_cols(gate_up)?;
         ensure!(cols % 2 == 0, "gate|up width {cols} is odd");
         let i = cols / 2;

@@ -33,6 +33,8 @@ pub enum Module {
     Lora,
     /// `decode_attention.cu`: split decode attention and its merge.
     DecodeAttention,
+    /// `fused.cu`: the residual add with its RMS norm, the gated activations.
+    Fused,
 }
 
 /// One kernel argument, named as the kernel's parameter.
@@ -357,4 +359,44 @@ pub fn decode_partials_len(layout: &MetaLayout, block_size: usize, shape: &HeadS
         return 1;
     }
     c.rows * shape.num_heads * splits * (shape.head_dim + 2)
+}
+
+/// Must match `FUSED_THREADS` in fused.cu.
+pub const FUSED_THREADS: u32 = 256;
+
+/// `x += y` then `out` = RMS norm of `x` with `w`, for `rows` rows of `cols`.
+pub fn add_rms_norm(rows: usize, cols: usize, eps: f32) -> Result<Launch> {
+    Ok(Launch {
+        module: Module::Fused,
+        kernel: "add_rms_norm",
+        grid: (dim(rows)?, 1, 1),
+        block: FUSED_THREADS,
+        shared: 0,
+        args: vec![
+            Arg::Bound("x"),
+            Arg::Bound("y"),
+            Arg::Bound("w"),
+            Arg::Bound("out"),
+            Arg::int("cols", cols)?,
+            Arg::float("eps", eps),
+        ],
+    })
+}
+
+/// The gated activation of the MLP, `act(gate) * up` from `[gate | up]` rows (`inter`
+/// wide each): `gelu` picks GELU's tanh approximation over SiLU.
+pub fn gated(rows: usize, inter: usize, gelu: bool) -> Result<Launch> {
+    Ok(Launch {
+        module: Module::Fused,
+        kernel: "gated",
+        grid: (dim(rows)?, 1, 1),
+        block: FUSED_THREADS,
+        shared: 0,
+        args: vec![
+            Arg::Bound("gate_up"),
+            Arg::Bound("out"),
+            Arg::int("inter", inter)?,
+            Arg::int("act", usize::from(gelu))?,
+        ],
+    })
 }

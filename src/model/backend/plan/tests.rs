@@ -260,6 +260,8 @@ fn planned_launches_match_the_kernel_sources() {
     let attention = kernel_signatures(include_str!("../cuda/paged_attention.cu"));
     let lora = kernel_signatures(include_str!("../../../lora/kernels/sgmv.cu"));
     let decode = kernel_signatures(include_str!("../cuda/decode_attention.cu"));
+    let fused = kernel_signatures(include_str!("../cuda/fused.cu"));
+    assert_eq!(fused.len(), 2);
     assert_eq!(attention.len(), 3);
     assert_eq!(lora.len(), 4);
     assert_eq!(decode.len(), 2);
@@ -270,13 +272,16 @@ fn planned_launches_match_the_kernel_sources() {
     let long = MetaLayout::new(StepCapacity::bucket(32, 64, MAX_RANK));
     let split = launch::decode_attention(&long, BLOCK_SIZE, shape, 2).unwrap();
     launches.extend(split.unwrap());
+    launches.push(launch::add_rms_norm(20, 2048, 1e-5).unwrap());
+    launches.push(launch::gated(20, 8192, true).unwrap());
     let kernels: std::collections::HashSet<_> = launches.iter().map(|l| l.kernel).collect();
-    assert_eq!(kernels.len(), 9, "the plan exercises every kernel");
+    assert_eq!(kernels.len(), 11, "the plan exercises every kernel");
     for l in &launches {
         let table = match l.module {
             Module::Attention => &attention,
             Module::Lora => &lora,
             Module::DecodeAttention => &decode,
+            Module::Fused => &fused,
         };
         let params = &table[l.kernel];
         let planned: Vec<(&str, String)> = l

@@ -155,24 +155,36 @@ pub fn attention(layout: &MetaLayout, block_size: usize, shape: HeadShape) -> Re
         grid: (dim(c.rows)?, dim(shape.num_heads)?, 1),
         block: 32 * ATTN_WARPS,
         shared: 0,
-        args: vec![
-            Arg::Bound("out"),
-            Arg::Bound("q"),
-            Arg::Bound("k_cache"),
-            Arg::Bound("v_cache"),
-            meta("positions", layout.positions),
-            meta("row_chunk", layout.row_chunk),
-            meta("block_tables", layout.block_tables),
-            Arg::int("max_blocks", c.max_blocks)?,
-            Arg::int("block_size", block_size)?,
-            Arg::int("num_heads", shape.num_heads)?,
-            Arg::int("num_kv_heads", shape.num_kv_heads)?,
-            Arg::int("head_dim", shape.head_dim)?,
-            Arg::float("scale", shape.scale),
-            Arg::float("softcap", shape.softcap.unwrap_or(0.0)),
-            Arg::int("window", shape.window.unwrap_or(0))?,
-        ],
+        args: [
+            vec![
+                Arg::Bound("out"),
+                Arg::Bound("q"),
+                Arg::Bound("k_cache"),
+                Arg::Bound("v_cache"),
+            ],
+            attention_args(layout, block_size, &shape)?,
+        ]
+        .concat(),
     })
+}
+
+/// The arguments both attention kernels take after their operands: the batch's
+/// positions, chunks and block tables, and the heads' shape and options.
+fn attention_args(layout: &MetaLayout, block_size: usize, shape: &HeadShape) -> Result<Vec<Arg>> {
+    let c = layout.capacity;
+    Ok(vec![
+        meta("positions", layout.positions),
+        meta("row_chunk", layout.row_chunk),
+        meta("block_tables", layout.block_tables),
+        Arg::int("max_blocks", c.max_blocks)?,
+        Arg::int("block_size", block_size)?,
+        Arg::int("num_heads", shape.num_heads)?,
+        Arg::int("num_kv_heads", shape.num_kv_heads)?,
+        Arg::int("head_dim", shape.head_dim)?,
+        Arg::float("scale", shape.scale),
+        Arg::float("softcap", shape.softcap.unwrap_or(0.0)),
+        Arg::int("window", shape.window.unwrap_or(0))?,
+    ])
 }
 
 /// The shapes of one LoRA site launch: input `x` (`[rows, in_features]`), output columns
@@ -310,25 +322,18 @@ pub fn decode_attention(
         grid: (dim(c.rows)?, dim(shape.num_kv_heads)?, dim(splits)?),
         block: 32 * DEC_WARPS as u32,
         shared: 0,
-        args: vec![
-            Arg::Bound("out"),
-            Arg::Bound("partials"),
-            Arg::Bound("q"),
-            Arg::Bound("k_cache"),
-            Arg::Bound("v_cache"),
-            meta("positions", layout.positions),
-            meta("row_chunk", layout.row_chunk),
-            meta("block_tables", layout.block_tables),
-            Arg::int("max_blocks", c.max_blocks)?,
-            Arg::int("block_size", block_size)?,
-            Arg::int("num_heads", shape.num_heads)?,
-            Arg::int("num_kv_heads", shape.num_kv_heads)?,
-            Arg::int("head_dim", shape.head_dim)?,
-            Arg::float("scale", shape.scale),
-            Arg::float("softcap", shape.softcap.unwrap_or(0.0)),
-            Arg::int("window", shape.window.unwrap_or(0))?,
-            Arg::int("num_splits", splits)?,
-        ],
+        args: [
+            vec![
+                Arg::Bound("out"),
+                Arg::Bound("partials"),
+                Arg::Bound("q"),
+                Arg::Bound("k_cache"),
+                Arg::Bound("v_cache"),
+            ],
+            attention_args(layout, block_size, &shape)?,
+            vec![Arg::int("num_splits", splits)?],
+        ]
+        .concat(),
     };
     let mut out = vec![attend];
     if splits > 1 {

@@ -128,6 +128,9 @@ impl Kernels {
         meta_base: u64,
         bound: &[(&str, u64)],
     ) -> Result<()> {
+        if plan.grid.0 == 0 || plan.grid.1 == 0 || plan.grid.2 == 0 {
+            return Ok(());
+        }
         enum Value {
             Ptr(u64),
             I32(i32),
@@ -165,9 +168,6 @@ impl Kernels {
             block_dim: (plan.block, 1, 1),
             shared_mem_bytes: plan.shared,
         };
-        if plan.grid.0 == 0 || plan.grid.1 == 0 || plan.grid.2 == 0 {
-            return Ok(());
-        }
         // SAFETY: the caller's contract: the arguments are the kernel's parameters in
         // order and every address is live and large enough.
         unsafe { b.launch(config) }.with_context(|| format!("launching {}", plan.kernel))?;

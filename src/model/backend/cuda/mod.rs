@@ -420,32 +420,30 @@ impl Backend for CudaBackend {
             true => launch::decode_attention(&step.layout, step.block_size, shape, self.elem())?,
             false => None,
         };
-        let Some(split) = split else {
-            let attend = launch::attention(&step.layout, step.block_size, shape)?;
-            let bound = [
-                ("out", self.ptr(&out)?),
-                ("q", self.ptr(&q)?),
-                caches[0],
-                caches[1],
-            ];
-            // SAFETY: q and out have the step's rows of every head; the block tables cover
-            // every position of their chunks.
-            unsafe { self.kernels.launch(&attend, step.meta_base, &bound) }?;
-            return Ok(out);
-        };
-        let scratch = launch::decode_partials_len(&step.layout, step.block_size, &shape);
-        // SAFETY: the merge reads only partials the attention kernel wrote (every split
-        // block writes its heads' entries, empty splits included).
-        let partials = unsafe { Tensor::empty(scratch, DType::F32, &self.device) }?;
-        let bound = [
+        let mut bound = vec![
             ("out", self.ptr(&out)?),
-            ("partials", self.ptr(&partials)?),
             ("q", self.ptr(&q)?),
             caches[0],
             caches[1],
         ];
-        for plan in &split {
-            // SAFETY: as above, and `partials` holds every (row, head, split) entry.
+        // The split kernel's f32 scratch, held until its launches are queued.
+        let mut _partials = None;
+        let plans = match split {
+            Some(plans) => {
+                let len = launch::decode_partials_len(&step.layout, step.block_size, &shape);
+                // SAFETY: the merge reads only partials the attention kernel wrote (every
+                // split block writes its heads' entries, empty splits included).
+                let partials = unsafe { Tensor::empty(len, DType::F32, &self.device) }?;
+                bound.push(("partials", self.ptr(&partials)?));
+                _partials = Some(partials);
+                plans
+            }
+            None => vec![launch::attention(&step.layout, step.block_size, shape)?],
+        };
+        for plan in &plans {
+            // SAFETY: q and out have the step's rows of every head; the block tables cover
+            // every position of their chunks; `partials` holds every (row, head, split)
+            // entry of the split kernel.
             unsafe { self.kernels.launch(plan, step.meta_base, &bound) }?;
         }
         Ok(out)

@@ -208,12 +208,20 @@ pub struct LoraSiteShape {
 /// `y`.
 pub fn lora(layout: &MetaLayout, site: &LoraSiteShape) -> Result<Vec<Launch>> {
     let mut out = Vec::with_capacity(4);
-    for (group, kind, tile) in [(&layout.sgmv, "sgmv", SGMV_TILE), (&layout.bgmv, "bgmv", 1)] {
+    let groups = [
+        (
+            &layout.sgmv,
+            ["lora_shrink_sgmv", "lora_expand_sgmv"],
+            SGMV_TILE,
+        ),
+        (&layout.bgmv, ["lora_shrink_bgmv", "lora_expand_bgmv"], 1),
+    ];
+    for (group, [shrink_kernel, expand_kernel], tile) in groups {
         if group.capacity == 0 || layout.capacity.max_rank == 0 {
             continue;
         }
-        out.push(shrink(layout, group, kind, site)?);
-        out.push(expand(layout, group, kind, tile, site)?);
+        out.push(shrink(layout, group, shrink_kernel, site)?);
+        out.push(expand(layout, group, expand_kernel, tile, site)?);
     }
     Ok(out)
 }
@@ -230,7 +238,7 @@ fn segment_args(group: &GroupLayout, layout: &MetaLayout) -> [Arg; 4] {
 fn shrink(
     layout: &MetaLayout,
     group: &GroupLayout,
-    kind: &str,
+    kernel: &'static str,
     site: &LoraSiteShape,
 ) -> Result<Launch> {
     let lanes = 16 / site.elem_bytes.max(1);
@@ -250,11 +258,7 @@ fn shrink(
     ]);
     Ok(Launch {
         module: Module::Lora,
-        kernel: if kind == "sgmv" {
-            "lora_shrink_sgmv"
-        } else {
-            "lora_shrink_bgmv"
-        },
+        kernel,
         grid: (dim(group.capacity)?, dim(rank_blocks)?, 1),
         block: 32 * SHRINK_WARPS,
         shared: 0,
@@ -265,7 +269,7 @@ fn shrink(
 fn expand(
     layout: &MetaLayout,
     group: &GroupLayout,
-    kind: &str,
+    kernel: &'static str,
     tile: usize,
     site: &LoraSiteShape,
 ) -> Result<Launch> {
@@ -290,11 +294,7 @@ fn expand(
     let shared = tile * max_rank * std::mem::size_of::<f32>();
     Ok(Launch {
         module: Module::Lora,
-        kernel: if kind == "sgmv" {
-            "lora_expand_sgmv"
-        } else {
-            "lora_expand_bgmv"
-        },
+        kernel,
         grid: (dim(group.capacity)?, dim(col_blocks)?, 1),
         block: EXPAND_THREADS,
         shared: u32::try_from(shared).context("shared memory does not fit in u32")?,
